@@ -1,0 +1,23 @@
+"""The registry: variant name -> attention module class. A new variant is one file plus one line here."""
+
+from __future__ import annotations
+
+from .base import Attention, VariantOptions
+from .la import LinearAttention
+from .mha import MultiHeadAttention
+
+REGISTRY: dict[str, type[Attention]] = {
+    "mha": MultiHeadAttention,
+    "la": LinearAttention,
+}
+
+
+def build_attention(name: str, d_model: int, n_heads: int, seq_len: int, options: VariantOptions | dict | None = None) -> Attention:
+    """Instantiate variant `name`; `options` may be its Options model or a plain dict of overrides."""
+    cls = REGISTRY[name]
+    if not isinstance(options, VariantOptions):
+        options = cls.Options.model_validate(options or {})
+    return cls(d_model, n_heads, seq_len, options)
+
+
+__all__ = ["REGISTRY", "Attention", "VariantOptions", "build_attention"]

@@ -1,0 +1,101 @@
+"""What every attention variant shares: projections, head split, path switch.
+
+A variant subclasses `Attention` and writes two functions over (q, k, v, x):
+`reference` (plain PyTorch, the definition the tests trust) and `efficient`
+(the path training uses). Its hyper-parameters are a pydantic `Options` class
+declared beside it; params.yaml's `variants.<name>` section is validated
+against that class, so a new variant needs no change to config.py.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import ClassVar, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict
+from torch import nn
+
+Path = Literal["reference", "efficient"]
+
+
+class VariantOptions(BaseModel):
+    """Base for a variant's hyper-parameters; `auto` values resolve against T."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    def check(self, seq_len: int) -> None:
+        """Raise ValueError when the options cannot work at context length `seq_len`."""
+
+
+def pow2_block(seq_len: int, minimum: int = 16) -> int:
+    """The spec's `auto` block size: smallest power of two >= sqrt(T), at least `minimum`."""
+    return max(minimum, 1 << math.ceil(math.log2(max(1.0, math.sqrt(seq_len)))))
+
+
+class Attention(nn.Module):
+    """Causal self-attention sub-layer: x (B, T, C) -> (B, T, C).
+
+    Subclasses implement `reference` and `efficient`, each mapping
+    q, k, v (B, H, T, D) and the layer input x (B, T, C) to o (B, H, T, D).
+    `self.path` chooses which one `forward` calls.
+    """
+
+    Options: ClassVar[type[VariantOptions]] = VariantOptions
+
+    def __init__(self, d_model: int, n_heads: int, seq_len: int, options: VariantOptions | None = None):
+        super().__init__()
+        if d_model % n_heads:
+            raise ValueError(f"d_model={d_model} is not divisible by n_heads={n_heads}")
+        self.n_heads = n_heads
+        self.head_dim = d_model // n_heads
+        self.seq_len = seq_len
+        self.options = options if options is not None else self.Options()
+        self.options.check(seq_len)
+        self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)
+        self.proj = nn.Linear(d_model, d_model, bias=False)
+        self.path: Path = "efficient"
+        # Set by forward in variants that add a training loss (lca's balance loss).
+        self.aux_loss: torch.Tensor | None = None
+
+    @property
+    def scale(self) -> float:
+        return self.head_dim**-0.5
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (B, H, T, D)
+        attend = self.reference if self.path == "reference" else self.efficient
+        o = attend(q, k, v, x)  # (B, H, T, D)
+        return self.proj(o.transpose(1, 2).reshape(B, T, C))
+
+    def reference(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def efficient(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def set_progress(self, fraction: float) -> None:
+        """Training progress in [0, 1], for variants with schedules (lca's tau)."""
+
+    def stats(self) -> dict[str, float]:
+        """Diagnostics of the last forward pass worth logging (cluster sizes, ...)."""
+        return {}
+
+
+def causal_mask(T: int, device: torch.device | None = None) -> torch.Tensor:
+    """M[t, s] = True where s <= t; shape (T, T)."""
+    return torch.ones(T, T, dtype=torch.bool, device=device).tril()
+
+
+def masked_softmax_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """Plain softmax attention over the keys `allowed` marks; the reference paths build on it.
+
+    q, k, v: (B, H, T, D); allowed: bool, broadcastable to (B, H, T, T), >= 1 key per row.
+    Scores are taken in fp32 so a bf16 reference is as accurate as the fused kernels.
+    """
+    scores = (q @ k.transpose(-2, -1)).float() * scale  # (B, H, T, T)
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    return scores.softmax(dim=-1).to(v.dtype) @ v

@@ -1,0 +1,142 @@
+"""The spec's shared tests, parametrised over the registry: a registered variant joins them automatically.
+
+Each variant is built with its default (`auto`) options; tests for a variant's
+own degenerate cases live in tests/test_<variant>.py.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from attnbench.model import ByteLM, ModelConfig
+from attnbench.variants import REGISTRY, build_attention
+
+VARIANTS = list(REGISTRY)
+PATHS = ["reference", "efficient"]
+FP32_RTOL = 1e-4
+
+# (batch, length, heads, head size): odd lengths are never a multiple of a block or chunk.
+SHAPES = {
+    "B2-T37-H2-D8": (2, 37, 2, 8),
+    "B1-T1-H2-D8": (1, 1, 2, 8),
+    "B3-T64-H4-D16": (3, 64, 4, 16),
+    "B2-T130-H1-D32": (2, 130, 1, 32),
+}
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
+
+
+def run_layer(layer, x, path, seed=0, grad_weight=None):
+    """Forward + backward of `layer` on `path` with a fixed RNG (for stochastic routers); returns output and grads."""
+    layer.path = path
+    layer.zero_grad(set_to_none=True)
+    x = x.detach().clone().requires_grad_(True)
+    torch.manual_seed(seed)
+    out = layer(x)
+    w = grad_weight if grad_weight is not None else torch.ones_like(out)
+    loss = (out.float() * w).sum()
+    if layer.aux_loss is not None:
+        loss = loss + layer.aux_loss
+    loss.backward()
+    grads = {name: p.grad.detach().clone() for name, p in layer.named_parameters() if p.grad is not None}
+    grads["input"] = x.grad.detach().clone()
+    return out.detach(), grads
+
+
+def make_layer(name, T, H, D, device="cpu", dtype=torch.float32, seed=0):
+    torch.manual_seed(seed)
+    return build_attention(name, H * D, H, T).to(device=device, dtype=dtype)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("name", VARIANTS)
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_layer_is_causal(name, path, mode):
+    """Changing inputs after position t leaves outputs at <= t and their input gradients bitwise equal."""
+    B, T, H, D = 2, 45, 2, 8
+    t = 20
+    layer = make_layer(name, T, H, D).train(mode == "train")
+    x = torch.randn(B, T, H * D)
+    x_changed = x.clone()
+    x_changed[:, t + 1 :] = torch.randn(B, T - t - 1, H * D) * 3
+    weight = torch.zeros(B, T, H * D)
+    weight[:, : t + 1] = torch.randn(B, t + 1, H * D)
+    out_a, grads_a = run_layer(layer, x, path, grad_weight=weight)
+    out_b, grads_b = run_layer(layer, x_changed, path, grad_weight=weight)
+    assert torch.equal(out_a[:, : t + 1], out_b[:, : t + 1]), f"{name}/{path}: output at <= {t} depends on the future"
+    assert torch.equal(grads_a["input"][:, : t + 1], grads_b["input"][:, : t + 1]), f"{name}/{path}: gradient leak"
+
+
+@pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
+@pytest.mark.parametrize("name", VARIANTS)
+def test_reference_equals_efficient(name, shape):
+    B, T, H, D = shape
+    layer = make_layer(name, T, H, D).train()
+    x = torch.randn(B, T, H * D)
+    out_ref, grads_ref = run_layer(layer, x, "reference")
+    out_eff, grads_eff = run_layer(layer, x, "efficient")
+    assert rel_err(out_eff, out_ref) < FP32_RTOL, f"{name}: output rel err {rel_err(out_eff, out_ref):.2e}"
+    assert grads_ref.keys() == grads_eff.keys(), f"{name}: the paths reach different parameters"
+    for key in grads_ref:
+        err = rel_err(grads_eff[key], grads_ref[key])
+        assert err < FP32_RTOL, f"{name}: grad of {key} rel err {err:.2e}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("name", VARIANTS)
+def test_finite_at_large_magnitudes(name, path, dtype):
+    B, T, H, D = 2, 40, 2, 16
+    layer = make_layer(name, T, H, D, dtype=dtype).train()
+    with torch.no_grad():
+        layer.qkv.weight.mul_(10)
+    x = (torch.randn(B, T, H * D) * 100).to(dtype)
+    out, grads = run_layer(layer, x, path)
+    assert torch.isfinite(out).all(), f"{name}/{path}: non-finite output"
+    for key, g in grads.items():
+        assert torch.isfinite(g).all(), f"{name}/{path}: non-finite grad of {key}"
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_whole_model_is_causal(name):
+    cfg = ModelConfig(variant=name, d_model=32, n_layers=2, n_heads=2, seq_len=48)
+    torch.manual_seed(0)
+    model = ByteLM(cfg).eval()
+    idx = torch.randint(0, 256, (2, 48))
+    changed = idx.clone()
+    t = 30
+    changed[:, t + 1 :] = torch.randint(0, 256, (2, 48 - t - 1))
+    with torch.no_grad():
+        a, _ = model(idx)
+        b, _ = model(changed)
+    assert torch.equal(a[:, : t + 1], b[:, : t + 1]), f"{name}: model logits at <= {t} depend on the future"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("T", [1, 77, 256])
+@pytest.mark.parametrize("name", VARIANTS)
+def test_gpu_bf16_efficient_matches_fp32_reference(name, T):
+    """bf16 efficient path vs fp32 reference, within a few times the error of sdpa itself in bf16."""
+    B, H, D = 2, 4, 64
+    x = torch.randn(B, T, H * D, device="cuda")
+    layer32 = make_layer(name, T, H, D, device="cuda").train()
+    layer16 = make_layer(name, T, H, D, device="cuda", dtype=torch.bfloat16).train()
+    layer16.load_state_dict({k: v.to(torch.bfloat16) for k, v in layer32.state_dict().items()})
+    out_ref, grads_ref = run_layer(layer32, x, "reference")
+    out_eff, grads_eff = run_layer(layer16, x.bfloat16(), "efficient")
+
+    mha32 = make_layer("mha", T, H, D, device="cuda")
+    mha16 = make_layer("mha", T, H, D, device="cuda", dtype=torch.bfloat16)
+    mha16.load_state_dict({k: v.to(torch.bfloat16) for k, v in mha32.state_dict().items()})
+    sdpa_ref, _ = run_layer(mha32, x, "reference")
+    sdpa_bf16, _ = run_layer(mha16, x.bfloat16(), "efficient")
+    tol = 4 * rel_err(sdpa_bf16, sdpa_ref) + 1e-3
+
+    assert rel_err(out_eff, out_ref) < tol, f"{name}: bf16 output rel err {rel_err(out_eff, out_ref):.2e} > {tol:.2e}"
+    for key in grads_ref:
+        err = rel_err(grads_eff[key], grads_ref[key])
+        assert err < 4 * tol, f"{name}: bf16 grad of {key} rel err {err:.2e}"
