@@ -120,3 +120,23 @@ class ByteLM(nn.Module):
             return logits, None
         loss = F.cross_entropy(logits.float().view(-1, VOCAB), targets.reshape(-1))
         return logits, loss
+
+
+def save_model(model: ByteLM, path) -> None:
+    """Write the weights and the config as plain data (loadable with weights_only=True), atomically."""
+    from .files import atomic_path
+
+    with atomic_path(path) as tmp:
+        torch.save({"config": model.cfg.to_dict(), "state_dict": model.state_dict()}, tmp)
+
+
+def load_model(path, device: str | torch.device = "cpu", expected: ModelConfig | None = None) -> ByteLM:
+    """Load a model saved by `save_model`; refuse one whose config differs from `expected`."""
+    blob = torch.load(path, map_location=device, weights_only=True)
+    cfg = ModelConfig(**blob["config"])
+    if expected is not None and cfg != expected:
+        diff = {k: (v, expected.to_dict()[k]) for k, v in cfg.to_dict().items() if expected.to_dict()[k] != v}
+        raise ValueError(f"{path} holds a different model than configured (saved vs configured: {diff})")
+    model = ByteLM(cfg).to(device)
+    model.load_state_dict(blob["state_dict"])
+    return model

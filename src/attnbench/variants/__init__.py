@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 from .base import Attention, VariantOptions
+from .ca import BlockClusterAttention
+from .cka import ClusterKernelAttention
+from .fastcka import FastClusterKernelAttention
 from .la import LinearAttention
 from .mha import MultiHeadAttention
 
 REGISTRY: dict[str, type[Attention]] = {
     "mha": MultiHeadAttention,
     "la": LinearAttention,
+    "ca": BlockClusterAttention,
+    "cka": ClusterKernelAttention,
+    "fastcka": FastClusterKernelAttention,
 }
 
 

@@ -10,13 +10,23 @@ against that class, so a new variant needs no change to config.py.
 from __future__ import annotations
 
 import math
-from typing import ClassVar, Literal
+from typing import Annotated, ClassVar, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, PlainValidator
 from torch import nn
 
 Path = Literal["reference", "efficient"]
+
+
+def _int_or_auto(value: object) -> int | Literal["auto"]:
+    if value == "auto" or (isinstance(value, int) and not isinstance(value, bool)):
+        return value
+    raise ValueError("must be an integer or 'auto'")
+
+
+# An option that is a whole number or "auto" (resolved against T by the variant); one clean error otherwise.
+AutoInt = Annotated[int | Literal["auto"], PlainValidator(_int_or_auto)]
 
 
 class VariantOptions(BaseModel):

@@ -8,17 +8,15 @@ Both paths compute in fp32 because the running sums lose too much in bf16.
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from .base import Attention, VariantOptions, causal_mask
+from .base import Attention, AutoInt, VariantOptions, causal_mask
 
 
 class LinearAttentionOptions(VariantOptions):
-    chunk: int | Literal["auto"] = Field("auto", description="chunk length c of the efficient path; auto = 64")
+    chunk: AutoInt = Field("auto", description="chunk length c of the efficient path; auto = 64")
     eps: float = Field(1e-6, gt=0, description="added to the normaliser")
 
     def check(self, seq_len: int) -> None:

@@ -1,0 +1,111 @@
+"""One command per stage: `python -m attnbench <stage> ...` (or `attnbench <stage>`).
+
+Snakemake and DVC call exactly these commands with explicit paths; run by hand,
+the paths default to the layout under results/<run.name>/ and reports/<run.name>/.
+Every failure ends in one line on stderr: `attnbench <stage>: error: <what>`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+STAGES = ("fetch", "prepare", "train", "evaluate", "profile", "report")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="attnbench", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
+
+    def stage(name: str, help: str, variant: bool = False) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help)
+        p.add_argument("--params", default="params.yaml", type=Path, help="params file (default: params.yaml)")
+        if variant:
+            p.add_argument("--variant", required=True, help="a variant named in the params file's `variants`")
+        return p
+
+    p = stage("fetch", "download/copy the raw corpus and verify it")
+    p.add_argument("--out", type=Path, help="corpus file (default: results/<run>/data/corpus.bin)")
+    p = stage("prepare", "split the corpus into train/val/test uint8 arrays + manifest")
+    p.add_argument("--corpus", type=Path, help="default: results/<run>/data/corpus.bin")
+    p.add_argument("--out", type=Path, help="default: results/<run>/data/prepared")
+    for name, help in [("train", "train one variant"), ("evaluate", "test bits-per-byte of a trained variant")]:
+        p = stage(name, help, variant=True)
+        p.add_argument("--data", type=Path, help="prepared data folder (default: results/<run>/data/prepared)")
+        p.add_argument("--out", type=Path, help="the variant's folder (default: results/<run>/<variant>)")
+    p = stage("profile", "time and memory of one variant against T", variant=True)
+    p.add_argument("--out", type=Path, help="the variant's folder (default: results/<run>/<variant>)")
+    p = stage("report", "compare all variants: markdown + figures")
+    p.add_argument("--results", type=Path, help="default: results/<run>")
+    p.add_argument("--data", type=Path, help="default: results/<run>/data/prepared")
+    p.add_argument("--out", type=Path, help="default: reports/<run>")
+    return parser
+
+
+def run(args: argparse.Namespace) -> None:
+    from . import data
+    from .config import load_params
+
+    params = load_params(args.params)
+    results = params.results_dir
+    prepared = results / "data" / "prepared"
+    if args.stage == "fetch":
+        out = args.out or results / "data" / "corpus.bin"
+        from .tracking import stage_run
+
+        with stage_run(params, "fetch") as tracker:
+            summary = data.fetch(params.data, out, download_dir=out.parent / "download")
+            tracker.log_params({"data": params.data.model_dump()})
+            tracker.log_metrics({"corpus_bytes": summary["bytes"]})
+        logging.info("fetch: %s bytes from %s (md5 %s) -> %s", f"{summary['bytes']:,}", summary["origin"], summary["md5"], out)
+    elif args.stage == "prepare":
+        from .tracking import stage_run
+
+        corpus, out = args.corpus or results / "data" / "corpus.bin", args.out or prepared
+        with stage_run(params, "prepare") as tracker:
+            manifest = data.prepare(corpus, out, params.data.max_bytes, params.data.splits)
+            tracker.log_params({"max_bytes": params.data.max_bytes, "splits": params.data.splits.model_dump()})
+            tracker.log_metrics({f"{k}_bytes": v["bytes"] for k, v in manifest["splits"].items()})
+        sizes = ", ".join(f"{k} {v['bytes']:,}" for k, v in manifest["splits"].items())
+        logging.info("prepare: %s bytes -> %s (%s)", f"{manifest['corpus_bytes_used']:,}", out, sizes)
+    elif args.stage == "report":
+        from .report import main as report_main
+
+        report_main(params, args.results or results, args.data or prepared, args.out or Path("reports") / params.run.name)
+    else:
+        params.variant_options(args.variant)  # a clear error for a variant this params file does not configure
+        out = args.out or results / args.variant
+        if args.stage == "train":
+            from .train import main as train_main
+
+            train_main(params, args.variant, args.data or prepared, out)
+        elif args.stage == "evaluate":
+            from .evaluate import main as evaluate_main
+
+            evaluate_main(params, args.variant, args.data or prepared, out)
+        else:
+            from .profile import main as profile_main
+
+            profile_main(params, args.variant, out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s attnbench {args.stage}: %(message)s", datefmt="%H:%M:%S", force=True)
+    for noisy in ("mlflow", "alembic", "urllib3", "filelock", "git"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        run(args)
+    except KeyboardInterrupt:
+        print(f"attnbench {args.stage}: interrupted; no partial output was kept", file=sys.stderr)
+        return 130
+    except Exception as err:  # one line for the user; the traceback only when asked for
+        if os.environ.get("ATTNBENCH_DEBUG"):
+            raise
+        message = " ".join(str(err).split()) or type(err).__name__
+        print(f"attnbench {args.stage}: error: {message} (ATTNBENCH_DEBUG=1 shows the traceback)", file=sys.stderr)
+        return 2 if type(err).__name__ == "ConfigError" else 1
+    return 0

@@ -1,0 +1,222 @@
+"""The params schema: params.yaml is validated here, once, before any stage does work.
+
+Every error is one line naming the key, the bad value and what is allowed.
+A variant's own options are validated by the Options class beside it in
+variants/, looked up through the registry, so this file never lists them.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .model import ModelConfig
+from .variants import REGISTRY, VariantOptions
+
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+
+
+class ConfigError(ValueError):
+    """A bad params file; the message is one line meant for the user."""
+
+
+class _VariantOptionsError(Exception):
+    """Raised past pydantic (not a ValueError) so the message keeps its full key path."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RunConfig(Strict):
+    name: str = Field("cpu-small", pattern=NAME_PATTERN, description="results/<name> and reports/<name> hold this config's outputs")
+
+
+class SplitFractions(Strict):
+    train: float = Field(0.9, gt=0, lt=1)
+    val: float = Field(0.05, gt=0, lt=1)
+    test: float = Field(0.05, gt=0, lt=1)
+
+    @model_validator(mode="after")
+    def _sum_to_one(self):
+        total = self.train + self.val + self.test
+        if not math.isclose(total, 1.0, abs_tol=1e-9):
+            raise ValueError(f"train + val + test must be 1, got {total:g}")
+        return self
+
+
+class DataConfig(Strict):
+    source: Literal["enwik8", "local", "sample"] = "sample"
+    url: str = "http://mattmahoney.net/dc/enwik8.zip"
+    member: str = Field("enwik8", description="the file to extract from the archive")
+    md5: str | None = Field(
+        "a1fa5ffddb56f4953e226637dabbb36a", pattern=r"^[0-9a-f]{32}$", description="published md5 of the extracted member"
+    )
+    path: str | None = Field(None, description="the file for source=local: text, .gz or .zip")
+    max_bytes: int = Field(100_000_000, gt=0, description="prepare keeps the first max_bytes bytes")
+    splits: SplitFractions = SplitFractions()
+    max_archive_ratio: float = Field(20.0, gt=1, description="refuse archives that inflate more than this (zip bombs)")
+
+    @model_validator(mode="after")
+    def _local_needs_path(self):
+        if self.source == "local" and not self.path:
+            raise ValueError("source=local needs data.path (a text, .gz or .zip file)")
+        return self
+
+
+class ModelParams(Strict):
+    d_model: int = Field(64, gt=0)
+    n_layers: int = Field(2, gt=0)
+    n_heads: int = Field(4, gt=0)
+    seq_len: int = Field(128, gt=0)
+    mlp_ratio: int = Field(4, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+
+    @model_validator(mode="after")
+    def _heads_divide(self):
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
+        return self
+
+
+class TrainConfig(Strict):
+    steps: int | None = Field(None, gt=0, description="budget in optimizer steps (or set tokens)")
+    tokens: int | None = Field(None, gt=0, description="budget in training tokens (or set steps)")
+    batch_size: int = Field(16, gt=0, description="sequences per micro-batch")
+    grad_accum: int = Field(1, gt=0, description="micro-batches per optimizer step")
+    lr: float = Field(3e-3, gt=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    warmup_steps: int = Field(20, ge=0)
+    weight_decay: float = Field(0.1, ge=0)
+    beta1: float = Field(0.9, gt=0, lt=1)
+    beta2: float = Field(0.95, gt=0, lt=1)
+    grad_clip: float = Field(1.0, gt=0)
+    seed: int = 0
+    eval_every: int = Field(50, gt=0)
+    eval_batches: int = Field(8, gt=0)
+    checkpoint_every: int = Field(100, gt=0)
+    log_every: int = Field(10, gt=0)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    compile: bool = False
+
+    @model_validator(mode="after")
+    def _one_budget(self):
+        if (self.steps is None) == (self.tokens is None):
+            raise ValueError(f"set exactly one of train.steps and train.tokens (got steps={self.steps}, tokens={self.tokens})")
+        return self
+
+
+class EvaluateConfig(Strict):
+    max_tokens: int | None = Field(None, gt=0, description="cap on test tokens scored; null = the whole test split")
+    batch_size: int = Field(16, gt=0)
+
+
+class ProfileConfig(Strict):
+    seq_lens: list[int] = Field([64, 128, 256, 512], min_length=2)
+    tokens_per_step: int = Field(4096, gt=0, description="batch = tokens_per_step // T sequences")
+    warmup: int = Field(1, ge=0)
+    repeats: int = Field(3, gt=0)
+    whole_model: bool = True
+
+    @field_validator("seq_lens")
+    @classmethod
+    def _positive_increasing(cls, v: list[int]) -> list[int]:
+        if any(t <= 0 for t in v) or v != sorted(set(v)):
+            raise ValueError(f"must be positive and strictly increasing, got {v}")
+        return v
+
+
+class TrackingConfig(Strict):
+    uri: str | None = Field(None, description="MLflow tracking URI; null = sqlite:///mlflow.db in the working directory")
+    experiment: str | None = Field(None, description="null = attnbench/<run.name>")
+
+
+class Params(Strict):
+    run: RunConfig = RunConfig()
+    data: DataConfig = DataConfig()
+    model: ModelParams = ModelParams()
+    train: TrainConfig = TrainConfig(steps=200)
+    evaluate: EvaluateConfig = EvaluateConfig()
+    profile: ProfileConfig = ProfileConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    variants: dict[str, VariantOptions] = Field(default_factory=lambda: {"mha": REGISTRY["mha"].Options()})
+
+    @field_validator("variants", mode="before")
+    @classmethod
+    def _known_variants(cls, raw: Any) -> dict[str, VariantOptions]:
+        if not isinstance(raw, dict) or not raw:
+            raise ValueError(f"must map variant names to their options, got {raw!r}")
+        parsed = {}
+        for name, options in raw.items():
+            if name not in REGISTRY:
+                raise ValueError(f"unknown variant {name!r}; allowed: {', '.join(REGISTRY)}")
+            try:
+                parsed[name] = REGISTRY[name].Options.model_validate(options or {})
+            except ValidationError as err:
+                raise _VariantOptionsError(_first_error(err, prefix=f"variants.{name}.")) from None
+        return parsed
+
+    @model_validator(mode="after")
+    def _variants_fit_model(self):
+        for name, options in self.variants.items():
+            for seq_len in (self.model.seq_len, *self.profile.seq_lens):
+                try:
+                    options.check(seq_len)
+                except ValueError as err:
+                    raise ValueError(f"variants.{name} at T={seq_len}: {err}") from None
+        return self
+
+    @property
+    def results_dir(self) -> Path:
+        return Path("results") / self.run.name
+
+    @property
+    def experiment(self) -> str:
+        return self.tracking.experiment or f"attnbench/{self.run.name}"
+
+    def model_for(self, variant: str) -> ModelConfig:
+        return ModelConfig(variant=variant, **self.model.model_dump(), variant_options=self.variant_options(variant))
+
+    def variant_options(self, name: str) -> dict:
+        """The options of `name` as plain data (what goes into checkpoints and MLflow)."""
+        if name not in self.variants:
+            raise ConfigError(f"variant {name!r} is not in this params file's variants; present: {', '.join(self.variants)}")
+        return self.variants[name].model_dump()
+
+
+def _first_error(err: ValidationError, prefix: str = "") -> str:
+    e = err.errors(include_url=False)[0]
+    loc = prefix + ".".join(str(p) for p in e["loc"])
+    msg = e["msg"].removeprefix("Value error, ")
+    if e["type"] == "extra_forbidden":
+        return f"{loc}: unknown key"
+    value = e.get("input")
+    shown = "" if isinstance(value, dict) else f" = {value!r}"
+    return f"{loc}{shown}: {msg}" if loc else msg
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read and validate a params file; raises ConfigError with a one-line message."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such params file") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    return parse_params(raw, source=str(path))
+
+
+def parse_params(raw: Any, source: str = "params") -> Params:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: must be a mapping of sections, got {type(raw).__name__}")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(f"{source}: {_first_error(err)}") from None
+    except _VariantOptionsError as err:
+        raise ConfigError(f"{source}: {err}") from None

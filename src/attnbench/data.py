@@ -1,0 +1,215 @@
+"""fetch (download, verify, extract) and prepare (split into uint8 arrays plus a manifest).
+
+Sources: `enwik8` (the official zip, md5 of the extracted file checked against
+the published value), `local` (a text, .gz or .zip file), `sample` (a 1 MB
+slice of GCIDE shipped with the package). Nothing final is written unless it is
+complete and verified; an interrupted download resumes from its partial file.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import logging
+import stat
+import time
+import zipfile
+from importlib import resources
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+import requests
+from tqdm import tqdm
+
+from .config import DataConfig, SplitFractions
+from .files import atomic_path, file_digest, read_json, write_json
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+CHUNK = 1 << 20
+
+
+class DataError(RuntimeError):
+    """Bad or unverifiable data; the message says what and where."""
+
+
+# ---------------------------------------------------------------- download
+
+
+def download(url: str, dest: Path, retries: int = 5, timeout: float = 30.0, backoff: float = 1.0) -> Path:
+    """Download `url` to `dest`, resuming from `dest.part` with an HTTP Range request after an interruption.
+
+    A server that ignores Range gets a clean restart. Raises DataError after `retries` failed attempts.
+    """
+    part = dest.with_name(dest.name + ".part")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    for attempt in range(1, retries + 1):
+        have = part.stat().st_size if part.exists() else 0
+        headers = {"Range": f"bytes={have}-"} if have else {}
+        try:
+            with requests.get(url, headers=headers, stream=True, timeout=timeout) as resp:
+                if resp.status_code == 416:  # nothing left to send: the part file is already complete
+                    part.rename(dest)
+                    return dest
+                resp.raise_for_status()
+                resumed = resp.status_code == 206
+                if have and not resumed:
+                    log.info("server ignored the range request; restarting %s from byte 0", url)
+                    have = 0
+                remaining = int(resp.headers.get("Content-Length", 0)) or None
+                total = have + remaining if remaining is not None else None
+                with open(part, "ab" if resumed else "wb") as f, tqdm(
+                    total=total, initial=have, unit="B", unit_scale=True, desc=dest.name, mininterval=1.0
+                ) as bar:
+                    for block in resp.iter_content(CHUNK):
+                        f.write(block)
+                        bar.update(len(block))
+            got = part.stat().st_size
+            if total is not None and got != total:
+                raise DataError(f"short transfer: {got} of {total} bytes")
+            part.rename(dest)
+            return dest
+        except (requests.RequestException, DataError) as err:
+            if isinstance(err, requests.HTTPError) and err.response is not None and err.response.status_code < 500:
+                raise DataError(f"download of {url} failed: {err}") from None
+            log.warning("download attempt %d/%d of %s failed: %s", attempt, retries, url, err)
+            if attempt == retries:
+                raise DataError(f"download of {url} failed after {retries} attempts: {err}") from None
+            time.sleep(backoff * attempt)
+    raise AssertionError("unreachable")
+
+
+# ---------------------------------------------------------------- archives
+
+
+def safe_extract_member(archive: Path, member: str | None, dest: Path, max_ratio: float, expected_md5: str | None = None) -> str:
+    """Extract one regular file from a zip to `dest` (atomically); return its md5.
+
+    Refuses: a non-zip file, a missing member, members whose path escapes the
+    target (zip-slip: absolute or '..'), symlinks, and compression ratios above
+    `max_ratio` (zip bombs) — checked on the declared sizes and again while inflating —
+    and, with `expected_md5`, content that does not match it.
+    """
+    if not zipfile.is_zipfile(archive):
+        raise DataError(f"{archive} is not a zip archive")
+    with zipfile.ZipFile(archive) as zf:
+        infos = zf.infolist()
+        for info in infos:
+            name = PurePosixPath(info.filename)
+            if name.is_absolute() or ".." in name.parts or "\\" in info.filename:
+                raise DataError(f"{archive}: member {info.filename!r} escapes the target folder; refused")
+            if stat.S_ISLNK(info.external_attr >> 16):
+                raise DataError(f"{archive}: member {info.filename!r} is a symlink; refused")
+        files = [i for i in infos if not i.is_dir()]
+        if member is None:
+            if len(files) != 1:
+                raise DataError(f"{archive}: holds {len(files)} files; name the one to use (data.member)")
+            info = files[0]
+        else:
+            matches = [i for i in files if i.filename == member]
+            if not matches:
+                raise DataError(f"{archive}: no member {member!r}; it holds {', '.join(i.filename for i in files) or 'nothing'}")
+            info = matches[0]
+        if info.file_size > max_ratio * max(info.compress_size, 1):
+            raise DataError(
+                f"{archive}: member {info.filename!r} inflates {info.file_size / max(info.compress_size, 1):.0f}x "
+                f"(limit data.max_archive_ratio = {max_ratio:g}); refused as a possible zip bomb"
+            )
+        with zf.open(info) as src:
+            return stream_to_file(src, dest, expected_md5, max_bytes=int(max_ratio * max(info.compress_size, 1)))
+
+
+def stream_to_file(src, dest: Path, expected_md5: str | None = None, max_bytes: int | None = None) -> str:
+    """Copy a binary stream to `dest` atomically and return its md5; a wrong md5 or too many bytes keep nothing."""
+    md5 = hashlib.md5()
+    written = 0
+    with atomic_path(dest) as tmp, open(tmp, "wb") as out:
+        while block := src.read(CHUNK):
+            written += len(block)
+            if max_bytes is not None and written > max_bytes:  # the archive's declared size lied
+                raise DataError(f"{dest.name}: inflates past {max_bytes} bytes (data.max_archive_ratio); refused")
+            md5.update(block)
+            out.write(block)
+        if expected_md5 and md5.hexdigest() != expected_md5:
+            raise DataError(f"checksum mismatch for {dest.name}: md5 {md5.hexdigest()}, expected {expected_md5}; nothing kept")
+    return md5.hexdigest()
+
+
+# ---------------------------------------------------------------- stages
+
+
+def fetch(cfg: DataConfig, corpus: Path, download_dir: Path) -> dict:
+    """Produce the raw corpus file `corpus` from the configured source; return a summary."""
+    corpus = Path(corpus)
+    if cfg.source == "enwik8":
+        archive = download_dir / Path(cfg.url).name
+        if not archive.exists():
+            download(cfg.url, archive)
+        try:
+            md5 = safe_extract_member(archive, cfg.member, corpus, cfg.max_archive_ratio, expected_md5=cfg.md5)
+        except (DataError, zipfile.BadZipFile) as err:
+            archive.unlink(missing_ok=True)  # a bad archive must not be reused by the next try
+            raise DataError(f"{cfg.url}: {err}; the download was removed, re-run to fetch it again") from None
+        origin = cfg.url
+    elif cfg.source == "local":
+        path = Path(cfg.path)
+        if not path.is_file():
+            raise DataError(f"data.path = {cfg.path!r}: no such file")
+        if path.suffix == ".zip":
+            md5 = safe_extract_member(path, None if cfg.member == "enwik8" else cfg.member, corpus, cfg.max_archive_ratio)
+        else:
+            with (gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")) as src:
+                md5 = stream_to_file(src, corpus)
+        origin = str(path)
+    else:
+        sample = resources.files("attnbench") / "sample" / "gcide-sample.txt.gz"
+        with resources.as_file(sample) as path, gzip.open(path, "rb") as src:
+            md5 = stream_to_file(src, corpus)
+        origin = "attnbench sample (GCIDE slice, GPL)"
+    size = corpus.stat().st_size
+    if size == 0:
+        corpus.unlink()
+        raise DataError(f"the corpus from {origin} is empty")
+    return {"source": cfg.source, "origin": origin, "bytes": size, "md5": md5}
+
+
+def split_sizes(n: int, fractions: SplitFractions) -> dict[str, int]:
+    train = int(n * fractions.train)
+    val = int(n * fractions.val)
+    return {"train": train, "val": val, "test": n - train - val}
+
+
+def prepare(corpus: Path, out_dir: Path, max_bytes: int, fractions: SplitFractions, min_split_bytes: int = 2) -> dict:
+    """Split the first `max_bytes` of `corpus` into train/val/test .bin files plus manifest.json; return the manifest."""
+    data = np.fromfile(corpus, dtype=np.uint8, count=max_bytes)
+    sizes = split_sizes(len(data), fractions)
+    if min(sizes.values()) < min_split_bytes:
+        raise DataError(f"{corpus}: {len(data)} bytes are too few to split into {sizes}")
+    out_dir = Path(out_dir)
+    manifest = {"corpus": str(corpus), "corpus_bytes_used": int(len(data)), "fractions": fractions.model_dump(), "splits": {}}
+    start = 0
+    for name in SPLITS:
+        part = data[start : start + sizes[name]]
+        start += sizes[name]
+        path = out_dir / f"{name}.bin"
+        with atomic_path(path) as tmp:
+            part.tofile(tmp)
+        manifest["splits"][name] = {"file": path.name, "bytes": int(len(part)), "sha256": file_digest(path)}
+    write_json(out_dir / "manifest.json", manifest)  # written last: its presence means the split is complete
+    return manifest
+
+
+def load_split(data_dir: Path, name: str, verify: bool = True) -> np.ndarray:
+    """Memory-map split `name`; with `verify`, refuse it unless its size and sha256 match the manifest."""
+    data_dir = Path(data_dir)
+    manifest_path = data_dir / "manifest.json"
+    if not manifest_path.exists():
+        raise DataError(f"{data_dir}: no manifest.json; run the prepare stage first")
+    entry = read_json(manifest_path)["splits"][name]
+    path = data_dir / entry["file"]
+    if verify:
+        if not path.exists() or path.stat().st_size != entry["bytes"] or file_digest(path) != entry["sha256"]:
+            raise DataError(f"{path} does not match its manifest checksum (altered or truncated); re-run prepare")
+    return np.memmap(path, dtype=np.uint8, mode="r")
+

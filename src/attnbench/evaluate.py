@@ -1,0 +1,89 @@
+"""evaluate: bits-per-byte of a trained model on the test split.
+
+The split is cut into consecutive windows of seq_len predicted bytes (each
+window's inputs start one byte earlier), so every byte after the first is
+scored exactly once; a shorter last window covers the tail. With
+`evaluate.max_tokens` an evenly spaced subset of windows is scored instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .config import Params
+from .data import load_split
+from .files import write_json
+from .model import ByteLM, load_model
+from .runtime import autocast, resolve_device
+
+log = logging.getLogger(__name__)
+
+
+def window_starts(n_bytes: int, seq_len: int, max_tokens: int | None = None) -> np.ndarray:
+    """Start offsets of the scored windows over a split of `n_bytes` bytes."""
+    starts = np.arange(0, n_bytes - 1, seq_len)
+    if max_tokens is not None and len(starts) * seq_len > max_tokens:
+        keep = max(1, max_tokens // seq_len)
+        starts = starts[np.linspace(0, len(starts) - 1, keep).round().astype(int)]
+    return starts
+
+
+@torch.no_grad()
+def bits_per_byte(model: ByteLM, data: np.ndarray, batch_size: int, max_tokens: int | None = None, progress: bool = False) -> dict:
+    """Mean cross-entropy in bits per byte over the windows of `data`; returns bpb and the bytes scored."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    seq_len = model.cfg.seq_len
+    starts = window_starts(len(data), seq_len, max_tokens)
+    total_nats, total_tokens = 0.0, 0
+    t0 = last_report = time.perf_counter()
+    # Full-length windows batch together; the one short tail window goes alone.
+    full = [s for s in starts if s + seq_len + 1 <= len(data)]
+    batches = [full[i : i + batch_size] for i in range(0, len(full), batch_size)]
+    batches += [[s] for s in starts if s + seq_len + 1 > len(data)]
+    for i, batch in enumerate(batches):
+        length = min(seq_len, len(data) - 1 - batch[0])
+        window = np.stack([data[s : s + length + 1] for s in batch]).astype(np.int64)
+        window = torch.from_numpy(window).to(device)
+        with autocast(device):
+            _, loss = model(window[:, :-1], window[:, 1:])
+        n = window.shape[0] * length
+        total_nats += loss.item() * n
+        total_tokens += int(n)
+        if progress and time.perf_counter() - last_report > 10:
+            last_report = time.perf_counter()
+            log.info("evaluate: %d/%d batches, %.4f bpb so far", i + 1, len(batches), total_nats / total_tokens / math.log(2))
+    model.train(was_training)
+    return {
+        "bpb": total_nats / max(total_tokens, 1) / math.log(2),
+        "tokens": total_tokens,
+        "seconds": time.perf_counter() - t0,
+    }
+
+
+def evaluate(params: Params, variant: str, data_dir: Path, model_path: Path) -> dict:
+    device = resolve_device(params.train.device)
+    model = load_model(model_path, device, expected=params.model_for(variant))
+    test = load_split(data_dir, "test")
+    result = bits_per_byte(model, test, params.evaluate.batch_size, params.evaluate.max_tokens, progress=True)
+    return {"variant": variant, "test_bpb": result["bpb"], "test_tokens": result["tokens"], "seconds": result["seconds"], "device": str(device)}
+
+
+def main(params: Params, variant: str, data_dir: Path, out_dir: Path) -> dict:
+    from .tracking import stage_run
+
+    with stage_run(params, "evaluate", variant) as tracker:
+        tracker.log_params({"variant": variant, "evaluate": params.evaluate.model_dump()})
+        metrics = evaluate(params, variant, data_dir, out_dir / "model.pt")
+        write_json(out_dir / "eval.json", metrics)
+        tracker.log_metrics({"test_bpb": metrics["test_bpb"], "test_tokens": metrics["test_tokens"]})
+        tracker.log_artifact(out_dir / "eval.json")
+    log.info("evaluate %s: test %.4f bpb over %d bytes in %.1fs", variant, metrics["test_bpb"], metrics["test_tokens"], metrics["seconds"])
+    return metrics

@@ -1,0 +1,175 @@
+"""profile: forward+backward time and memory of one attention layer and of the whole model vs T.
+
+At each T the batch is tokens_per_step // T sequences, so a T^a mechanism
+takes time ~ T^(a-1) per step; the fitted exponents are slopes of log(time
+per sequence) and log(memory per sequence) against log T, comparable with the
+spec's "compute vs T" and "memory vs T" columns. Memory is the CUDA peak above
+the inputs on GPU; on CPU, where torch keeps no allocator statistics, it is
+the bytes of activations saved for backward (the part of memory that grows with T).
+A point that runs out of memory is recorded as `oom` and the rest still run.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import logging
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .config import Params
+from .files import atomic_path, write_json
+from .model import ByteLM
+from .runtime import autocast, resolve_device
+from .variants import build_attention
+
+log = logging.getLogger(__name__)
+
+FIELDS = ["variant", "scope", "T", "batch", "seconds", "tokens_per_s", "memory_bytes", "memory_method", "status"]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class SavedActivations:
+    """Counts the distinct bytes autograd saves for backward inside the context."""
+
+    def __init__(self):
+        self.storages: dict[int, int] = {}
+
+    def __enter__(self):
+        def pack(t: torch.Tensor):
+            storage = t.untyped_storage()
+            self.storages[storage.data_ptr()] = storage.nbytes()
+            return t
+
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._hooks.__exit__(*exc)
+
+    @property
+    def bytes(self) -> int:
+        return sum(self.storages.values())
+
+
+def measure(step: Callable[[], None], device: torch.device, warmup: int, repeats: int) -> tuple[float, int, str]:
+    """Median seconds of `step` (a forward+backward) and its memory: (seconds, bytes, method)."""
+    for _ in range(warmup):
+        step()
+    _sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        step()
+        _sync(device)
+        memory, method = torch.cuda.max_memory_allocated(device) - base, "cuda_peak"
+    else:
+        with SavedActivations() as saved:
+            step()
+        memory, method = saved.bytes, "saved_activations"
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        step()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), memory, method
+
+
+def attention_step(params: Params, variant: str, T: int, batch: int, device: torch.device) -> Callable[[], None]:
+    m = params.model
+    layer = build_attention(variant, m.d_model, m.n_heads, T, params.variants[variant]).to(device).train()
+    x = torch.randn(batch, T, m.d_model, device=device, requires_grad=True)
+
+    def step():
+        with autocast(device):
+            out = layer(x)
+        out.float().sum().backward()
+
+    return step
+
+
+def model_step(params: Params, variant: str, T: int, batch: int, device: torch.device) -> Callable[[], None]:
+    model = ByteLM(dataclasses.replace(params.model_for(variant), seq_len=T)).to(device).train()
+    idx = torch.randint(0, 256, (batch, T + 1), device=device)
+
+    def step():
+        with autocast(device):
+            _, loss = model(idx[:, :-1], idx[:, 1:])
+            aux = model.aux_loss()
+        (loss + aux if aux is not None else loss).backward()
+        model.zero_grad(set_to_none=True)
+
+    return step
+
+
+def fit_exponent(T: list[int], values: list[float]) -> float | None:
+    """Slope of log(values) against log(T); None with fewer than two usable points."""
+    points = [(t, v) for t, v in zip(T, values) if v and v > 0]
+    if len(points) < 2:
+        return None
+    x, y = np.log([p[0] for p in points]), np.log([p[1] for p in points])
+    return float(np.polyfit(x, y, 1)[0])
+
+
+def profile(params: Params, variant: str) -> tuple[list[dict], dict]:
+    """Rows of measurements (one per scope and T) and the fitted exponents."""
+    cfg = params.profile
+    device = resolve_device(params.train.device)
+    scopes = {"attention": attention_step, **({"model": model_step} if cfg.whole_model else {})}
+    rows = []
+    for scope, build in scopes.items():
+        for T in cfg.seq_lens:
+            batch = max(1, cfg.tokens_per_step // T)
+            row = {"variant": variant, "scope": scope, "T": T, "batch": batch}
+            try:
+                seconds, memory, method = measure(build(params, variant, T, batch, device), device, cfg.warmup, cfg.repeats)
+                row.update(seconds=seconds, tokens_per_s=batch * T / seconds, memory_bytes=memory, memory_method=method, status="ok")
+            except torch.OutOfMemoryError:
+                row.update(seconds=None, tokens_per_s=None, memory_bytes=None, memory_method=None, status="oom")
+            finally:
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+            rows.append(row)
+            log.info("profile %s %s T=%d: %s", variant, scope, T,
+                     f"{row['tokens_per_s']:.0f} tok/s, {row['memory_bytes'] / 2**20:.1f} MiB" if row["status"] == "ok" else "out of memory")
+    exponents = {}
+    for scope in scopes:
+        ok = [r for r in rows if r["scope"] == scope and r["status"] == "ok"]
+        Ts = [r["T"] for r in ok]
+        exponents[f"{scope}_time_exponent"] = fit_exponent(Ts, [r["seconds"] / r["batch"] for r in ok])
+        exponents[f"{scope}_memory_exponent"] = fit_exponent(Ts, [r["memory_bytes"] / r["batch"] for r in ok])
+    return rows, {"variant": variant, "device": str(device), **exponents}
+
+
+def main(params: Params, variant: str, out_dir: Path) -> dict:
+    from .tracking import stage_run
+
+    with stage_run(params, "profile", variant) as tracker:
+        tracker.log_params({"variant": variant, "profile": params.profile.model_dump(), "model": params.model.model_dump(),
+                            "variant_options": params.variant_options(variant)})
+        rows, summary = profile(params, variant)
+        with atomic_path(out_dir / "profile.csv") as tmp, open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=FIELDS)
+            writer.writeheader()
+            writer.writerows(rows)
+        write_json(out_dir / "profile.json", summary)
+        for row in rows:
+            if row["status"] == "ok":
+                tracker.log_metrics({f"{row['scope']}_tokens_per_s": row["tokens_per_s"], f"{row['scope']}_memory_bytes": row["memory_bytes"]}, step=row["T"])
+        tracker.log_metrics({k: v for k, v in summary.items() if k.endswith("exponent") and v is not None})
+        tracker.log_artifact(out_dir / "profile.csv")
+    shown = ", ".join(f"{k} {v:.2f}" for k, v in summary.items() if k.endswith("exponent") and v is not None)
+    log.info("profile %s: %d points on %s; %s", variant, len(rows), summary["device"], shown)
+    return summary

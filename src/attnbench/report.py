@@ -1,0 +1,154 @@
+"""report: one comparison of all variants of a params file: markdown table plus seaborn figures."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: figures go to files
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import seaborn as sns  # noqa: E402
+
+from .config import Params  # noqa: E402
+from .data import load_split  # noqa: E402
+from .files import atomic_path, read_json, write_text  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+FIGURES = {
+    "learning_curves": "Validation bits-per-byte during training",
+    "bpb_vs_throughput": "Test bits-per-byte against training throughput",
+    "time_vs_T": "Forward+backward time per sequence against T",
+    "memory_vs_T": "Memory per sequence against T",
+}
+
+
+def unigram_bpb(data_dir: Path) -> float:
+    """Bits per byte of the test split under the train split's byte frequencies (add-one smoothed): the floor any LM must beat."""
+    train, test = load_split(data_dir, "train", verify=False), load_split(data_dir, "test", verify=False)
+    p = (np.bincount(train, minlength=256) + 1.0) / (len(train) + 256)
+    return float(-np.log2(p[test]).mean())
+
+
+def collect(results_dir: Path, variants: list[str]) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """Per-variant summary, learning curves and profile rows, read from each variant's stage outputs."""
+    summary, curves, profiles = [], [], []
+    for v in variants:
+        d = Path(results_dir) / v
+        train, evaluation, prof = read_json(d / "train.json"), read_json(d / "eval.json"), read_json(d / "profile.json")
+        rows = pd.read_csv(d / "profile.csv")
+        attn = rows[(rows.scope == "attention") & (rows.status == "ok")]
+        largest = attn.loc[attn["T"].idxmax()] if len(attn) else None
+        summary.append({
+            "variant": v,
+            "params (M)": train["params_non_embedding"] / 1e6,
+            "test bpb": evaluation["test_bpb"],
+            "val bpb (end)": train["val_bpb_final"],
+            "train tok/s": train["tokens_per_s"],
+            "attn tok/s @ max T": None if largest is None else largest["tokens_per_s"],
+            "attn MiB @ max T": None if largest is None else largest["memory_bytes"] / 2**20,
+            "time exp (attn)": prof.get("attention_time_exponent"),
+            "memory exp (attn)": prof.get("attention_memory_exponent"),
+            "time exp (model)": prof.get("model_time_exponent"),
+        })
+        curves.append(pd.read_csv(d / "curve.csv").assign(variant=v))
+        profiles.append(rows)
+    return pd.DataFrame(summary), pd.concat(curves, ignore_index=True), pd.concat(profiles, ignore_index=True)
+
+
+def _save(fig, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
+def figures(summary: pd.DataFrame, curves: pd.DataFrame, profiles: pd.DataFrame, out_dir: Path) -> list[Path]:
+    sns.set_theme(style="whitegrid", context="notebook")
+    paths = {name: out_dir / "figures" / f"{name}.png" for name in FIGURES}
+
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    sns.lineplot(curves, x="tokens", y="val_bpb", hue="variant", marker="o", ax=ax)
+    ax.set(xlabel="training tokens", ylabel="validation bits/byte", title=FIGURES["learning_curves"])
+    _save(fig, paths["learning_curves"])
+
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    sns.scatterplot(summary, x="train tok/s", y="test bpb", hue="variant", s=80, ax=ax)
+    for _, r in summary.iterrows():
+        ax.annotate(r["variant"], (r["train tok/s"], r["test bpb"]), textcoords="offset points", xytext=(5, 5))
+    ax.set(xlabel="training tokens/s", ylabel="test bits/byte (lower is better)", title=FIGURES["bpb_vs_throughput"])
+    _save(fig, paths["bpb_vs_throughput"])
+
+    ok = profiles[profiles.status == "ok"].assign(
+        seconds_per_seq=lambda d: d.seconds / d.batch, mib_per_seq=lambda d: d.memory_bytes / d.batch / 2**20
+    )
+    for name, column, label in [("time_vs_T", "seconds_per_seq", "seconds per sequence"), ("memory_vs_T", "mib_per_seq", "MiB per sequence")]:
+        fig, ax = plt.subplots(figsize=(6.5, 4))
+        sns.lineplot(ok, x="T", y=column, hue="variant", style="scope", marker="o", ax=ax)
+        ax.set(xscale="log", yscale="log", xlabel="sequence length T", ylabel=label, title=FIGURES[name])
+        _save(fig, paths[name])
+    return list(paths.values())
+
+
+def _markdown_table(df: pd.DataFrame) -> str:
+    def fmt(x):
+        if x is None or (isinstance(x, float) and np.isnan(x)):
+            return "—"
+        if isinstance(x, float):
+            return f"{x:,.0f}" if abs(x) >= 1000 else f"{x:.3f}"
+        return str(x)
+
+    lines = ["| " + " | ".join(df.columns) + " |", "|" + "---|" * len(df.columns)]
+    lines += ["| " + " | ".join(fmt(x) for x in row) + " |" for row in df.itertuples(index=False)]
+    return "\n".join(lines)
+
+
+def report(params: Params, results_dir: Path, data_dir: Path, out_dir: Path) -> dict:
+    """Write comparison.md and figures/ under `out_dir`; return the summary table as records."""
+    variants = list(params.variants)
+    summary, curves, profiles = collect(results_dir, variants)
+    baseline = unigram_bpb(data_dir)
+    out_dir = Path(out_dir)
+    figure_paths = figures(summary, curves, profiles, out_dir)
+    best = summary.loc[summary["test bpb"].idxmin()]
+    m, t = params.model, params.train
+    devices = sorted({read_json(Path(results_dir) / v / "train.json")["device"] for v in variants})
+    text = [
+        f"# attnbench comparison: `{params.run.name}`",
+        "",
+        f"Data: `{params.data.source}`{f' ({params.data.path})' if params.data.path else ''}, first {params.data.max_bytes:,} bytes, "
+        f"split {params.data.splits.train:g}/{params.data.splits.val:g}/{params.data.splits.test:g}. "
+        f"Model: d_model {m.d_model}, {m.n_layers} layers, {m.n_heads} heads, T = {m.seq_len}. "
+        f"Training: {t.steps if t.steps else f'{t.tokens:,} tokens'}{' steps' if t.steps else ''}, batch {t.batch_size} x {t.grad_accum}, "
+        f"lr {t.lr:g}, on {', '.join(devices)}.",
+        "",
+        f"Unigram byte model of this corpus (train-split frequencies on the test split): **{baseline:.3f} bpb**. "
+        f"Best variant: **{best['variant']}** at {best['test bpb']:.3f} bpb.",
+        "",
+        _markdown_table(summary),
+        "",
+        "Exponents are log-log slopes against T of time and memory per sequence over the profile's lengths "
+        f"({', '.join(map(str, params.profile.seq_lens))}); profiled on {read_json(Path(results_dir) / variants[0] / 'profile.json')['device']}. "
+        "CPU timings are for trends only; absolute speeds count on a GPU.",
+        "",
+    ]
+    for path in figure_paths:
+        text += [f"## {FIGURES[path.stem]}", "", f"![{path.stem}](figures/{path.name})", ""]
+    write_text(out_dir / "comparison.md", "\n".join(text))
+    log.info("report: %d variants -> %s (best %s %.3f bpb; unigram %.3f)", len(variants), out_dir / "comparison.md", best["variant"], best["test bpb"], baseline)
+    return {"variants": summary.to_dict(orient="records"), "unigram_bpb": baseline}
+
+
+def main(params: Params, results_dir: Path, data_dir: Path, out_dir: Path) -> dict:
+    from .tracking import stage_run
+
+    with stage_run(params, "report") as tracker:
+        result = report(params, results_dir, data_dir, out_dir)
+        tracker.log_metrics({"unigram_bpb": result["unigram_bpb"]} | {f"test_bpb.{r['variant']}": r["test bpb"] for r in result["variants"]})
+        for path in sorted(Path(out_dir).rglob("*")):
+            if path.is_file():
+                tracker.log_artifact(path)
+    return result

@@ -1,0 +1,242 @@
+"""train: one variant's byte-level LM, AdamW with warmup + cosine decay, resumable.
+
+Read top to bottom: batches, schedule, checkpoint, then `train`, the loop.
+Batches come from a generator seeded by (seed, step, micro-step), and the
+checkpoint holds the model, optimizer and RNG state, so a run resumed from its
+last checkpoint ends with the same weights as one that was never interrupted.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import logging
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .config import Params, TrainConfig
+from .data import load_split
+from .evaluate import bits_per_byte
+from .files import atomic_path, read_json, write_json
+from .model import ByteLM, save_model
+from .runtime import autocast, resolve_device
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT = "checkpoint.pt"  # resume state; not a declared output, so orchestrators keep it across failures
+CURVE_FIELDS = ["step", "tokens", "lr", "train_loss", "val_bpb", "tokens_per_s", "elapsed_s"]
+
+
+class TrainingDiverged(RuntimeError):
+    pass
+
+
+def get_batch(data: np.ndarray, seq_len: int, batch_size: int, seed: int, step: int, micro: int, device: torch.device):
+    """Random windows of `data`: x (B, T) and next-byte targets y (B, T), determined by (seed, step, micro)."""
+    rng = np.random.default_rng([seed, step, micro])
+    starts = rng.integers(0, len(data) - seq_len - 1, size=batch_size)
+    window = torch.from_numpy(np.stack([data[s : s + seq_len + 1] for s in starts]).astype(np.int64))
+    if device.type == "cuda":
+        window = window.pin_memory().to(device, non_blocking=True)
+    return window[:, :-1], window[:, 1:]
+
+
+def total_steps(cfg: TrainConfig, seq_len: int) -> int:
+    if cfg.steps is not None:
+        return cfg.steps
+    return max(1, cfg.tokens // (cfg.batch_size * cfg.grad_accum * seq_len))
+
+
+def lr_at(step: int, steps: int, cfg: TrainConfig) -> float:
+    """Linear warmup to cfg.lr, then cosine decay to cfg.lr * min_lr_ratio at the last step."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, steps - cfg.warmup_steps)
+    floor = cfg.lr * cfg.min_lr_ratio
+    return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def make_optimizer(model: ByteLM, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """Weight decay on matrices only (not on norms, biases or embeddings' positions)."""
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and not n.startswith("pos_emb")]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2 or n.startswith("pos_emb")]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda")
+
+
+def fingerprint(params: Params, variant: str, manifest: dict) -> str:
+    """What a checkpoint must match to be resumed: model, variant options, training recipe and the data."""
+    recipe = params.train.model_dump(exclude={"eval_every", "eval_batches", "checkpoint_every", "log_every", "device", "compile"})
+    blob = json.dumps([params.model_for(variant).to_dict(), recipe, manifest["splits"]], sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def save_checkpoint(path: Path, model, optimizer, step: int, state: dict) -> None:
+    buffer = io.BytesIO()
+    torch.save(
+        {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "step": step,
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            **state,
+        },
+        buffer,
+    )
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(buffer.getvalue())
+
+
+def load_checkpoint(path: Path, expected_fingerprint: str, device: torch.device) -> dict | None:
+    """The checkpoint at `path` if it is complete and from this configuration, else None (with the reason logged)."""
+    if not path.exists():
+        return None
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except Exception as err:  # a torn or foreign file: never resume from it
+        log.warning("ignoring unreadable checkpoint %s (%s); starting from step 0", path, err)
+        return None
+    if ckpt.get("fingerprint") != expected_fingerprint:
+        log.warning("checkpoint %s is from a different configuration; starting from step 0", path)
+        return None
+    return ckpt
+
+
+def train(params: Params, variant: str, data_dir: Path, out_dir: Path, tracker=None) -> dict:
+    """Train `variant`; write model.pt, train.json and curve.csv to `out_dir`; return the summary."""
+    cfg = params.train
+    device = resolve_device(cfg.device)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    manifest = read_json(Path(data_dir) / "manifest.json")
+    train_data, val_data = load_split(data_dir, "train"), load_split(data_dir, "val")
+    model_cfg = params.model_for(variant)
+    T = model_cfg.seq_len
+    steps = total_steps(cfg, T)
+    val_tokens = cfg.eval_batches * cfg.batch_size * T
+
+    torch.manual_seed(cfg.seed)
+    model = ByteLM(model_cfg).to(device)
+    optimizer = make_optimizer(model, cfg, device)
+    forward = torch.compile(model) if cfg.compile else model
+    key = fingerprint(params, variant, manifest)
+    ckpt_path = out_dir / CHECKPOINT
+    ckpt = load_checkpoint(ckpt_path, key, device)
+    start, curve, elapsed = 0, [], 0.0
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        torch.set_rng_state(ckpt["torch_rng"].cpu())
+        if ckpt["cuda_rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all([s.cpu() for s in ckpt["cuda_rng"]])
+        start, curve, elapsed = ckpt["step"], ckpt["curve"], ckpt["elapsed_s"]
+        log.info("resuming %s from step %d/%d (%s)", variant, start, steps, ckpt_path)
+
+    n_params = model.num_params()
+    tokens_per_step = cfg.batch_size * cfg.grad_accum * T
+    log.info("train %s: %d steps x %d tokens, %.2fM non-embedding params, %s", variant, steps, tokens_per_step, n_params / 1e6, device)
+    if tracker is not None and start == 0:
+        tracker.log_params({"variant": variant, "model": params.model.model_dump(), "train": cfg.model_dump(),
+                            "variant_options": params.variant_options(variant), "params_non_embedding": n_params})
+
+    model.train()
+    bad_step = torch.tensor(-1, device=device)  # first step with a non-finite loss or gradient, found without a host sync
+    loss_sum = torch.zeros((), device=device)
+    window_start, window_steps = time.perf_counter(), 0
+    for step in range(start, steps):
+        lr = lr_at(step, steps, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        model.set_progress(step / steps)
+        for micro in range(cfg.grad_accum):
+            x, y = get_batch(train_data, T, cfg.batch_size, cfg.seed, step, micro, device)
+            with autocast(device):
+                _, loss = forward(x, y)
+                aux = model.aux_loss()
+            ((loss + aux if aux is not None else loss) / cfg.grad_accum).backward()
+            loss_sum += loss.detach() / cfg.grad_accum
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        finite = torch.isfinite(loss.detach()) & torch.isfinite(grad_norm)
+        bad_step = torch.where((bad_step < 0) & ~finite, torch.tensor(step, device=device), bad_step)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        window_steps += 1
+
+        done = step + 1
+        at_eval = done % cfg.eval_every == 0 or done == steps
+        at_ckpt = done % cfg.checkpoint_every == 0 or done == steps
+        if done % cfg.log_every == 0 or at_eval or at_ckpt:
+            if bad_step.item() >= 0:
+                raise TrainingDiverged(
+                    f"non-finite loss or gradient at step {bad_step.item()} of {variant}; "
+                    f"the last good checkpoint ({ckpt_path}, if any) is kept; lower train.lr or check the data"
+                )
+            seconds = time.perf_counter() - window_start
+            elapsed += seconds
+            train_loss = loss_sum.item() / window_steps
+            tokens_per_s = window_steps * tokens_per_step / seconds
+            log.info("step %d/%d  loss %.4f  lr %.2e  %.0f tok/s", done, steps, train_loss, lr, tokens_per_s)
+            metrics = {"train_loss": train_loss, "lr": lr, "tokens_per_s": tokens_per_s}
+            if at_eval:
+                metrics["val_bpb"] = bits_per_byte(model, val_data, cfg.batch_size, val_tokens)["bpb"]
+                metrics.update({f"attn.{k}": v for k, v in _mean_stats(model).items()})
+                curve.append({"step": done, "tokens": done * tokens_per_step, "lr": lr, "train_loss": train_loss,
+                              "val_bpb": metrics["val_bpb"], "tokens_per_s": tokens_per_s, "elapsed_s": elapsed})
+                log.info("step %d/%d  val %.4f bpb", done, steps, metrics["val_bpb"])
+            if tracker is not None:
+                tracker.log_metrics(metrics, step=done)
+            if at_ckpt:
+                save_checkpoint(ckpt_path, model, optimizer, done, {"fingerprint": key, "curve": curve, "elapsed_s": elapsed})
+            loss_sum.zero_()
+            window_start, window_steps = time.perf_counter(), 0
+
+    summary = {
+        "variant": variant,
+        "steps": steps,
+        "tokens": steps * tokens_per_step,
+        "train_loss_final": curve[-1]["train_loss"],
+        "val_bpb_final": curve[-1]["val_bpb"],
+        "tokens_per_s": steps * tokens_per_step / elapsed,
+        "train_seconds": elapsed,
+        "params_non_embedding": n_params,
+        "device": str(device),
+    }
+    save_model(model, out_dir / "model.pt")
+    with atomic_path(out_dir / "curve.csv") as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CURVE_FIELDS)
+        writer.writeheader()
+        writer.writerows(curve)
+    write_json(out_dir / "train.json", summary)
+    # Finished: the next run of this stage (new code, say) must train afresh, not "resume" at the end.
+    ckpt_path.unlink(missing_ok=True)
+    return summary
+
+
+def _mean_stats(model: ByteLM) -> dict[str, float]:
+    """Per-layer attention diagnostics (e.g. cluster sizes) averaged over layers."""
+    per_layer = [attn.stats() for attn in model.attention_layers]
+    keys = set().union(*per_layer)
+    return {k: float(np.mean([s[k] for s in per_layer if k in s])) for k in sorted(keys)}
+
+
+def main(params: Params, variant: str, data_dir: Path, out_dir: Path) -> dict:
+    from .tracking import stage_run
+
+    with stage_run(params, "train", variant) as tracker:
+        summary = train(params, variant, data_dir, out_dir, tracker)
+        tracker.log_metrics({k: summary[k] for k in ("val_bpb_final", "tokens_per_s", "train_seconds")})
+        tracker.log_artifact(out_dir / "train.json")
+        tracker.log_artifact(out_dir / "curve.csv")
+        tracker.set_tags({"model_path": str((out_dir / "model.pt").resolve())})
+    log.info(
+        "train %s: %d steps, %.2fM tokens, val %.4f bpb, %.0f tok/s, %.1fs",
+        variant, summary["steps"], summary["tokens"] / 1e6, summary["val_bpb_final"], summary["tokens_per_s"], summary["train_seconds"],
+    )
+    return summary

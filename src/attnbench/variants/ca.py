@@ -1,0 +1,116 @@
+"""ca: block cluster attention.
+
+Blocks of b contiguous positions; query t in block i = t // b attends with
+softmax to keys s <= t in blocks i - lookback .. i. lookback = 0 is
+block-diagonal attention; with b >= T it is mha.
+
+Paths:
+- reference: masked softmax over the dense T x T mask;
+- efficient, CPU: `chunked_segment_attention` on blocks (pad T to a multiple
+  of b; query block i against key blocks i - lookback .. i), memory
+  T * (lookback + 1) * b, never T x T;
+- efficient, CUDA: FlexAttention with a band block mask (flex.py).
+
+Choices where the spec is open: the CPU path takes the (b, (lookback + 1) b)
+window as lookback + 1 tiles of (b, b) sharing one row max, so lca can reuse it
+on windows whose length depends on the data and a query's result stays
+bitwise independent of how many tiles its row has. The Flex path uses 128 x 128
+tiles whatever b is: for b < 128 a tile also holds keys outside the band,
+which the mask removes (the kernel work per query is then about 2 x 128 keys).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+
+from .base import Attention, VariantOptions, causal_mask, masked_softmax_attention, pow2_block
+from .flex import flex_band_attention
+
+
+class BlockClusterOptions(VariantOptions):
+    block: int | Literal["auto"] = Field("auto", description="block size b; auto = smallest power of two >= sqrt(T), at least 16")
+    lookback: int | Literal["auto"] = Field("auto", description="earlier blocks each query sees; auto = 1, 0 = block diagonal")
+
+    def check(self, seq_len: int) -> None:
+        if self.block != "auto" and self.block < 1:
+            raise ValueError(f"block must be >= 1 or 'auto', got {self.block}")
+        if self.lookback != "auto" and self.lookback < 0:
+            raise ValueError(f"lookback must be >= 0 or 'auto', got {self.lookback}")
+
+
+def chunked_segment_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segment: torch.Tensor, chunk: int, n_offsets: int, scale: float
+) -> torch.Tensor:
+    """Causal softmax attention inside segments, in chunks: O(P * n_offsets * chunk) memory.
+
+    q, k, v: (B, H, P, D) with P a multiple of `chunk`; segment: (B|1, H|1, P) int >= 0.
+    Slot i attends to slots j <= i with segment[j] == segment[i] whose chunk is at
+    most n_offsets - 1 chunks before i's. Every slot must see itself (it does).
+    The tiles of one query chunk (one per offset) share a row max, and offsets
+    where a row sees nothing add exact zeros, so a row's result does not depend on
+    n_offsets beyond the offsets it uses. Computes in fp32, returns v's dtype.
+    """
+    B, H, P, D = q.shape
+    n = P // chunk
+    n_offsets = min(n_offsets, n)
+    qc, kc, vc = (t.float().reshape(B, H, n, chunk, D) for t in (q, k, v))  # (B, H, n, c, D)
+    seg = segment.reshape(*segment.shape[:2], n, chunk)  # (B|1, H|1, n, c)
+
+    scores, values = [], []
+    for d in range(n_offsets):  # key chunk j - d beside query chunk j; -1 marks chunks before the start
+        k_d, v_d = (F.pad(t, (0, 0, 0, 0, d, 0))[:, :, :n] for t in (kc, vc))
+        seg_d = F.pad(seg, (0, 0, d, 0), value=-1)[:, :, :n]
+        allowed = seg.unsqueeze(-1) == seg_d.unsqueeze(-2)  # (B|1, H|1, n, c, c)
+        if d == 0:
+            allowed = allowed & causal_mask(chunk, q.device)
+        scores.append((qc @ k_d.transpose(-2, -1) * scale).masked_fill(~allowed, float("-inf")))  # (B, H, n, c, c)
+        values.append(v_d)
+    # One max per row over all its tiles; constant for the gradient (softmax is shift-invariant).
+    row_max = torch.stack([s.amax(dim=-1) for s in scores]).amax(dim=0).detach().unsqueeze(-1)  # (B, H, n, c, 1)
+    numerator, denominator = 0, 0
+    for s, v_d in zip(scores, values):
+        p = torch.exp(s - row_max)
+        numerator = numerator + p @ v_d  # (B, H, n, c, D)
+        denominator = denominator + p.sum(dim=-1, keepdim=True)
+    return (numerator / denominator).reshape(B, H, P, D).to(v.dtype)
+
+
+class BlockClusterAttention(Attention):
+    Options = BlockClusterOptions
+
+    @property
+    def block(self) -> int:
+        return pow2_block(self.seq_len) if self.options.block == "auto" else self.options.block
+
+    @property
+    def lookback(self) -> int:
+        return 1 if self.options.lookback == "auto" else self.options.lookback
+
+    def band_start(self, T: int, device: torch.device) -> torch.Tensor:
+        """(T,): first key position query t may see, the start of block t // b - lookback."""
+        block_index = torch.arange(T, device=device) // self.block
+        return (block_index - self.lookback).clamp_min(0) * self.block
+
+    def reference(self, q, k, v, x):
+        T = q.shape[-2]
+        allowed = self.band_start(T, q.device).unsqueeze(-1) <= torch.arange(T, device=q.device)  # (T, T)
+        return masked_softmax_attention(q, k, v, allowed & causal_mask(T, q.device), self.scale)
+
+    def efficient(self, q, k, v, x):
+        return self.flex(q, k, v, x) if q.is_cuda else self.chunked(q, k, v, x)
+
+    def chunked(self, q, k, v, x):
+        """The CPU path: query block i against key blocks i - lookback .. i."""
+        T, b = q.shape[-2], self.block
+        pad = (-T) % b
+        q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))  # (B, H, P, D); padded keys lie in the future
+        segment = torch.zeros(1, 1, T + pad, dtype=torch.long, device=q.device)
+        return chunked_segment_attention(q, k, v, segment, b, self.lookback + 1, self.scale)[:, :, :T]
+
+    def flex(self, q, k, v, x):
+        """The CUDA path; runs eagerly on CPU too (forward only), for tests."""
+        return flex_band_attention(q, k, v, self.band_start(q.shape[-2], q.device), self.scale)
