@@ -35,11 +35,11 @@ def build_parser() -> argparse.ArgumentParser:
     for name, help in [("train", "train one variant"), ("evaluate", "test bits-per-byte of a trained variant")]:
         p = stage(name, help, variant=True)
         p.add_argument("--data", type=Path, help="prepared data folder (default: results/<run>/data/prepared)")
-        p.add_argument("--out", type=Path, help="the variant's folder (default: results/<run>/<variant>)")
+        p.add_argument("--out", type=Path, help="the variant's folder (default: results/<run>/variants/<variant>)")
     p = stage("profile", "time and memory of one variant against T", variant=True)
-    p.add_argument("--out", type=Path, help="the variant's folder (default: results/<run>/<variant>)")
+    p.add_argument("--out", type=Path, help="the variant's folder (default: results/<run>/variants/<variant>)")
     p = stage("report", "compare all variants: markdown + figures")
-    p.add_argument("--results", type=Path, help="default: results/<run>")
+    p.add_argument("--variants-dir", type=Path, help="the variants' folders (default: results/<run>/variants)")
     p.add_argument("--data", type=Path, help="default: results/<run>/data/prepared")
     p.add_argument("--out", type=Path, help="default: reports/<run>")
     return parser
@@ -60,7 +60,7 @@ def run(args: argparse.Namespace) -> None:
             summary = data.fetch(params.data, out, download_dir=out.parent / "download")
             tracker.log_params({"data": params.data.model_dump()})
             tracker.log_metrics({"corpus_bytes": summary["bytes"]})
-        logging.info("fetch: %s bytes from %s (md5 %s) -> %s", f"{summary['bytes']:,}", summary["origin"], summary["md5"], out)
+        logging.info("%s bytes from %s (md5 %s) -> %s", f"{summary['bytes']:,}", summary["origin"], summary["md5"], out)
     elif args.stage == "prepare":
         from .tracking import stage_run
 
@@ -70,14 +70,14 @@ def run(args: argparse.Namespace) -> None:
             tracker.log_params({"max_bytes": params.data.max_bytes, "splits": params.data.splits.model_dump()})
             tracker.log_metrics({f"{k}_bytes": v["bytes"] for k, v in manifest["splits"].items()})
         sizes = ", ".join(f"{k} {v['bytes']:,}" for k, v in manifest["splits"].items())
-        logging.info("prepare: %s bytes -> %s (%s)", f"{manifest['corpus_bytes_used']:,}", out, sizes)
+        logging.info("%s bytes -> %s (%s)", f"{manifest['corpus_bytes_used']:,}", out, sizes)
     elif args.stage == "report":
         from .report import main as report_main
 
-        report_main(params, args.results or results, args.data or prepared, args.out or Path("reports") / params.run.name)
+        report_main(params, args.variants_dir or results / "variants", args.data or prepared, args.out or Path("reports") / params.run.name)
     else:
         params.variant_options(args.variant)  # a clear error for a variant this params file does not configure
-        out = args.out or results / args.variant
+        out = args.out or results / "variants" / args.variant
         if args.stage == "train":
             from .train import main as train_main
 

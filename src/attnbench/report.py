@@ -34,11 +34,11 @@ def unigram_bpb(data_dir: Path) -> float:
     return float(-np.log2(p[test]).mean())
 
 
-def collect(results_dir: Path, variants: list[str]) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+def collect(variants_dir: Path, variants: list[str]) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """Per-variant summary, learning curves and profile rows, read from each variant's stage outputs."""
     summary, curves, profiles = [], [], []
     for v in variants:
-        d = Path(results_dir) / v
+        d = Path(variants_dir) / v
         train, evaluation, prof = read_json(d / "train.json"), read_json(d / "eval.json"), read_json(d / "profile.json")
         rows = pd.read_csv(d / "profile.csv")
         attn = rows[(rows.scope == "attention") & (rows.status == "ok")]
@@ -106,16 +106,16 @@ def _markdown_table(df: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-def report(params: Params, results_dir: Path, data_dir: Path, out_dir: Path) -> dict:
+def report(params: Params, variants_dir: Path, data_dir: Path, out_dir: Path) -> dict:
     """Write comparison.md and figures/ under `out_dir`; return the summary table as records."""
     variants = list(params.variants)
-    summary, curves, profiles = collect(results_dir, variants)
+    summary, curves, profiles = collect(variants_dir, variants)
     baseline = unigram_bpb(data_dir)
     out_dir = Path(out_dir)
     figure_paths = figures(summary, curves, profiles, out_dir)
     best = summary.loc[summary["test bpb"].idxmin()]
     m, t = params.model, params.train
-    devices = sorted({read_json(Path(results_dir) / v / "train.json")["device"] for v in variants})
+    devices = sorted({read_json(Path(variants_dir) / v / "train.json")["device"] for v in variants})
     text = [
         f"# attnbench comparison: `{params.run.name}`",
         "",
@@ -131,22 +131,22 @@ def report(params: Params, results_dir: Path, data_dir: Path, out_dir: Path) -> 
         _markdown_table(summary),
         "",
         "Exponents are log-log slopes against T of time and memory per sequence over the profile's lengths "
-        f"({', '.join(map(str, params.profile.seq_lens))}); profiled on {read_json(Path(results_dir) / variants[0] / 'profile.json')['device']}. "
+        f"({', '.join(map(str, params.profile.seq_lens))}); profiled on {read_json(Path(variants_dir) / variants[0] / 'profile.json')['device']}. "
         "CPU timings are for trends only; absolute speeds count on a GPU.",
         "",
     ]
     for path in figure_paths:
         text += [f"## {FIGURES[path.stem]}", "", f"![{path.stem}](figures/{path.name})", ""]
     write_text(out_dir / "comparison.md", "\n".join(text))
-    log.info("report: %d variants -> %s (best %s %.3f bpb; unigram %.3f)", len(variants), out_dir / "comparison.md", best["variant"], best["test bpb"], baseline)
+    log.info("%d variants -> %s (best %s %.3f bpb; unigram %.3f)", len(variants), out_dir / "comparison.md", best["variant"], best["test bpb"], baseline)
     return {"variants": summary.to_dict(orient="records"), "unigram_bpb": baseline}
 
 
-def main(params: Params, results_dir: Path, data_dir: Path, out_dir: Path) -> dict:
+def main(params: Params, variants_dir: Path, data_dir: Path, out_dir: Path) -> dict:
     from .tracking import stage_run
 
     with stage_run(params, "report") as tracker:
-        result = report(params, results_dir, data_dir, out_dir)
+        result = report(params, variants_dir, data_dir, out_dir)
         tracker.log_metrics({"unigram_bpb": result["unigram_bpb"]} | {f"test_bpb.{r['variant']}": r["test bpb"] for r in result["variants"]})
         for path in sorted(Path(out_dir).rglob("*")):
             if path.is_file():

@@ -47,7 +47,8 @@ class Tracker:
 
         self.uri = uri
         self.run_id = run_id
-        self.client = MlflowClient(tracking_uri=uri)
+        with _store_lock(uri):  # opening a store may create or migrate its tables
+            self.client = MlflowClient(tracking_uri=uri)
 
     def _locked(self):
         return _store_lock(self.uri)
@@ -90,9 +91,9 @@ def stage_run(params: Params, stage: str, variant: str | None = None) -> Iterato
     from mlflow.tracking import MlflowClient
 
     uri = tracking_uri(params)
-    client = MlflowClient(tracking_uri=uri)
     name = params.experiment
     with _store_lock(uri):
+        client = MlflowClient(tracking_uri=uri)
         experiment = client.get_experiment_by_name(name)
         if experiment is None:
             artifacts = Path("mlartifacts").resolve().as_uri() if uri.startswith("sqlite:") else None

@@ -7,12 +7,14 @@ from .ca import BlockClusterAttention
 from .cka import ClusterKernelAttention
 from .fastcka import FastClusterKernelAttention
 from .la import LinearAttention
+from .lca import LearnedClusterAttention
 from .mha import MultiHeadAttention
 
 REGISTRY: dict[str, type[Attention]] = {
     "mha": MultiHeadAttention,
     "la": LinearAttention,
     "ca": BlockClusterAttention,
+    "lca": LearnedClusterAttention,
     "cka": ClusterKernelAttention,
     "fastcka": FastClusterKernelAttention,
 }

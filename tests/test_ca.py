@@ -1,0 +1,79 @@
+"""ca's own cases: the mha limit, other block sizes and lookbacks, the Flex path and its tile lists, options."""
+
+import pytest
+import torch
+
+from attnbench.variants import build_attention
+from attnbench.variants.flex import TILE, band_block_mask
+from tests.test_variants import FP32_RTOL, make_layer, rel_err, run_layer
+
+pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+
+
+def ca_layer(T, H, D, seed=0, **options):
+    torch.manual_seed(seed)
+    return build_attention("ca", H * D, H, T, options)
+
+
+def assert_same(out_a, grads_a, out_b, grads_b, label):
+    assert rel_err(out_a, out_b) < FP32_RTOL, f"{label}: output rel err {rel_err(out_a, out_b):.2e}"
+    for key in grads_b:
+        assert rel_err(grads_a[key], grads_b[key]) < FP32_RTOL, f"{label}: grad of {key}"
+
+
+@pytest.mark.parametrize("path", ["reference", "efficient"])
+@pytest.mark.parametrize("block", [50, 64])
+def test_one_block_without_lookback_is_mha(path, block):
+    B, T, H, D = 2, 50, 2, 8
+    layer = ca_layer(T, H, D, block=block, lookback=0)
+    mha = make_layer("mha", T, H, D)
+    mha.load_state_dict(layer.state_dict())
+    x = torch.randn(B, T, H * D)
+    assert_same(*run_layer(layer, x, path), *run_layer(mha, x, "efficient"), f"ca block={block} {path}")
+
+
+@pytest.mark.parametrize("block,lookback", [(1, 0), (5, 0), (5, 2), (16, 1), (7, 100)], ids=str)
+def test_chunked_path_equals_reference(block, lookback):
+    B, T, H, D = 2, 37, 2, 8
+    layer = ca_layer(T, H, D, block=block, lookback=lookback)
+    x = torch.randn(B, T, H * D)
+    out_ref, grads_ref = run_layer(layer, x, "reference")
+    out_eff, grads_eff = run_layer(layer, x, "efficient")
+    assert_same(out_eff, grads_eff, out_ref, grads_ref, f"ca block={block} lookback={lookback}")
+
+
+@pytest.mark.parametrize("T,block,lookback", [(1, 16, 1), (37, 16, 1), (300, 16, 2), (300, 160, 1), (260, 32, 0)], ids=str)
+def test_flex_path_equals_reference(T, block, lookback):
+    B, H, D = 2, 2, 8
+    layer = ca_layer(T, H, D, block=block, lookback=lookback)
+    q, k, v = torch.randn(3, B, H, T, D).unbind(0)
+    assert rel_err(layer.flex(q, k, v, None), layer.reference(q, k, v, None)) < FP32_RTOL
+
+
+def expand_tiles(block_mask, T):
+    """Token-level (B, H, T, T) bool: pairs inside a key tile listed for their query tile."""
+    dense = block_mask.to_dense().bool()  # (B, H, n, n)
+    return dense.repeat_interleave(TILE, -1).repeat_interleave(TILE, -2)[..., :T, :T]
+
+
+def random_segment_starts(B, H, T, clusters):
+    """lo of lca's sorted order for random cluster ids: the start of each position's segment."""
+    sorted_ids = torch.randint(0, clusters, (B, H, T)).sort(dim=-1).values
+    return torch.searchsorted(sorted_ids, sorted_ids)  # first index holding the same id
+
+
+@pytest.mark.parametrize("T", [1, 127, 128, 300, 700])
+def test_band_tile_lists_cover_the_band(T):
+    """Eager flex ignores the tile lists, so check them directly: every allowed pair lies in a listed tile."""
+    layer = ca_layer(T, 1, 8, block=48, lookback=1)
+    for lo in (layer.band_start(T, None).expand(1, 1, T), random_segment_starts(2, 3, T, clusters=5)):
+        pos = torch.arange(T)
+        band = (lo.unsqueeze(-1) <= pos) & (pos <= pos.unsqueeze(-1))  # (B, H, T, T)
+        covered = expand_tiles(band_block_mask(lo), T)
+        assert not (band & ~covered).any(), "a pair inside the band lies in a tile the block mask skips"
+
+
+@pytest.mark.parametrize("options,message", [({"block": 0}, "block must be >= 1"), ({"lookback": -1}, "lookback must be >= 0")])
+def test_bad_options_are_refused(options, message):
+    with pytest.raises(ValueError, match=message):
+        build_attention("ca", 16, 2, 32, options)

@@ -1,0 +1,176 @@
+"""lca's own cases: the mha limit, long segments, the Flex path, the router learning, the balance loss, options."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from attnbench.variants import build_attention
+from tests.test_variants import FP32_RTOL, make_layer, rel_err, run_layer
+
+pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+
+ROUTERS = ["head", "shared"]
+
+
+def lca_layer(T, H, D, name="lca", seed=0, **options):
+    torch.manual_seed(seed)
+    return build_attention(name, H * D, H, T, options)
+
+
+@pytest.fixture
+def one_thread():
+    """The training tests run tiny tensors: threads only add overhead (and contention)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("router", ROUTERS)
+@pytest.mark.parametrize("path", ["reference", "efficient"])
+def test_one_cluster_is_mha(path, router):
+    B, T, H, D = 2, 50, 2, 8
+    layer = lca_layer(T, H, D, clusters=1, router=router).train()
+    mha = make_layer("mha", T, H, D)
+    mha.load_state_dict(layer.state_dict(), strict=False)
+    x = torch.randn(B, T, H * D)
+    out, grads = run_layer(layer, x, path)
+    out_mha, grads_mha = run_layer(mha, x, "efficient")
+    assert rel_err(out, out_mha) < FP32_RTOL, f"lca C=1 {path}: output rel err {rel_err(out, out_mha):.2e}"
+    for key in grads_mha:
+        assert rel_err(grads[key], grads_mha[key]) < FP32_RTOL, f"lca C=1 {path}: grad of {key}"
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+@pytest.mark.parametrize("router", ROUTERS)
+@pytest.mark.parametrize("clusters", [2, 3, 60])
+def test_long_segments_match_reference_and_stay_causal(clusters, router, mode):
+    """Clusters spanning several chunks (the shared tests' default clusters fit in one)."""
+    B, T, H, D, t = 2, 100, 2, 8, 60
+    layer = lca_layer(T, H, D, clusters=clusters, router=router).train(mode == "train")
+    x = torch.randn(B, T, H * D)
+    x_changed = x.clone()
+    x_changed[:, t + 1 :] = torch.randn(B, T - t - 1, H * D) * 3
+    weight = torch.zeros(B, T, H * D)
+    weight[:, : t + 1] = torch.randn(B, t + 1, H * D)
+    out_ref, grads_ref = run_layer(layer, x, "reference", grad_weight=weight)
+    out_a, grads_a = run_layer(layer, x, "efficient", grad_weight=weight)
+    out_b, grads_b = run_layer(layer, x_changed, "efficient", grad_weight=weight)
+    assert rel_err(out_a, out_ref) < FP32_RTOL, f"output rel err {rel_err(out_a, out_ref):.2e}"
+    for key in grads_ref:
+        assert rel_err(grads_a[key], grads_ref[key]) < FP32_RTOL, f"grad of {key} rel err {rel_err(grads_a[key], grads_ref[key]):.2e}"
+    if mode == "train":
+        assert grads_a["router.weight"].abs().sum() > 0, "no gradient reaches the router"
+    assert torch.equal(out_a[:, : t + 1], out_b[:, : t + 1]), "output depends on the future"
+    assert torch.equal(grads_a["input"][:, : t + 1], grads_b["input"][:, : t + 1]), "gradient leak"
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+@pytest.mark.parametrize("router", ROUTERS)
+@pytest.mark.parametrize("T,clusters", [(1, 1), (37, 3), (300, 1), (300, 4), (300, 17)], ids=str)
+def test_flex_path_equals_reference(T, clusters, router, mode):
+    B, H, D = 2, 2, 8
+    layer = lca_layer(T, H, D, clusters=clusters, router=router).train(mode == "train")
+    x = torch.randn(B, T, H * D)
+    q, k, v = torch.randn(3, B, H, T, D).unbind(0)
+    with torch.no_grad():  # the eager flex kernel has no backward on CPU; the forward is what this checks
+        torch.manual_seed(1)
+        expected = layer.reference(q, k, v, x)
+        torch.manual_seed(1)
+        assert rel_err(layer.flex(q, k, v, x), expected) < FP32_RTOL
+
+
+def train_on_uniform_attention(name, target, prepare=None, steps=200, lr=3e-2, seed=0, **options):
+    """Train one layer whose queries are frozen at zero, so inside a cluster it can only average
+    the values of earlier tokens: what it predicts depends on the partition alone.
+
+    Tokens: x = [onehot(class) (2), u, 1, onehot(tag) (2), 0, 0]; the prediction is output channel 0.
+    `target(u, same_class)` gives the regression target (B, T); `prepare(layer)` runs before training.
+    Returns the eval-mode loss and the layer.
+    """
+    B, T, d = 32, 32, 8
+    layer = lca_layer(T, 1, d, name=name, seed=seed, **options)
+    with torch.no_grad():
+        layer.qkv.weight[:d] = 0
+    layer.qkv.weight.register_hook(lambda g: torch.cat([torch.zeros_like(g[:d]), g[d:]]))
+    if prepare is not None:
+        prepare(layer)
+    trainable = [p for p in layer.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(trainable, lr=lr)
+
+    def batch(n, generator):
+        cls, tag = torch.randint(0, 2, (2, n, T), generator=generator)
+        u = torch.randn(n, T, generator=generator)
+        x = torch.cat([F.one_hot(cls, 2), u.unsqueeze(-1), torch.ones(n, T, 1), F.one_hot(tag, 2), torch.zeros(n, T, 2)], dim=-1)
+        same_class = (cls.unsqueeze(-1) == cls.unsqueeze(-2)) & torch.ones(T, T, dtype=torch.bool).tril()
+        return x, target(u, same_class)
+
+    generator = torch.Generator().manual_seed(seed)
+    for step in range(steps):
+        layer.set_progress(step / steps)
+        x, y = batch(B, generator)
+        loss = F.mse_loss(layer(x)[..., 0], y) + layer.aux_loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    layer.eval()
+    with torch.no_grad():
+        x, y = batch(256, torch.Generator().manual_seed(123))
+        return F.mse_loss(layer(x)[..., 0], y).item(), layer
+
+
+def class_mean(u, same_class):
+    """Mean of u over the earlier tokens of the same class: solved exactly by clusters = classes."""
+    return (same_class.float() @ u.unsqueeze(-1)).squeeze(-1) / same_class.sum(-1)
+
+
+def running_mean(u, same_class):
+    """Mean of u over all earlier tokens: best served by one cluster."""
+    return u.cumsum(-1) / torch.arange(1, u.shape[-1] + 1)
+
+
+def freeze_router_on_tag(layer):
+    """A fixed random partition: route by the random tag alone."""
+    with torch.no_grad():
+        layer.router.weight.zero_()
+        layer.router.weight[0, 4] = layer.router.weight[1, 5] = 10.0
+    layer.router.weight.requires_grad_(False)
+
+
+@pytest.mark.parametrize("name", ["lca"])
+def test_router_learns_the_class_partition(name, one_thread):
+    """Learned routing beats a fixed random partition by a wide margin (it finds clusters = classes)."""
+    options = dict(clusters=2, router="shared", balance=0.1)
+    learned, _ = train_on_uniform_attention(name, class_mean, **options)
+    fixed, _ = train_on_uniform_attention(name, class_mean, prepare=freeze_router_on_tag, **options)
+    assert learned < 0.2 * fixed, f"{name}: learned routing loss {learned:.4f} vs random fixed partition {fixed:.4f}"
+
+
+def test_balance_loss_prevents_collapse(one_thread):
+    """On a task one cluster serves best, balance 0.1 keeps the largest of 4 clusters under 60% of the
+    tokens (uniform: a quarter; seeds 0-2 gave 0.38-0.51) over 200 steps, where balance 0 collapses into one."""
+    _, balanced = train_on_uniform_attention("lca", running_mean, clusters=4, balance=0.1)
+    _, free = train_on_uniform_attention("lca", running_mean, clusters=4, balance=0.0)
+    assert balanced.stats()["max_cluster_frac"] < 0.6, balanced.stats()
+    assert free.stats()["max_cluster_frac"] > 0.9, free.stats()
+
+
+def test_tau_anneals_geometrically_and_aux_loss_is_training_only():
+    layer = lca_layer(16, 2, 8, tau_start=2.0, tau_end=0.5)
+    for progress, tau in [(0.0, 2.0), (0.5, 1.0), (1.0, 0.5)]:
+        layer.set_progress(progress)
+        assert layer.tau == pytest.approx(tau)
+    layer(torch.randn(1, 16, 16))
+    assert layer.aux_loss is not None and layer.aux_loss.requires_grad
+    layer.eval()(torch.randn(1, 16, 16))
+    assert layer.aux_loss is None
+    assert set(layer.stats()) == {"max_cluster_frac", "empty_clusters", "pair_frac", "tau"}
+
+
+@pytest.mark.parametrize(
+    "options,message",
+    [({"clusters": 0}, "clusters must be >= 1"), ({"balance": -1.0}, "balance must be >= 0"), ({"tau_end": 0}, "greater than 0")],
+)
+def test_bad_options_are_refused(options, message):
+    with pytest.raises(ValueError, match=message):
+        build_attention("lca", 16, 2, 32, options)

@@ -1,0 +1,57 @@
+VARIANT_DIR = f"{RESULTS}/variants/{{variant}}"
+VARIANT_OUT = f"{RESULTS}/variants/{{wildcards.variant}}"  # the same folder, as shell commands name it
+PREPARED = f"{RESULTS}/data/prepared"
+
+
+rule train:
+    input:
+        train=rules.prepare.output.train,
+        val=rules.prepare.output.val,
+        manifest=rules.prepare.output.manifest,
+    output:
+        model=f"{VARIANT_DIR}/model.pt",
+        curve=f"{VARIANT_DIR}/curve.csv",
+        summary=f"{VARIANT_DIR}/train.json",
+    params:
+        model=section("model"),
+        train=section("train"),
+        options=section("variants", "{variant}"),
+    resources:
+        gpu=1,
+    log:
+        f"{LOGS}/train-{{variant}}.log",
+    shell:
+        f"{stage('train')} --variant {{wildcards.variant}} --data {PREPARED} --out {VARIANT_OUT} 2>&1 | tee {{log}}"
+
+
+rule evaluate:
+    input:
+        model=rules.train.output.model,
+        test=rules.prepare.output.test,
+        manifest=rules.prepare.output.manifest,
+    output:
+        metrics=f"{VARIANT_DIR}/eval.json",
+    params:
+        evaluate=section("evaluate"),
+    resources:
+        gpu=1,
+    log:
+        f"{LOGS}/evaluate-{{variant}}.log",
+    shell:
+        f"{stage('evaluate')} --variant {{wildcards.variant}} --data {PREPARED} --out {VARIANT_OUT} 2>&1 | tee {{log}}"
+
+
+rule profile:
+    output:
+        table=f"{VARIANT_DIR}/profile.csv",
+        summary=f"{VARIANT_DIR}/profile.json",
+    params:
+        model=section("model"),
+        profile=section("profile"),
+        options=section("variants", "{variant}"),
+    resources:
+        gpu=1,
+    log:
+        f"{LOGS}/profile-{{variant}}.log",
+    shell:
+        f"{stage('profile')} --variant {{wildcards.variant}} --out {VARIANT_OUT} 2>&1 | tee {{log}}"
