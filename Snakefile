@@ -1,6 +1,7 @@
 # attnbench: snakemake --cores all  (a preset: add --configfile workflow/presets/<name>.yaml)
 # The stages are the package's CLI; this file and dvc.yaml only wire them together.
 
+
 configfile: "params.yaml"
 
 
@@ -11,6 +12,6 @@ include: "workflow/rules/report.smk"
 
 
 rule all:
+    default_target: True
     input:
         rules.report.output,
-    default_target: True

@@ -13,7 +13,7 @@ import os
 import sys
 from pathlib import Path
 
-STAGES = ("fetch", "prepare", "train", "evaluate", "profile", "report")
+STAGES = ("fetch", "prepare", "train", "evaluate", "profile", "report", "benchmark")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,6 +42,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--variants-dir", type=Path, help="the variants' folders (default: results/<run>/variants)")
     p.add_argument("--data", type=Path, help="default: results/<run>/data/prepared")
     p.add_argument("--out", type=Path, help="default: reports/<run>")
+    p = stage("benchmark", "GPU only: attention kernels and training steps of every variant vs T, against fused sdpa")
+    p.add_argument("--out", type=Path, default=Path("reports/benchmarks"), help="default: reports/benchmarks")
+    p.add_argument("--seq-lens", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384, 32768])
+    p.add_argument("--tokens", type=int, default=65536, help="tokens per attention step (batch = tokens // T)")
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--variants", nargs="+", help="default: the params file's variants")
+    p.add_argument("--parts", nargs="+", choices=["attention", "train"], default=["attention", "train"])
     return parser
 
 
@@ -71,6 +81,10 @@ def run(args: argparse.Namespace) -> None:
             tracker.log_metrics({f"{k}_bytes": v["bytes"] for k, v in manifest["splits"].items()})
         sizes = ", ".join(f"{k} {v['bytes']:,}" for k, v in manifest["splits"].items())
         logging.info("%s bytes -> %s (%s)", f"{manifest['corpus_bytes_used']:,}", out, sizes)
+    elif args.stage == "benchmark":
+        from .benchmark import main as benchmark_main
+
+        print(benchmark_main(params, args.out, args.seq_lens, args.tokens, args.heads, args.head_dim, args.warmup, args.repeats, args.variants, args.parts))
     elif args.stage == "report":
         from .report import main as report_main
 

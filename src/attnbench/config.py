@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator, model_validator
 
 from .model import ModelConfig
 from .variants import REGISTRY, VariantOptions
@@ -143,7 +143,8 @@ class Params(Strict):
     evaluate: EvaluateConfig = EvaluateConfig()
     profile: ProfileConfig = ProfileConfig()
     tracking: TrackingConfig = TrackingConfig()
-    variants: dict[str, VariantOptions] = Field(default_factory=lambda: {"mha": REGISTRY["mha"].Options()})
+    # SerializeAsAny: dump each variant's own Options fields, not those of the base class (none).
+    variants: dict[str, SerializeAsAny[VariantOptions]] = Field(default_factory=lambda: {"mha": REGISTRY["mha"].Options()})
 
     @field_validator("variants", mode="before")
     @classmethod
@@ -190,8 +191,8 @@ class Params(Strict):
 
 def _first_error(err: ValidationError, prefix: str = "") -> str:
     e = err.errors(include_url=False)[0]
-    loc = prefix + ".".join(str(p) for p in e["loc"])
     msg = e["msg"].removeprefix("Value error, ")
+    loc = ".".join([p for p in prefix.split(".") if p] + [str(p) for p in e["loc"]])
     if e["type"] == "extra_forbidden":
         return f"{loc}: unknown key"
     value = e.get("input")

@@ -14,6 +14,7 @@ import logging
 import stat
 import time
 import zipfile
+import zlib
 from importlib import resources
 from pathlib import Path, PurePosixPath
 
@@ -116,8 +117,11 @@ def safe_extract_member(archive: Path, member: str | None, dest: Path, max_ratio
                 f"{archive}: member {info.filename!r} inflates {info.file_size / max(info.compress_size, 1):.0f}x "
                 f"(limit data.max_archive_ratio = {max_ratio:g}); refused as a possible zip bomb"
             )
-        with zf.open(info) as src:
-            return stream_to_file(src, dest, expected_md5, max_bytes=int(max_ratio * max(info.compress_size, 1)))
+        try:
+            with zf.open(info) as src:
+                return stream_to_file(src, dest, expected_md5, max_bytes=int(max_ratio * max(info.compress_size, 1)))
+        except (zipfile.BadZipFile, zlib.error, EOFError) as err:  # damaged data: bad CRC, bad deflate stream, cut short
+            raise DataError(f"{archive}: member {info.filename!r} is corrupt ({err}); refused") from None
 
 
 def stream_to_file(src, dest: Path, expected_md5: str | None = None, max_bytes: int | None = None) -> str:

@@ -41,7 +41,7 @@ def bits_per_byte(model: ByteLM, data: np.ndarray, batch_size: int, max_tokens: 
     model.eval()
     device = next(model.parameters()).device
     seq_len = model.cfg.seq_len
-    starts = window_starts(len(data), seq_len, max_tokens)
+    starts = window_starts(len(data), seq_len, max_tokens).tolist()  # python ints: results stay plain floats (checkpoints load weights-only)
     total_nats, total_tokens = 0.0, 0
     t0 = last_report = time.perf_counter()
     # Full-length windows batch together; the one short tail window goes alone.

@@ -115,12 +115,13 @@ def report(params: Params, variants_dir: Path, data_dir: Path, out_dir: Path) ->
     figure_paths = figures(summary, curves, profiles, out_dir)
     best = summary.loc[summary["test bpb"].idxmin()]
     m, t = params.model, params.train
+    manifest = read_json(Path(data_dir) / "manifest.json")
     devices = sorted({read_json(Path(variants_dir) / v / "train.json")["device"] for v in variants})
     text = [
         f"# attnbench comparison: `{params.run.name}`",
         "",
-        f"Data: `{params.data.source}`{f' ({params.data.path})' if params.data.path else ''}, first {params.data.max_bytes:,} bytes, "
-        f"split {params.data.splits.train:g}/{params.data.splits.val:g}/{params.data.splits.test:g}. "
+        f"Data: `{params.data.source}`{f' ({params.data.path})' if params.data.path else ''}, {manifest['corpus_bytes_used']:,} bytes "
+        f"(train {manifest['splits']['train']['bytes']:,} / val {manifest['splits']['val']['bytes']:,} / test {manifest['splits']['test']['bytes']:,}), "
         f"Model: d_model {m.d_model}, {m.n_layers} layers, {m.n_heads} heads, T = {m.seq_len}. "
         f"Training: {t.steps if t.steps else f'{t.tokens:,} tokens'}{' steps' if t.steps else ''}, batch {t.batch_size} x {t.grad_accum}, "
         f"lr {t.lr:g}, on {', '.join(devices)}.",

@@ -4,7 +4,11 @@ from attnbench.config import load_params
 
 # Presets are complete params files: the last --configfile wins whole (Snakemake's own
 # config merge would union the variant lists). Validated before any job starts.
-PARAMS_FILE = str(workflow.overwrite_configfiles[-1]) if workflow.overwrite_configfiles else "params.yaml"
+PARAMS_FILE = (
+    str(workflow.overwrite_configfiles[-1])
+    if workflow.overwrite_configfiles
+    else "params.yaml"
+)
 PARAMS = load_params(PARAMS_FILE)
 RESULTS = str(PARAMS.results_dir)
 VARIANTS = list(PARAMS.variants)

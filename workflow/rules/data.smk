@@ -1,10 +1,10 @@
 rule fetch:
     output:
         corpus=f"{RESULTS}/data/corpus.bin",
-    params:
-        data=section("data"),
     log:
         f"{LOGS}/fetch.log",
+    params:
+        data=section("data"),
     shell:
         f"{stage('fetch')} --out {{output.corpus}} 2>&1 | tee {{log}}"
 
@@ -17,10 +17,10 @@ rule prepare:
         val=f"{RESULTS}/data/prepared/val.bin",
         test=f"{RESULTS}/data/prepared/test.bin",
         manifest=f"{RESULTS}/data/prepared/manifest.json",
+    log:
+        f"{LOGS}/prepare.log",
     params:
         max_bytes=section("data", "max_bytes"),
         splits=section("data", "splits"),
-    log:
-        f"{LOGS}/prepare.log",
     shell:
         f"{stage('prepare')} --corpus {{input.corpus}} --out {RESULTS}/data/prepared 2>&1 | tee {{log}}"

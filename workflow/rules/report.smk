@@ -13,10 +13,26 @@ rule report:
         manifest=rules.prepare.output.manifest,
     output:
         markdown=f"{REPORT}/comparison.md",
-        learning_curves=report(f"{REPORT}/figures/learning_curves.png", caption="../report/learning_curves.rst", category="quality"),
-        pareto=report(f"{REPORT}/figures/bpb_vs_throughput.png", caption="../report/bpb_vs_throughput.rst", category="quality"),
-        time=report(f"{REPORT}/figures/time_vs_T.png", caption="../report/time_vs_T.rst", category="cost"),
-        memory=report(f"{REPORT}/figures/memory_vs_T.png", caption="../report/memory_vs_T.rst", category="cost"),
+        learning_curves=report(
+            f"{REPORT}/figures/learning_curves.png",
+            caption="../report/learning_curves.rst",
+            category="quality",
+        ),
+        pareto=report(
+            f"{REPORT}/figures/bpb_vs_throughput.png",
+            caption="../report/bpb_vs_throughput.rst",
+            category="quality",
+        ),
+        time=report(
+            f"{REPORT}/figures/time_vs_T.png",
+            caption="../report/time_vs_T.rst",
+            category="cost",
+        ),
+        memory=report(
+            f"{REPORT}/figures/memory_vs_T.png",
+            caption="../report/memory_vs_T.rst",
+            category="cost",
+        ),
     log:
         f"{LOGS}/report.log",
     shell:

@@ -12,14 +12,14 @@ rule train:
         model=f"{VARIANT_DIR}/model.pt",
         curve=f"{VARIANT_DIR}/curve.csv",
         summary=f"{VARIANT_DIR}/train.json",
+    log:
+        f"{LOGS}/train-{{variant}}.log",
+    resources:
+        gpu=1,
     params:
         model=section("model"),
         train=section("train"),
         options=section("variants", "{variant}"),
-    resources:
-        gpu=1,
-    log:
-        f"{LOGS}/train-{{variant}}.log",
     shell:
         f"{stage('train')} --variant {{wildcards.variant}} --data {PREPARED} --out {VARIANT_OUT} 2>&1 | tee {{log}}"
 
@@ -31,12 +31,12 @@ rule evaluate:
         manifest=rules.prepare.output.manifest,
     output:
         metrics=f"{VARIANT_DIR}/eval.json",
-    params:
-        evaluate=section("evaluate"),
-    resources:
-        gpu=1,
     log:
         f"{LOGS}/evaluate-{{variant}}.log",
+    resources:
+        gpu=1,
+    params:
+        evaluate=section("evaluate"),
     shell:
         f"{stage('evaluate')} --variant {{wildcards.variant}} --data {PREPARED} --out {VARIANT_OUT} 2>&1 | tee {{log}}"
 
@@ -45,13 +45,13 @@ rule profile:
     output:
         table=f"{VARIANT_DIR}/profile.csv",
         summary=f"{VARIANT_DIR}/profile.json",
+    log:
+        f"{LOGS}/profile-{{variant}}.log",
+    resources:
+        gpu=1,
     params:
         model=section("model"),
         profile=section("profile"),
         options=section("variants", "{variant}"),
-    resources:
-        gpu=1,
-    log:
-        f"{LOGS}/profile-{{variant}}.log",
     shell:
         f"{stage('profile')} --variant {{wildcards.variant}} --out {VARIANT_OUT} 2>&1 | tee {{log}}"

@@ -25,8 +25,15 @@ def _int_or_auto(value: object) -> int | Literal["auto"]:
     raise ValueError("must be an integer or 'auto'")
 
 
-# An option that is a whole number or "auto" (resolved against T by the variant); one clean error otherwise.
+def _number_or_auto(value: object) -> float | Literal["auto"]:
+    if value == "auto" or (isinstance(value, (int, float)) and not isinstance(value, bool)):
+        return value
+    raise ValueError("must be a number or 'auto'")
+
+
+# Options that are a number or "auto" (resolved against T by the variant); one clean error otherwise.
 AutoInt = Annotated[int | Literal["auto"], PlainValidator(_int_or_auto)]
+AutoFloat = Annotated[float | Literal["auto"], PlainValidator(_number_or_auto)]
 
 
 class VariantOptions(BaseModel):

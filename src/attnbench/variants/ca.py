@@ -21,19 +21,17 @@ which the mask removes (the kernel work per query is then about 2 x 128 keys).
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from .base import Attention, VariantOptions, causal_mask, masked_softmax_attention, pow2_block
+from .base import Attention, AutoInt, VariantOptions, causal_mask, masked_softmax_attention, pow2_block
 from .flex import flex_band_attention
 
 
 class BlockClusterOptions(VariantOptions):
-    block: int | Literal["auto"] = Field("auto", description="block size b; auto = smallest power of two >= sqrt(T), at least 16")
-    lookback: int | Literal["auto"] = Field("auto", description="earlier blocks each query sees; auto = 1, 0 = block diagonal")
+    block: AutoInt = Field("auto", description="block size b; auto = smallest power of two >= sqrt(T), at least 16")
+    lookback: AutoInt = Field("auto", description="earlier blocks each query sees; auto = 1, 0 = block diagonal")
 
     def check(self, seq_len: int) -> None:
         if self.block != "auto" and self.block < 1:

@@ -45,17 +45,17 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from .base import Attention, VariantOptions, causal_mask, pow2_block
+from .base import Attention, AutoFloat, AutoInt, VariantOptions, causal_mask, pow2_block
 from .ca import chunked_segment_attention
 from .flex import flex_band_attention
 
 
 class LearnedClusterOptions(VariantOptions):
-    clusters: int | Literal["auto"] = Field("auto", description="number of clusters C; auto = ceil(sqrt(T))")
+    clusters: AutoInt = Field("auto", description="number of clusters C; auto = ceil(sqrt(T))")
     router: Literal["head", "shared"] = Field("head", description="one router per head, or one shared by the heads")
     tau_start: float = Field(1.0, gt=0, description="Gumbel-softmax temperature at the start of training")
     tau_end: float = Field(0.1, gt=0, description="temperature at the end (geometric annealing)")
-    balance: float | Literal["auto"] = Field("auto", description="weight of the balance loss; auto = 0.01")
+    balance: AutoFloat = Field("auto", description="weight of the balance loss; auto = 0.01")
 
     def check(self, seq_len: int) -> None:
         if self.clusters != "auto" and self.clusters < 1:
@@ -169,7 +169,8 @@ class LearnedClusterAttention(Attention):
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Cluster ids (B, R, T) and gates (B, R, T, C) for input x (B, T, C_model); sets the balance loss."""
         B, T, _ = x.shape
-        logits = self.router(x).float().view(B, T, -1, self.clusters).transpose(1, 2)  # (B, R, T, C)
+        # fp32 router: a bf16 logit flips near-tied argmaxes, and the choice of cluster is discrete.
+        logits = F.linear(x.float(), self.router.weight.float()).view(B, T, -1, self.clusters).transpose(1, 2)  # (B, R, T, C)
         cluster, gates = route(logits, self.tau, self.training)
         self.aux_loss = self.balance * balance_loss(logits, cluster) if self.training else None
         self.last_clusters = cluster.detach()

@@ -1,0 +1,239 @@
+"""benchmark: attention kernels and whole-model training on the GPU that is present, against the limit.
+
+Two tables, one run (so every ratio compares numbers from the same card and moment):
+- attention: each variant's efficient path, forward+backward at a fixed number of tokens per
+  step (batch = tokens // T), q, k, v (B, H, T, D) bf16 plus the layer input x for routing
+  variants; the variant's own parameters (router, P, gates) included, projections excluded,
+  as in the design notes. A reference row `sdpa` is the fused causal kernel alone.
+- training: the whole model (params.model) in training mode: bf16 autocast, fused AdamW,
+  torch.compile where the variant compiles (eager otherwise, recorded), tokens/s and MFU,
+  MFU = (6 N + 6 L T d) * tokens/s / peak, N the non-embedding parameters (gpu-notes.md's count).
+Fitted time exponents of the attention rows use T in [2K, 32K] when present.
+Writes <out>/<device>.csv, <device>.md and <device>.png.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .config import Params
+from .files import atomic_path, write_text
+from .model import ByteLM
+from .profile import fit_exponent
+from .runtime import autocast, resolve_device
+from .variants import build_attention
+
+log = logging.getLogger(__name__)
+
+PEAK_BF16 = {"H100": 989e12, "H200": 989e12}  # dense bf16 tensor-core peak (datasheet), for MFU
+ATTENTION_FIELDS = ["kind", "variant", "compiled", "T", "batch", "ms", "mtok_per_s", "peak_gib", "status"]
+TRAIN_FIELDS = ["kind", "variant", "T", "batch", "ms", "mtok_per_s", "mfu", "compiled", "status"]
+
+
+def device_name() -> str:
+    return torch.cuda.get_device_name().replace(" ", "-") if torch.cuda.is_available() else "cpu"
+
+
+def peak_flops() -> float | None:
+    name = torch.cuda.get_device_name() if torch.cuda.is_available() else ""
+    return next((v for k, v in PEAK_BF16.items() if k in name), None)
+
+
+def time_ms(step: Callable[[], None], warmup: int, repeats: int) -> float:
+    """Median milliseconds of `step` over `repeats`, timed with CUDA events after `warmup` calls."""
+    for _ in range(warmup):
+        step()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        step()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def attention_step(variant: str, T: int, batch: int, heads: int, head_dim: int, options, compile: bool) -> Callable[[], None]:
+    """fwd+bwd of one variant's efficient path (or `sdpa`) on random bf16 inputs, the path under torch.compile if asked."""
+    d_model = heads * head_dim
+    q, k, v = (torch.randn(batch, heads, T, head_dim, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    x = torch.randn(batch, T, d_model, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    grad = torch.randn(batch, heads, T, head_dim, device="cuda", dtype=torch.bfloat16)
+    if variant == "sdpa":
+
+        def step():
+            F.scaled_dot_product_attention(q, k, v, is_causal=True).backward(grad)
+        return step
+    layer = build_attention(variant, d_model, heads, T, options).cuda().train()
+    efficient = torch.compile(layer.efficient) if compile else layer.efficient
+
+    def step():
+        with autocast(torch.device("cuda")):
+            out = efficient(q, k, v, x)
+        aux = [layer.aux_loss] if layer.aux_loss is not None else []
+        torch.autograd.backward([out, *aux], [grad, *[None] * len(aux)])
+
+    return step
+
+
+def train_step(params: Params, variant: str, batch: int, compile: bool) -> tuple[Callable[[], None], int]:
+    """One optimizer step of the whole model; returns it and the non-embedding parameter count."""
+    device = torch.device("cuda")
+    model = ByteLM(params.model_for(variant)).to(device).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    forward = torch.compile(model) if compile else model
+    T = params.model.seq_len
+    idx = torch.randint(0, 256, (batch, T + 1), device=device)
+
+    def step():
+        with autocast(device):
+            _, loss = forward(idx[:, :-1], idx[:, 1:])
+            aux = model.aux_loss()
+        (loss + aux if aux is not None else loss).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step, model.num_params()
+
+
+def run_point(kind: str, variant: str, T: int, batch: int, build: Callable[[], Callable[[], None]], warmup: int, repeats: int) -> dict:
+    row = {"kind": kind, "variant": variant, "T": T, "batch": batch}
+    try:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        ms = time_ms(build(), warmup, repeats)
+        row.update(ms=ms, mtok_per_s=batch * T / ms / 1e3, peak_gib=torch.cuda.max_memory_allocated() / 2**30, status="ok")
+    except torch.OutOfMemoryError:
+        row.update(status="oom")
+    except Exception as err:  # a variant that fails at one point is recorded, and the rest still run
+        row.update(status=f"error: {type(err).__name__}: {' '.join(str(err).split())[:200]}")
+    log.info("%s %s T=%d: %s", kind, variant, T, f"{row['ms']:.2f} ms, {row['mtok_per_s']:.1f} Mtok/s" if row["status"] == "ok" else row["status"])
+    return row
+
+
+def benchmark(params: Params, variants: list[str], seq_lens: list[int], tokens: int, heads: int, head_dim: int,
+              warmup: int, repeats: int, parts: list[str]) -> tuple[list[dict], list[dict]]:
+    """The attention rows and the training rows (see the module docstring); `parts` says which to run."""
+    attention, training = [], []
+    for variant in ["sdpa", *variants] if "attention" in parts else []:
+        options = params.variants.get(variant)
+        for T in seq_lens:
+            batch = max(1, tokens // T)
+            for compile in (False, True) if variant != "sdpa" else (False,):
+                row = run_point("attention", variant, T, batch,
+                                lambda: attention_step(variant, T, batch, heads, head_dim, options, compile), warmup, repeats)
+                attention.append(row | {"compiled": compile, "label": f"{variant} (compiled)" if compile else variant})
+    T, peak = params.model.seq_len, peak_flops()
+    batch = max(1, params.profile.tokens_per_step // T)
+    m = params.model
+    for variant in variants if "train" in parts else []:
+        n_params = {}
+
+        def build(compile):
+            step, n_params["n"] = train_step(params, variant, batch, compile)
+            return step
+
+        row = run_point("train", variant, T, batch, lambda: build(True), warmup, repeats)
+        row["compiled"] = row["status"] == "ok"
+        if not row["compiled"]:  # the clean fallback: eager
+            row = run_point("train", variant, T, batch, lambda: build(False), warmup, repeats) | {"compiled": False}
+        if row["status"] == "ok" and peak:
+            flops_per_token = 6 * n_params["n"] + 6 * m.n_layers * T * m.d_model
+            row["mfu"] = flops_per_token * row["mtok_per_s"] * 1e6 / peak
+        training.append(row)
+    return attention, training
+
+
+def exponents(rows: list[dict], lo: int = 2048, hi: int = 32768) -> dict[str, float | None]:
+    """Per row label: slope of log(time per sequence) against log T over lo <= T <= hi."""
+    out = {}
+    for label in dict.fromkeys(r["label"] for r in rows):
+        ok = [r for r in rows if r["label"] == label and r["status"] == "ok" and lo <= r["T"] <= hi]
+        out[label] = fit_exponent([r["T"] for r in ok], [r["ms"] / r["batch"] for r in ok])
+    return out
+
+
+def markdown(attention: list[dict], training: list[dict], device: str, tokens: int, heads: int, head_dim: int, params: Params) -> str:
+    seq_lens = sorted({r["T"] for r in attention})
+    slopes = exponents(attention)
+    lines = [f"# attnbench benchmark on {device}", "", "`python -m attnbench benchmark --help` tells how to reproduce it.", "",
+             f"## Attention forward+backward, Mtok/s ({tokens:,} tokens per step, H = {heads}, D = {head_dim}, bf16, median)", "",
+             "| variant | " + " | ".join(f"{T // 1024}K" if T >= 1024 else str(T) for T in seq_lens) + " | time exponent (2K-32K) | x sdpa at 8K |",
+             "|---|" + "---|" * (len(seq_lens) + 2)]
+    by = {(r["label"], r["T"]): r for r in attention}
+    for label in dict.fromkeys(r["label"] for r in attention):
+        cells = [f"{by[label, T]['mtok_per_s']:.1f}" if by[label, T]["status"] == "ok" else by[label, T]["status"][:20] for T in seq_lens]
+        ratio = "—"
+        if by.get((label, 8192), {}).get("status") == "ok" and by.get(("sdpa", 8192), {}).get("status") == "ok":
+            ratio = f"{by[label, 8192]['mtok_per_s'] / by['sdpa', 8192]['mtok_per_s']:.2f}"
+        slope = slopes[label]
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {'—' if slope is None else f'{slope:.2f}'} | {ratio} |")
+    m = params.model
+    lines += ["", "Time exponent: slope of log(time per sequence) against log T, i.e. the spec's compute-vs-T exponent.", "",
+              f"## Training step of the whole model (d_model {m.d_model}, {m.n_layers} layers, {m.n_heads} heads, T = {m.seq_len}, "
+              f"{training[0]['batch'] * m.seq_len if training else 0:,} tokens per step, bf16 autocast, fused AdamW)", "",
+              "| variant | ms/step | Mtok/s | MFU | compiled |", "|---|---|---|---|---|"]
+    for r in training:
+        if r["status"] == "ok":
+            mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "—"
+            lines.append(f"| {r['variant']} | {r['ms']:.1f} | {r['mtok_per_s']:.3f} | {mfu} | {r['compiled']} |")
+        else:
+            lines.append(f"| {r['variant']} | {r['status'][:60]} | | | |")
+    lines += ["", "MFU = (6 N + 6 L T d) x tokens/s / 989 TFLOP/s (dense bf16 peak), N = non-embedding parameters.", ""]
+    return "\n".join(lines)
+
+
+def figure(attention: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    ok = [r for r in attention if r["status"] == "ok"]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    sns.lineplot(x=[r["T"] for r in ok], y=[r["mtok_per_s"] for r in ok], hue=[r["label"] for r in ok], marker="o", ax=ax)
+    ax.set(xscale="log", yscale="log", xlabel="sequence length T", ylabel="Mtok/s (fwd+bwd)", title="Attention throughput")
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
+def write_csv(path: Path, rows: list[dict], fields: list[str]) -> None:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def main(params: Params, out_dir: Path, seq_lens: list[int], tokens: int, heads: int, head_dim: int, warmup: int, repeats: int,
+         variants: list[str] | None = None, parts: tuple[str, ...] = ("attention", "train")) -> str:
+    if resolve_device(params.train.device).type != "cuda":
+        raise RuntimeError("benchmark needs a CUDA device (absolute speeds count on a GPU only)")
+    device = device_name()
+    t0 = time.perf_counter()
+    out_dir = Path(out_dir)
+    attention, training = [], []
+    for part in parts:  # each part's results are written as soon as it ends
+        more_attention, more_training = benchmark(params, variants or list(params.variants), seq_lens, tokens, heads, head_dim,
+                                                  warmup, repeats, [part])
+        attention, training = attention + more_attention, training + more_training
+        write_csv(out_dir / f"{device}-attention.csv", attention, ATTENTION_FIELDS)
+        write_csv(out_dir / f"{device}-train.csv", training, TRAIN_FIELDS)
+        text = markdown(attention, training, device, tokens, heads, head_dim, params)
+        write_text(out_dir / f"{device}.md", text)
+        if attention:
+            figure(attention, out_dir / f"{device}.png")
+    log.info("%d attention points, %d training points on %s in %.0fs -> %s", len(attention), len(training), device,
+             time.perf_counter() - t0, out_dir / f"{device}.md")
+    return text

@@ -1,0 +1,154 @@
+"""The two front ends: Snakemake and DVC declare the same DAG, run it end to end, and re-run only what changed."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.tiny import REPO, merge, write_params
+
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
+FRONT_ENDS = ("Snakefile", "workflow", "dvc.yaml", ".dvcignore")
+
+
+def run(cmd: list[str], cwd: Path, timeout: int = 600) -> str:
+    proc = subprocess.run(cmd, cwd=cwd, env=ENV, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc.stdout + proc.stderr
+
+
+def snakemake_stages(cwd: Path) -> dict[str, dict[str, set[str] | str]]:
+    """{stage: {"outs", "deps", "cmd"}} from `snakemake --detailed-summary`, named like DVC's stages (train@mha)."""
+    out = run([sys.executable, "-m", "snakemake", "--detailed-summary", "--cores", "1"], cwd)
+    stages: dict[str, dict] = defaultdict(lambda: {"outs": set(), "deps": set(), "cmd": ""})
+    lines = [line.split("\t") for line in out.splitlines() if "\t" in line]
+    header = lines[0]
+    for fields in lines[1:]:
+        row = dict(zip(header, fields))
+        cmd = row["shellcmd"].split(" 2>&1")[0].strip()
+        variant = re.search(r"--variant (\S+)", cmd)
+        name = f"{row['rule']}@{variant.group(1)}" if variant else row["rule"]
+        stages[name]["outs"].add(row["output_file"])
+        stages[name]["deps"].update(p for p in row["input-file(s)"].split(",") if p and p != "-")
+        stages[name]["cmd"] = cmd
+    return dict(stages)
+
+
+def dvc_stages(cwd: Path) -> dict[str, dict[str, set[str] | str]]:
+    """The same view of dvc.yaml, data dependencies only (DVC also lists source modules and params)."""
+    from dvc.repo import Repo
+
+    stages = {}
+    with Repo(str(cwd)) as repo:
+        for stage in repo.index.stages:
+            deps = {str(d.def_path) for d in stage.deps if not str(d.def_path).startswith("src/") and not str(d.def_path).endswith(".yaml")}
+            stages[stage.addressing] = {"outs": {str(o.def_path) for o in stage.outs}, "deps": deps, "cmd": stage.cmd}
+    return stages
+
+
+def covered(path: str, by: set[str]) -> bool:
+    return any(path == p or path.startswith(p.rstrip("/") + "/") for p in by)
+
+
+def test_snakemake_and_dvc_declare_the_same_dag():
+    smk, dvc = snakemake_stages(REPO), dvc_stages(REPO)
+    assert smk.keys() == dvc.keys(), f"stages differ: snakemake {sorted(smk)} vs dvc {sorted(dvc)}"
+    for name in smk:
+        assert smk[name]["cmd"] == dvc[name]["cmd"], f"{name}: commands differ"
+        # DVC may declare a folder where Snakemake lists its files (report's outputs and its variants dependency).
+        assert all(covered(p, dvc[name]["outs"]) for p in smk[name]["outs"]), f"{name}: outputs {smk[name]['outs']} vs {dvc[name]['outs']}"
+        assert all(any(covered(s, {p}) for s in smk[name]["outs"]) for p in dvc[name]["outs"]), f"{name}: dvc outputs"
+        assert all(covered(p, dvc[name]["deps"]) for p in smk[name]["deps"]), f"{name}: inputs {smk[name]['deps']} vs {dvc[name]['deps']}"
+        assert all(any(covered(s, {p}) for s in smk[name]["deps"]) for p in dvc[name]["deps"]), f"{name}: dvc inputs"
+
+
+# The one lint allowed: rules name no conda env or container, because the environment is this
+# package itself (`pip install -e .`), the same for every rule.
+ALLOWED_LINTS = {"Specify a conda environment or container for each rule."}
+
+
+def test_snakefile_passes_lint():
+    proc = subprocess.run([sys.executable, "-m", "snakemake", "--lint", "--cores", "1"], cwd=REPO, env=ENV, capture_output=True, text=True)
+    lints = set(re.findall(r"^\s+\* (.+?):?$", proc.stdout + proc.stderr, re.M))
+    assert lints <= ALLOWED_LINTS, f"snakemake --lint: {lints - ALLOWED_LINTS}"
+
+
+def test_rule_files_are_formatted():
+    run(["snakefmt", "--check", "Snakefile", "workflow/rules"], REPO)
+
+
+def workspace(tmp_path: Path, overrides: dict | None = None) -> Path:
+    """A copy of the front ends with a tiny params.yaml, as a new user's clone would hold them."""
+    for name in FRONT_ENDS:
+        src = REPO / name
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, tmp_path / name)
+    shutil.copytree(REPO / "src", tmp_path / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    write_params(tmp_path, merge({"profile": {"whole_model": False}}, overrides or {}))
+    return tmp_path
+
+
+def set_option(params: Path, variant: str, key: str, value) -> None:
+    raw = yaml.safe_load(params.read_text())
+    raw["variants"][variant][key] = value
+    params.write_text(yaml.safe_dump(raw, sort_keys=False))
+
+
+def job_counts(dry_run_output: str) -> dict[str, int]:
+    """Rule -> job count from a Snakemake dry run's 'Job stats' table."""
+    table = dry_run_output.split("Job stats:")[1].split("total")[0]
+    return {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+)\s+(\d+)$", table, re.M)}
+
+
+@pytest.mark.slow
+def test_snakemake_runs_the_dag_then_only_what_a_change_touches(tmp_path):
+    ws = workspace(tmp_path)
+    run([sys.executable, "-m", "snakemake", "--cores", "2"], ws)
+    report = (ws / "reports" / "tiny" / "comparison.md").read_text()
+    assert "| mha |" in report and "| la |" in report
+    assert len(list((ws / "reports" / "tiny" / "figures").glob("*.png"))) == 4
+    assert "Nothing to be done" in run([sys.executable, "-m", "snakemake", "--cores", "2"], ws)
+
+    set_option(ws / "params.yaml", "la", "chunk", 8)
+    planned = job_counts(run([sys.executable, "-m", "snakemake", "-n", "--cores", "2"], ws))
+    assert planned == {"train": 1, "evaluate": 1, "profile": 1, "report": 1, "all": 1}, planned
+    rerun = run([sys.executable, "-m", "snakemake", "--cores", "2", "--printshellcmds"], ws)
+    assert "--variant la" in rerun and "--variant mha" not in rerun
+
+    # Every stage and variant left one finished MLflow run, with the training curve as step-wise metrics.
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{ws / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("attnbench/tiny")
+    runs = client.search_runs([experiment.experiment_id])
+    names = sorted(r.info.run_name for r in runs)
+    assert names.count("train-la") == 2 and names.count("train-mha") == 1
+    assert {"fetch", "prepare", "report", "evaluate-mha", "profile-mha", "evaluate-la", "profile-la"} <= set(names)
+    assert all(r.info.status == "FINISHED" for r in runs)
+    train_run = next(r for r in runs if r.info.run_name == "train-mha")
+    assert len(client.get_metric_history(train_run.info.run_id, "val_bpb")) == 3
+    assert train_run.data.params["model.d_model"] == "32"
+
+
+@pytest.mark.slow
+def test_dvc_repro_runs_the_dag_then_only_what_a_change_touches(tmp_path):
+    ws = workspace(tmp_path)
+    run(["dvc", "init", "--no-scm", "-q"], ws)
+    run(["dvc", "repro"], ws)
+    report = (ws / "reports" / "tiny" / "comparison.md").read_text()
+    assert "| mha |" in report and "| la |" in report
+    assert "up to date" in run(["dvc", "status"], ws)
+
+    set_option(ws / "params.yaml", "la", "chunk", 8)
+    status = run(["dvc", "status"], ws)
+    assert "train@la" in status and "profile@la" in status and "@mha" not in status, status
+    rerun = run(["dvc", "repro"], ws)
+    ran = set(re.findall(r"Running stage '([^']+)'", rerun))
+    assert ran == {"train@la", "evaluate@la", "profile@la", "report"}, ran

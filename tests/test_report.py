@@ -1,0 +1,90 @@
+"""report from fixture metrics: the table holds every variant's figures, the figures are written."""
+
+from __future__ import annotations
+
+import csv
+import math
+
+import pytest
+
+from attnbench import data
+from attnbench.files import write_json
+from attnbench.profile import FIELDS, fit_exponent
+from attnbench.report import report, unigram_bpb
+from tests.tiny import write_params
+
+FIXTURE = {
+    # variant: (test bpb, train tokens/s, attention time per sequence ~ T^exponent)
+    "mha": (2.25, 1000.0, 2.0),
+    "la": (2.75, 3000.0, 1.0),
+}
+
+
+def write_variant(folder, variant, bpb, tokens_per_s, exponent):
+    folder.mkdir(parents=True)
+    write_json(folder / "train.json", {"variant": variant, "params_non_embedding": 12345, "val_bpb_final": bpb + 0.01,
+                                       "tokens_per_s": tokens_per_s, "device": "cpu", "steps": 10, "tokens": 1000})
+    write_json(folder / "eval.json", {"variant": variant, "test_bpb": bpb, "test_tokens": 999})
+    with open(folder / "curve.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["step", "tokens", "lr", "train_loss", "val_bpb", "tokens_per_s", "elapsed_s"])
+        writer.writeheader()
+        for step in (5, 10):
+            writer.writerow({"step": step, "tokens": step * 100, "lr": 1e-3, "train_loss": 2.0, "val_bpb": bpb + 1 / step,
+                             "tokens_per_s": tokens_per_s, "elapsed_s": step})
+    rows = []
+    for scope in ("attention", "model"):
+        for T in (64, 128, 256):
+            batch = 1024 // T
+            seconds = batch * 1e-6 * T**exponent
+            rows.append({"variant": variant, "scope": scope, "T": T, "batch": batch, "seconds": seconds,
+                         "tokens_per_s": batch * T / seconds, "memory_bytes": batch * T * 1000, "memory_method": "fixture",
+                         "status": "ok"})
+    rows.append({"variant": variant, "scope": "attention", "T": 512, "batch": 2, "status": "oom"})
+    with open(folder / "profile.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+    ok = [r for r in rows if r["scope"] == "attention" and r["status"] == "ok"]
+    write_json(folder / "profile.json", {"variant": variant, "device": "cpu",
+                                         "attention_time_exponent": fit_exponent([r["T"] for r in ok], [r["seconds"] / r["batch"] for r in ok])})
+
+
+def test_report_from_fixture_metrics(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _, params = write_params(tmp_path, {"variants": {v: {} for v in FIXTURE}})
+    data.fetch(params.data, tmp_path / "corpus.bin", tmp_path / "download")
+    data.prepare(tmp_path / "corpus.bin", tmp_path / "prepared", params.data.max_bytes, params.data.splits)
+    for variant, figures in FIXTURE.items():
+        write_variant(tmp_path / "variants" / variant, variant, *figures)
+
+    result = report(params, tmp_path / "variants", tmp_path / "prepared", tmp_path / "out")
+
+    text = (tmp_path / "out" / "comparison.md").read_text()
+    rows = {line.split("|")[1].strip(): line for line in text.splitlines() if line.startswith("| ") and "variant" not in line}
+    assert set(rows) == set(FIXTURE)
+    assert "| 2.250 |" in rows["mha"] and "| 2.750 |" in rows["la"], "test bpb missing from the table"
+    assert "| 2.000 |" in rows["mha"] and "| 1.000 |" in rows["la"], "fitted time exponents missing from the table"
+    assert "Best variant: **mha** at 2.250 bpb" in text
+    assert f"**{unigram_bpb(tmp_path / 'prepared'):.3f} bpb**" in text
+    for name in ("learning_curves", "bpb_vs_throughput", "time_vs_T", "memory_vs_T"):
+        png = tmp_path / "out" / "figures" / f"{name}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+        assert f"(figures/{name}.png)" in text
+    assert [r["variant"] for r in result["variants"]] == list(FIXTURE)
+
+
+def test_report_names_a_missing_variant_output(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _, params = write_params(tmp_path, {"variants": {v: {} for v in FIXTURE}})
+    write_variant(tmp_path / "variants" / "mha", "mha", *FIXTURE["mha"])
+    with pytest.raises(FileNotFoundError, match="la"):
+        report(params, tmp_path / "variants", tmp_path / "prepared", tmp_path / "out")
+    assert not (tmp_path / "out" / "comparison.md").exists()
+
+
+def test_unigram_bpb_of_a_two_byte_corpus(tmp_path):
+    split = data.SplitFractions(train=0.5, val=0.25, test=0.25)
+    (tmp_path / "corpus.bin").write_bytes(b"ab" * 400)
+    data.prepare(tmp_path / "corpus.bin", tmp_path / "prepared", 10**6, split)
+    # Two equally frequent bytes, add-one smoothing over 256: a little above 1 bit.
+    assert unigram_bpb(tmp_path / "prepared") == pytest.approx(-math.log2(201 / 656), rel=1e-9)

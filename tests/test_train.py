@@ -1,0 +1,144 @@
+"""train and evaluate on tiny data: outputs, resume after an interruption, divergence, budgets."""
+
+from __future__ import annotations
+
+import csv
+
+import pytest
+import torch
+
+from attnbench import data, train as train_mod
+from attnbench.evaluate import evaluate, window_starts
+from attnbench.files import read_json
+from tests.tiny import write_params
+
+
+@pytest.fixture
+def tiny(tmp_path, monkeypatch):
+    """A tiny params file and its prepared data, in a fresh working directory."""
+    monkeypatch.chdir(tmp_path)
+
+    def make(overrides=None):
+        _, params = write_params(tmp_path, overrides)
+        prepared = tmp_path / "prepared"
+        if not (prepared / "manifest.json").exists():
+            corpus = tmp_path / "corpus.bin"
+            data.fetch(params.data, corpus, tmp_path / "download")
+            data.prepare(corpus, prepared, params.data.max_bytes, params.data.splits)
+        return params, prepared
+
+    return make
+
+
+def weights(path):
+    return torch.load(path, weights_only=True)["state_dict"]
+
+
+def interrupt_at(monkeypatch, step):
+    """Make train() raise KeyboardInterrupt when it asks for the batch of `step`; returns the real get_batch."""
+    real_get_batch = train_mod.get_batch
+
+    def get_batch(data_, seq_len, batch_size, seed, step_, micro, device):
+        if step_ == step:
+            raise KeyboardInterrupt
+        return real_get_batch(data_, seq_len, batch_size, seed, step_, micro, device)
+
+    monkeypatch.setattr(train_mod, "get_batch", get_batch)
+    return real_get_batch
+
+
+def test_train_writes_its_outputs_and_learns(tiny, tmp_path):
+    params, prepared = tiny()
+    summary = train_mod.train(params, "mha", prepared, tmp_path / "mha")
+    for name in ("model.pt", "curve.csv", "train.json"):
+        assert (tmp_path / "mha" / name).exists(), name
+    assert not (tmp_path / "mha" / train_mod.CHECKPOINT).exists(), "a finished run leaves no resume checkpoint"
+    with open(tmp_path / "mha" / "curve.csv") as f:
+        curve = list(csv.DictReader(f))
+    assert [int(r["step"]) for r in curve] == [4, 8, 12]
+    assert float(curve[-1]["val_bpb"]) < 8.0, "worse than a uniform byte model after training"
+    assert read_json(tmp_path / "mha" / "train.json") == summary
+    assert summary["tokens"] == 12 * 4 * 32
+
+
+def test_resume_after_interruption_equals_uninterrupted_run(tiny, tmp_path, monkeypatch):
+    params, prepared = tiny()
+    train_mod.train(params, "la", prepared, tmp_path / "clean")
+
+    real_get_batch = interrupt_at(monkeypatch, 6)  # after the checkpoint at step 4, before the one at 8
+    with pytest.raises(KeyboardInterrupt):
+        train_mod.train(params, "la", prepared, tmp_path / "resumed")
+    assert torch.load(tmp_path / "resumed" / train_mod.CHECKPOINT, weights_only=True)["step"] == 4
+    assert not (tmp_path / "resumed" / "model.pt").exists(), "an interrupted run must not write its final outputs"
+
+    monkeypatch.setattr(train_mod, "get_batch", real_get_batch)
+    summary = train_mod.train(params, "la", prepared, tmp_path / "resumed")
+    clean, resumed = weights(tmp_path / "clean" / "model.pt"), weights(tmp_path / "resumed" / "model.pt")
+    for key in clean:
+        assert torch.equal(clean[key], resumed[key]), f"{key} differs after resume"
+    assert summary["val_bpb_final"] == read_json(tmp_path / "clean" / "train.json")["val_bpb_final"]
+    assert (tmp_path / "clean" / "curve.csv").read_text().count("\n") == (tmp_path / "resumed" / "curve.csv").read_text().count("\n")
+
+
+def test_checkpoint_of_another_configuration_is_not_resumed(tiny, tmp_path, monkeypatch):
+    params, prepared = tiny()
+    real_get_batch = interrupt_at(monkeypatch, 6)
+    with pytest.raises(KeyboardInterrupt):
+        train_mod.train(params, "mha", prepared, tmp_path / "mha")
+    monkeypatch.setattr(train_mod, "get_batch", real_get_batch)
+    other, _ = tiny({"train": {"lr": 1e-3}})
+    summary = train_mod.train(other, "mha", prepared, tmp_path / "mha")
+    assert summary["steps"] == 12
+    fresh = train_mod.train(other, "mha", prepared, tmp_path / "fresh")
+    assert summary["val_bpb_final"] == fresh["val_bpb_final"], "started from the foreign checkpoint instead of step 0"
+
+
+def test_non_finite_loss_stops_with_the_step_and_keeps_the_checkpoint(tiny, tmp_path, monkeypatch):
+    params, prepared = tiny()
+    real_get_batch = train_mod.get_batch
+
+    def poisoned(*args):
+        x, y = real_get_batch(*args)
+        if args[4] == 5:
+            with torch.no_grad():
+                next(iter(model_holder)).tok_emb.weight.fill_(float("nan"))
+        return x, y
+
+    model_holder = []
+    real_make_optimizer = train_mod.make_optimizer
+    monkeypatch.setattr(train_mod, "make_optimizer", lambda model, *a: model_holder.append(model) or real_make_optimizer(model, *a))
+    monkeypatch.setattr(train_mod, "get_batch", poisoned)
+    with pytest.raises(train_mod.TrainingDiverged, match="step 5"):
+        train_mod.train(params, "mha", prepared, tmp_path / "mha")
+    assert torch.load(tmp_path / "mha" / train_mod.CHECKPOINT, weights_only=True)["step"] == 4
+    assert not (tmp_path / "mha" / "model.pt").exists()
+
+
+def test_token_budget_sets_the_steps(tiny, tmp_path):
+    params, prepared = tiny({"train": {"steps": None, "tokens": 8 * 4 * 32, "eval_every": 100}})
+    summary = train_mod.train(params, "mha", prepared, tmp_path / "mha")
+    assert summary["steps"] == 8 and summary["tokens"] == 8 * 4 * 32
+
+
+def test_evaluate_scores_every_test_byte_once(tiny, tmp_path):
+    params, prepared = tiny({"evaluate": {"max_tokens": None}})
+    train_mod.train(params, "mha", prepared, tmp_path / "mha")
+    n_test = read_json(prepared / "manifest.json")["splits"]["test"]["bytes"]
+    metrics = evaluate(params, "mha", prepared, tmp_path / "mha" / "model.pt")
+    assert metrics["test_tokens"] == n_test - 1
+    assert 0 < metrics["test_bpb"] < 8
+
+
+def test_window_starts_cover_the_split_and_subsample_evenly():
+    starts = window_starts(1000, 64)
+    assert starts[0] == 0 and all(b - a == 64 for a, b in zip(starts, starts[1:])) and starts[-1] + 64 >= 999
+    subset = window_starts(1000, 64, max_tokens=256)
+    assert len(subset) == 4 and subset[0] == 0 and subset[-1] == starts[-1]
+
+
+def test_evaluate_refuses_a_model_of_another_size(tiny, tmp_path):
+    params, prepared = tiny()
+    train_mod.train(params, "mha", prepared, tmp_path / "mha")
+    bigger, _ = tiny({"model": {"d_model": 64}})
+    with pytest.raises(ValueError, match="different model"):
+        evaluate(bigger, "mha", prepared, tmp_path / "mha" / "model.pt")
