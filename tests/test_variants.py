@@ -140,3 +140,28 @@ def test_gpu_bf16_efficient_matches_fp32_reference(name, T):
     for key in grads_ref:
         err = rel_err(grads_eff[key], grads_ref[key])
         assert err < 4 * tol, f"{name}: bf16 grad of {key} rel err {err:.2e}"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("mode", ["train", "eval"])
+@pytest.mark.parametrize("name", VARIANTS)
+def test_gpu_whole_model_is_causal_at_training_length(name, mode):
+    """The GPU kernels (Flex block masks, tile lists) at the GPU preset's T: changing bytes after t leaves the
+    logits at <= t equal up to bf16 rounding (the kernels may tile a changed sequence differently), while the
+    logits after t do change. A leak moves the prefix by far more than rounding."""
+    T, t = 1024, 600
+    torch.manual_seed(0)
+    model = ByteLM(ModelConfig(variant=name, d_model=128, n_layers=2, n_heads=2, seq_len=T)).cuda().train(mode == "train")
+    idx = torch.randint(0, 256, (2, T), device="cuda")
+    changed = idx.clone()
+    changed[:, t + 1 :] = torch.randint(0, 256, (2, T - t - 1), device="cuda")
+    logits = []
+    for tokens in (idx, changed):
+        torch.manual_seed(1)  # the same router noise in train mode
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+            logits.append(model(tokens)[0].float())
+    prefix = (logits[0][:, : t + 1] - logits[1][:, : t + 1]).abs().max().item()
+    suffix = (logits[0][:, t + 1 :] - logits[1][:, t + 1 :]).abs().max().item()
+    assert prefix < 0.05, f"{name}: logits at <= {t} moved by {prefix:.3g} when only later bytes changed"
+    assert suffix > 10 * max(prefix, 1e-3), f"{name}: later logits barely moved ({suffix:.3g}); the check is blind"

@@ -54,6 +54,8 @@ def write_params(folder: Path, overrides: dict | None = None, name: str = "param
     corpus = folder / "corpus.txt"
     if not corpus.exists():
         corpus.write_bytes(english_like(60_000))
+    params = parse_params(raw)
     path = folder / name
-    path.write_text(yaml.safe_dump(raw, sort_keys=False))
-    return path, parse_params(raw)
+    # Every key written out, defaults included, as in the shipped params.yaml (DVC reads params keys from the file).
+    path.write_text(yaml.safe_dump(params.model_dump(), sort_keys=False))
+    return path, params

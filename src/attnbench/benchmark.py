@@ -28,23 +28,17 @@ from .config import Params
 from .files import atomic_path, write_text
 from .model import ByteLM
 from .profile import fit_exponent
-from .runtime import autocast, resolve_device
+from .runtime import autocast, peak_flops, resolve_device
 from .variants import build_attention
 
 log = logging.getLogger(__name__)
 
-PEAK_BF16 = {"H100": 989e12, "H200": 989e12}  # dense bf16 tensor-core peak (datasheet), for MFU
 ATTENTION_FIELDS = ["kind", "variant", "compiled", "T", "batch", "ms", "mtok_per_s", "peak_gib", "status"]
 TRAIN_FIELDS = ["kind", "variant", "T", "batch", "ms", "mtok_per_s", "mfu", "compiled", "status"]
 
 
 def device_name() -> str:
     return torch.cuda.get_device_name().replace(" ", "-") if torch.cuda.is_available() else "cpu"
-
-
-def peak_flops() -> float | None:
-    name = torch.cuda.get_device_name() if torch.cuda.is_available() else ""
-    return next((v for k, v in PEAK_BF16.items() if k in name), None)
 
 
 def time_ms(step: Callable[[], None], warmup: int, repeats: int) -> float:
@@ -87,7 +81,7 @@ def attention_step(variant: str, T: int, batch: int, heads: int, head_dim: int, 
 
 
 def train_step(params: Params, variant: str, batch: int, compile: bool) -> tuple[Callable[[], None], int]:
-    """One optimizer step of the whole model; returns it and the non-embedding parameter count."""
+    """One optimizer step of the whole model; returns it and the model's training FLOPs per token."""
     device = torch.device("cuda")
     model = ByteLM(params.model_for(variant)).to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
@@ -103,7 +97,7 @@ def train_step(params: Params, variant: str, batch: int, compile: bool) -> tuple
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    return step, model.num_params()
+    return step, model.flops_per_token()
 
 
 def run_point(kind: str, variant: str, T: int, batch: int, build: Callable[[], Callable[[], None]], warmup: int, repeats: int) -> dict:
@@ -133,14 +127,13 @@ def benchmark(params: Params, variants: list[str], seq_lens: list[int], tokens: 
                 row = run_point("attention", variant, T, batch,
                                 lambda: attention_step(variant, T, batch, heads, head_dim, options, compile), warmup, repeats)
                 attention.append(row | {"compiled": compile, "label": f"{variant} (compiled)" if compile else variant})
-    T, peak = params.model.seq_len, peak_flops()
+    T, peak = params.model.seq_len, peak_flops(torch.device("cuda"))
     batch = max(1, params.profile.tokens_per_step // T)
-    m = params.model
     for variant in variants if "train" in parts else []:
-        n_params = {}
+        flops = {}
 
         def build(compile):
-            step, n_params["n"] = train_step(params, variant, batch, compile)
+            step, flops["per_token"] = train_step(params, variant, batch, compile)
             return step
 
         row = run_point("train", variant, T, batch, lambda: build(True), warmup, repeats)
@@ -148,8 +141,7 @@ def benchmark(params: Params, variants: list[str], seq_lens: list[int], tokens: 
         if not row["compiled"]:  # the clean fallback: eager
             row = run_point("train", variant, T, batch, lambda: build(False), warmup, repeats) | {"compiled": False}
         if row["status"] == "ok" and peak:
-            flops_per_token = 6 * n_params["n"] + 6 * m.n_layers * T * m.d_model
-            row["mfu"] = flops_per_token * row["mtok_per_s"] * 1e6 / peak
+            row["mfu"] = flops["per_token"] * row["mtok_per_s"] * 1e6 / peak
         training.append(row)
     return attention, training
 

@@ -13,7 +13,6 @@ import os
 import sys
 from pathlib import Path
 
-STAGES = ("fetch", "prepare", "train", "evaluate", "profile", "report", "benchmark")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--variants-dir", type=Path, help="the variants' folders (default: results/<run>/variants)")
     p.add_argument("--data", type=Path, help="default: results/<run>/data/prepared")
     p.add_argument("--out", type=Path, help="default: reports/<run>")
+    p = stage("import-runs", "copy this params file's MLflow runs from another store (a GPU machine's) into the configured one")
+    p.add_argument("--from", dest="source", required=True, help="tracking URI of the source store, e.g. sqlite:///gpu/mlflow.db")
     p = stage("benchmark", "GPU only: attention kernels and training steps of every variant vs T, against fused sdpa")
     p.add_argument("--out", type=Path, default=Path("reports/benchmarks"), help="default: reports/benchmarks")
     p.add_argument("--seq-lens", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384, 32768])
@@ -81,6 +82,10 @@ def run(args: argparse.Namespace) -> None:
             tracker.log_metrics({f"{k}_bytes": v["bytes"] for k, v in manifest["splits"].items()})
         sizes = ", ".join(f"{k} {v['bytes']:,}" for k, v in manifest["splits"].items())
         logging.info("%s bytes -> %s (%s)", f"{manifest['corpus_bytes_used']:,}", out, sizes)
+    elif args.stage == "import-runs":
+        from .tracking import import_runs
+
+        import_runs(params, args.source)
     elif args.stage == "benchmark":
         from .benchmark import main as benchmark_main
 

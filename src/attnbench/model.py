@@ -52,6 +52,8 @@ class Block(nn.Module):
         super().__init__()
         self.ln_attn = nn.LayerNorm(cfg.d_model)
         self.attn = build_attention(cfg.variant, cfg.d_model, cfg.n_heads, cfg.seq_len, cfg.variant_options)
+        if not self.attn.causal:  # a language model that sees the future reports an impossible bpb
+            raise ValueError(f"variant {cfg.variant} with options {cfg.variant_options} is not causal; a language model needs causal attention")
         self.ln_mlp = nn.LayerNorm(cfg.d_model)
         self.mlp = MLP(cfg)
         self.dropout = nn.Dropout(cfg.dropout)
@@ -105,6 +107,12 @@ class ByteLM(nn.Module):
     def num_params(self, non_embedding: bool = True) -> int:
         n = sum(p.numel() for p in self.parameters())
         return n - (self.tok_emb.weight.numel() + self.pos_emb.weight.numel() if non_embedding else 0)
+
+    def flops_per_token(self) -> int:
+        """Training FLOPs per token, 6 N + 6 L T d (N non-embedding parameters; the second term is
+        softmax attention's score and value products at full T): the count MFU uses for every variant,
+        so MFU compares throughput at one fixed amount of work."""
+        return 6 * self.num_params() + 6 * self.cfg.n_layers * self.cfg.seq_len * self.cfg.d_model
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
         """idx (B, T) bytes -> logits (B, T, 256), and the mean cross-entropy in nats when targets are given."""

@@ -49,6 +49,7 @@ def collect(variants_dir: Path, variants: list[str]) -> tuple[pd.DataFrame, pd.D
             "test bpb": evaluation["test_bpb"],
             "val bpb (end)": train["val_bpb_final"],
             "train tok/s": train["tokens_per_s"],
+            "MFU %": None if train.get("mfu") is None else 100 * train["mfu"],
             "attn tok/s @ max T": None if largest is None else largest["tokens_per_s"],
             "attn MiB @ max T": None if largest is None else largest["memory_bytes"] / 2**20,
             "time exp (attn)": prof.get("attention_time_exponent"),
@@ -121,7 +122,7 @@ def report(params: Params, variants_dir: Path, data_dir: Path, out_dir: Path) ->
         f"# attnbench comparison: `{params.run.name}`",
         "",
         f"Data: `{params.data.source}`{f' ({params.data.path})' if params.data.path else ''}, {manifest['corpus_bytes_used']:,} bytes "
-        f"(train {manifest['splits']['train']['bytes']:,} / val {manifest['splits']['val']['bytes']:,} / test {manifest['splits']['test']['bytes']:,}), "
+        f"(train {manifest['splits']['train']['bytes']:,} / val {manifest['splits']['val']['bytes']:,} / test {manifest['splits']['test']['bytes']:,}). "
         f"Model: d_model {m.d_model}, {m.n_layers} layers, {m.n_heads} heads, T = {m.seq_len}. "
         f"Training: {t.steps if t.steps else f'{t.tokens:,} tokens'}{' steps' if t.steps else ''}, batch {t.batch_size} x {t.grad_accum}, "
         f"lr {t.lr:g}, on {', '.join(devices)}.",

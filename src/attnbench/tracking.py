@@ -85,6 +85,15 @@ def _store_lock(uri: str):
     return contextlib.nullcontext()
 
 
+def _experiment_id(client, name: str, uri: str) -> str:
+    """The id of experiment `name`, created (artifacts under ./mlartifacts for a local store) if missing."""
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    artifacts = Path("mlartifacts").resolve().as_uri() if uri.startswith("sqlite:") else None
+    return client.create_experiment(name, artifact_location=artifacts)
+
+
 @contextlib.contextmanager
 def stage_run(params: Params, stage: str, variant: str | None = None) -> Iterator[Tracker]:
     """Open an MLflow run for `stage` (and `variant`); it ends FINISHED, or FAILED if the body raises."""
@@ -94,12 +103,7 @@ def stage_run(params: Params, stage: str, variant: str | None = None) -> Iterato
     name = params.experiment
     with _store_lock(uri):
         client = MlflowClient(tracking_uri=uri)
-        experiment = client.get_experiment_by_name(name)
-        if experiment is None:
-            artifacts = Path("mlartifacts").resolve().as_uri() if uri.startswith("sqlite:") else None
-            experiment_id = client.create_experiment(name, artifact_location=artifacts)
-        else:
-            experiment_id = experiment.experiment_id
+        experiment_id = _experiment_id(client, name, uri)
         tags = {"stage": stage, "config": params.run.name}
         if variant:
             tags["variant"] = variant
@@ -114,3 +118,36 @@ def stage_run(params: Params, stage: str, variant: str | None = None) -> Iterato
     with _store_lock(uri):
         client.set_terminated(run.info.run_id, status="FINISHED")
     log.info("mlflow: %s run %s in experiment %r at %s", stage, run.info.run_id[:8], name, uri)
+
+
+def import_runs(params: Params, source_uri: str) -> int:
+    """Copy the runs of this params file's experiment from another store (e.g. a GPU machine's sqlite file)
+    into the configured one: name, tags, params, every metric's history and the final status. A run already
+    imported (tag attnbench.source_run) is skipped, so importing twice adds nothing. Returns the runs added."""
+    from mlflow.entities import Metric, Param, RunTag
+    from mlflow.tracking import MlflowClient
+
+    source = MlflowClient(tracking_uri=source_uri)
+    source_experiment = source.get_experiment_by_name(params.experiment)
+    if source_experiment is None:
+        raise ValueError(f"{source_uri} has no experiment {params.experiment!r}")
+    uri = tracking_uri(params)
+    with _store_lock(uri):
+        client = MlflowClient(tracking_uri=uri)
+        experiment_id = _experiment_id(client, params.experiment, uri)
+        done = {r.data.tags["attnbench.source_run"] for r in client.search_runs([experiment_id], "tags.`attnbench.source_run` != ''", max_results=50_000)}
+    added = 0
+    for run in source.search_runs([source_experiment.experiment_id], max_results=50_000):
+        if run.info.run_id in done:
+            continue
+        tags = [RunTag(k, v) for k, v in run.data.tags.items() if not k.startswith("mlflow.")] + [RunTag("attnbench.source_run", run.info.run_id)]
+        metrics = [Metric(m.key, m.value, m.timestamp, m.step) for key in run.data.metrics for m in source.get_metric_history(run.info.run_id, key)]
+        with _store_lock(uri):
+            new = client.create_run(experiment_id, start_time=run.info.start_time, run_name=run.info.run_name)
+            client.log_batch(new.info.run_id, tags=tags, params=[Param(k, v) for k, v in run.data.params.items()])
+            for start in range(0, len(metrics), 1000):
+                client.log_batch(new.info.run_id, metrics=metrics[start : start + 1000])
+            client.set_terminated(new.info.run_id, status=run.info.status, end_time=run.info.end_time)
+        added += 1
+    log.info("imported %d runs of %r from %s into %s", added, params.experiment, source_uri, uri)
+    return added

@@ -25,7 +25,7 @@ from .data import load_split
 from .evaluate import bits_per_byte
 from .files import atomic_path, read_json, write_json
 from .model import ByteLM, save_model
-from .runtime import autocast, resolve_device
+from .runtime import autocast, peak_flops, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -129,17 +129,18 @@ def train(params: Params, variant: str, data_dir: Path, out_dir: Path, tracker=N
     key = fingerprint(params, variant, manifest)
     ckpt_path = out_dir / CHECKPOINT
     ckpt = load_checkpoint(ckpt_path, key, device)
-    start, curve, elapsed = 0, [], 0.0
+    start, curve, elapsed, rates = 0, [], 0.0, []
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         torch.set_rng_state(ckpt["torch_rng"].cpu())
         if ckpt["cuda_rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all([s.cpu() for s in ckpt["cuda_rng"]])
-        start, curve, elapsed = ckpt["step"], ckpt["curve"], ckpt["elapsed_s"]
+        start, curve, elapsed, rates = ckpt["step"], ckpt["curve"], ckpt["elapsed_s"], ckpt["rates"]
         log.info("resuming %s from step %d/%d (%s)", variant, start, steps, ckpt_path)
 
     n_params = model.num_params()
+    peak = peak_flops(device)
     tokens_per_step = cfg.batch_size * cfg.grad_accum * T
     log.info("train %s: %d steps x %d tokens, %.2fM non-embedding params, %s", variant, steps, tokens_per_step, n_params / 1e6, device)
     if tracker is not None and start == 0:
@@ -182,6 +183,7 @@ def train(params: Params, variant: str, data_dir: Path, out_dir: Path, tracker=N
             elapsed += seconds
             train_loss = loss_sum.item() / window_steps
             tokens_per_s = window_steps * tokens_per_step / seconds
+            rates.append(tokens_per_s)
             log.info("step %d/%d  loss %.4f  lr %.2e  %.0f tok/s", done, steps, train_loss, lr, tokens_per_s)
             metrics = {"train_loss": train_loss, "lr": lr, "tokens_per_s": tokens_per_s}
             if at_eval:
@@ -193,7 +195,7 @@ def train(params: Params, variant: str, data_dir: Path, out_dir: Path, tracker=N
             if tracker is not None:
                 tracker.log_metrics(metrics, step=done)
             if at_ckpt:
-                save_checkpoint(ckpt_path, model, optimizer, done, {"fingerprint": key, "curve": curve, "elapsed_s": elapsed})
+                save_checkpoint(ckpt_path, model, optimizer, done, {"fingerprint": key, "curve": curve, "elapsed_s": elapsed, "rates": rates})
             loss_sum.zero_()
             window_start, window_steps = time.perf_counter(), 0
 
@@ -203,7 +205,10 @@ def train(params: Params, variant: str, data_dir: Path, out_dir: Path, tracker=N
         "tokens": steps * tokens_per_step,
         "train_loss_final": curve[-1]["train_loss"],
         "val_bpb_final": curve[-1]["val_bpb"],
-        "tokens_per_s": steps * tokens_per_step / elapsed,
+        # Steady state: the median logging window after the first (which holds compilation and warm-up).
+        "tokens_per_s": float(np.median(rates[1:] or rates)),
+        "tokens_per_s_wall": steps * tokens_per_step / elapsed,
+        "mfu": None if peak is None else model.flops_per_token() * float(np.median(rates[1:] or rates)) / peak,
         "train_seconds": elapsed,
         "params_non_embedding": n_params,
         "device": str(device),

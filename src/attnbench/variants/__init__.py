@@ -9,6 +9,7 @@ from .fastcka import FastClusterKernelAttention
 from .la import LinearAttention
 from .lca import LearnedClusterAttention
 from .mha import MultiHeadAttention
+from .sca import SuperClusterAttention
 
 REGISTRY: dict[str, type[Attention]] = {
     "mha": MultiHeadAttention,
@@ -17,6 +18,7 @@ REGISTRY: dict[str, type[Attention]] = {
     "lca": LearnedClusterAttention,
     "cka": ClusterKernelAttention,
     "fastcka": FastClusterKernelAttention,
+    "sca": SuperClusterAttention,
 }
 
 

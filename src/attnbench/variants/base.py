@@ -76,6 +76,11 @@ class Attention(nn.Module):
         self.aux_loss: torch.Tensor | None = None
 
     @property
+    def causal(self) -> bool:
+        """False only for modules that may see the future (sca's seed form); the language model refuses them."""
+        return True
+
+    @property
     def scale(self) -> float:
         return self.head_dim**-0.5
 

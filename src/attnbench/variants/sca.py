@@ -1,0 +1,238 @@
+"""sca: super-cluster attention: lca plus causal supernodes that mix information across clusters.
+
+Causal form (the default, the one the language model uses). Tokens are routed
+to C clusters exactly as in lca (`route`, gates a_t, cluster ids c_t). With
+blocks of b positions, after each block j cluster c has a supernode
+
+    n_c^(j) = mean of v_s,  m_c^(j) = mean of k_s   over the tokens s in blocks <= j with c_s = c
+
+(zero if there are none). The C supernodes of step j attend to each other,
+
+    z_c^(j) = sum_c' softmax_c'(u_c . m_c' * scale) n_c',   u_c = W_u n_c^(j)   (empty clusters are no keys),
+
+and query t in block i adds the mixed state of its own cluster from step i - 1
+to its value, v'_t = v_t + gate * z_{c_t}^(i-1) (nothing for i = 0), before
+lca's intra-cluster attention over v'. A supernode only holds tokens of
+earlier blocks, so no query ever sees the future. With the gate at 0 (its
+initial value) sca is lca exactly; its gradient still reaches the gate.
+
+Paths (both call the router once per forward):
+- reference: every step's supernodes from dense prefix masks (steps x T),
+  then lca's dense reference attention over v';
+- efficient: per-block per-cluster sums (the gates contracted with k, v inside
+  each block, (B, H, T/b, C, D)) and a cumulative sum over blocks, O((T/b) C D),
+  never T x T; the mixing costs (T/b) C^2 D; then lca's efficient attention
+  over v' (the chunked CPU path, or the Flex path on CUDA).
+
+Choices where the spec is open:
+- membership is weighted by lca's straight-through gates: n_c = sum_s a_s[c] v_s / sum_s a_s[c]
+  (the same for m) and query t reads sum_c a_t[c] z_c. The forward values are the plain
+  means and z_{c_t}; the backward lets the router learn from the supernode path as well.
+- W_u (D -> D, no bias) is one per layer, shared by the heads (as cka's P); the supernode
+  values are their states n; scale 1/sqrt(D).
+- an empty cluster's query is W_u 0 = 0, so it averages the non-empty supernodes (its mixed
+  state is read only by a token that opens the cluster in the next block); a step with no
+  non-empty cluster gives zero (cannot happen causally: every step holds >= 1 token).
+- the gate is one scalar per head, initialised to 0.
+- block: auto = pow2_block(seq_len), as ca, independent of C. The efficient path computes
+  only the steps a later block reads (all but the last block's, all complete blocks).
+- the supernode arithmetic runs in fp32 and v' is cast back to v's dtype.
+- balance loss, tau annealing and stats() are lca's.
+
+Non-causal form (`causal: false`): the seed design as written, for tests and layer
+profiles only, never the language model (its output at t reads later positions, so
+bits per byte would be meaningless). Options.check accepts it, since tests and the
+profile build layers directly and a layer cannot tell whether it sits in the model:
+refusing it for the model is the model's or the config's job.
+- partition: a 1-D learned projection s_t = w . x_t (one per head, or shared, as `router`;
+  it replaces lca's router), stable sort by s, and K = min(C, T) cliques of near-equal size,
+  contiguous in the sorted order: the token of sorted rank r is in clique floor(r K / T).
+- the sort has no gradient; the projection learns through a straight-through factor
+  a_t = 1 + s_t - sg(s_t) (forward exactly 1) used like lca's gate: it weighs the token in
+  its clique's supernode, in the attention values and on its output.
+- supernode per clique: the (weighted) mean of v and of k over the clique, i.e. the clique
+  "attends" to its supernode uniformly: mean pooling, as the causal form, rather than
+  attention pooling, which would need one more learned query for no clear benefit.
+- supernode-to-supernode attention as the causal form (one step, all cliques), then full
+  (non-causal) softmax attention inside each clique over v'_t = v_t + gate * a_t z_{clique(t)}.
+- reference: dense T x T same-clique mask; efficient: cliques laid out in (K, ceil(T / K))
+  padded slots, attention per clique, O(T^1.5). The same on CPU and CUDA.
+- block, balance and tau are unused; no balance loss (cliques are balanced by construction).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import nn
+
+from .base import AutoInt, masked_softmax_attention, pow2_block
+from .cka import from_blocks, to_blocks
+from .lca import (
+    LearnedClusterAttention,
+    LearnedClusterOptions,
+    cluster_attention_chunked,
+    cluster_attention_flex,
+    cluster_attention_reference,
+)
+
+
+class SuperClusterOptions(LearnedClusterOptions):
+    block: AutoInt = Field("auto", description="block size b of the supernode steps; auto = smallest power of two >= sqrt(T), at least 16")
+    causal: bool = Field(True, description="false: the seed's non-causal clique design, for tests and profiles only, never the language model")
+
+    def check(self, seq_len: int) -> None:
+        super().check(seq_len)
+        if self.block != "auto" and self.block < 1:
+            raise ValueError(f"block must be an integer >= 1 or 'auto', got {self.block}")
+
+
+def supernode_means(weights: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+    """Weighted means of k and v per cluster: weights (B, R, ..., N, C), k, v (B, H, ..., N, D), R = H or 1.
+
+    Returns n, m (B, H, ..., C, D) and the weight sums (B, R, ..., C); a cluster with weight 0 has n = m = 0.
+    """
+    total = weights.sum(dim=-2)  # (B, R, ..., C)
+    denominator = torch.where(total > 0, total, 1.0).unsqueeze(-1)  # (B, R, ..., C, 1)
+    return weights.transpose(-2, -1) @ v / denominator, weights.transpose(-2, -1) @ k / denominator, total
+
+
+def prefix_supernodes(gates: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block: int):
+    """Supernodes of the steps a later block reads (all but the last), by sums per block and a cumulative sum.
+
+    gates (B, R, T, C), k, v (B, H, T, D) fp32 -> n, m (B, H, S, C, D) and weight sums (B, R, S, C),
+    S = (T - 1) // block: step j covers blocks <= j.
+    """
+    S = (gates.shape[-2] - 1) // block
+    a, k, v = (u[:, :, : S * block].unflatten(2, (S, block)) for u in (gates, k, v))  # (B, R|H, S, b, C|D)
+    total = a.sum(dim=-2).cumsum(dim=2)  # (B, R, S, C)
+    denominator = torch.where(total > 0, total, 1.0).unsqueeze(-1)  # (B, R, S, C, 1)
+    n = (a.transpose(-2, -1) @ v).cumsum(dim=2) / denominator  # (B, H, S, C, D)
+    m = (a.transpose(-2, -1) @ k).cumsum(dim=2) / denominator  # (B, H, S, C, D)
+    return n, m, total
+
+
+def clique_partition(scores: torch.Tensor, cliques: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clique ids (B, R, T) from 1-D scores (B, R, T): sorted rank r goes to clique floor(r K / T); and ranks (B, R, T)."""
+    T = scores.shape[-1]
+    order = torch.argsort(scores, dim=-1, stable=True)  # sorted index -> position
+    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(T, device=scores.device).expand_as(order))
+    return rank * cliques // T, rank
+
+
+class SuperClusterAttention(LearnedClusterAttention):
+    Options = SuperClusterOptions
+
+    @property
+    def causal(self) -> bool:
+        return self.options.causal
+
+    def __init__(self, d_model: int, n_heads: int, seq_len: int, options: SuperClusterOptions | None = None):
+        super().__init__(d_model, n_heads, seq_len, options)
+        if not self.options.causal:  # the seed's 1-D projection takes the place of lca's router
+            self.router = nn.Linear(d_model, n_heads if self.options.router == "head" else 1, bias=False)
+        self.supernode_query = nn.Linear(self.head_dim, self.head_dim, bias=False)  # W_u
+        self.gate = nn.Parameter(torch.zeros(n_heads))
+
+    @property
+    def block(self) -> int:
+        return pow2_block(self.seq_len) if self.options.block == "auto" else self.options.block
+
+    def mix(self, n: torch.Tensor, m: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
+        """Supernode-to-supernode attention: n, m (B, H, S, C, D), weight sums total (B, R, S, C) -> z (B, H, S, C, D)."""
+        nonempty = (total > 0).unsqueeze(-2)  # (B, R, S, 1, C): the supernodes that can be keys
+        u = F.linear(n, self.supernode_query.weight.float())  # (B, H, S, C, D)
+        scores = (u @ m.transpose(-2, -1)) * self.scale  # (B, H, S, C, C)
+        # A finite fill keeps a row without keys finite (uniform); it is then zeroed.
+        p = scores.masked_fill(~nonempty, torch.finfo(scores.dtype).min).softmax(dim=-1)
+        return (p * nonempty.any(dim=-1, keepdim=True)) @ n
+
+    def add_to_values(self, v: torch.Tensor, extra: torch.Tensor) -> torch.Tensor:
+        """v' = v + gate * extra, per head; v (B, H, T, D), extra (B, H, T, D) fp32."""
+        return (v.float() + self.gate.float().view(-1, 1, 1) * extra).to(v.dtype)
+
+    # Causal form.
+
+    def supernode_values_reference(self, k, v, gates):
+        """v' from dense prefix masks: every step's supernodes at once, then each token reads step block(t) - 1."""
+        T, b = v.shape[-2], self.block
+        block_of = torch.arange(T, device=v.device) // b  # (T,)
+        steps = torch.arange(int(block_of[-1]) + 1, device=v.device)  # (S,)
+        in_prefix = block_of <= steps.unsqueeze(-1)  # (S, T): token s is in a block <= j
+        weights = gates.unsqueeze(2) * in_prefix.unsqueeze(-1)  # (B, R, S, T, C)
+        n, m, total = supernode_means(weights, k.float().unsqueeze(2), v.float().unsqueeze(2))  # (B, H, S, C, D)
+        z = self.mix(n, m, total)  # (B, H, S, C, D)
+        z_read = z[:, :, (block_of - 1).clamp_min(0)] * (block_of > 0).view(T, 1, 1)  # (B, H, T, C, D)
+        extra = (gates.unsqueeze(-2) @ z_read).squeeze(-2)  # (B, H, T, D): sum_c a_t[c] z_c^(i-1)
+        return self.add_to_values(v, extra)
+
+    def supernode_values(self, k, v, gates):
+        """v' by per-block sums and a cumulative sum over blocks: O((T / b) C D) memory."""
+        T, b = v.shape[-2], self.block
+        z = self.mix(*prefix_supernodes(gates, k.float(), v.float(), b))  # (B, H, S, C, D)
+        z_read = F.pad(z, (0, 0, 0, 0, 1, 0))  # (B, H, S + 1, C, D): block i reads step i - 1, block 0 zeros
+        extra = from_blocks(to_blocks(gates, b) @ z_read, T)  # (B, H, T, D)
+        return self.add_to_values(v, extra)
+
+    def reference(self, q, k, v, x):
+        if not self.options.causal:
+            return self.cliques_reference(q, k, v, x)
+        cluster, gates = self.route(x)
+        return cluster_attention_reference(q, k, self.supernode_values_reference(k, v, gates), cluster, gates, self.scale)
+
+    def efficient(self, q, k, v, x):
+        return super().efficient(q, k, v, x) if self.options.causal else self.cliques(q, k, v, x)
+
+    def chunked(self, q, k, v, x):
+        cluster, gates = self.route(x)
+        v = self.supernode_values(k, v, gates)
+        return cluster_attention_chunked(q, k, v, cluster, gates, self.scale, pow2_block(q.shape[-2]))
+
+    def flex(self, q, k, v, x):
+        cluster, gates = self.route(x)
+        v = self.supernode_values(k, v, gates)
+        return cluster_attention_flex(q, k, v, cluster, gates, self.scale)
+
+    # Non-causal form (tests and profiles only).
+
+    def partition(self, x: torch.Tensor):
+        """Clique ids (B, R, T), sorted ranks (B, R, T), K, and the straight-through factors a (B, R, T, 1)."""
+        T = x.shape[1]
+        scores = self.router(x).float().transpose(1, 2)  # (B, R, T)
+        cliques = min(self.clusters, T)
+        clique, rank = clique_partition(scores.detach(), cliques)
+        self.last_clusters = clique
+        return clique, rank, cliques, (1 + scores - scores.detach()).unsqueeze(-1)
+
+    def cliques_reference(self, q, k, v, x):
+        """Dense form: one-hot clique memberships and a T x T same-clique mask."""
+        clique, _, cliques, a = self.partition(x)
+        gates = F.one_hot(clique, cliques) * a  # (B, R, T, K)
+        n, m, total = supernode_means(gates, k.float(), v.float())  # (B, H, K, D)
+        z = self.mix(n.unsqueeze(2), m.unsqueeze(2), total.unsqueeze(2)).squeeze(2)  # (B, H, K, D)
+        v = self.add_to_values(v, gates @ z)
+        same = clique.unsqueeze(-1) == clique.unsqueeze(-2)  # (B, R, T, T)
+        return (a * masked_softmax_attention(q, k, (a * v).to(v.dtype), same, self.scale).float()).to(v.dtype)
+
+    def cliques(self, q, k, v, x):
+        """Padded form: clique j holds slots j L .. j L + L - 1, L = ceil(T / K); attention inside each clique."""
+        B, H, T, D = q.shape
+        clique, rank, K, a = self.partition(x)
+        L = -(-T // K)
+        first = (clique * T + K - 1) // K  # (B, R, T): sorted rank of the clique's first token
+        slot = (clique * L + rank - first).unsqueeze(-1)  # (B, R, T, 1): position -> slot
+
+        def to_slots(u):  # (B, H|R, T, E) -> (B, H|R, K, L, E), zero in the padding
+            return u.new_zeros(*u.shape[:2], K * L, u.shape[-1]).scatter(2, slot.expand_as(u), u).unflatten(2, (K, L))
+
+        a_s = to_slots(a)  # (B, R, K, L, 1): 0 in the padding
+        q_s, k_s, v_s = (to_slots(u.float()) for u in (q, k, v))  # (B, H, K, L, D)
+        total = a_s.sum(dim=(-2, -1))  # (B, R, K): clique sizes, >= 1 as K <= T
+        n = (a_s * v_s).sum(dim=-2) / total.unsqueeze(-1)  # (B, H, K, D)
+        m = (a_s * k_s).sum(dim=-2) / total.unsqueeze(-1)  # (B, H, K, D)
+        z = self.mix(n.unsqueeze(2), m.unsqueeze(2), total.unsqueeze(2)).squeeze(2)  # (B, H, K, D)
+        v_s = self.add_to_values(v_s.flatten(2, 3), (a_s * z.unsqueeze(-2)).flatten(2, 3)).unflatten(2, (K, L))
+        real_keys = to_slots(torch.ones_like(a, dtype=torch.bool)).transpose(-2, -1)  # (B, R, K, 1, L)
+        out = a_s * masked_softmax_attention(q_s, k_s, a_s * v_s, real_keys, self.scale)  # (B, H, K, L, D)
+        return out.flatten(2, 3).gather(2, slot.expand(B, H, T, D)).to(v.dtype)

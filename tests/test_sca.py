@@ -1,0 +1,210 @@
+"""sca's own cases: the supernode path switched on (non-zero gate), the lca and mha limits, the Flex path,
+the non-causal seed form, options.
+
+The shared tests (tests/test_variants.py) build sca with its defaults, so with the gate at 0, where the
+supernodes add nothing to the output; here the gate is set to 0.5 so every path through them is exercised.
+"""
+
+import pytest
+import torch
+
+from attnbench.model import ByteLM, ModelConfig
+from attnbench.variants import build_attention
+from tests.test_variants import FP32_RTOL, make_layer, rel_err, run_layer
+
+pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+
+ROUTERS = ["head", "shared"]
+GATE = 0.5
+
+
+def sca_layer(T, H, D, gate=GATE, seed=0, **options):
+    torch.manual_seed(seed)
+    layer = build_attention("sca", H * D, H, T, options)
+    with torch.no_grad():
+        layer.gate.fill_(gate)
+    return layer
+
+
+def assert_same(out_a, grads_a, out_b, grads_b, label):
+    assert rel_err(out_a, out_b) < FP32_RTOL, f"{label}: output rel err {rel_err(out_a, out_b):.2e}"
+    assert grads_a.keys() == grads_b.keys(), f"{label}: the paths reach different parameters"
+    for key in grads_b:
+        err = rel_err(grads_a[key], grads_b[key])
+        assert err < FP32_RTOL, f"{label}: grad of {key} rel err {err:.2e}"
+
+
+# (batch, length, heads, head size, options): T not a multiple of b, T = 1, b = 1, long clusters, many clusters.
+CASES = {
+    "B2-T37-b16-C3": (2, 37, 2, 8, dict(clusters=3)),
+    "B1-T1": (1, 1, 2, 8, dict()),
+    "B3-T50-b5-C4": (3, 50, 2, 8, dict(block=5, clusters=4)),
+    "B2-T23-b1-C2": (2, 23, 1, 8, dict(block=1, clusters=2)),
+    "B2-T90-b8-C2": (2, 90, 1, 8, dict(block=8, clusters=2)),  # clusters span several of lca's chunks
+    "B2-T80-b8-C12": (2, 80, 2, 8, dict(block=8, clusters=12)),
+}
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+@pytest.mark.parametrize("router", ROUTERS)
+@pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
+def test_reference_equals_efficient_with_supernodes(case, router, mode):
+    B, T, H, D, options = case
+    layer = sca_layer(T, H, D, router=router, **options).train(mode == "train")
+    x = torch.randn(B, T, H * D)
+    out_ref, grads_ref = run_layer(layer, x, "reference")
+    out_eff, grads_eff = run_layer(layer, x, "efficient")
+    assert_same(out_eff, grads_eff, out_ref, grads_ref, f"sca {options} {router} {mode}")
+    if T > layer.block:
+        assert grads_ref["supernode_query.weight"].abs().sum() > 0, "no gradient reaches the supernode query"
+        assert grads_ref["gate"].abs().sum() > 0, "no gradient reaches the gate"
+
+
+@pytest.mark.parametrize("path", ["reference", "efficient"])
+@pytest.mark.parametrize("mode", ["train", "eval"])
+@pytest.mark.parametrize("router", ROUTERS)
+@pytest.mark.parametrize("options", [dict(clusters=3), dict(block=7, clusters=5)], ids=str)
+def test_causal_with_supernodes(options, router, mode, path):
+    """Changing inputs after t leaves outputs at <= t and their input gradients bitwise equal; T = 45 is no multiple of b."""
+    B, T, H, D, t = 2, 45, 2, 8, 20
+    layer = sca_layer(T, H, D, router=router, **options).train(mode == "train")
+    x = torch.randn(B, T, H * D)
+    x_changed = x.clone()
+    x_changed[:, t + 1 :] = torch.randn(B, T - t - 1, H * D) * 3
+    weight = torch.zeros(B, T, H * D)
+    weight[:, : t + 1] = torch.randn(B, t + 1, H * D)
+    out_a, grads_a = run_layer(layer, x, path, grad_weight=weight)
+    out_b, grads_b = run_layer(layer, x_changed, path, grad_weight=weight)
+    assert torch.equal(out_a[:, : t + 1], out_b[:, : t + 1]), f"{path}: output at <= {t} depends on the future"
+    assert torch.equal(grads_a["input"][:, : t + 1], grads_b["input"][:, : t + 1]), f"{path}: gradient leak"
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_whole_model_with_supernodes_is_causal(mode):
+    cfg = ModelConfig(variant="sca", d_model=32, n_layers=2, n_heads=2, seq_len=48, variant_options=dict(block=8, clusters=3))
+    torch.manual_seed(0)
+    model = ByteLM(cfg).train(mode == "train")
+    with torch.no_grad():
+        for attn in model.attention_layers:
+            attn.gate.fill_(GATE)
+    idx = torch.randint(0, 256, (2, 48))
+    changed = idx.clone()
+    t = 30
+    changed[:, t + 1 :] = torch.randint(0, 256, (2, 48 - t - 1))
+    with torch.no_grad():
+        torch.manual_seed(1)
+        a, _ = model(idx)
+        torch.manual_seed(1)
+        b, _ = model(changed)
+    assert torch.equal(a[:, : t + 1], b[:, : t + 1]), f"model logits at <= {t} depend on the future"
+
+
+@pytest.mark.parametrize("router", ROUTERS)
+@pytest.mark.parametrize("path", ["reference", "efficient"])
+def test_one_cluster_is_mha(path, router):
+    """The spec's degenerate case, at the gate's initial value 0 (with a non-zero gate one cluster's
+    supernode would add the running mean of earlier blocks' values, which mha does not have)."""
+    B, T, H, D = 2, 50, 2, 8
+    layer = sca_layer(T, H, D, gate=0.0, clusters=1, router=router).train()
+    mha = make_layer("mha", T, H, D)
+    mha.load_state_dict(layer.state_dict(), strict=False)
+    x = torch.randn(B, T, H * D)
+    out, grads = run_layer(layer, x, path)
+    out_mha, grads_mha = run_layer(mha, x, "efficient")
+    assert rel_err(out, out_mha) < FP32_RTOL, f"sca C=1 {path}: output rel err {rel_err(out, out_mha):.2e}"
+    for key in grads_mha:
+        assert rel_err(grads[key], grads_mha[key]) < FP32_RTOL, f"sca C=1 {path}: grad of {key}"
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+@pytest.mark.parametrize("router", ROUTERS)
+@pytest.mark.parametrize("path", ["reference", "efficient"])
+def test_gate_zero_is_lca(path, router, mode):
+    """At its initial gate 0, sca is lca with the same weights: the outputs bitwise; the gate still gets a gradient."""
+    B, T, H, D = 2, 70, 2, 8
+    options = dict(clusters=4, router=router)
+    layer = sca_layer(T, H, D, gate=0.0, **options).train(mode == "train")
+    lca = build_attention("lca", H * D, H, T, options).train(mode == "train")
+    lca.load_state_dict(layer.state_dict(), strict=False)
+    x = torch.randn(B, T, H * D)
+    out, grads = run_layer(layer, x, path)
+    out_lca, grads_lca = run_layer(lca, x, path)
+    assert torch.equal(out, out_lca), f"sca gate 0 {path}: output rel err {rel_err(out, out_lca):.2e}"
+    for key in grads_lca:
+        assert rel_err(grads[key], grads_lca[key]) < FP32_RTOL, f"sca gate 0 {path}: grad of {key}"
+    assert grads["gate"].abs().sum() > 0, "no gradient reaches the gate at 0"
+    # The same layer with the gate open computes something else: the supernode path is live.
+    with torch.no_grad():
+        layer.gate.fill_(GATE)
+    assert rel_err(run_layer(layer, x, path)[0], out_lca) > 1e-3
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+@pytest.mark.parametrize("router", ROUTERS)
+@pytest.mark.parametrize("T,clusters,block", [(1, 1, 16), (37, 3, 16), (300, 17, 8)], ids=str)
+def test_flex_path_equals_reference(T, clusters, block, router, mode):
+    B, H, D = 2, 2, 8
+    layer = sca_layer(T, H, D, clusters=clusters, block=block, router=router).train(mode == "train")
+    x = torch.randn(B, T, H * D)
+    q, k, v = torch.randn(3, B, H, T, D).unbind(0)
+    with torch.no_grad():  # the eager flex kernel has no backward on CPU; the forward is what this checks
+        torch.manual_seed(1)
+        expected = layer.reference(q, k, v, x)
+        torch.manual_seed(1)
+        assert rel_err(layer.flex(q, k, v, x), expected) < FP32_RTOL
+
+
+NON_CAUSAL = {
+    "B2-T37-C7": (2, 37, 2, 8, dict()),
+    "B1-T1": (1, 1, 2, 8, dict()),
+    "B3-T50-C4": (3, 50, 2, 8, dict(clusters=4)),
+    "B2-T10-C40": (2, 10, 1, 8, dict(clusters=40)),  # more cliques asked than tokens: K = T
+}
+
+
+@pytest.mark.parametrize("router", ROUTERS)
+@pytest.mark.parametrize("case", NON_CAUSAL.values(), ids=NON_CAUSAL.keys())
+def test_non_causal_reference_equals_efficient(case, router):
+    B, T, H, D, options = case
+    layer = sca_layer(T, H, D, causal=False, router=router, **options).train()
+    x = torch.randn(B, T, H * D)
+    out_ref, grads_ref = run_layer(layer, x, "reference")
+    out_eff, grads_eff = run_layer(layer, x, "efficient")
+    assert layer.aux_loss is None
+    assert_same(out_eff, grads_eff, out_ref, grads_ref, f"sca causal=false {options} {router}")
+    assert grads_ref["router.weight"].abs().sum() > 0, "no gradient reaches the 1-D projection"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("path", ["reference", "efficient"])
+def test_non_causal_finite_at_large_magnitudes(path, dtype):
+    B, T, H, D = 2, 40, 2, 16
+    layer = sca_layer(T, H, D, causal=False).to(dtype)
+    with torch.no_grad():
+        layer.qkv.weight.mul_(10)
+    out, grads = run_layer(layer, (torch.randn(B, T, H * D) * 100).to(dtype), path)
+    assert torch.isfinite(out).all(), f"{path}: non-finite output"
+    for key, g in grads.items():
+        assert torch.isfinite(g).all(), f"{path}: non-finite grad of {key}"
+
+
+@pytest.mark.parametrize(
+    "options,message",
+    [
+        ({"clusters": 0}, "clusters must be >= 1"),
+        ({"block": 0}, "block must be an integer >= 1"),
+        ({"block": "big"}, "must be an integer or 'auto'"),
+        ({"causal": "maybe"}, "valid boolean"),
+        ({"lookback": 1}, "Extra inputs are not permitted"),
+    ],
+)
+def test_bad_options_are_refused(options, message):
+    with pytest.raises(ValueError, match=message):
+        build_attention("sca", 16, 2, 32, options)
+
+
+def test_language_model_refuses_the_non_causal_form():
+    from attnbench.model import ByteLM, ModelConfig
+
+    with pytest.raises(ValueError, match="not causal"):
+        ByteLM(ModelConfig(variant="sca", d_model=16, n_heads=2, n_layers=1, seq_len=16, variant_options={"causal": False}))

@@ -1,0 +1,69 @@
+"""MLflow: runs per stage, failure status, concurrent writers on one sqlite store, import from another store."""
+
+from __future__ import annotations
+
+import multiprocessing
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from attnbench.config import parse_params
+from attnbench.tracking import import_runs, stage_run
+
+
+def params_at(uri: str, name: str = "t"):
+    return parse_params({"run": {"name": name}, "train": {"steps": 1}, "tracking": {"uri": uri}})
+
+
+def runs(uri: str, experiment: str = "attnbench/t"):
+    client = MlflowClient(tracking_uri=uri)
+    return client, client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+
+
+def test_a_failing_stage_marks_its_run_failed(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    params = params_at(f"sqlite:///{tmp_path / 'a.db'}")
+    with pytest.raises(RuntimeError), stage_run(params, "train", "mha") as tracker:
+        tracker.log_metrics({"loss": 1.0}, step=1)
+        raise RuntimeError("boom")
+    _, found = runs(params.tracking.uri)
+    assert [(r.info.run_name, r.info.status) for r in found] == [("train-mha", "FAILED")]
+
+
+def log_one(uri: str, index: int) -> None:
+    with stage_run(params_at(uri), "train", f"v{index}") as tracker:
+        for step in range(5):
+            tracker.log_metrics({"loss": float(step)}, step=step)
+
+
+def test_concurrent_stages_share_one_sqlite_store(tmp_path, monkeypatch):
+    """Four stages at once (as snakemake --cores 4 runs them): no run lost, no 'database is locked'."""
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'shared.db'}"
+    context = multiprocessing.get_context("spawn")
+    workers = [context.Process(target=log_one, args=(uri, i)) for i in range(4)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(120)
+    assert [w.exitcode for w in workers] == [0] * 4
+    client, found = runs(uri)
+    assert sorted(r.info.run_name for r in found) == [f"train-v{i}" for i in range(4)]
+    for r in found:
+        assert r.info.status == "FINISHED"
+        assert [m.value for m in client.get_metric_history(r.info.run_id, "loss")] == [0.0, 1.0, 2.0, 3.0, 4.0]
+
+
+def test_import_runs_copies_history_and_status_once(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    gpu, local = f"sqlite:///{tmp_path / 'gpu.db'}", f"sqlite:///{tmp_path / 'local.db'}"
+    log_one(gpu, 0)
+    with pytest.raises(RuntimeError), stage_run(params_at(gpu), "profile", "v1"):
+        raise RuntimeError("out of time")
+    assert import_runs(params_at(local), gpu) == 2
+    assert import_runs(params_at(local), gpu) == 0, "a second import must add nothing"
+    client, found = runs(local)
+    by_name = {r.info.run_name: r for r in found}
+    assert by_name["train-v0"].info.status == "FINISHED" and by_name["profile-v1"].info.status == "FAILED"
+    assert by_name["train-v0"].data.tags["variant"] == "v0"
+    assert [m.step for m in client.get_metric_history(by_name["train-v0"].info.run_id, "loss")] == [0, 1, 2, 3, 4]
