@@ -147,9 +147,10 @@ def test_gpu_bf16_efficient_matches_fp32_reference(name, T):
 @pytest.mark.parametrize("mode", ["train", "eval"])
 @pytest.mark.parametrize("name", VARIANTS)
 def test_gpu_whole_model_is_causal_at_training_length(name, mode):
-    """The GPU kernels (Flex block masks, tile lists) at the GPU preset's T: changing bytes after t leaves the
-    logits at <= t equal up to bf16 rounding (the kernels may tile a changed sequence differently), while the
-    logits after t do change. A leak moves the prefix by far more than rounding."""
+    """The GPU kernels (Flex block masks, tile lists) at the GPU preset's T, in fp32: changing bytes after t
+    leaves the logits at <= t equal up to float rounding (a changed sequence may be tiled differently),
+    while the logits after t do change. fp32, because in bf16 a rounding difference can flip a learned
+    router's argmax in a later layer, which moves a prefix logit without any leak."""
     T, t = 1024, 600
     torch.manual_seed(0)
     model = ByteLM(ModelConfig(variant=name, d_model=128, n_layers=2, n_heads=2, seq_len=T)).cuda().train(mode == "train")
@@ -159,9 +160,9 @@ def test_gpu_whole_model_is_causal_at_training_length(name, mode):
     logits = []
     for tokens in (idx, changed):
         torch.manual_seed(1)  # the same router noise in train mode
-        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
-            logits.append(model(tokens)[0].float())
+        with torch.no_grad():
+            logits.append(model(tokens)[0])
     prefix = (logits[0][:, : t + 1] - logits[1][:, : t + 1]).abs().max().item()
     suffix = (logits[0][:, t + 1 :] - logits[1][:, t + 1 :]).abs().max().item()
-    assert prefix < 0.05, f"{name}: logits at <= {t} moved by {prefix:.3g} when only later bytes changed"
-    assert suffix > 10 * max(prefix, 1e-3), f"{name}: later logits barely moved ({suffix:.3g}); the check is blind"
+    assert prefix < 1e-4, f"{name}: logits at <= {t} moved by {prefix:.3g} when only later bytes changed"
+    assert suffix > 1e-2, f"{name}: later logits barely moved ({suffix:.3g}); the check is blind"

@@ -155,6 +155,12 @@ def exponents(rows: list[dict], lo: int = 2048, hi: int = 32768) -> dict[str, fl
     return out
 
 
+def cell(row: dict | None) -> str:
+    if row is None:
+        return "not run"
+    return f"{row['mtok_per_s']:.1f}" if row["status"] == "ok" else row["status"][:20]
+
+
 def markdown(attention: list[dict], training: list[dict], device: str, tokens: int, heads: int, head_dim: int, params: Params) -> str:
     seq_lens = sorted({r["T"] for r in attention})
     slopes = exponents(attention)
@@ -164,7 +170,7 @@ def markdown(attention: list[dict], training: list[dict], device: str, tokens: i
              "|---|" + "---|" * (len(seq_lens) + 2)]
     by = {(r["label"], r["T"]): r for r in attention}
     for label in dict.fromkeys(r["label"] for r in attention):
-        cells = [f"{by[label, T]['mtok_per_s']:.1f}" if by[label, T]["status"] == "ok" else by[label, T]["status"][:20] for T in seq_lens]
+        cells = [cell(by.get((label, T))) for T in seq_lens]
         ratio = "—"
         if by.get((label, 8192), {}).get("status") == "ok" and by.get(("sdpa", 8192), {}).get("status") == "ok":
             ratio = f"{by[label, 8192]['mtok_per_s'] / by['sdpa', 8192]['mtok_per_s']:.2f}"

@@ -67,14 +67,20 @@ def _save(fig, path: Path) -> None:
     plt.close(fig)
 
 
+def learning_curves_figure(curves: pd.DataFrame, path: Path, title: str, hue: str = "variant") -> None:
+    """Validation bpb against training tokens, one line per `hue` value."""
+    sns.set_theme(style="whitegrid", context="notebook")
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    sns.lineplot(curves, x="tokens", y="val_bpb", hue=hue, marker="o", ax=ax)
+    ax.set(xlabel="training tokens", ylabel="validation bits/byte", title=title)
+    _save(fig, path)
+
+
 def figures(summary: pd.DataFrame, curves: pd.DataFrame, profiles: pd.DataFrame, out_dir: Path) -> list[Path]:
     sns.set_theme(style="whitegrid", context="notebook")
     paths = {name: out_dir / "figures" / f"{name}.png" for name in FIGURES}
 
-    fig, ax = plt.subplots(figsize=(6.5, 4))
-    sns.lineplot(curves, x="tokens", y="val_bpb", hue="variant", marker="o", ax=ax)
-    ax.set(xlabel="training tokens", ylabel="validation bits/byte", title=FIGURES["learning_curves"])
-    _save(fig, paths["learning_curves"])
+    learning_curves_figure(curves, paths["learning_curves"], FIGURES["learning_curves"])
 
     fig, ax = plt.subplots(figsize=(6.5, 4))
     sns.scatterplot(summary, x="train tok/s", y="test bpb", hue="variant", s=80, ax=ax)
