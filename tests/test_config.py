@@ -216,7 +216,7 @@ def test_invalid_yaml(tmp_path, text):
 
 
 def test_asking_for_an_unconfigured_variant(base):
-    params = parse_params(base)
+    params = parse_params(mutate(base, "variants", {"mha": {}, "la": {}}))
     with pytest.raises(ConfigError) as err:
         params.variant_options("ca")
     assert str(err.value) == "variant 'ca' is not in this params file's variants; present: mha, la"
@@ -237,7 +237,7 @@ def test_cli_config_errors_exit_2_with_one_line_and_create_nothing(tmp_path, bas
     cases = {}
     for name, raw, args in [  # a bad file; a good file asked for a variant it lacks
         ("bad", mutate(base, "model.n_layers", 0), ["train", "--params", "bad.yaml", "--variant", "mha"]),
-        ("unconfigured", base, ["train", "--params", "good.yaml", "--variant", "ca"]),
+        ("unconfigured", mutate(base, "variants", {"mha": {}, "la": {}}), ["train", "--params", "good.yaml", "--variant", "ca"]),
     ]:
         cwd = tmp_path / name
         cwd.mkdir()
