@@ -191,6 +191,8 @@ def prepare(corpus: Path, out_dir: Path, max_bytes: int, fractions: SplitFractio
     if min(sizes.values()) < min_split_bytes:
         raise DataError(f"{corpus}: {len(data)} bytes are too few to split into {sizes}")
     out_dir = Path(out_dir)
+    # An earlier split's manifest must not outlive the files it describes if this run dies half way.
+    (out_dir / "manifest.json").unlink(missing_ok=True)
     manifest = {"corpus": str(corpus), "corpus_bytes_used": int(len(data)), "fractions": fractions.model_dump(), "splits": {}}
     start = 0
     for name in SPLITS:

@@ -141,6 +141,10 @@ def save_model(model: ByteLM, path) -> None:
 def load_model(path, device: str | torch.device = "cpu", expected: ModelConfig | None = None) -> ByteLM:
     """Load a model saved by `save_model`; refuse one whose config differs from `expected`."""
     blob = torch.load(path, map_location=device, weights_only=True)
+    if not isinstance(blob, dict) or not {"config", "state_dict"} <= blob.keys() or not isinstance(blob["config"], dict):
+        found = f"keys {sorted(map(str, blob))[:6]}" if isinstance(blob, dict) else f"a {type(blob).__name__}"
+        raise ValueError(f"{path} is not a model written by save_model (it holds {found}, no model config); "
+                         "a training checkpoint or a bare state_dict cannot be loaded as a model")
     cfg = ModelConfig(**blob["config"])
     if expected is not None and cfg != expected:
         diff = {k: (v, expected.to_dict()[k]) for k, v in cfg.to_dict().items() if expected.to_dict()[k] != v}
