@@ -8,8 +8,8 @@
     the checkpoint of step 25 (one folder)        curve equal to an uninterrupted run; no *.tmp
   damaged checkpoint.pt (7): truncated, last      ignored with a warning, training starts from   2
     byte missing, empty, random bytes, zeroed     step 0 and ends equal to an uninterrupted run
-    tail; zeroed block inside a tensor,           (the last two: xfail strict, train.py bugs)
-    loadable non-checkpoint object
+    tail; zeroed block inside a tensor (caught
+    by the zip's CRC-32), loadable non-checkpoint
   kill -9 of fetch mid-copy, of prepare           no corpus.bin / manifest.json; the re-run      3
     mid-write over an older split (2)             completes; no *.tmp
   temporaries of a dead and a live writer (1)     the next write removes the dead one's only     3b
@@ -22,10 +22,10 @@
     variant or seq_len (2), a checkpoint or bare  ValueError naming the difference / saying
     state_dict (2)                                it is not a save_model file
 
-Outcomes: 21 handled as expected, 2 expected failures (xfail strict) exposing bugs in
-train.load_checkpoint, which trusts any file that unpickles: a checkpoint damaged inside a tensor
-resumes silently from corrupted weights (torch.load does not check the CRC-32 stored in the zip), and a
-loadable non-dict raises AttributeError instead of being ignored.
+Outcomes: 23 handled as expected. Two were bugs this suite found and train.load_checkpoint now handles:
+a checkpoint damaged inside a tensor resumed silently from corrupted weights (torch.load does not check
+the CRC-32 stored in the zip; load_checkpoint now runs testzip first), and a loadable non-dict raised
+AttributeError instead of being ignored.
 
 Covered elsewhere, not repeated: truncated or altered downloads and archives (tests/test_data.py), bad
 params (tests/test_config.py), a checkpoint of another configuration and the in-process resume
@@ -351,20 +351,14 @@ def not_a_checkpoint(_: bytes) -> bytes:
     return buffer.getvalue()
 
 
-XFAIL_CRC = pytest.mark.xfail(strict=True, reason=(
-    "bug in train.load_checkpoint: it trusts any checkpoint that unpickles; torch.load does not verify the "
-    "CRC-32 it stores, so damage inside tensor data resumes silently from corrupted weights"))
-XFAIL_NON_DICT = pytest.mark.xfail(strict=True, raises=AttributeError, reason=(
-    "bug in train.load_checkpoint: it calls ckpt.get(...) on whatever torch.load returned; a non-dict "
-    "raises AttributeError instead of being ignored"))
 DAMAGE = [
     pytest.param(lambda b: b[: len(b) // 2], id="truncated"),
     pytest.param(lambda b: b[:-1], id="last-byte-missing"),
     pytest.param(lambda b: b"", id="empty"),
     pytest.param(lambda b: np.random.default_rng(0).integers(0, 256, len(b), dtype=np.uint8).tobytes(), id="random-bytes"),
     pytest.param(lambda b: b[:-4096] + bytes(4096), id="zeroed-tail"),  # a crash that left the last block unwritten
-    pytest.param(zero_inside_largest_tensor, id="zeroed-inside-a-tensor", marks=XFAIL_CRC),
-    pytest.param(not_a_checkpoint, id="loadable-non-checkpoint", marks=XFAIL_NON_DICT),
+    pytest.param(zero_inside_largest_tensor, id="zeroed-inside-a-tensor"),  # torch.load alone would accept it
+    pytest.param(not_a_checkpoint, id="loadable-non-checkpoint"),
 ]
 
 

@@ -101,14 +101,18 @@ def run(args: argparse.Namespace) -> None:
             from .train import main as train_main
 
             train_main(params, args.variant, args.data or prepared, out)
-        elif args.stage == "evaluate":
-            from .evaluate import main as evaluate_main
-
-            evaluate_main(params, args.variant, args.data or prepared, out)
         else:
-            from .profile import main as profile_main
+            from .gpu_slots import gpu_slots
 
-            profile_main(params, args.variant, out)
+            with gpu_slots(0 if params.train.device == "cpu" else 1):  # a free GPU of this host, per job
+                if args.stage == "evaluate":
+                    from .evaluate import main as evaluate_main
+
+                    evaluate_main(params, args.variant, args.data or prepared, out)
+                else:
+                    from .profile import main as profile_main
+
+                    profile_main(params, args.variant, out)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -102,6 +102,7 @@ class TrainConfig(Strict):
     log_every: int = Field(10, gt=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     compile: bool = False
+    nproc: int = Field(1, gt=0, description="data-parallel training processes, one per GPU: > 1 runs train under torchrun (DDP)")
 
     @model_validator(mode="after")
     def _one_budget(self):

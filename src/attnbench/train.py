@@ -1,9 +1,16 @@
 """train: one variant's byte-level LM, AdamW with warmup + cosine decay, resumable.
 
 Read top to bottom: batches, schedule, checkpoint, then `train`, the loop.
-Batches come from a generator seeded by (seed, step, micro-step), and the
-checkpoint holds the model, optimizer and RNG state, so a run resumed from its
-last checkpoint ends with the same weights as one that was never interrupted.
+Batches, and the random noise of the model (dropout, lca's Gumbel noise), come
+from generators seeded by (seed, step, micro-step), and the checkpoint holds the
+model and optimizer state, so a run resumed from its last checkpoint ends with
+the same weights as one that was never interrupted.
+
+With `train.nproc` > 1 the stage runs as that many DistributedDataParallel
+processes (distributed.py): each takes its share of every step's global batch,
+which is the batch a single process would draw, so the result is the same
+training up to float rounding (and a checkpoint resumes with any nproc).
+Rank 0 alone evaluates, logs to MLflow and writes checkpoints and outputs.
 """
 
 from __future__ import annotations
@@ -14,16 +21,20 @@ import io
 import json
 import logging
 import math
+import sys
 import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from . import distributed
 from .config import Params, TrainConfig
 from .data import load_split
 from .evaluate import bits_per_byte
 from .files import atomic_path, read_json, write_json
+from .gpu_slots import gpu_slots
 from .model import ByteLM, save_model
 from .runtime import autocast, peak_flops, resolve_device
 
@@ -45,6 +56,12 @@ def get_batch(data: np.ndarray, seq_len: int, batch_size: int, seed: int, step: 
     if device.type == "cuda":
         window = window.pin_memory().to(device, non_blocking=True)
     return window[:, :-1], window[:, 1:]
+
+
+def seed_noise(seed: int, step: int, micro: int, share: int) -> None:
+    """Seed torch's RNG (dropout, lca's Gumbel noise) for one micro-batch from (seed, step, micro, share):
+    like the batch, the noise then does not depend on which process draws it nor on what it drew before."""
+    torch.manual_seed(int(np.random.SeedSequence([seed, step, micro, share], spawn_key=(1,)).generate_state(1)[0]))
 
 
 def total_steps(cfg: TrainConfig, seq_len: int) -> int:
@@ -71,8 +88,9 @@ def make_optimizer(model: ByteLM, cfg: TrainConfig, device: torch.device) -> tor
 
 
 def fingerprint(params: Params, variant: str, manifest: dict) -> str:
-    """What a checkpoint must match to be resumed: model, variant options, training recipe and the data."""
-    recipe = params.train.model_dump(exclude={"eval_every", "eval_batches", "checkpoint_every", "log_every", "device", "compile"})
+    """What a checkpoint must match to be resumed: model, variant options, training recipe and the data.
+    Not nproc: any number of processes trains on the same global batches."""
+    recipe = params.train.model_dump(exclude={"eval_every", "eval_batches", "checkpoint_every", "log_every", "device", "compile", "nproc"})
     blob = json.dumps([params.model_for(variant).to_dict(), recipe, manifest["splits"]], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
@@ -99,20 +117,27 @@ def load_checkpoint(path: Path, expected_fingerprint: str, device: torch.device)
     if not path.exists():
         return None
     try:
+        with zipfile.ZipFile(path) as zf:  # torch.load does not check the CRC-32s that torch.save stores
+            damaged = zf.testzip()
+        if damaged is not None:
+            raise ValueError(f"CRC-32 mismatch in {damaged}")
         ckpt = torch.load(path, map_location=device, weights_only=True)
-    except Exception as err:  # a torn or foreign file: never resume from it
+    except Exception as err:  # a torn, damaged or foreign file: never resume from it
         log.warning("ignoring unreadable checkpoint %s (%s); starting from step 0", path, err)
         return None
-    if ckpt.get("fingerprint") != expected_fingerprint:
+    if not isinstance(ckpt, dict) or ckpt.get("fingerprint") != expected_fingerprint:
         log.warning("checkpoint %s is from a different configuration; starting from step 0", path)
         return None
     return ckpt
 
 
-def train(params: Params, variant: str, data_dir: Path, out_dir: Path, tracker=None) -> dict:
-    """Train `variant`; write model.pt, train.json and curve.csv to `out_dir`; return the summary."""
+def train(params: Params, variant: str, data_dir: Path, out_dir: Path, tracker=None) -> dict | None:
+    """Train `variant`; write model.pt, train.json and curve.csv to `out_dir`; return the summary.
+    In a data-parallel run (distributed.process_group) only rank 0 writes and returns it; the others return None."""
     cfg = params.train
-    device = resolve_device(cfg.device)
+    device = distributed.local_device(resolve_device(cfg.device))
+    rank, world = distributed.rank(), distributed.world_size()
+    shard = distributed.shard(cfg.grad_accum, cfg.batch_size, rank, world)  # this rank's (micro-batch, rows) of each step
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     manifest = read_json(Path(data_dir) / "manifest.json")
@@ -122,10 +147,9 @@ def train(params: Params, variant: str, data_dir: Path, out_dir: Path, tracker=N
     steps = total_steps(cfg, T)
     val_tokens = cfg.eval_batches * cfg.batch_size * T
 
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)  # the same on every rank
     model = ByteLM(model_cfg).to(device)
     optimizer = make_optimizer(model, cfg, device)
-    forward = torch.compile(model) if cfg.compile else model
     key = fingerprint(params, variant, manifest)
     ckpt_path = out_dir / CHECKPOINT
     ckpt = load_checkpoint(ckpt_path, key, device)
@@ -138,11 +162,14 @@ def train(params: Params, variant: str, data_dir: Path, out_dir: Path, tracker=N
             torch.cuda.set_rng_state_all([s.cpu() for s in ckpt["cuda_rng"]])
         start, curve, elapsed, rates = ckpt["step"], ckpt["curve"], ckpt["elapsed_s"], ckpt["rates"]
         log.info("resuming %s from step %d/%d (%s)", variant, start, steps, ckpt_path)
+    ddp = distributed.wrap(model, device)  # DDP over the processes (after resuming: every rank holds the same state)
+    forward = torch.compile(ddp) if cfg.compile else ddp
 
     n_params = model.num_params()
     peak = peak_flops(device)
-    tokens_per_step = cfg.batch_size * cfg.grad_accum * T
-    log.info("train %s: %d steps x %d tokens, %.2fM non-embedding params, %s", variant, steps, tokens_per_step, n_params / 1e6, device)
+    tokens_per_step = cfg.batch_size * cfg.grad_accum * T  # the global batch, over all processes
+    log.info("train %s: %d steps x %d tokens, %.2fM non-embedding params, %s%s", variant, steps, tokens_per_step, n_params / 1e6, device,
+             f" x {world} processes" if world > 1 else "")
     if tracker is not None and start == 0:
         tracker.log_params({"variant": variant, "model": params.model.model_dump(), "train": cfg.model_dump(),
                             "variant_options": params.variant_options(variant), "params_non_embedding": n_params})
@@ -156,13 +183,16 @@ def train(params: Params, variant: str, data_dir: Path, out_dir: Path, tracker=N
         for group in optimizer.param_groups:
             group["lr"] = lr
         model.set_progress(step / steps)
-        for micro in range(cfg.grad_accum):
+        for i, (micro, rows) in enumerate(shard):
             x, y = get_batch(train_data, T, cfg.batch_size, cfg.seed, step, micro, device)
-            with autocast(device):
-                _, loss = forward(x, y)
-                aux = model.aux_loss()
-            ((loss + aux if aux is not None else loss) / cfg.grad_accum).backward()
-            loss_sum += loss.detach() / cfg.grad_accum
+            x, y = x[rows], y[rows]
+            seed_noise(cfg.seed, step, micro, rows.start or 0)
+            with distributed.sync_gradients(ddp, sync=i == len(shard) - 1):  # DDP averages the ranks' gradients once per step
+                with autocast(device):
+                    _, loss = forward(x, y)
+                    aux = model.aux_loss()
+                ((loss + aux if aux is not None else loss) / len(shard)).backward()
+            loss_sum += loss.detach() / len(shard)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         finite = torch.isfinite(loss.detach()) & torch.isfinite(grad_norm)
         bad_step = torch.where((bad_step < 0) & ~finite, torch.tensor(step, device=device), bad_step)
@@ -174,7 +204,8 @@ def train(params: Params, variant: str, data_dir: Path, out_dir: Path, tracker=N
         at_eval = done % cfg.eval_every == 0 or done == steps
         at_ckpt = done % cfg.checkpoint_every == 0 or done == steps
         if done % cfg.log_every == 0 or at_eval or at_ckpt:
-            if bad_step.item() >= 0:
+            distributed.mean_over_ranks_(loss_sum)  # the global batch's loss, from every rank's share
+            if distributed.max_over_ranks_(bad_step).item() >= 0:
                 raise TrainingDiverged(
                     f"non-finite loss or gradient at step {bad_step.item()} of {variant}; "
                     f"the last good checkpoint ({ckpt_path}, if any) is kept; lower train.lr or check the data"
@@ -184,21 +215,25 @@ def train(params: Params, variant: str, data_dir: Path, out_dir: Path, tracker=N
             train_loss = loss_sum.item() / window_steps
             tokens_per_s = window_steps * tokens_per_step / seconds
             rates.append(tokens_per_s)
-            log.info("step %d/%d  loss %.4f  lr %.2e  %.0f tok/s", done, steps, train_loss, lr, tokens_per_s)
-            metrics = {"train_loss": train_loss, "lr": lr, "tokens_per_s": tokens_per_s}
-            if at_eval:
-                metrics["val_bpb"] = bits_per_byte(model, val_data, cfg.batch_size, val_tokens)["bpb"]
-                metrics.update({f"attn.{k}": v for k, v in _mean_stats(model).items()})
-                curve.append({"step": done, "tokens": done * tokens_per_step, "lr": lr, "train_loss": train_loss,
-                              "val_bpb": metrics["val_bpb"], "tokens_per_s": tokens_per_s, "elapsed_s": elapsed})
-                log.info("step %d/%d  val %.4f bpb", done, steps, metrics["val_bpb"])
-            if tracker is not None:
-                tracker.log_metrics(metrics, step=done)
-            if at_ckpt:
-                save_checkpoint(ckpt_path, model, optimizer, done, {"fingerprint": key, "curve": curve, "elapsed_s": elapsed, "rates": rates})
+            if rank == 0:  # the one writer; the other ranks wait at the barrier below
+                log.info("step %d/%d  loss %.4f  lr %.2e  %.0f tok/s", done, steps, train_loss, lr, tokens_per_s)
+                metrics = {"train_loss": train_loss, "lr": lr, "tokens_per_s": tokens_per_s}
+                if at_eval:
+                    metrics["val_bpb"] = bits_per_byte(model, val_data, cfg.batch_size, val_tokens)["bpb"]
+                    metrics.update({f"attn.{k}": v for k, v in _mean_stats(model).items()})
+                    curve.append({"step": done, "tokens": done * tokens_per_step, "lr": lr, "train_loss": train_loss,
+                                  "val_bpb": metrics["val_bpb"], "tokens_per_s": tokens_per_s, "elapsed_s": elapsed})
+                    log.info("step %d/%d  val %.4f bpb", done, steps, metrics["val_bpb"])
+                if tracker is not None:
+                    tracker.log_metrics(metrics, step=done)
+                if at_ckpt:
+                    save_checkpoint(ckpt_path, model, optimizer, done, {"fingerprint": key, "curve": curve, "elapsed_s": elapsed, "rates": rates})
+            distributed.barrier()
             loss_sum.zero_()
             window_start, window_steps = time.perf_counter(), 0
 
+    if rank != 0:
+        return None
     summary = {
         "variant": variant,
         "steps": steps,
@@ -208,10 +243,11 @@ def train(params: Params, variant: str, data_dir: Path, out_dir: Path, tracker=N
         # Steady state: the median logging window after the first (which holds compilation and warm-up).
         "tokens_per_s": float(np.median(rates[1:] or rates)),
         "tokens_per_s_wall": steps * tokens_per_step / elapsed,
-        "mfu": None if peak is None else model.flops_per_token() * float(np.median(rates[1:] or rates)) / peak,
+        "mfu": None if peak is None else model.flops_per_token() * float(np.median(rates[1:] or rates)) / (peak * world),
         "train_seconds": elapsed,
         "params_non_embedding": n_params,
-        "device": str(device),
+        "device": device.type if world == 1 else f"{device.type} x{world}",
+        "nproc": world,
     }
     save_model(model, out_dir / "model.pt")
     with atomic_path(out_dir / "curve.csv") as tmp, open(tmp, "w", newline="") as f:
@@ -231,15 +267,28 @@ def _mean_stats(model: ByteLM) -> dict[str, float]:
     return {k: float(np.mean([s[k] for s in per_layer if k in s])) for k in sorted(keys)}
 
 
-def main(params: Params, variant: str, data_dir: Path, out_dir: Path) -> dict:
-    from .tracking import stage_run
+def main(params: Params, variant: str, data_dir: Path, out_dir: Path, argv: list[str] | None = None) -> dict | None:
+    """The train stage, on the GPU(s) of free slots (gpu_slots). With train.nproc > 1 outside torchrun it
+    runs this same command (`argv`, default sys.argv[1:]) as nproc torchrun workers and waits for them."""
+    nproc = params.train.nproc
+    gpus = 0 if params.train.device == "cpu" else nproc  # GPU slots: one per process (none for CPU training)
+    if distributed.needs_launch(nproc):
+        distributed.shard(params.train.grad_accum, params.train.batch_size, 0, nproc)  # a bad nproc fails here, once
+        with gpu_slots(gpus):  # held here for all the workers, which inherit CUDA_VISIBLE_DEVICES
+            distributed.launch(nproc, sys.argv[1:] if argv is None else argv)
+        return read_json(Path(out_dir) / "train.json")
 
-    with stage_run(params, "train", variant) as tracker:
-        summary = train(params, variant, data_dir, out_dir, tracker)
-        tracker.log_metrics({k: summary[k] for k in ("val_bpb_final", "tokens_per_s", "train_seconds")})
-        tracker.log_artifact(out_dir / "train.json")
-        tracker.log_artifact(out_dir / "curve.csv")
-        tracker.set_tags({"model_path": str((out_dir / "model.pt").resolve())})
+    with gpu_slots(gpus), distributed.process_group(resolve_device(params.train.device)):
+        if distributed.rank() != 0:
+            return train(params, variant, data_dir, out_dir)
+        from .tracking import stage_run
+
+        with stage_run(params, "train", variant) as tracker:
+            summary = train(params, variant, data_dir, out_dir, tracker)
+            tracker.log_metrics({k: summary[k] for k in ("val_bpb_final", "tokens_per_s", "train_seconds")})
+            tracker.log_artifact(out_dir / "train.json")
+            tracker.log_artifact(out_dir / "curve.csv")
+            tracker.set_tags({"model_path": str((out_dir / "model.pt").resolve())})
     log.info(
         "train %s: %d steps, %.2fM tokens, val %.4f bpb, %.0f tok/s, %.1fs",
         variant, summary["steps"], summary["tokens"] / 1e6, summary["val_bpb_final"], summary["tokens_per_s"], summary["train_seconds"],

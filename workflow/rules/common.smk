@@ -20,13 +20,16 @@ wildcard_constraints:
     variant="|".join(VARIANTS),
 
 
-def section(*keys):
-    """A params section as JSON: a rule's `params:` entry, so that changing it re-runs the rule."""
+def section(*keys, exclude=()):
+    """A params section as JSON: a rule's `params:` entry, so that changing it re-runs the rule
+    (except for the `exclude` keys: settings that do not change the rule's results)."""
 
     def value(wildcards):
         node = PARAMS.model_dump()
         for key in keys:
             node = node[key.format(**wildcards)]
+        if exclude:
+            node = {k: v for k, v in node.items() if k not in exclude}
         return json.dumps(node, sort_keys=True)
 
     return value

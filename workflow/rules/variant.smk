@@ -15,10 +15,12 @@ rule train:
     log:
         f"{LOGS}/train-{{variant}}.log",
     resources:
-        gpu=1,
+        # train.nproc data-parallel processes, one GPU each (the stage picks free ones: gpu_slots.py).
+        gpu=PARAMS.train.nproc,
     params:
         model=section("model"),
-        train=section("train"),
+        # nproc only splits the same global batches over more processes: changing it re-runs nothing.
+        train=section("train", exclude=("nproc",)),
         options=section("variants", "{variant}"),
     shell:
         f"{stage('train')} --variant {{wildcards.variant}} --data {PREPARED} --out {VARIANT_OUT} 2>&1 | tee {{log}}"

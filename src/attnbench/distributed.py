@@ -1,0 +1,146 @@
+"""Data-parallel training: the torchrun launch, the process group, and each rank's share of a batch.
+
+`train.nproc: N` (N > 1) makes `python -m attnbench train ...` run itself again as N
+workers under torchrun (`python -m torch.distributed.run --standalone --nproc-per-node N`,
+one machine). Every worker builds the same model from the same seed; torch's
+DistributedDataParallel averages the gradients. A step's global batch is the one a single
+process draws (grad_accum micro-batches of batch_size sequences, each fixed by
+(seed, step, micro)); rank r takes its share r::N of it (see `shard`), so N processes end
+with the weights of one process, up to float rounding. Rank 0 alone evaluates and writes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shlex
+from collections.abc import Iterator
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+log = logging.getLogger(__name__)
+
+TIMEOUT = timedelta(minutes=60)  # the other ranks wait this long for rank 0's evaluation and checkpoint
+
+
+def under_torchrun() -> bool:
+    """True in a worker that torchrun started (it sets LOCAL_RANK, RANK, WORLD_SIZE)."""
+    return "LOCAL_RANK" in os.environ
+
+
+def needs_launch(nproc: int) -> bool:
+    return nproc > 1 and not under_torchrun()
+
+
+def launch(nproc: int, argv: list[str]) -> None:
+    """Run `python -m attnbench <argv>` as `nproc` workers on this machine with torchrun, in this process
+    (`torch.distributed.run`, as `python -m torch.distributed.run --standalone --nproc-per-node=nproc
+    -m attnbench <argv>` would); return when they are done, raise if one fails. The torchrun agent
+    forwards SIGINT and SIGTERM to the workers."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import main as torchrun
+
+    if not argv or argv[0] != "train":
+        raise RuntimeError("train.nproc > 1 runs from the CLI (`python -m attnbench train ...`) or under torchrun")
+    args = ["--standalone", f"--nproc-per-node={nproc}", "-m", "attnbench", *argv]
+    log.info("launching %d data-parallel processes: torchrun %s", nproc, shlex.join(args))
+    threads = os.environ.get("OMP_NUM_THREADS")
+    if threads is None:  # CPU threads per worker (torchrun's own default is 1)
+        os.environ["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // nproc))
+    try:
+        torchrun(args)
+    except ChildFailedError as err:
+        failed = ", ".join(f"rank {rank} exit code {failure.exitcode}" for rank, failure in sorted(err.failures.items()))
+        raise RuntimeError(f"{len(err.failures)} of {nproc} data-parallel processes failed ({failed}); their errors are above") from None
+    finally:
+        if threads is None:
+            os.environ.pop("OMP_NUM_THREADS", None)
+
+
+@contextlib.contextmanager
+def process_group(device: torch.device) -> Iterator[None]:
+    """Under torchrun: join the workers' process group for the duration (nccl on CUDA, gloo on CPU),
+    with each worker on GPU LOCAL_RANK and only rank 0 logging below warnings. Elsewhere: nothing."""
+    if not under_torchrun():
+        yield
+        return
+    if device.type == "cuda":
+        torch.cuda.set_device(local_device(device))
+        dist.init_process_group("nccl", timeout=TIMEOUT, device_id=local_device(device))
+    else:
+        dist.init_process_group("gloo", timeout=TIMEOUT)
+    if rank() != 0:
+        logging.getLogger("attnbench").setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def local_device(device: torch.device) -> torch.device:
+    """This worker's device: cuda:LOCAL_RANK under torchrun, else `device` as it is."""
+    if device.type == "cuda" and under_torchrun():
+        return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    return device
+
+
+def shard(grad_accum: int, batch_size: int, rank: int, world: int) -> list[tuple[int, slice]]:
+    """This rank's share of a step's global batch, as (micro-batch, rows) pairs: whole micro-batches
+    r::world when grad_accum divides evenly (each micro-batch then sees exactly what one process
+    sees, auxiliary losses included), else rows r::world of every micro-batch (the cross-entropy
+    gradient is still the one-process gradient; a batch-statistics auxiliary loss, lca's and sca's
+    cluster balance, is then taken per share). Every rank gets the same number of sequences, so the
+    mean of the ranks' mean losses is the global batch's mean."""
+    if grad_accum % world == 0:
+        return [(micro, slice(None)) for micro in range(rank, grad_accum, world)]
+    if batch_size % world == 0:
+        return [(micro, slice(rank, None, world)) for micro in range(grad_accum)]
+    raise ValueError(
+        f"train.nproc = {world} must divide train.grad_accum ({grad_accum}) or train.batch_size ({batch_size}), "
+        "so that every process gets an equal share of each batch"
+    )
+
+
+def wrap(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """The model in DistributedDataParallel when there are several processes, else the model itself."""
+    if world_size() == 1:
+        return model
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def sync_gradients(model: torch.nn.Module, sync: bool):
+    """Context for one micro-step's forward and backward: DDP all-reduces the gradients only when
+    `sync` (the last micro-step of an optimizer step); the others accumulate locally (no_sync)."""
+    if sync or not isinstance(model, DistributedDataParallel):
+        return contextlib.nullcontext()
+    return model.no_sync()
+
+
+def mean_over_ranks_(tensor: torch.Tensor) -> torch.Tensor:
+    if world_size() > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        tensor /= world_size()
+    return tensor
+
+
+def max_over_ranks_(tensor: torch.Tensor) -> torch.Tensor:
+    if world_size() > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor
+
+
+def barrier() -> None:
+    if world_size() > 1:
+        dist.barrier()

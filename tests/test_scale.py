@@ -1,0 +1,320 @@
+"""Scaling out: DDP under torchrun, GPU slots under Snakemake, the Slurm profile, an MLflow server, a DVC remote.
+
+All on CPU: DDP runs 2 gloo processes, and ATTNBENCH_GPUS=2 makes "fake GPUs" for the slots.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from attnbench import data, distributed, train as train_mod
+from attnbench.config import load_params, parse_params
+from attnbench.files import read_json
+from attnbench.gpu_slots import gpu_slots
+from tests.test_pipeline import ENV, job_counts, run, workspace
+from tests.tiny import REPO, TINY, merge, write_params
+
+# Slot tests get their own lock folder and fake GPUs; nothing inherited from the caller's machine.
+CLEAN_ENV = {k: v for k, v in ENV.items() if k not in ("ATTNBENCH_GPUS", "CUDA_VISIBLE_DEVICES", "SLURM_JOB_ID", "LOCAL_RANK")}
+FOUR_VARIANTS = {"mha": {}, "la": {}, "ca": {}, "cka": {}}
+
+
+def run_env(cmd: list[str], cwd: Path, env: dict, timeout: int = 300) -> str:
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc.stdout + proc.stderr
+
+
+def prepare(folder: Path, params) -> Path:
+    corpus, prepared = folder / "corpus.bin", folder / "prepared"
+    data.fetch(params.data, corpus, folder / "download")
+    data.prepare(corpus, prepared, params.data.max_bytes, params.data.splits)
+    return prepared
+
+
+# An MLflow server as the README starts it, on a free port. The tests that run stages log to it (one
+# server start for the module, and no sqlite store to create per workspace), each to its own experiment.
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    """`mlflow server` on 127.0.0.1 in its own process group; yields its URL once /health answers
+    (bounded wait) and stops the whole group at the end of the module."""
+    folder = tmp_path_factory.mktemp("mlflow-server")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = open(folder / "server.log", "w")
+    server = subprocess.Popen(
+        ["mlflow", "server", "--backend-store-uri", f"sqlite:///{folder / 'mlflow-server.db'}",
+         "--default-artifact-root", str(folder / "mlartifacts"), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+        cwd=folder, env={**ENV, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}, stdout=log, stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            assert server.poll() is None, (folder / "server.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "mlflow server did not answer /health in 120 s"
+            time.sleep(0.3)
+        yield url
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+        log.close()
+
+
+def server_runs(url: str, experiment: str):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=url)
+    return client, client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+
+
+# --- 1. data-parallel training --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("grad_accum, batch_size, world", [(4, 4, 2), (1, 4, 2), (3, 4, 2), (2, 6, 3)])
+def test_rank_shares_cover_the_global_batch_once_and_average_to_its_gradient(grad_accum, batch_size, world):
+    """What DDP computes (the mean over ranks of each rank's gradient) is the one-process gradient."""
+    params = parse_params(merge(TINY, {"train": {"grad_accum": grad_accum, "batch_size": batch_size}}))
+    shares = [distributed.shard(grad_accum, batch_size, r, world) for r in range(world)]
+    rows = sorted((micro, row) for share in shares for micro, sl in share for row in range(batch_size)[sl])
+    assert rows == [(m, b) for m in range(grad_accum) for b in range(batch_size)], "each sequence exactly once"
+    assert len({sum(len(range(batch_size)[sl]) for _, sl in share) for share in shares}) == 1, "equal shares"
+
+    data_ = (torch.arange(5000) % 251).numpy().astype("uint8")
+    torch.manual_seed(0)
+    model = train_mod.ByteLM(params.model_for("mha"))
+
+    def gradient(pieces):
+        model.zero_grad()
+        for micro, sl in pieces:
+            x, y = train_mod.get_batch(data_, 32, batch_size, 0, 7, micro, torch.device("cpu"))
+            (model(x[sl], y[sl])[1] / len(pieces)).backward()
+        return torch.cat([p.grad.flatten() for p in model.parameters()])
+
+    one = gradient(distributed.shard(grad_accum, batch_size, 0, 1))
+    averaged = torch.stack([gradient(share) for share in shares]).mean(0)
+    assert torch.allclose(one, averaged, atol=1e-6)
+
+
+def test_nproc_must_split_the_batch_evenly_and_does_not_change_the_checkpoint_fingerprint():
+    with pytest.raises(ValueError, match="train.nproc = 2 must divide"):
+        distributed.shard(3, 5, 0, 2)
+    manifest = {"splits": {"train": {"bytes": 1}}}
+    one, two = parse_params(TINY), parse_params(merge(TINY, {"train": {"nproc": 2}}))
+    assert train_mod.fingerprint(one, "mha", manifest) == train_mod.fingerprint(two, "mha", manifest)
+
+
+def test_two_gloo_processes_under_torchrun_train_the_weights_of_one_and_log_one_run_to_an_mlflow_server(
+    tmp_path, monkeypatch, mlflow_server
+):
+    monkeypatch.chdir(tmp_path)
+    # grad_accum 4 over 2 processes: 2 micro-batches each (no_sync, then the all-reduce); lca: Gumbel noise + aux loss.
+    train = {"steps": 6, "batch_size": 4, "grad_accum": 4, "eval_every": 3, "checkpoint_every": 3, "log_every": 3, "device": "cpu"}
+    tracking = {"uri": mlflow_server, "experiment": "scale/ddp"}
+    _, one = write_params(tmp_path, {"train": train, "variants": {"lca": {}}}, name="one.yaml")
+    write_params(tmp_path, {"train": {**train, "nproc": 2}, "tracking": tracking, "variants": {"lca": {}}})
+    prepared = prepare(tmp_path, one)
+    train_mod.train(one, "lca", prepared, tmp_path / "one")
+
+    # The stage command as the front ends run it: with train.nproc 2 it re-runs itself under torchrun.
+    env = {**CLEAN_ENV, "ATTNBENCH_GPU_SLOTS_DIR": str(tmp_path / "slots")}
+    log = run_env([sys.executable, "-m", "attnbench", "train", "--params", "params.yaml", "--variant", "lca",
+                   "--data", "prepared", "--out", "two"], tmp_path, env)
+    assert "launching 2 data-parallel processes" in log and "cpu x 2 processes" in log
+    assert log.count("step 6/6  val") == 1, "only rank 0 logs"
+
+    clean = torch.load(tmp_path / "one" / "model.pt", weights_only=True)["state_dict"]
+    ddp = torch.load(tmp_path / "two" / "model.pt", weights_only=True)["state_dict"]
+    for key in clean:
+        assert torch.allclose(clean[key], ddp[key], atol=1e-6), f"{key} differs: {(clean[key] - ddp[key]).abs().max()}"
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["curve.csv", "model.pt", "train.json"]
+    assert (tmp_path / "two" / "curve.csv").read_text().count("\n") == 3, "header + the evaluations at steps 3 and 6, once"
+    assert read_json(tmp_path / "two" / "train.json")["nproc"] == 2
+
+    # The server (tracking.uri) has exactly one run from the 2 processes, with its metrics and artifacts.
+    client, runs = server_runs(mlflow_server, "scale/ddp")
+    assert [(r.info.run_name, r.info.status) for r in runs] == [("train-lca", "FINISHED")]
+    assert [m.step for m in client.get_metric_history(runs[0].info.run_id, "val_bpb")] == [3, 6]
+    assert {a.path for a in client.list_artifacts(runs[0].info.run_id)} == {"train.json", "curve.csv"}
+    assert not (tmp_path / "mlflow.db").exists(), "logged to the local store instead"
+
+
+# --- 2. GPU slots ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def fake_gpus(tmp_path, monkeypatch):
+    for name in ("CUDA_VISIBLE_DEVICES", "SLURM_JOB_ID", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("ATTNBENCH_GPUS", "2")
+    monkeypatch.setenv("ATTNBENCH_GPU_SLOTS_DIR", str(tmp_path / "slots"))
+    return {**CLEAN_ENV, "ATTNBENCH_GPUS": "2", "ATTNBENCH_GPU_SLOTS_DIR": str(tmp_path / "slots")}
+
+
+def test_gpu_slots_take_free_devices_wait_for_them_and_are_freed_when_a_holder_dies(fake_gpus):
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys\nfrom attnbench.gpu_slots import gpu_slots\nwith gpu_slots(1) as d:\n"
+                               "    print(*d, flush=True)\n    sys.stdin.read()"],
+        env=fake_gpus, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert holder.stdout.readline().split() == ["0"]
+        with gpu_slots(1) as devices:
+            assert devices == ["1"] and os.environ["CUDA_VISIBLE_DEVICES"] == "1"
+        assert "CUDA_VISIBLE_DEVICES" not in os.environ, "restored on exit"
+
+        got = []
+        waiter = threading.Thread(target=lambda: got.extend(_hold(2)))
+        waiter.start()
+        time.sleep(1.0)
+        assert not got, "took 2 slots while another process held one"
+        holder.kill()  # no clean-up in the holder: the kernel drops its lock
+        waiter.join(timeout=10)
+        assert got == ["0", "1"]
+    finally:
+        holder.kill()
+        holder.wait()
+
+    with pytest.raises(KeyError), gpu_slots(2):
+        raise KeyError("the stage failed")
+    assert _hold(2) == ["0", "1"], "released after a failure"
+    with pytest.raises(RuntimeError, match="needs 3 GPUs but 2 are visible"), gpu_slots(3):
+        pass
+
+
+def _hold(n):
+    with gpu_slots(n) as devices:
+        assert os.environ["CUDA_VISIBLE_DEVICES"] == ",".join(devices)
+        return devices
+
+
+def test_gpu_slots_stand_aside_without_gpus_under_slurm_and_in_torchrun_workers(fake_gpus, monkeypatch):
+    for name, value in [("ATTNBENCH_GPUS", "0"), ("SLURM_JOB_ID", "42"), ("LOCAL_RANK", "1")]:
+        with monkeypatch.context() as m:
+            m.setenv(name, value)
+            with gpu_slots(1) as devices:
+                assert devices is None and "CUDA_VISIBLE_DEVICES" not in os.environ, name
+
+
+# --- 3. Snakemake: gpu resources, the Slurm profile, a run on fake GPUs ----------------------
+
+
+def rule_resources(dry_run: str) -> dict[str, set[str]]:
+    """rule -> the set of its jobs' `resources:` lines in a dry run."""
+    out: dict[str, set[str]] = {}
+    for block in re.split(r"^(?:local)?rule ", dry_run, flags=re.M)[1:]:
+        found = re.search(r"^\s+resources: (.*)$", block, re.M)
+        out.setdefault(block.split(":")[0], set()).add(found.group(1) if found else "")
+    return out
+
+
+def test_snakemake_plans_train_with_nproc_gpus_under_the_slurm_profile(tmp_path):
+    """One dry run: the plan of a 4-variant config with train.nproc 2 on 2 GPUs, with the Slurm profile's
+    resources (the profile minus `executor: slurm`: the plugin is not installed here)."""
+    profile = yaml.safe_load((REPO / "workflow/profiles/slurm/config.yaml").read_text())
+    assert profile["executor"] == "slurm" and "slurm_partition" in profile["default-resources"]
+    ws = workspace(tmp_path, {"train": {"nproc": 2}, "variants": FOUR_VARIANTS})
+    (ws / "local-profile").mkdir()
+    (ws / "local-profile" / "config.yaml").write_text(yaml.safe_dump({k: v for k, v in profile.items() if k != "executor"}))
+
+    plan = run([sys.executable, "-m", "snakemake", "-n", "--cores", "all", "--resources", "gpu=2", "--profile", "local-profile"], ws)
+    assert job_counts(plan) == {"fetch": 1, "prepare": 1, "train": 4, "evaluate": 4, "profile": 4, "report": 1, "all": 1}
+    resources = {rule: [set(r.split(", ")) for r in lines] for rule, lines in rule_resources(plan).items()}
+    for r in resources["train"]:
+        assert {"gpu=2", "tasks_per_gpu=0", "cpus_per_gpu=8", "runtime=720", "slurm_partition=YOUR_PARTITION"} <= r, r
+    for r in resources["evaluate"] + resources["profile"]:
+        assert {"gpu=1", "tasks_per_gpu=0"} <= r, r
+    assert not any(i.startswith("gres=") for lines in resources.values() for r in lines for i in r), "gres with gpu: the plugin refuses"
+
+
+SLOT_LINE = re.compile(r"^(\d\d:\d\d:\d\d) attnbench train: gpu slot\(s\) (\d+) -> CUDA_VISIBLE_DEVICES=(\d+)$", re.M)
+FREE_LINE = re.compile(r"^(\d\d:\d\d:\d\d) attnbench train: gpu slot\(s\) (\d+) released", re.M)
+
+
+def test_snakemake_on_two_fake_gpus_runs_two_trainings_at_a_time_on_distinct_devices(tmp_path, monkeypatch, fake_gpus, mlflow_server):
+    train = {"steps": 4, "eval_every": 4, "checkpoint_every": 4, "log_every": 2, "eval_batches": 1}
+    tracking = {"uri": mlflow_server, "experiment": "scale/fake-gpus"}
+    ws = workspace(tmp_path, {"train": train, "tracking": tracking, "variants": FOUR_VARIANTS})
+    monkeypatch.chdir(ws)
+    prepare(ws / "results/tiny/data", load_params("params.yaml"))  # in place, so that only the trainings run
+    # Created up front: two stages starting at once against a server would both create it, and one
+    # fails (tracking._experiment_id guards only sqlite stores against that).
+    from mlflow.tracking import MlflowClient
+
+    MlflowClient(tracking_uri=mlflow_server).create_experiment("scale/fake-gpus")
+    targets = [f"results/tiny/variants/{v}/model.pt" for v in FOUR_VARIANTS]
+    out = run_env([sys.executable, "-m", "snakemake", *targets, "--cores", "4", "--resources", "gpu=2"], ws, fake_gpus)
+    assert job_counts(out) == {"train": 4}, out
+
+    jobs = []
+    for variant in FOUR_VARIANTS:
+        log = (ws / "logs" / "tiny" / f"train-{variant}.log").read_text()
+        taken, freed = SLOT_LINE.search(log), FREE_LINE.search(log)
+        assert taken and freed, f"train-{variant}.log names no gpu slot:\n{log}"
+        assert taken.group(2) == freed.group(2) and taken.group(3) in ("0", "1")
+        start, end = (datetime.strptime(m.group(1), "%H:%M:%S") for m in (taken, freed))
+        jobs.append((start, end, taken.group(3), variant))
+    # Logged to the second: two intervals that overlap here truly overlapped (the converse may miss some).
+    overlapping = [(a, b) for i, a in enumerate(jobs) for b in jobs[i + 1 :] if a[0] < b[1] and b[0] < a[1]]
+    assert overlapping, f"no two trainings ran at once: {jobs}"
+    for a, b in overlapping:
+        assert a[2] != b[2], f"{a[3]} and {b[3]} ran at once on device {a[2]}"
+    # Intervals that overlap pairwise share a moment: three of them would be three trainings at once.
+    assert not any({(a, b), (a, c), (b, c)} <= set(overlapping) for a, b, c in itertools.combinations(jobs, 3)), jobs
+
+
+# --- 4. a DVC remote ------------------------------------------------------------------------
+
+
+def test_dvc_push_then_pull_restores_the_prepared_data(tmp_path, monkeypatch):
+    """The data is prepared in place and recorded as the fetch and prepare stages' outputs with `dvc commit`
+    (what `dvc repro prepare` records, without two stage processes; test_pipeline's slow test runs dvc repro)."""
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    workspace(ws)
+    monkeypatch.chdir(ws)
+    results = ws / "results" / "tiny" / "data"
+    prepare(results, load_params("params.yaml"))
+    shutil.rmtree(results / "download", ignore_errors=True)
+    run(["dvc", "init", "--no-scm", "-q"], ws)
+    run(["dvc", "commit", "--force", "fetch", "prepare"], ws)
+    before = {p.relative_to(results): p.read_bytes() for p in results.rglob("*") if p.is_file()}
+    assert {str(p) for p in before} == {"corpus.bin", "prepared/train.bin", "prepared/val.bin", "prepared/test.bin", "prepared/manifest.json"}
+
+    run(["dvc", "remote", "add", "-d", "store", str(tmp_path / "remote")], ws)
+    assert "5 files pushed" in run(["dvc", "push", "fetch", "prepare"], ws)
+    shutil.rmtree(ws / "results")
+    shutil.rmtree(ws / ".dvc" / "cache")  # as on another machine: only the remote has the data
+    run(["dvc", "pull", "fetch", "prepare"], ws)
+    assert {p.relative_to(results): p.read_bytes() for p in results.rglob("*") if p.is_file()} == before
+    assert "up to date" in run(["dvc", "status", "prepare"], ws)
