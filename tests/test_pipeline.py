@@ -7,7 +7,6 @@ import re
 import shutil
 import subprocess
 import sys
-from collections import defaultdict
 from pathlib import Path
 
 import pytest
@@ -26,20 +25,26 @@ def run(cmd: list[str], cwd: Path, timeout: int = 600) -> str:
 
 
 def snakemake_stages(cwd: Path) -> dict[str, dict[str, set[str] | str]]:
-    """{stage: {"outs", "deps", "cmd"}} from `snakemake --detailed-summary`, named like DVC's stages (train@mha)."""
-    out = run([sys.executable, "-m", "snakemake", "--detailed-summary", "--cores", "1"], cwd)
-    stages: dict[str, dict] = defaultdict(lambda: {"outs": set(), "deps": set(), "cmd": ""})
-    lines = [line.split("\t") for line in out.splitlines() if "\t" in line]
-    header = lines[0]
-    for fields in lines[1:]:
-        row = dict(zip(header, fields))
-        cmd = row["shellcmd"].split(" 2>&1")[0].strip()
-        variant = re.search(r"--variant (\S+)", cmd)
-        name = f"{row['rule']}@{variant.group(1)}" if variant else row["rule"]
-        stages[name]["outs"].add(row["output_file"])
-        stages[name]["deps"].update(p for p in row["input-file(s)"].split(",") if p and p != "-")
-        stages[name]["cmd"] = cmd
-    return dict(stages)
+    """{stage: {"outs", "deps", "cmd"}} from a forced dry run's job list, named like DVC's stages (train@mha).
+
+    A dry run needs no outputs or metadata, so this reads the declarations, not the state of a past run."""
+    out = run([sys.executable, "-m", "snakemake", "-n", "-p", "--forceall", "--cores", "1"], cwd)
+    stages: dict[str, dict] = {}
+    for block in re.split(r"^rule ", out, flags=re.M)[1:]:
+        rule = block.split(":", 1)[0]
+        if rule == "all":  # the default target, no stage
+            continue
+        fields = dict(re.findall(r"^    (\w+): (.*)$", block, re.M))
+        command = re.search(r"^Shell command: (.*)$", block, re.M)
+        assert command is not None, f"rule {rule}: no shell command in the dry run"
+        variant = re.search(r"variant=(\w+)", fields.get("wildcards", ""))
+        name = f"{rule}@{variant.group(1)}" if variant else rule
+        stages[name] = {
+            "outs": set(fields.get("output", "").split(", ")) - {""},
+            "deps": set(fields.get("input", "").split(", ")) - {""},
+            "cmd": command.group(1).split(" 2>&1")[0].strip(),
+        }
+    return stages
 
 
 def dvc_stages(cwd: Path) -> dict[str, dict[str, set[str] | str]]:
