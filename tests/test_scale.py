@@ -6,6 +6,7 @@ All on CPU: DDP runs 2 gloo processes, and ATTNBENCH_GPUS=2 makes "fake GPUs" fo
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import re
 import shutil
@@ -318,3 +319,29 @@ def test_dvc_push_then_pull_restores_the_prepared_data(tmp_path, monkeypatch):
     run(["dvc", "pull", "fetch", "prepare"], ws)
     assert {p.relative_to(results): p.read_bytes() for p in results.rglob("*") if p.is_file()} == before
     assert "up to date" in run(["dvc", "status", "prepare"], ws)
+
+
+def test_dvc_experiment_queue_runs_a_sweep_two_at_a_time(tmp_path):
+    """`dvc exp run --queue` + `dvc queue start -j 2`: two settings of data.max_bytes run as queued
+    experiments on two workers; both succeed, each with its own setting and its own prepared split."""
+    ws = workspace(tmp_path)
+    git = ["git", "-c", "user.email=ci@example.com", "-c", "user.name=ci"]
+    run(["git", "init", "-q"], ws)
+    run(["dvc", "init", "-q"], ws)
+    run(["git", "add", "-A"], ws)
+    run([*git, "commit", "-qm", "workspace"], ws)
+    for max_bytes in (30000, 40000):  # the prepare target only: a sweep of the data stage, seconds each
+        run(["dvc", "exp", "run", "--queue", "-S", f"data.max_bytes={max_bytes}", "prepare"], ws)
+    run(["dvc", "queue", "start", "-j", "2"], ws)
+    deadline = time.monotonic() + 240
+    while re.search(r"Queued|Running", status := run(["dvc", "queue", "status"], ws)) and time.monotonic() < deadline:
+        time.sleep(2)
+    assert len(re.findall(r"Success$", status, re.M)) == 2, status
+    manifests = {}
+    for baseline in json.loads(run(["dvc", "exp", "show", "--json"], ws)):
+        for experiment in baseline.get("experiments") or []:
+            for rev in experiment["revs"]:
+                max_bytes = rev["data"]["params"]["params.yaml"]["data"]["data"]["max_bytes"]
+                manifests[max_bytes] = rev["data"]["outs"]["results/tiny/data/prepared/manifest.json"]["hash"]
+    assert set(manifests) == {30000, 40000}, manifests
+    assert len(set(manifests.values())) == 2, "both experiments produced the same split"
