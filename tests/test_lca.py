@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from attnbench.variants import build_attention
-from tests.test_variants import FP32_RTOL, make_layer, rel_err, run_layer
+from tests.test_variants import FP32_RTOL, assert_equals_mha, assert_prefix_unchanged, future_changed, rel_err, run_layer
 
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 
@@ -30,15 +30,7 @@ def one_thread():
 @pytest.mark.parametrize("path", ["reference", "efficient"])
 def test_one_cluster_is_mha(path, router):
     B, T, H, D = 2, 50, 2, 8
-    layer = lca_layer(T, H, D, clusters=1, router=router).train()
-    mha = make_layer("mha", T, H, D)
-    mha.load_state_dict(layer.state_dict(), strict=False)
-    x = torch.randn(B, T, H * D)
-    out, grads = run_layer(layer, x, path)
-    out_mha, grads_mha = run_layer(mha, x, "efficient")
-    assert rel_err(out, out_mha) < FP32_RTOL, f"lca C=1 {path}: output rel err {rel_err(out, out_mha):.2e}"
-    for key in grads_mha:
-        assert rel_err(grads[key], grads_mha[key]) < FP32_RTOL, f"lca C=1 {path}: grad of {key}"
+    assert_equals_mha(lca_layer(T, H, D, clusters=1, router=router).train(), path, "lca C=1", B)
 
 
 @pytest.mark.parametrize("mode", ["train", "eval"])
@@ -48,21 +40,16 @@ def test_long_segments_match_reference_and_stay_causal(clusters, router, mode):
     """Clusters spanning several chunks (the shared tests' default clusters fit in one)."""
     B, T, H, D, t = 2, 100, 2, 8, 60
     layer = lca_layer(T, H, D, clusters=clusters, router=router).train(mode == "train")
-    x = torch.randn(B, T, H * D)
-    x_changed = x.clone()
-    x_changed[:, t + 1 :] = torch.randn(B, T - t - 1, H * D) * 3
-    weight = torch.zeros(B, T, H * D)
-    weight[:, : t + 1] = torch.randn(B, t + 1, H * D)
+    x, x_changed, weight = future_changed(B, T, H * D, t)
     out_ref, grads_ref = run_layer(layer, x, "reference", grad_weight=weight)
     out_a, grads_a = run_layer(layer, x, "efficient", grad_weight=weight)
-    out_b, grads_b = run_layer(layer, x_changed, "efficient", grad_weight=weight)
+    changed = run_layer(layer, x_changed, "efficient", grad_weight=weight)
     assert rel_err(out_a, out_ref) < FP32_RTOL, f"output rel err {rel_err(out_a, out_ref):.2e}"
     for key in grads_ref:
         assert rel_err(grads_a[key], grads_ref[key]) < FP32_RTOL, f"grad of {key} rel err {rel_err(grads_a[key], grads_ref[key]):.2e}"
     if mode == "train":
         assert grads_a["router.weight"].abs().sum() > 0, "no gradient reaches the router"
-    assert torch.equal(out_a[:, : t + 1], out_b[:, : t + 1]), "output depends on the future"
-    assert torch.equal(grads_a["input"][:, : t + 1], grads_b["input"][:, : t + 1]), "gradient leak"
+    assert_prefix_unchanged((out_a, grads_a), changed, t, f"lca C={clusters}")
 
 
 @pytest.mark.parametrize("mode", ["train", "eval"])

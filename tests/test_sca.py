@@ -10,7 +10,7 @@ import torch
 
 from attnbench.model import ByteLM, ModelConfig
 from attnbench.variants import build_attention
-from tests.test_variants import FP32_RTOL, make_layer, rel_err, run_layer
+from tests.test_variants import FP32_RTOL, assert_equals_mha, assert_prefix_unchanged, future_changed, rel_err, run_layer
 
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 
@@ -68,15 +68,9 @@ def test_causal_with_supernodes(options, router, mode, path):
     """Changing inputs after t leaves outputs at <= t and their input gradients bitwise equal; T = 45 is no multiple of b."""
     B, T, H, D, t = 2, 45, 2, 8, 20
     layer = sca_layer(T, H, D, router=router, **options).train(mode == "train")
-    x = torch.randn(B, T, H * D)
-    x_changed = x.clone()
-    x_changed[:, t + 1 :] = torch.randn(B, T - t - 1, H * D) * 3
-    weight = torch.zeros(B, T, H * D)
-    weight[:, : t + 1] = torch.randn(B, t + 1, H * D)
-    out_a, grads_a = run_layer(layer, x, path, grad_weight=weight)
-    out_b, grads_b = run_layer(layer, x_changed, path, grad_weight=weight)
-    assert torch.equal(out_a[:, : t + 1], out_b[:, : t + 1]), f"{path}: output at <= {t} depends on the future"
-    assert torch.equal(grads_a["input"][:, : t + 1], grads_b["input"][:, : t + 1]), f"{path}: gradient leak"
+    x, x_changed, weight = future_changed(B, T, H * D, t)
+    runs = [run_layer(layer, inputs, path, grad_weight=weight) for inputs in (x, x_changed)]
+    assert_prefix_unchanged(*runs, t, f"sca/{path}")
 
 
 @pytest.mark.parametrize("mode", ["train", "eval"])
@@ -105,15 +99,7 @@ def test_one_cluster_is_mha(path, router):
     """The spec's degenerate case, at the gate's initial value 0 (with a non-zero gate one cluster's
     supernode would add the running mean of earlier blocks' values, which mha does not have)."""
     B, T, H, D = 2, 50, 2, 8
-    layer = sca_layer(T, H, D, gate=0.0, clusters=1, router=router).train()
-    mha = make_layer("mha", T, H, D)
-    mha.load_state_dict(layer.state_dict(), strict=False)
-    x = torch.randn(B, T, H * D)
-    out, grads = run_layer(layer, x, path)
-    out_mha, grads_mha = run_layer(mha, x, "efficient")
-    assert rel_err(out, out_mha) < FP32_RTOL, f"sca C=1 {path}: output rel err {rel_err(out, out_mha):.2e}"
-    for key in grads_mha:
-        assert rel_err(grads[key], grads_mha[key]) < FP32_RTOL, f"sca C=1 {path}: grad of {key}"
+    assert_equals_mha(sca_layer(T, H, D, gate=0.0, clusters=1, router=router).train(), path, "sca C=1", B)
 
 
 @pytest.mark.parametrize("mode", ["train", "eval"])

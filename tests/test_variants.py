@@ -51,6 +51,35 @@ def make_layer(name, T, H, D, device="cpu", dtype=torch.float32, seed=0):
     return build_attention(name, H * D, H, T).to(device=device, dtype=dtype)
 
 
+def future_changed(B: int, T: int, width: int, t: int):
+    """Inputs x, and x with every position after t redrawn (3x larger), and a gradient weight on positions <= t only."""
+    x = torch.randn(B, T, width)
+    x_changed = x.clone()
+    x_changed[:, t + 1 :] = torch.randn(B, T - t - 1, width) * 3
+    weight = torch.zeros(B, T, width)
+    weight[:, : t + 1] = torch.randn(B, t + 1, width)
+    return x, x_changed, weight
+
+
+def assert_prefix_unchanged(run_a, run_b, t: int, label: str) -> None:
+    """Outputs at <= t and their input gradients bitwise equal between two runs of future_changed inputs."""
+    (out_a, grads_a), (out_b, grads_b) = run_a, run_b
+    assert torch.equal(out_a[:, : t + 1], out_b[:, : t + 1]), f"{label}: output at <= {t} depends on the future"
+    assert torch.equal(grads_a["input"][:, : t + 1], grads_b["input"][:, : t + 1]), f"{label}: gradient leak"
+
+
+def assert_equals_mha(layer, path: str, label: str, B: int = 2) -> None:
+    """`layer` (a degenerate case of its variant) computes mha with the same q/k/v/out weights: outputs and grads."""
+    mha = make_layer("mha", layer.seq_len, layer.n_heads, layer.head_dim)
+    mha.load_state_dict(layer.state_dict(), strict=False)
+    x = torch.randn(B, layer.seq_len, layer.n_heads * layer.head_dim)
+    out, grads = run_layer(layer, x, path)
+    out_mha, grads_mha = run_layer(mha, x, "efficient")
+    assert rel_err(out, out_mha) < FP32_RTOL, f"{label} {path}: output rel err {rel_err(out, out_mha):.2e}"
+    for key in grads_mha:
+        assert rel_err(grads[key], grads_mha[key]) < FP32_RTOL, f"{label} {path}: grad of {key}"
+
+
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("name", VARIANTS)
 @pytest.mark.parametrize("mode", ["train", "eval"])
@@ -59,15 +88,9 @@ def test_layer_is_causal(name, path, mode):
     B, T, H, D = 2, 45, 2, 8
     t = 20
     layer = make_layer(name, T, H, D).train(mode == "train")
-    x = torch.randn(B, T, H * D)
-    x_changed = x.clone()
-    x_changed[:, t + 1 :] = torch.randn(B, T - t - 1, H * D) * 3
-    weight = torch.zeros(B, T, H * D)
-    weight[:, : t + 1] = torch.randn(B, t + 1, H * D)
-    out_a, grads_a = run_layer(layer, x, path, grad_weight=weight)
-    out_b, grads_b = run_layer(layer, x_changed, path, grad_weight=weight)
-    assert torch.equal(out_a[:, : t + 1], out_b[:, : t + 1]), f"{name}/{path}: output at <= {t} depends on the future"
-    assert torch.equal(grads_a["input"][:, : t + 1], grads_b["input"][:, : t + 1]), f"{name}/{path}: gradient leak"
+    x, x_changed, weight = future_changed(B, T, H * D, t)
+    runs = [run_layer(layer, inputs, path, grad_weight=weight) for inputs in (x, x_changed)]
+    assert_prefix_unchanged(*runs, t, f"{name}/{path}")
 
 
 @pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())

@@ -92,8 +92,7 @@ def train_step(params: Params, variant: str, batch: int, compile: bool) -> tuple
     def step():
         with autocast(device):
             _, loss = forward(idx[:, :-1], idx[:, 1:])
-            aux = model.aux_loss()
-        (loss + aux if aux is not None else loss).backward()
+        model.with_aux_loss(loss).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 

@@ -104,6 +104,11 @@ class ByteLM(nn.Module):
         losses = [attn.aux_loss for attn in self.attention_layers if attn.aux_loss is not None]
         return torch.stack(losses).sum() if losses else None
 
+    def with_aux_loss(self, loss: torch.Tensor) -> torch.Tensor:
+        """The training objective: `loss` plus the attention layers' auxiliary losses of the last forward, if any."""
+        aux = self.aux_loss()
+        return loss if aux is None else loss + aux
+
     def num_params(self, non_embedding: bool = True) -> int:
         n = sum(p.numel() for p in self.parameters())
         return n - (self.tok_emb.weight.numel() + self.pos_emb.weight.numel() if non_embedding else 0)

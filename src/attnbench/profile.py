@@ -107,8 +107,7 @@ def model_step(params: Params, variant: str, T: int, batch: int, device: torch.d
     def step():
         with autocast(device):
             _, loss = model(idx[:, :-1], idx[:, 1:])
-            aux = model.aux_loss()
-        (loss + aux if aux is not None else loss).backward()
+        model.with_aux_loss(loss).backward()
         model.zero_grad(set_to_none=True)
 
     return step

@@ -190,8 +190,7 @@ def train(params: Params, variant: str, data_dir: Path, out_dir: Path, tracker=N
             with distributed.sync_gradients(ddp, sync=i == len(shard) - 1):  # DDP averages the ranks' gradients once per step
                 with autocast(device):
                     _, loss = forward(x, y)
-                    aux = model.aux_loss()
-                ((loss + aux if aux is not None else loss) / len(shard)).backward()
+                (model.with_aux_loss(loss) / len(shard)).backward()
             loss_sum += loss.detach() / len(shard)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         finite = torch.isfinite(loss.detach()) & torch.isfinite(grad_norm)
