@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from torch.nn.attention.flex_attention import BlockMask
 
 from attnbench.variants import build_attention
 from attnbench.variants.flex import TILE, band_block_mask
@@ -52,7 +53,11 @@ def test_flex_path_equals_reference(T, block, lookback):
 
 def expand_tiles(block_mask, T):
     """Token-level (B, H, T, T) bool: pairs inside a key tile listed for their query tile."""
-    dense = block_mask.to_dense().bool()  # (B, H, n, n)
+    return expand_tiles_dense(block_mask.to_dense().bool(), T)
+
+
+def expand_tiles_dense(dense, T):
+    """(B, H, n, n) tile flags -> (B, H, T, T) pair flags."""
     return dense.repeat_interleave(TILE, -1).repeat_interleave(TILE, -2)[..., :T, :T]
 
 
@@ -66,11 +71,20 @@ def random_segment_starts(B, H, T, clusters):
 def test_band_tile_lists_cover_the_band(T):
     """Eager flex ignores the tile lists, so check them directly: every allowed pair lies in a listed tile."""
     layer = ca_layer(T, 1, 8, block=48, lookback=1)
-    for lo in (layer.band_start(T, None).expand(1, 1, T), random_segment_starts(2, 3, T, clusters=5)):
+    wide = ca_layer(T, 1, 8, block=160, lookback=2)  # a band several tiles wide: full tiles exist
+    for lo in (layer.band_start(T, None).expand(1, 1, T), wide.band_start(T, None).expand(1, 1, T), random_segment_starts(2, 3, T, clusters=5)):
         pos = torch.arange(T)
         band = (lo.unsqueeze(-1) <= pos) & (pos <= pos.unsqueeze(-1))  # (B, H, T, T)
-        covered = expand_tiles(band_block_mask(lo), T)
+        block_mask = band_block_mask(lo)
+        covered = expand_tiles(block_mask, T)
         assert not (band & ~covered).any(), "a pair inside the band lies in a tile the block mask skips"
+        full_tiles = BlockMask.from_kv_blocks(block_mask.full_kv_num_blocks, block_mask.full_kv_indices).to_dense().bool()
+        assert not (expand_tiles_dense(full_tiles, T) & ~band).any(), "a tile listed as full holds a pair outside the band"
+        n = full_tiles.shape[-1]
+        padded = torch.nn.functional.pad(band, (0, n * TILE - T, 0, n * TILE - T), value=True)  # padding: no constraint
+        inside = padded.unflatten(-2, (n, TILE)).unflatten(-1, (n, TILE)).all(dim=(-3, -1))  # (B, H, n, n)
+        below_diagonal = torch.ones(n, n, dtype=torch.bool).tril(-1)
+        assert torch.equal(full_tiles, inside & below_diagonal), "full tiles are not exactly the off-diagonal tiles inside the band"
 
 
 @pytest.mark.parametrize("options,message", [({"block": 0}, "block must be >= 1"), ({"lookback": -1}, "lookback must be >= 0")])

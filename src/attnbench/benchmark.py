@@ -4,10 +4,11 @@ Two tables, one run (so every ratio compares numbers from the same card and mome
 - attention: each variant's efficient path, forward+backward at a fixed number of tokens per
   step (batch = tokens // T), q, k, v (B, H, T, D) bf16 plus the layer input x for routing
   variants; the variant's own parameters (router, P, gates) included, projections excluded,
-  as in the design notes. A reference row `sdpa` is the fused causal kernel alone.
-- training: the whole model (params.model) in training mode: bf16 autocast, fused AdamW,
-  torch.compile where the variant compiles (eager otherwise, recorded), tokens/s and MFU,
-  MFU = (6 N + 6 L T d) * tokens/s / peak, N the non-embedding parameters (gpu-notes.md's count).
+  as in the design notes. Reference rows `sdpa` / `sdpa-flash`: the fused causal kernel alone.
+- training: the whole model (params.model, and --train-sizes) in training mode: bf16 autocast,
+  fused AdamW, torch.compile where the variant compiles (eager otherwise, recorded), tokens/s and
+  MFU = (6 N + 6 L T d) * tokens/s / peak, N the non-embedding parameters (gpu-notes.md's count);
+  first a plain GPT of the same size (mha on the flash kernel), the floor mha must beat.
 Fitted time exponents of the attention rows use T in [2K, 32K] when present.
 Writes <out>/<device>.csv, <device>.md and <device>.png.
 """
@@ -23,26 +24,42 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import sdpa_kernel
 
 from .config import Params
 from .files import atomic_path, write_text
-from .model import ByteLM
+from .model import ByteLM, ModelConfig
 from .profile import fit_exponent
 from .runtime import autocast, peak_flops, resolve_device
 from .variants import build_attention
+from .variants.mha import MultiHeadOptions, sdpa_backends
 
 log = logging.getLogger(__name__)
 
+# Reference rows, the fused causal kernel alone: `sdpa` in mha's default order (cuDNN first, the fastest
+# on the H100), the bar every ratio uses; `sdpa-flash`, the flash kernel, for comparison with gpu-notes.md.
+REFERENCES = {"sdpa": sdpa_backends(MultiHeadOptions().kernels), "sdpa-flash": sdpa_backends(["flash"])}
+# The training baseline: a plain compiled GPT of the same size, i.e. mha on the flash kernel.
+PLAIN_GPT = ("plain GPT (mha, flash)", "mha", {"kernels": ["flash"]})
+
 ATTENTION_FIELDS = ["kind", "variant", "compiled", "T", "batch", "ms", "mtok_per_s", "peak_gib", "status"]
-TRAIN_FIELDS = ["kind", "variant", "T", "batch", "ms", "mtok_per_s", "mfu", "compiled", "status"]
+TRAIN_FIELDS = ["kind", "variant", "model", "T", "batch", "ms", "mtok_per_s", "mfu", "compiled", "status"]
 
 
 def device_name() -> str:
     return torch.cuda.get_device_name().replace(" ", "-") if torch.cuda.is_available() else "cpu"
 
 
+CHAIN = 4  # steps per timed sample
+
+
 def time_ms(step: Callable[[], None], warmup: int, repeats: int) -> float:
-    """Median milliseconds of `step` over `repeats`, timed with CUDA events after `warmup` calls."""
+    """Median milliseconds per call of `step`, timed with CUDA events after `warmup` calls.
+
+    Each of the `repeats` samples times CHAIN calls back to back, as training issues them (no
+    synchronisation between steps), so the host's launch work overlaps the device's and a short
+    step is not charged for the idle device while the host prepares it.
+    """
     for _ in range(warmup):
         step()
     torch.cuda.synchronize()
@@ -50,10 +67,11 @@ def time_ms(step: Callable[[], None], warmup: int, repeats: int) -> float:
     for _ in range(repeats):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        step()
+        for _ in range(CHAIN):
+            step()
         end.record()
         end.synchronize()
-        times.append(start.elapsed_time(end))
+        times.append(start.elapsed_time(end) / CHAIN)
     return statistics.median(times)
 
 
@@ -63,10 +81,11 @@ def attention_step(variant: str, T: int, batch: int, heads: int, head_dim: int, 
     q, k, v = (torch.randn(batch, heads, T, head_dim, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
     x = torch.randn(batch, T, d_model, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     grad = torch.randn(batch, heads, T, head_dim, device="cuda", dtype=torch.bfloat16)
-    if variant == "sdpa":
+    if variant in REFERENCES:
 
         def step():
-            F.scaled_dot_product_attention(q, k, v, is_causal=True).backward(grad)
+            with sdpa_kernel(REFERENCES[variant], set_priority=True):
+                F.scaled_dot_product_attention(q, k, v, is_causal=True).backward(grad)
         return step
     layer = build_attention(variant, d_model, heads, T, options).cuda().train()
     efficient = torch.compile(layer.efficient) if compile else layer.efficient
@@ -80,14 +99,13 @@ def attention_step(variant: str, T: int, batch: int, heads: int, head_dim: int, 
     return step
 
 
-def train_step(params: Params, variant: str, batch: int, compile: bool) -> tuple[Callable[[], None], int]:
+def train_step(cfg: ModelConfig, batch: int, compile: bool) -> tuple[Callable[[], None], int]:
     """One optimizer step of the whole model; returns it and the model's training FLOPs per token."""
     device = torch.device("cuda")
-    model = ByteLM(params.model_for(variant)).to(device).train()
+    model = ByteLM(cfg).to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     forward = torch.compile(model) if compile else model
-    T = params.model.seq_len
-    idx = torch.randint(0, 256, (batch, T + 1), device=device)
+    idx = torch.randint(0, 256, (batch, cfg.seq_len + 1), device=device)
 
     def step():
         with autocast(device):
@@ -115,33 +133,43 @@ def run_point(kind: str, variant: str, T: int, batch: int, build: Callable[[], C
 
 
 def benchmark(params: Params, variants: list[str], seq_lens: list[int], tokens: int, heads: int, head_dim: int,
-              warmup: int, repeats: int, parts: list[str]) -> tuple[list[dict], list[dict]]:
-    """The attention rows and the training rows (see the module docstring); `parts` says which to run."""
+              warmup: int, repeats: int, parts: list[str], modes: tuple[str, ...] = ("eager", "compiled"),
+              train_sizes: list[tuple[int, int]] | None = None) -> tuple[list[dict], list[dict]]:
+    """The attention rows of `variants` (which may name REFERENCES) and the training rows of a plain GPT and
+    `variants` (see the module docstring); `parts` says which to run,
+    `modes` whether the variants' attention runs eager, compiled or both; `train_sizes` adds
+    (d_model, layers) models beyond params.model to the training rows (plain GPT and mha only)."""
     attention, training = [], []
-    for variant in ["sdpa", *variants] if "attention" in parts else []:
+    compiles = [mode == "compiled" for mode in modes]
+    for variant in variants if "attention" in parts else []:
         options = params.variants.get(variant)
         for T in seq_lens:
             batch = max(1, tokens // T)
-            for compile in (False, True) if variant != "sdpa" else (False,):
+            for compile in compiles if variant not in REFERENCES else (False,):
                 row = run_point("attention", variant, T, batch,
                                 lambda: attention_step(variant, T, batch, heads, head_dim, options, compile), warmup, repeats)
                 attention.append(row | {"compiled": compile, "label": f"{variant} (compiled)" if compile else variant})
     T, peak = params.model.seq_len, peak_flops(torch.device("cuda"))
     batch = max(1, params.profile.tokens_per_step // T)
-    for variant in variants if "train" in parts else []:
-        flops = {}
+    sizes = [(params.model.d_model, params.model.n_layers), *(train_sizes or [])]
+    runs = [PLAIN_GPT, *((v, v, params.variant_options(v)) for v in variants)] if "train" in parts else []
+    for d_model, n_layers in sizes:
+        model = params.model.model_copy(update={"d_model": d_model, "n_layers": n_layers, "n_heads": d_model // head_dim})
+        for label, variant, options in runs if (d_model, n_layers) == sizes[0] else runs[:2]:  # other sizes: baseline and mha
+            cfg = ModelConfig(variant=variant, **model.model_dump(), variant_options=options)
+            flops = {}
 
-        def build(compile):
-            step, flops["per_token"] = train_step(params, variant, batch, compile)
-            return step
+            def build(compile):
+                step, flops["per_token"] = train_step(cfg, batch, compile)
+                return step
 
-        row = run_point("train", variant, T, batch, lambda: build(True), warmup, repeats)
-        row["compiled"] = row["status"] == "ok"
-        if not row["compiled"]:  # the clean fallback: eager
-            row = run_point("train", variant, T, batch, lambda: build(False), warmup, repeats) | {"compiled": False}
-        if row["status"] == "ok" and peak:
-            row["mfu"] = flops["per_token"] * row["mtok_per_s"] * 1e6 / peak
-        training.append(row)
+            row = run_point("train", label, T, batch, lambda: build(True), warmup, repeats)
+            row["compiled"] = row["status"] == "ok"
+            if not row["compiled"]:  # the clean fallback: eager
+                row = run_point("train", label, T, batch, lambda: build(False), warmup, repeats) | {"compiled": False}
+            if row["status"] == "ok" and peak:
+                row["mfu"] = flops["per_token"] * row["mtok_per_s"] * 1e6 / peak
+            training.append(row | {"model": f"d{d_model} L{n_layers} H{model.n_heads}"})
     return attention, training
 
 
@@ -165,27 +193,32 @@ def markdown(attention: list[dict], training: list[dict], device: str, tokens: i
     slopes = exponents(attention)
     lines = [f"# attnbench benchmark on {device}", "", "`python -m attnbench benchmark --help` tells how to reproduce it.", "",
              f"## Attention forward+backward, Mtok/s ({tokens:,} tokens per step, H = {heads}, D = {head_dim}, bf16, median)", "",
-             "| variant | " + " | ".join(f"{T // 1024}K" if T >= 1024 else str(T) for T in seq_lens) + " | time exponent (2K-32K) | x sdpa at 8K |",
-             "|---|" + "---|" * (len(seq_lens) + 2)]
+             "| variant | " + " | ".join(f"{T // 1024}K" if T >= 1024 else str(T) for T in seq_lens)
+             + " | time exponent (2K-32K) | x sdpa at 8K | x sdpa at 32K |",
+             "|---|" + "---|" * (len(seq_lens) + 3)]
     by = {(r["label"], r["T"]): r for r in attention}
+
+    def ratio(label, T):
+        ok = by.get((label, T), {}).get("status") == "ok" and by.get(("sdpa", T), {}).get("status") == "ok"
+        return f"{by[label, T]['mtok_per_s'] / by['sdpa', T]['mtok_per_s']:.2f}" if ok else "—"
+
     for label in dict.fromkeys(r["label"] for r in attention):
         cells = [cell(by.get((label, T))) for T in seq_lens]
-        ratio = "—"
-        if by.get((label, 8192), {}).get("status") == "ok" and by.get(("sdpa", 8192), {}).get("status") == "ok":
-            ratio = f"{by[label, 8192]['mtok_per_s'] / by['sdpa', 8192]['mtok_per_s']:.2f}"
         slope = slopes[label]
-        lines.append(f"| {label} | " + " | ".join(cells) + f" | {'—' if slope is None else f'{slope:.2f}'} | {ratio} |")
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {'—' if slope is None else f'{slope:.2f}'} | {ratio(label, 8192)} | {ratio(label, 32768)} |")
     m = params.model
-    lines += ["", "Time exponent: slope of log(time per sequence) against log T, i.e. the spec's compute-vs-T exponent.", "",
-              f"## Training step of the whole model (d_model {m.d_model}, {m.n_layers} layers, {m.n_heads} heads, T = {m.seq_len}, "
+    lines += ["", "Time exponent: slope of log(time per sequence) against log T, i.e. the spec's compute-vs-T exponent. "
+              "`sdpa`: the fused causal kernel in mha's order (cuDNN first), the bar of the ratio columns; "
+              f"`sdpa-flash`: the flash kernel alone. Each sample times {CHAIN} steps back to back (as training runs them).", "",
+              f"## Training step of the whole model (T = {m.seq_len}, "
               f"{training[0]['batch'] * m.seq_len if training else 0:,} tokens per step, bf16 autocast, fused AdamW)", "",
-              "| variant | ms/step | Mtok/s | MFU | compiled |", "|---|---|---|---|---|"]
+              "| variant | model | ms/step | Mtok/s | MFU | compiled |", "|---|---|---|---|---|---|"]
     for r in training:
         if r["status"] == "ok":
             mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "—"
-            lines.append(f"| {r['variant']} | {r['ms']:.1f} | {r['mtok_per_s']:.3f} | {mfu} | {r['compiled']} |")
+            lines.append(f"| {r['variant']} | {r['model']} | {r['ms']:.1f} | {r['mtok_per_s']:.3f} | {mfu} | {r['compiled']} |")
         else:
-            lines.append(f"| {r['variant']} | {r['status'][:60]} | | | |")
+            lines.append(f"| {r['variant']} | {r['model']} | {r['status'][:60]} | | | |")
     lines += ["", "MFU = (6 N + 6 L T d) x tokens/s / 989 TFLOP/s (dense bf16 peak), N = non-embedding parameters.", ""]
     return "\n".join(lines)
 
@@ -214,16 +247,20 @@ def write_csv(path: Path, rows: list[dict], fields: list[str]) -> None:
 
 
 def main(params: Params, out_dir: Path, seq_lens: list[int], tokens: int, heads: int, head_dim: int, warmup: int, repeats: int,
-         variants: list[str] | None = None, parts: tuple[str, ...] = ("attention", "train")) -> str:
+         variants: list[str] | None = None, parts: tuple[str, ...] = ("attention", "train"),
+         modes: tuple[str, ...] = ("eager", "compiled"), train_sizes: list[tuple[int, int]] | None = None) -> str:
     if resolve_device(params.train.device).type != "cuda":
         raise RuntimeError("benchmark needs a CUDA device (absolute speeds count on a GPU only)")
     device = device_name()
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
     attention, training = [], []
-    for part in parts:  # each part's results are written as soon as it ends
-        more_attention, more_training = benchmark(params, variants or list(params.variants), seq_lens, tokens, heads, head_dim,
-                                                  warmup, repeats, [part])
+    variants = variants or list(params.variants)
+    steps = [("attention", [name]) for name in [*REFERENCES, *variants]] if "attention" in parts else []
+    steps += [("train", variants)] if "train" in parts else []
+    for part, names in steps:  # results are written after each variant's attention rows and after the training rows
+        more_attention, more_training = benchmark(params, names, seq_lens, tokens, heads, head_dim,
+                                                  warmup, repeats, [part], modes, train_sizes)
         attention, training = attention + more_attention, training + more_training
         write_csv(out_dir / f"{device}-attention.csv", attention, ATTENTION_FIELDS)
         write_csv(out_dir / f"{device}-train.csv", training, TRAIN_FIELDS)

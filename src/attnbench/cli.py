@@ -53,6 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--variants", nargs="+", help="default: the params file's variants")
     p.add_argument("--parts", nargs="+", choices=["attention", "train"], default=["attention", "train"])
+    p.add_argument("--modes", nargs="+", choices=["eager", "compiled"], default=["eager", "compiled"],
+                   help="attention rows of each variant: eager, under torch.compile, or both (default)")
+    p.add_argument("--train-sizes", nargs="+", default=[], metavar="DxL",
+                   help="more model sizes for the training rows, d_model x layers (heads of 64), e.g. 768x12")
     return parser
 
 
@@ -89,7 +93,8 @@ def run(args: argparse.Namespace) -> None:
     elif args.stage == "benchmark":
         from .benchmark import main as benchmark_main
 
-        print(benchmark_main(params, args.out, args.seq_lens, args.tokens, args.heads, args.head_dim, args.warmup, args.repeats, args.variants, args.parts))
+        print(benchmark_main(params, args.out, args.seq_lens, args.tokens, args.heads, args.head_dim, args.warmup, args.repeats, args.variants, args.parts, args.modes,
+                             [tuple(map(int, size.lower().split('x'))) for size in args.train_sizes]))
     elif args.stage == "report":
         from .report import main as report_main
 

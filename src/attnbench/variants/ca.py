@@ -111,4 +111,4 @@ class BlockClusterAttention(Attention):
 
     def flex(self, q, k, v, x):
         """The CUDA path; runs eagerly on CPU too (forward only), for tests."""
-        return flex_band_attention(q, k, v, self.band_start(q.shape[-2], q.device), self.scale)
+        return flex_band_attention(q, k, v, self.band_start(q.shape[-2], q.device).view(1, 1, -1), self.scale)

@@ -15,10 +15,10 @@ On CPU (tests, no fused kernel there) the intra term is the plain per-block comp
 from __future__ import annotations
 
 import torch
-from torch.nn.attention.flex_attention import AuxRequest, flex_attention
+from torch.nn.attention.flex_attention import AuxRequest
 
 from .cka import ClusterKernelAttention, block_scores, from_blocks, to_blocks
-from .flex import band_block_mask, compiled_flex_attention
+from .flex import band_block_mask, flex_kernel
 
 
 def block_causal_attention(
@@ -43,11 +43,10 @@ def flex_block_causal_attention(
     The GPU path: a band mask (flex.py) whose band starts at each query's block, under torch.compile.
     Elsewhere the eager kernel, forward only on CPU, so tests can check it against the plain path.
     """
-    B, H, T, _ = q.shape
+    T = q.shape[-2]
     block_start = torch.arange(T, device=q.device) // block * block  # (T,): first key each query sees
-    attend = compiled_flex_attention() if q.is_cuda else flex_attention
-    out, aux = attend(
-        q, k, v, block_mask=band_block_mask(block_start.expand(B, H, T)), scale=scale, return_aux=AuxRequest(lse=True)
+    out, aux = flex_kernel(q.device)(
+        q, k, v, block_mask=band_block_mask(block_start.view(1, 1, T)), scale=scale, return_aux=AuxRequest(lse=True)
     )
     return out, aux.lse
 

@@ -7,6 +7,11 @@ both of this form. lo is non-decreasing along the sequence, so the key tiles a
 the diagonal tile: the block mask is built from those tile lists in O(T / 128)
 per row (gpu-notes.md), never by evaluating the mask over T x T pairs.
 
+Tiles that lie wholly inside the band are listed as full, so the kernel skips
+the mask there: only the tiles a band edge cuts (the diagonal and the tiles
+holding some row's lo) pay for it. A mask shared by all rows and heads (ca's)
+is built once at batch and head size 1, which FlexAttention broadcasts.
+
 On CUDA the kernel is flex_attention under torch.compile; elsewhere the eager
 flex_attention, which materialises the scores and has no backward on CPU: it
 is there so tests can check the mask and tile lists against the references.
@@ -28,28 +33,46 @@ def compiled_flex_attention():
     return torch.compile(flex_attention, dynamic=False)
 
 
+def flex_kernel(device: torch.device):
+    """The FlexAttention to call: the plain op inside a compiled region (the caller's compile fuses it; a
+    nested compiled function would break the caller's graph), compiled on its own on CUDA, eager elsewhere."""
+    if torch.compiler.is_compiling():
+        return flex_attention
+    return compiled_flex_attention() if device.type == "cuda" else flex_attention
+
+
 def band_block_mask(lo: torch.Tensor) -> BlockMask:
-    """Block mask for `lo[b, h, i] <= j <= i`; lo: (B, H, T) int, non-decreasing along T."""
-    B, H, T = lo.shape
+    """Block mask for `lo[b, h, i] <= j <= i`; lo: (B|1, H|1, T) int, non-decreasing along T.
+
+    Per query tile q (rows r0 .. r1), with lo non-decreasing: the key tiles from lo[r0] // TILE up
+    to q are needed; those from ceil(lo[r1] / TILE) to q - 1 hold only allowed pairs (full); the
+    rest, first .. that start - 1 and the diagonal tile q, are partial and keep the mask.
+    """
+    Bl, Hl, T = lo.shape
     n = -(-T // TILE)
     # Pad lo to whole tiles so the mask function never indexes past its end.
-    lo = torch.cat([lo, lo[..., -1:].expand(B, H, n * TILE - T)], dim=-1)  # (B, H, n * TILE)
-    first = lo[..., ::TILE] // TILE  # (B, H, n): first key tile of each query tile
+    lo = torch.cat([lo, lo[..., -1:].expand(Bl, Hl, n * TILE - T)], dim=-1)  # (Bl, Hl, n * TILE)
     tiles = torch.arange(n, device=lo.device)
-    kv_num_blocks = tiles - first + 1  # first .. diagonal tile
-    kv_indices = (first.unsqueeze(-1) + tiles).clamp_max(n - 1)  # (B, H, n, n); entries past kv_num_blocks are ignored
+    first = lo[..., ::TILE] // TILE  # (Bl, Hl, n): first key tile of each query tile
+    full_start = torch.minimum(-(-lo[..., TILE - 1 :: TILE] // TILE), tiles)  # (Bl, Hl, n): first full tile
+    full_count = tiles - full_start
+    full_indices = (full_start.unsqueeze(-1) + tiles).clamp_max(n - 1)  # entries past the count are ignored
+    partial_count = full_start - first + 1
+    # Partial tiles: first .. full_start - 1, then the diagonal.
+    column = tiles.expand(Bl, Hl, n, n)
+    partial_indices = torch.where(column < (partial_count - 1).unsqueeze(-1), first.unsqueeze(-1) + column, tiles.unsqueeze(-1))
+    b_of = (lambda b: b) if Bl > 1 else (lambda b: 0)  # a shared mask reads row 0 for every batch row and head
+    h_of = (lambda h: h) if Hl > 1 else (lambda h: 0)
 
     def mask_mod(b, h, q_idx, kv_idx):
-        return (lo[b, h, q_idx] <= kv_idx) & (kv_idx <= q_idx)
+        return (lo[b_of(b), h_of(h), q_idx] <= kv_idx) & (kv_idx <= q_idx)
 
     return BlockMask.from_kv_blocks(
-        kv_num_blocks.int(), kv_indices.int(), BLOCK_SIZE=TILE, mask_mod=mask_mod, seq_lengths=(T, T)
+        partial_count.int(), partial_indices.int(), full_count.int(), full_indices.int(),
+        BLOCK_SIZE=TILE, mask_mod=mask_mod, seq_lengths=(T, T),
     )
 
 
 def flex_band_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lo: torch.Tensor, scale: float) -> torch.Tensor:
-    """Softmax attention of query i over keys lo[i] <= j <= i; q, k, v (B, H, T, D), lo broadcastable to (B, H, T)."""
-    B, H, T, _ = q.shape
-    block_mask = band_block_mask(lo.expand(B, H, T))
-    attend = compiled_flex_attention() if q.is_cuda else flex_attention
-    return attend(q, k, v, block_mask=block_mask, scale=scale)
+    """Softmax attention of query i over keys lo[i] <= j <= i; q, k, v (B, H, T, D), lo (B|1, H|1, T)."""
+    return flex_kernel(q.device)(q, k, v, block_mask=band_block_mask(lo), scale=scale)

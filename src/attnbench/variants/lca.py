@@ -18,13 +18,20 @@ Paths:
   padded to whole chunks, `chunked_segment_attention` (ca.py), scatter back;
 - efficient, CUDA: the same sort, then FlexAttention with the segment mask
   segment_start[i] <= j <= i in sorted order (flex.py), tile lists in O(T / 128).
+Inside a cluster a_s[c_t] = a_s[c_s], so the efficient paths need one gate per
+token, a_t[c_t] = 1 + (y_t[c_t] - sg(y_t[c_t])), never the C-wide gates.
 
 Choices where the spec is open:
 - balance loss in causal form: C * mean_t sum_c F_t[c] p_t[c], with F_t[c]
-  the fraction of tokens s <= t of the row routed to c (the spec's f_c taken
-  over the prefix), p_t = softmax(r_t). With the spec's whole-sequence f_c the
-  gradient reaching token t would depend on later tokens, which the causality
-  test forbids. It is set in training only (self.aux_loss is None in eval).
+  the fraction of the tokens in the blocks before t's (blocks of the smallest
+  power of two >= sqrt(T)) routed to c, 0 in the first block (the spec's f_c taken over the
+  past), p_t = softmax(r_t). With the spec's whole-sequence f_c the gradient
+  reaching token t would depend on later tokens, which the causality test
+  forbids. Per block rather than per token: the counts are (T / b) x C, and
+  the loss one reduction over the logits; the per-token prefix sum of a
+  (T, C) one-hot cost more than the attention itself on the H100 (1.05 of
+  5.5 ms at T = 8K, profiled). Set in training only (aux_loss None in eval).
+- Gumbel noise as -log(-log u), u uniform, clamped away from 0.
 - tau anneals geometrically, tau = tau_start * (tau_end / tau_start) ** progress;
   tau_start = 1, tau_end = 0.1.
 - the CPU path pads every cluster to a multiple of the chunk (pow2_block(T))
@@ -64,29 +71,46 @@ class LearnedClusterOptions(VariantOptions):
             raise ValueError(f"balance must be >= 0 or 'auto', got {self.balance}")
 
 
-def route(logits: torch.Tensor, tau: float, training: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cluster ids (B, R, T) and straight-through gates a (B, R, T, C) from router logits (B, R, T, C)."""
-    C = logits.shape[-1]
+def route(logits: torch.Tensor, tau: float, training: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Cluster ids (B, R, T) and, in training, the soft assignment y (B, R, T, C) from router logits (B, R, T, C)."""
     if not training:
-        cluster = logits.argmax(dim=-1)
-        return cluster, F.one_hot(cluster, C).to(logits.dtype)
-    gumbel = -torch.empty_like(logits).exponential_().log()
-    y = ((logits + gumbel) / tau).softmax(dim=-1)
-    cluster = y.argmax(dim=-1)
-    return cluster, F.one_hot(cluster, C).to(y.dtype) + (y - y.detach())  # forward value exactly one-hot
+        return logits.argmax(dim=-1), None
+    # Gumbel noise -log(-log u) from uniforms: under torch.compile it is drawn inside the softmax kernel, never stored.
+    uniform = torch.rand_like(logits).clamp_min(torch.finfo(logits.dtype).tiny)
+    y = ((logits - (-uniform.log()).log()) / tau).softmax(dim=-1)
+    return y.argmax(dim=-1), y
 
 
-def balance_loss(logits: torch.Tensor, cluster: torch.Tensor) -> torch.Tensor:
-    """C * mean_t sum_c F_t[c] p_t[c]: F_t the share of tokens s <= t routed to c, p_t = softmax(r_t)."""
-    T, C = logits.shape[-2:]
-    counts = F.one_hot(cluster, C).cumsum(dim=-2)  # (B, R, T, C)
-    share = counts / torch.arange(1, T + 1, device=logits.device).unsqueeze(-1)
-    return C * (share * logits.softmax(dim=-1)).sum(dim=-1).mean()
+def straight_through_gates(cluster: torch.Tensor, soft: torch.Tensor | None, C: int) -> torch.Tensor:
+    """a = h + (y - sg(y)) (B, R, T, C), forward value exactly the one-hot h; h alone in evaluation."""
+    hard = F.one_hot(cluster, C).float()
+    return hard if soft is None else hard + (soft - soft.detach())
 
 
-def own_gate(cluster: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
-    """a_t[c_t]: (B, R, T, 1), forward value 1."""
-    return gates.gather(-1, cluster.unsqueeze(-1))
+def own_gate(cluster: torch.Tensor, soft: torch.Tensor | None) -> torch.Tensor | None:
+    """a_t[c_t] (B, R, T, 1) without the C-wide gates: 1 + (y_c - sg(y_c)); None (the constant 1) in evaluation."""
+    if soft is None:
+        return None
+    y_own = soft.gather(-1, cluster.unsqueeze(-1))
+    return 1 + (y_own - y_own.detach())
+
+
+def gated(u: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
+    """u * gate in u's dtype (the gate's forward value is 1); u itself where there is no gate."""
+    return u if gate is None else (u * gate).to(u.dtype)
+
+
+def balance_loss(logits: torch.Tensor, cluster: torch.Tensor, block: int) -> torch.Tensor:
+    """C * mean_t sum_c F_t[c] p_t[c]: F_t the share of the tokens of the blocks before t's routed to c
+    (0 in the first block), p_t = softmax(r_t); blocks of `block` positions."""
+    B, R, T, C = logits.shape
+    n = -(-T // block)
+    block_of = torch.arange(T, device=logits.device) // block  # (T,)
+    counts = logits.new_zeros(B, R, n * C).scatter_add_(-1, block_of * C + cluster, torch.ones_like(logits[..., 0]))
+    counts = counts.view(B, R, n, C).detach()
+    before = counts.cumsum(dim=2) - counts  # (B, R, n, C): tokens of the blocks before each block
+    share = before / (torch.arange(n, device=logits.device) * block).clamp_min(1).view(n, 1)
+    return C * (share[:, :, block_of] * logits.softmax(dim=-1)).sum(dim=-1).mean()
 
 
 def sort_segments(cluster: torch.Tensor, C: int):
@@ -109,13 +133,16 @@ def cluster_attention_reference(q, k, v, cluster, gates, scale):
     scores = (q @ k.transpose(-2, -1)).float() * scale  # (B, H, T, T)
     p = scores.masked_fill(~same, float("-inf")).softmax(dim=-1)
     key_gate = hard @ gates.transpose(-2, -1)  # (B, R, T, T): a_s[c_t]
-    return (own_gate(cluster, gates) * ((p * key_gate) @ v.float())).to(v.dtype)
+    own = gates.gather(-1, cluster.unsqueeze(-1))  # (B, R, T, 1): a_t[c_t]
+    return (own * ((p * key_gate) @ v.float())).to(v.dtype)
 
 
-def cluster_attention_chunked(q, k, v, cluster, gates, scale, chunk):
-    """The CPU path: clusters laid out one after another, each padded to whole chunks, then chunked attention."""
+def cluster_attention_chunked(q, k, v, cluster, gate, C, scale, chunk):
+    """The CPU path: clusters laid out one after another, each padded to whole chunks, then chunked attention.
+
+    gate: a_t[c_t] (B, R, T, 1) or None; inside a cluster a_s[c_t] = a_s[c_s], so one gate per token does.
+    """
     B, H, T, D = q.shape
-    C = gates.shape[-1]
     order, sorted_ids, counts, starts = sort_segments(cluster, C)
     padded = (counts + chunk - 1) // chunk * chunk  # (B, R, C)
     padded_starts = padded.cumsum(dim=-1) - padded
@@ -126,22 +153,46 @@ def cluster_attention_chunked(q, k, v, cluster, gates, scale, chunk):
     n_offsets = int(padded.max()) // chunk
 
     index = slot.unsqueeze(-1).expand(B, H, T, D)
-    g = own_gate(cluster, gates)  # (B, R, T, 1)
-    q, k, v_gated = (t.new_zeros(B, H, P, D).scatter(2, index, t) for t in (q.float(), k.float(), v * g))
+    q, k, v_gated = (t.new_zeros(B, H, P, D).scatter(2, index, t) for t in (q.float(), k.float(), gated(v.float(), gate)))
     out = chunked_segment_attention(q, k, v_gated, segment, chunk, n_offsets, scale)  # (B, H, P, D)
-    return (out.gather(2, index) * g).to(v.dtype)
+    return gated(out.gather(2, index), gate).to(v.dtype)
 
 
-def cluster_attention_flex(q, k, v, cluster, gates, scale):
-    """The CUDA path (eager on CPU, forward only): sorted order, FlexAttention over each segment, scatter back."""
+def segment_starts(sorted_ids: torch.Tensor) -> torch.Tensor:
+    """For ids sorted along the last dim, the index where each entry's run of equal ids begins: O(T), no C-sized tensors."""
+    index = torch.arange(sorted_ids.shape[-1], device=sorted_ids.device)
+    opens = torch.ones_like(sorted_ids, dtype=torch.bool)
+    opens[..., 1:] = sorted_ids[..., 1:] != sorted_ids[..., :-1]
+    return torch.where(opens, index, 0).cummax(dim=-1).values
+
+
+class Permute(torch.autograd.Function):
+    """u.gather(2, index) for a permutation `index` whose inverse is known: the backward is the gather by the
+    inverse, where autograd's own would zero-fill and scatter-add (atomics) a tensor of u's size."""
+
+    @staticmethod
+    def forward(ctx, u, index, inverse):
+        ctx.save_for_backward(inverse)
+        return u.gather(2, index)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inverse,) = ctx.saved_tensors
+        return grad.gather(2, inverse), None, None
+
+
+def cluster_attention_flex(q, k, v, cluster, gate, scale):
+    """The CUDA path (eager on CPU, forward only): sorted order, FlexAttention over each segment, back to positions.
+
+    One sort, one gather per tensor in, one out (by the inverse permutation); the gates ride on v and o.
+    """
     B, H, T, D = q.shape
-    order, sorted_ids, counts, starts = sort_segments(cluster, gates.shape[-1])
-    segment_start = starts.gather(-1, sorted_ids)  # (B, R, T), sorted order
-    index = order.unsqueeze(-1).expand(B, H, T, D)
-    g = own_gate(cluster, gates)  # (B, R, T, 1)
-    q, k, v_gated = (t.gather(2, index) for t in (q, k, (v * g).to(v.dtype)))  # (B, H, T, D), sorted
-    out = flex_band_attention(q, k, v_gated, segment_start, scale)
-    return (torch.zeros_like(out).scatter(2, index, out) * g).to(v.dtype)
+    sorted_ids, order = torch.sort(cluster, dim=-1, stable=True)  # (B, R, T)
+    inverse = torch.empty_like(order).scatter_(-1, order, torch.arange(T, device=q.device).expand_as(order))
+    to_sorted, to_positions = (i.unsqueeze(-1).expand(B, H, T, D) for i in (order, inverse))
+    q, k, v_gated = (Permute.apply(t, to_sorted, to_positions) for t in (q, k, gated(v, gate)))  # (B, H, T, D), sorted
+    out = flex_band_attention(q, k, v_gated, segment_starts(sorted_ids), scale)
+    return gated(Permute.apply(out, to_positions, to_sorted), gate)
 
 
 class LearnedClusterAttention(Attention):
@@ -166,27 +217,30 @@ class LearnedClusterAttention(Attention):
         start, end = self.options.tau_start, self.options.tau_end
         self.tau = start * (end / start) ** min(max(fraction, 0.0), 1.0)
 
-    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Cluster ids (B, R, T) and gates (B, R, T, C) for input x (B, T, C_model); sets the balance loss."""
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Cluster ids (B, R, T) and the soft assignment (B, R, T, C) or None (`route`) for x (B, T, C_model); sets the balance loss."""
         B, T, _ = x.shape
         # fp32 router: a bf16 logit flips near-tied argmaxes, and the choice of cluster is discrete.
         logits = F.linear(x.float(), self.router.weight.float()).view(B, T, -1, self.clusters).transpose(1, 2)  # (B, R, T, C)
-        cluster, gates = route(logits, self.tau, self.training)
-        self.aux_loss = self.balance * balance_loss(logits, cluster) if self.training else None
+        cluster, soft = route(logits, self.tau, self.training)
+        self.aux_loss = self.balance * balance_loss(logits, cluster, pow2_block(T, minimum=1)) if self.training else None
         self.last_clusters = cluster.detach()
-        return cluster, gates
+        return cluster, soft
 
     def reference(self, q, k, v, x):
-        return cluster_attention_reference(q, k, v, *self.route(x), self.scale)
+        cluster, soft = self.route(x)
+        return cluster_attention_reference(q, k, v, cluster, straight_through_gates(cluster, soft, self.clusters), self.scale)
 
     def efficient(self, q, k, v, x):
         return self.flex(q, k, v, x) if q.is_cuda else self.chunked(q, k, v, x)
 
     def chunked(self, q, k, v, x):
-        return cluster_attention_chunked(q, k, v, *self.route(x), self.scale, pow2_block(q.shape[-2]))
+        cluster, soft = self.route(x)
+        return cluster_attention_chunked(q, k, v, cluster, own_gate(cluster, soft), self.clusters, self.scale, pow2_block(q.shape[-2]))
 
     def flex(self, q, k, v, x):
-        return cluster_attention_flex(q, k, v, *self.route(x), self.scale)
+        cluster, soft = self.route(x)
+        return cluster_attention_flex(q, k, v, cluster, own_gate(cluster, soft), self.scale)
 
     def stats(self) -> dict[str, float]:
         if self.last_clusters is None:

@@ -75,6 +75,8 @@ from .lca import (
     cluster_attention_chunked,
     cluster_attention_flex,
     cluster_attention_reference,
+    own_gate,
+    straight_through_gates,
 )
 
 
@@ -178,21 +180,27 @@ class SuperClusterAttention(LearnedClusterAttention):
     def reference(self, q, k, v, x):
         if not self.options.causal:
             return self.cliques_reference(q, k, v, x)
-        cluster, gates = self.route(x)
+        cluster, _, gates = self.routed_gates(x)
         return cluster_attention_reference(q, k, self.supernode_values_reference(k, v, gates), cluster, gates, self.scale)
 
     def efficient(self, q, k, v, x):
         return super().efficient(q, k, v, x) if self.options.causal else self.cliques(q, k, v, x)
 
+    def routed_gates(self, x):
+        """`route`'s cluster ids and soft assignment, and the C-wide straight-through gates the supernodes weigh tokens by."""
+        cluster, soft = self.route(x)
+        return cluster, soft, straight_through_gates(cluster, soft, self.clusters)
+
     def chunked(self, q, k, v, x):
-        cluster, gates = self.route(x)
+        cluster, soft, gates = self.routed_gates(x)
         v = self.supernode_values(k, v, gates)
-        return cluster_attention_chunked(q, k, v, cluster, gates, self.scale, pow2_block(q.shape[-2]))
+        own = own_gate(cluster, soft)
+        return cluster_attention_chunked(q, k, v, cluster, own, self.clusters, self.scale, pow2_block(q.shape[-2]))
 
     def flex(self, q, k, v, x):
-        cluster, gates = self.route(x)
+        cluster, soft, gates = self.routed_gates(x)
         v = self.supernode_values(k, v, gates)
-        return cluster_attention_flex(q, k, v, cluster, gates, self.scale)
+        return cluster_attention_flex(q, k, v, cluster, own_gate(cluster, soft), self.scale)
 
     # Non-causal form (tests and profiles only).
 
