@@ -88,7 +88,7 @@ def attention_step(variant: str, T: int, batch: int, heads: int, head_dim: int, 
                 F.scaled_dot_product_attention(q, k, v, is_causal=True).backward(grad)
         return step
     layer = build_attention(variant, d_model, heads, T, options).cuda().train()
-    efficient = torch.compile(layer.efficient) if compile else layer.efficient
+    efficient = torch.compile(layer.efficient, dynamic=False) if compile else layer.efficient  # static T, as training
 
     def step():
         with autocast(torch.device("cuda")):
@@ -104,7 +104,7 @@ def train_step(cfg: ModelConfig, batch: int, compile: bool) -> tuple[Callable[[]
     device = torch.device("cuda")
     model = ByteLM(cfg).to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-    forward = torch.compile(model) if compile else model
+    forward = torch.compile(model, dynamic=False) if compile else model
     idx = torch.randint(0, 256, (batch, cfg.seq_len + 1), device=device)
 
     def step():

@@ -24,7 +24,7 @@ token, a_t[c_t] = 1 + (y_t[c_t] - sg(y_t[c_t])), never the C-wide gates.
 Choices where the spec is open:
 - balance loss in causal form: C * mean_t sum_c F_t[c] p_t[c], with F_t[c]
   the fraction of the tokens in the blocks before t's (blocks of the smallest
-  power of two >= sqrt(T)) routed to c, 0 in the first block (the spec's f_c taken over the
+  power of two >= sqrt(seq_len)) routed to c, 0 in the first block (the spec's f_c taken over the
   past), p_t = softmax(r_t). With the spec's whole-sequence f_c the gradient
   reaching token t would depend on later tokens, which the causality test
   forbids. Per block rather than per token: the counts are (T / b) x C, and
@@ -223,7 +223,7 @@ class LearnedClusterAttention(Attention):
         # fp32 router: a bf16 logit flips near-tied argmaxes, and the choice of cluster is discrete.
         logits = F.linear(x.float(), self.router.weight.float()).view(B, T, -1, self.clusters).transpose(1, 2)  # (B, R, T, C)
         cluster, soft = route(logits, self.tau, self.training)
-        self.aux_loss = self.balance * balance_loss(logits, cluster, pow2_block(T, minimum=1)) if self.training else None
+        self.aux_loss = self.balance * balance_loss(logits, cluster, pow2_block(self.seq_len, minimum=1)) if self.training else None
         self.last_clusters = cluster.detach()
         return cluster, soft
 
