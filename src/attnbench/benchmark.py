@@ -16,6 +16,7 @@ Writes <out>/<device>.csv, <device>.md and <device>.png.
 from __future__ import annotations
 
 import csv
+import gc
 import logging
 import statistics
 import time
@@ -119,6 +120,9 @@ def train_step(cfg: ModelConfig, batch: int, compile: bool) -> tuple[Callable[[]
 
 def run_point(kind: str, variant: str, T: int, batch: int, build: Callable[[], Callable[[], None]], warmup: int, repeats: int) -> dict:
     row = {"kind": kind, "variant": variant, "T": T, "batch": batch}
+    # Start each point clean: compiled graphs of earlier points hold their models and buffers.
+    torch._dynamo.reset()
+    gc.collect()
     try:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
