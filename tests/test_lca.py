@@ -161,3 +161,38 @@ def test_tau_anneals_geometrically_and_aux_loss_is_training_only():
 def test_bad_options_are_refused(options, message):
     with pytest.raises(ValueError, match=message):
         build_attention("lca", 16, 2, 32, options)
+
+
+def test_permute_backward_is_the_inverse_gather():
+    """The sorted-order gathers carry their own backward (a gather by the inverse): it must equal autograd's scatter."""
+    from attnbench.variants.lca import Permute
+
+    B, H, T, D = 2, 3, 17, 4
+    order = torch.stack([torch.randperm(T) for _ in range(B * H)]).view(B, H, T)
+    inverse = torch.empty_like(order).scatter_(-1, order, torch.arange(T).expand_as(order))
+    index, inverse_index = (i.unsqueeze(-1).expand(B, H, T, D) for i in (order, inverse))
+    u = torch.randn(B, H, T, D, requires_grad=True)
+    weight = torch.randn(B, H, T, D)
+    (grad_custom,) = torch.autograd.grad((Permute.apply(u, index, inverse_index) * weight).sum(), u)
+    (grad_autograd,) = torch.autograd.grad((u.gather(2, index) * weight).sum(), u)
+    assert torch.equal(Permute.apply(u, index, inverse_index), u.gather(2, index))
+    assert torch.equal(grad_custom, grad_autograd)
+
+
+def test_balance_loss_matches_its_definition():
+    """C * mean_t sum_c F_t[c] p_t[c], F_t from the blocks before t's, written out with loops."""
+    from attnbench.variants.lca import balance_loss
+
+    B, R, T, C, block = 2, 3, 11, 4, 4
+    logits = torch.randn(B, R, T, C, dtype=torch.float64)
+    cluster = torch.randint(0, C, (B, R, T))
+    p = logits.softmax(dim=-1)
+    total = 0.0
+    for b in range(B):
+        for r in range(R):
+            for t in range(T):
+                seen = cluster[b, r, : t // block * block]
+                share = torch.bincount(seen, minlength=C).double() / max(len(seen), 1)
+                total += (share * p[b, r, t]).sum()
+    expected = C * total / (B * R * T)
+    assert torch.allclose(balance_loss(logits, cluster, block), expected)

@@ -1,0 +1,37 @@
+"""The benchmark's tables from fixture rows (the measuring itself needs a GPU)."""
+
+from attnbench.benchmark import exponents, markdown
+from attnbench.config import parse_params
+
+
+def attention_rows():
+    rows = []
+    for label, per_token_ms in [("sdpa", lambda T: T / 2048), ("ca (compiled)", lambda T: (T / 2048) ** 0.5 / 4)]:
+        for T in (2048, 8192, 32768):
+            batch = 65536 // T
+            ms = per_token_ms(T) * 65536 / 1000
+            rows.append({"kind": "attention", "variant": label.split()[0], "label": label, "T": T, "batch": batch,
+                         "ms": ms, "mtok_per_s": batch * T / ms / 1e3, "status": "ok", "compiled": "compiled" in label})
+    return rows
+
+
+def test_exponents_are_the_per_sequence_slopes():
+    slopes = exponents(attention_rows())
+    assert abs(slopes["sdpa"] - 2.0) < 1e-9  # time per token ~ T: per sequence ~ T^2
+    assert abs(slopes["ca (compiled)"] - 1.5) < 1e-9
+
+
+def test_markdown_shows_ratios_to_sdpa_and_the_training_baseline():
+    params = parse_params({"variants": {"mha": {}, "ca": {}}})
+    training = [
+        {"variant": "plain GPT (mha, flash)", "model": "d512 L8 H8", "batch": 64, "ms": 40.0, "mtok_per_s": 1.6, "mfu": 0.30,
+         "compiled": True, "status": "ok"},
+        {"variant": "ca", "model": "d512 L8 H8", "batch": 64, "status": "oom"},
+    ]
+    text = markdown(attention_rows(), training, "H100", 65536, 8, 64, params)
+    ca_row = next(line for line in text.splitlines() if line.startswith("| ca (compiled)"))
+    cells = [c.strip() for c in ca_row.strip("|").split("|")]
+    # ca per token: 1/4 of sdpa's at 2K, sqrt(4)/4 / 4 = 1/8 at 8K, sqrt(16)/4 / 16 = 1/16 at 32K.
+    assert cells[-3:] == ["1.50", "8.00", "16.00"], ca_row
+    assert "| plain GPT (mha, flash) | d512 L8 H8 | 40.0 | 1.600 | 30.0% | True |" in text
+    assert "| ca | d512 L8 H8 | oom" in text
