@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from attnbench.variants import build_attention
-from tests.test_variants import FP32_RTOL, assert_equals_mha, assert_prefix_unchanged, future_changed, rel_err, run_layer
+from tests.test_variants import FP32_RTOL, assert_equals_mha, assert_flex_forward_equals_reference, assert_prefix_unchanged, future_changed, rel_err, run_layer
 
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 
@@ -56,15 +56,8 @@ def test_long_segments_match_reference_and_stay_causal(clusters, router, mode):
 @pytest.mark.parametrize("router", ROUTERS)
 @pytest.mark.parametrize("T,clusters", [(1, 1), (37, 3), (300, 1), (300, 4), (300, 17)], ids=str)
 def test_flex_path_equals_reference(T, clusters, router, mode):
-    B, H, D = 2, 2, 8
-    layer = lca_layer(T, H, D, clusters=clusters, router=router).train(mode == "train")
-    x = torch.randn(B, T, H * D)
-    q, k, v = torch.randn(3, B, H, T, D).unbind(0)
-    with torch.no_grad():  # the eager flex kernel has no backward on CPU; the forward is what this checks
-        torch.manual_seed(1)
-        expected = layer.reference(q, k, v, x)
-        torch.manual_seed(1)
-        assert rel_err(layer.flex(q, k, v, x), expected) < FP32_RTOL
+    H, D = 2, 8
+    assert_flex_forward_equals_reference(lca_layer(T, H, D, clusters=clusters, router=router).train(mode == "train"), B=2)
 
 
 def train_on_uniform_attention(name, target, prepare=None, steps=200, lr=3e-2, seed=0, **options):

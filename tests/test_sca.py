@@ -10,7 +10,7 @@ import torch
 
 from attnbench.model import ByteLM, ModelConfig
 from attnbench.variants import build_attention
-from tests.test_variants import FP32_RTOL, assert_equals_mha, assert_prefix_unchanged, future_changed, rel_err, run_layer
+from tests.test_variants import FP32_RTOL, assert_equals_mha, assert_flex_forward_equals_reference, assert_prefix_unchanged, future_changed, rel_err, run_layer
 
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 
@@ -129,15 +129,8 @@ def test_gate_zero_is_lca(path, router, mode):
 @pytest.mark.parametrize("router", ROUTERS)
 @pytest.mark.parametrize("T,clusters,block", [(1, 1, 16), (37, 3, 16), (300, 17, 8)], ids=str)
 def test_flex_path_equals_reference(T, clusters, block, router, mode):
-    B, H, D = 2, 2, 8
-    layer = sca_layer(T, H, D, clusters=clusters, block=block, router=router).train(mode == "train")
-    x = torch.randn(B, T, H * D)
-    q, k, v = torch.randn(3, B, H, T, D).unbind(0)
-    with torch.no_grad():  # the eager flex kernel has no backward on CPU; the forward is what this checks
-        torch.manual_seed(1)
-        expected = layer.reference(q, k, v, x)
-        torch.manual_seed(1)
-        assert rel_err(layer.flex(q, k, v, x), expected) < FP32_RTOL
+    H, D = 2, 8
+    assert_flex_forward_equals_reference(sca_layer(T, H, D, clusters=clusters, block=block, router=router).train(mode == "train"), B=2)
 
 
 NON_CAUSAL = {

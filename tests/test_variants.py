@@ -68,6 +68,19 @@ def assert_prefix_unchanged(run_a, run_b, t: int, label: str) -> None:
     assert torch.equal(grads_a["input"][:, : t + 1], grads_b["input"][:, : t + 1]), f"{label}: gradient leak"
 
 
+def assert_flex_forward_equals_reference(layer, B: int) -> None:
+    """A routing layer's Flex path (eager on CPU: forward only, no backward there) equals its reference
+    on random q, k, v and x, both drawing the same routing noise."""
+    H, D, T = layer.n_heads, layer.head_dim, layer.seq_len
+    x = torch.randn(B, T, H * D)
+    q, k, v = torch.randn(3, B, H, T, D).unbind(0)
+    with torch.no_grad():
+        torch.manual_seed(1)
+        expected = layer.reference(q, k, v, x)
+        torch.manual_seed(1)
+        assert rel_err(layer.flex(q, k, v, x), expected) < FP32_RTOL
+
+
 def assert_equals_mha(layer, path: str, label: str, B: int = 2) -> None:
     """`layer` (a degenerate case of its variant) computes mha with the same q/k/v/out weights: outputs and grads."""
     mha = make_layer("mha", layer.seq_len, layer.n_heads, layer.head_dim)

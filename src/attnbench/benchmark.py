@@ -77,7 +77,7 @@ def time_ms(step: Callable[[], None], warmup: int, repeats: int) -> float:
 
 
 def attention_step(variant: str, T: int, batch: int, heads: int, head_dim: int, options, compile: bool) -> Callable[[], None]:
-    """fwd+bwd of one variant's efficient path (or `sdpa`) on random bf16 inputs, the path under torch.compile if asked."""
+    """fwd+bwd of one variant's efficient path (or a REFERENCES row) on random bf16 inputs, the path under torch.compile if asked."""
     d_model = heads * head_dim
     q, k, v = (torch.randn(batch, heads, T, head_dim, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
     x = torch.randn(batch, T, d_model, device="cuda", dtype=torch.bfloat16, requires_grad=True)
@@ -159,7 +159,7 @@ def benchmark(params: Params, variants: list[str], seq_lens: list[int], tokens: 
     runs = [PLAIN_GPT, *((v, v, params.variant_options(v)) for v in variants)] if "train" in parts else []
     for d_model, n_layers in sizes:
         model = params.model.model_copy(update={"d_model": d_model, "n_layers": n_layers, "n_heads": d_model // head_dim})
-        for label, variant, options in runs if (d_model, n_layers) == sizes[0] else runs[:2]:  # other sizes: baseline and mha
+        for label, variant, options in runs if (d_model, n_layers) == sizes[0] else [r for r in runs if r[1] == "mha"]:  # other sizes: baseline and mha
             cfg = ModelConfig(variant=variant, **model.model_dump(), variant_options=options)
             flops = {}
 
