@@ -11,7 +11,7 @@ def attention_rows():
             batch = 65536 // T
             ms = per_token_ms(T) * 65536 / 1000
             rows.append({"kind": "attention", "variant": label.split()[0], "label": label, "T": T, "batch": batch,
-                         "ms": ms, "mtok_per_s": batch * T / ms / 1e3, "status": "ok", "compiled": "compiled" in label})
+                         "ms": ms, "mtok_per_s": batch * T / ms / 1e3, "status": "ok", "mode": "compiled" if "compiled" in label else "eager"})
     return rows
 
 

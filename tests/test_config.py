@@ -129,6 +129,7 @@ BAD = [
     ("mha-kernel-unknown", "variants", {"mha": {"kernels": ["fast"]}}, ["variants.mha.kernels.0 = 'fast'", "'cudnn'", "'flash'"]),
     ("mha-kernels-empty", "variants", {"mha": {"kernels": []}}, ["variants.mha.kernels = []", "at least 1"]),
     ("la-chunk-zero", "variants", {"la": {"chunk": 0}}, ["variants.la", "chunk must be >= 1", "got 0"]),
+    ("la-kernel-unknown", "variants", {"la": {"kernel": "cuda"}}, ["variants.la.kernel = 'cuda'", "'auto', 'fla' or 'torch'"]),
     ("la-eps-negative", "variants", {"la": {"eps": -1}}, ["variants.la.eps = -1", "greater than 0"]),
     ("lca-balance-str", "variants", {"lca": {"balance": "x"}}, ["variants.lca.balance = 'x'", "number", "'auto'"]),
     ("lca-router", "variants", {"lca": {"router": "x"}}, ["variants.lca.router = 'x'", "'head' or 'shared'"]),
@@ -260,4 +261,4 @@ def test_cli_config_errors_exit_2_with_one_line_and_create_nothing(tmp_path, bas
 def test_dump_keeps_each_variants_own_options():
     """Snakemake's rule params come from this dump: losing an option would hide its changes from the DAG."""
     params = parse_params({"train": {"steps": 1}, "variants": {"la": {"chunk": 8}, "mha": {}}})
-    assert params.model_dump()["variants"] == {"la": {"chunk": 8, "eps": 1e-6}, "mha": {"kernels": ["cudnn", "flash", "efficient", "math"]}}
+    assert params.model_dump()["variants"] == {"la": {"chunk": 8, "eps": 1e-6, "kernel": "auto"}, "mha": {"kernels": ["cudnn", "flash", "efficient", "math"]}}

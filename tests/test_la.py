@@ -1,8 +1,10 @@
-"""la's own case: the recurrent step function equals the parallel form."""
+"""la's own cases: the recurrent step function equals the parallel form; fla's kernels equal the PyTorch chunked form."""
 
+import pytest
 import torch
+from pydantic import ValidationError
 
-from attnbench.variants import build_attention
+from attnbench.variants import build_attention, la
 from attnbench.variants.la import chunked_linear_attention, feature_map
 from tests.test_variants import rel_err
 
@@ -28,3 +30,52 @@ def test_chunk_size_does_not_change_the_result():
     one = chunked_linear_attention(fq, fk, v, chunk=1, eps=1e-6)
     for chunk in (7, 16, 64):
         assert rel_err(chunked_linear_attention(fq, fk, v, chunk=chunk, eps=1e-6), one) < 1e-5, chunk
+
+
+def test_kernel_fla_is_refused_where_fla_is_absent(monkeypatch):
+    monkeypatch.setattr(la, "FLA_INSTALLED", False)
+    with pytest.raises(ValidationError, match="needs flash-linear-attention"):
+        la.LinearAttentionOptions(kernel="fla")
+    monkeypatch.setattr(la, "FLA_INSTALLED", True)
+    assert la.LinearAttentionOptions(kernel="fla").kernel == "fla"
+
+
+def test_prefix_sum_is_the_cumulative_sum():
+    u = torch.randn(2, 3, 77, 5)
+    for chunk in (1, 16, 64, 128):
+        assert rel_err(la.prefix_sum(u, chunk), u.cumsum(dim=2)) < 1e-6, chunk
+
+
+def test_cpu_tensors_take_the_pytorch_form_whatever_the_kernel(monkeypatch):
+    monkeypatch.setattr(la, "FLA_INSTALLED", True)
+    for kernel in ("auto", "fla", "torch"):
+        layer = build_attention("la", 16, 2, 8, la.LinearAttentionOptions(kernel=kernel))
+        assert not layer.uses_fla(torch.device("cpu")), kernel
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not (torch.cuda.is_available() and la.FLA_INSTALLED), reason="needs a CUDA device and flash-linear-attention")
+@pytest.mark.parametrize("T", [1, 77, 1000])
+def test_gpu_fla_equals_the_pytorch_chunked_form(T):
+    """fla's kernels (bf16 in, as training feeds them) against the fp32 chunked form: outputs and the
+    gradients of q, k, v, within bf16 rounding."""
+    B, H, D = 2, 4, 64
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(B, H, T, D, device="cuda") for _ in range(3))
+    grad = torch.randn(B, H, T, D, device="cuda")
+
+    def run(fn, dtype):
+        inputs = [t.to(dtype).requires_grad_(True) for t in (q, k, v)]
+        out = fn(feature_map(inputs[0]), feature_map(inputs[1]), inputs[2])
+        out.float().backward(grad)
+        return [out, *(t.grad for t in inputs)]
+
+    fla = run(lambda fq, fk, v_: la.fla_linear_attention(fq, fk, v_, chunk=64, eps=1e-6), torch.bfloat16)
+    torch_form = run(lambda fq, fk, v_: chunked_linear_attention(fq, fk, v_, chunk=64, eps=1e-6), torch.float32)
+    for name, a, b in zip(["out", "dq", "dk", "dv"], fla, torch_form):
+        if T == 1 and name in ("dq", "dk"):  # out_0 = v_0 whatever q, k: zero gradients, up to rounding
+            assert a.abs().max() < 1e-2 * fla[3].abs().max(), f"{name} should be ~0 at T = 1"
+        else:
+            assert rel_err(a, b) < 2e-2, f"{name}: rel err {rel_err(a, b):.2e}"
+    layer = build_attention("la", H * D, H, T).cuda()
+    assert layer.uses_fla(q.device), "kernel auto should take fla on CUDA where it is installed"

@@ -139,12 +139,28 @@ def test_tau_anneals_geometrically_and_aux_loss_is_training_only():
     layer = lca_layer(16, 2, 8, tau_start=2.0, tau_end=0.5)
     for progress, tau in [(0.0, 2.0), (0.5, 1.0), (1.0, 0.5)]:
         layer.set_progress(progress)
-        assert layer.tau == pytest.approx(tau)
+        assert layer.tau.item() == pytest.approx(tau)
     layer(torch.randn(1, 16, 16))
     assert layer.aux_loss is not None and layer.aux_loss.requires_grad
     layer.eval()(torch.randn(1, 16, 16))
     assert layer.aux_loss is None
     assert set(layer.stats()) == {"max_cluster_frac", "empty_clusters", "pair_frac", "tau"}
+
+
+def test_annealing_tau_does_not_recompile_the_router():
+    """Training sets a new tau every step; a compiled model that guarded on it would recompile each time."""
+    from torch._dynamo.testing import CompileCounter
+
+    layer = lca_layer(16, 2, 8).train()
+    counter = CompileCounter()
+    route = torch.compile(layer.route, backend=counter)
+    x = torch.randn(1, 16, 16)
+    route(x)
+    frames = counter.frame_count
+    for progress in (0.3, 0.6, 1.0):
+        layer.set_progress(progress)
+        route(x)
+    assert counter.frame_count == frames, f"{counter.frame_count - frames} recompilations while tau annealed"
 
 
 @pytest.mark.parametrize(

@@ -4,7 +4,9 @@ Two tables, one run (so every ratio compares numbers from the same card and mome
 - attention: each variant's efficient path, forward+backward at a fixed number of tokens per
   step (batch = tokens // T), q, k, v (B, H, T, D) bf16 plus the layer input x for routing
   variants; the variant's own parameters (router, P, gates) included, projections excluded,
-  as in the design notes. Reference rows `sdpa` / `sdpa-flash`: the fused causal kernel alone.
+  as in the design notes; eager, compiled, or compiled and replayed as CUDA graphs (`graphs`,
+  torch.compile's reduce-overhead: no host launch cost per kernel). Reference rows `sdpa` /
+  `sdpa-flash`: the fused causal kernel alone.
 - training: the whole model (params.model, and --train-sizes) in training mode: bf16 autocast,
   fused AdamW, torch.compile where the variant compiles (eager otherwise, recorded), tokens/s and
   MFU = (6 N + 6 L T d) * tokens/s / peak, N the non-embedding parameters (gpu-notes.md's count);
@@ -43,7 +45,9 @@ REFERENCES = {"sdpa": sdpa_backends(MultiHeadOptions().kernels), "sdpa-flash": s
 # The training baseline: a plain compiled GPT of the same size, i.e. mha on the flash kernel.
 PLAIN_GPT = ("plain GPT (mha, flash)", "mha", {"kernels": ["flash"]})
 
-ATTENTION_FIELDS = ["kind", "variant", "compiled", "T", "batch", "ms", "mtok_per_s", "peak_gib", "status"]
+ATTENTION_FIELDS = ["kind", "variant", "mode", "T", "batch", "ms", "mtok_per_s", "peak_gib", "status"]
+# Attention modes: torch.compile's mode for each (None: eager).
+COMPILE_MODES = {"eager": None, "compiled": "default", "graphs": "reduce-overhead"}
 TRAIN_FIELDS = ["kind", "variant", "model", "T", "batch", "ms", "mtok_per_s", "mfu", "compiled", "status"]
 
 
@@ -76,22 +80,34 @@ def time_ms(step: Callable[[], None], warmup: int, repeats: int) -> float:
     return statistics.median(times)
 
 
-def attention_step(variant: str, T: int, batch: int, heads: int, head_dim: int, options, compile: bool) -> Callable[[], None]:
-    """fwd+bwd of one variant's efficient path (or a REFERENCES row) on random bf16 inputs, the path under torch.compile if asked."""
+def zero_grads(tensors) -> None:
+    """Gradients start from None each step, as after training's zero_grad(set_to_none=True): no step reads the
+    last one's, which under CUDA graphs live in buffers the next replay overwrites."""
+    for t in tensors:
+        t.grad = None
+
+
+def attention_step(variant: str, T: int, batch: int, heads: int, head_dim: int, options, mode: str) -> Callable[[], None]:
+    """fwd+bwd of one variant's efficient path (or a REFERENCES row) on random bf16 inputs, in `mode` (COMPILE_MODES)."""
     d_model = heads * head_dim
     q, k, v = (torch.randn(batch, heads, T, head_dim, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
     x = torch.randn(batch, T, d_model, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     grad = torch.randn(batch, heads, T, head_dim, device="cuda", dtype=torch.bfloat16)
+    inputs = (q, k, v, x)
     if variant in REFERENCES:
 
         def step():
+            zero_grads(inputs)
             with sdpa_kernel(REFERENCES[variant], set_priority=True):
                 F.scaled_dot_product_attention(q, k, v, is_causal=True).backward(grad)
         return step
     layer = build_attention(variant, d_model, heads, T, options).cuda().train()
-    efficient = torch.compile(layer.efficient, dynamic=False) if compile else layer.efficient  # static T, as training
+    compile_mode = COMPILE_MODES[mode]
+    efficient = layer.efficient if compile_mode is None else torch.compile(layer.efficient, dynamic=False, mode=compile_mode)  # static T
 
     def step():
+        torch.compiler.cudagraph_mark_step_begin()  # a new step: graphs may reuse the last one's outputs
+        zero_grads([*inputs, *layer.parameters()])
         with autocast(torch.device("cuda")):
             out = efficient(q, k, v, x)
         aux = [layer.aux_loss] if layer.aux_loss is not None else []
@@ -141,18 +157,17 @@ def benchmark(params: Params, variants: list[str], seq_lens: list[int], tokens: 
               train_sizes: list[tuple[int, int]] | None = None) -> tuple[list[dict], list[dict]]:
     """The attention rows of `variants` (which may name REFERENCES) and the training rows of a plain GPT and
     `variants` (see the module docstring); `parts` says which to run,
-    `modes` whether the variants' attention runs eager, compiled or both; `train_sizes` adds
+    `modes` which of COMPILE_MODES the variants' attention runs in; `train_sizes` adds
     (d_model, layers) models beyond params.model to the training rows (plain GPT and mha only)."""
     attention, training = [], []
-    compiles = [mode == "compiled" for mode in modes]
     for variant in variants if "attention" in parts else []:
         options = params.variants.get(variant)
         for T in seq_lens:
             batch = max(1, tokens // T)
-            for compile in compiles if variant not in REFERENCES else (False,):
+            for mode in modes if variant not in REFERENCES else ("eager",):
                 row = run_point("attention", variant, T, batch,
-                                lambda: attention_step(variant, T, batch, heads, head_dim, options, compile), warmup, repeats)
-                attention.append(row | {"compiled": compile, "label": f"{variant} (compiled)" if compile else variant})
+                                lambda: attention_step(variant, T, batch, heads, head_dim, options, mode), warmup, repeats)
+                attention.append(row | {"mode": mode, "label": variant if mode == "eager" else f"{variant} ({mode})"})
     T, peak = params.model.seq_len, peak_flops(torch.device("cuda"))
     batch = max(1, params.profile.tokens_per_step // T)
     sizes = [(params.model.d_model, params.model.n_layers), *(train_sizes or [])]

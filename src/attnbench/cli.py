@@ -53,8 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--variants", nargs="+", help="default: the params file's variants")
     p.add_argument("--parts", nargs="+", choices=["attention", "train"], default=["attention", "train"])
-    p.add_argument("--modes", nargs="+", choices=["eager", "compiled"], default=["eager", "compiled"],
-                   help="attention rows of each variant: eager, under torch.compile, or both (default)")
+    p.add_argument("--modes", nargs="+", choices=["eager", "compiled", "graphs"], default=["eager", "compiled"],
+                   help="attention rows of each variant: eager, under torch.compile, and compiled with CUDA graphs "
+                   "(reduce-overhead); default: eager and compiled")
     p.add_argument("--train-sizes", nargs="+", default=[], metavar="DxL",
                    help="more model sizes for the training rows, d_model x layers (heads of 64), e.g. 768x12")
     return parser

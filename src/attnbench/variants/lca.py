@@ -71,7 +71,7 @@ class LearnedClusterOptions(VariantOptions):
             raise ValueError(f"balance must be >= 0 or 'auto', got {self.balance}")
 
 
-def route(logits: torch.Tensor, tau: float, training: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+def route(logits: torch.Tensor, tau: torch.Tensor, training: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Cluster ids (B, R, T) and, in training, the soft assignment y (B, R, T, C) from router logits (B, R, T, C)."""
     if not training:
         return logits.argmax(dim=-1), None
@@ -202,7 +202,9 @@ class LearnedClusterAttention(Attention):
         super().__init__(d_model, n_heads, seq_len, options)
         routers = n_heads if self.options.router == "head" else 1
         self.router = nn.Linear(d_model, routers * self.clusters, bias=False)
-        self.tau = self.options.tau_start
+        # A buffer, not a float: a compiled model would guard on a float and recompile as tau anneals;
+        # set_progress updates it in place, so CUDA graphs read the new value too.
+        self.register_buffer("tau", torch.tensor(self.options.tau_start), persistent=False)
         self.last_clusters: torch.Tensor | None = None  # (B, R, T) of the last forward, for stats()
 
     @property
@@ -215,7 +217,7 @@ class LearnedClusterAttention(Attention):
 
     def set_progress(self, fraction: float) -> None:
         start, end = self.options.tau_start, self.options.tau_end
-        self.tau = start * (end / start) ** min(max(fraction, 0.0), 1.0)
+        self.tau.fill_(start * (end / start) ** min(max(fraction, 0.0), 1.0))
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Cluster ids (B, R, T) and the soft assignment (B, R, T, C) or None (`route`) for x (B, T, C_model); sets the balance loss."""
@@ -250,5 +252,5 @@ class LearnedClusterAttention(Attention):
             "max_cluster_frac": share.amax(dim=-1).mean().item(),
             "empty_clusters": (share == 0).float().sum(dim=-1).mean().item(),
             "pair_frac": share.square().sum(dim=-1).mean().item(),
-            "tau": self.tau,
+            "tau": self.tau.item(),
         }
