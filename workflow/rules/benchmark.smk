@@ -1,4 +1,5 @@
 # GPU only, not part of `rule all`: snakemake --cores all benchmark [--configfile workflow/presets/<gpu>.yaml]
+# (DVC: dvc repro workflow/benchmark/dvc.yaml)
 BENCHMARKS = f"reports/benchmarks/{PARAMS.run.name}"
 
 
@@ -9,5 +10,10 @@ rule benchmark:
         f"{LOGS}/benchmark.log",
     resources:
         gpu=1,
+    params:
+        model=section("model"),
+        tokens=section("profile", "tokens_per_step"),
+        variants=section("variants"),
+        device=section("train", "device"),
     shell:
         f"{stage('benchmark')} --out {BENCHMARKS} 2>&1 | tee {{log}}"
