@@ -233,16 +233,16 @@ def train(params: Params, variant: str, data_dir: Path, out_dir: Path, tracker=N
 
     if rank != 0:
         return None
+    steady_tokens_per_s = float(np.median(rates[1:] or rates))  # the median logging window after the first (compilation, warm-up)
     summary = {
         "variant": variant,
         "steps": steps,
         "tokens": steps * tokens_per_step,
         "train_loss_final": curve[-1]["train_loss"],
         "val_bpb_final": curve[-1]["val_bpb"],
-        # Steady state: the median logging window after the first (which holds compilation and warm-up).
-        "tokens_per_s": float(np.median(rates[1:] or rates)),
+        "tokens_per_s": steady_tokens_per_s,
         "tokens_per_s_wall": steps * tokens_per_step / elapsed,
-        "mfu": None if peak is None else model.flops_per_token() * float(np.median(rates[1:] or rates)) / (peak * world),
+        "mfu": None if peak is None else model.flops_per_token() * steady_tokens_per_s / (peak * world),
         "train_seconds": elapsed,
         "params_non_embedding": n_params,
         "device": device.type if world == 1 else f"{device.type} x{world}",

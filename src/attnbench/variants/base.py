@@ -13,6 +13,7 @@ import math
 from typing import Annotated, ClassVar, Literal
 
 import torch
+import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, PlainValidator
 from torch import nn
 
@@ -103,6 +104,20 @@ class Attention(nn.Module):
     def stats(self) -> dict[str, float]:
         """Diagnostics of the last forward pass worth logging (cluster sizes, ...)."""
         return {}
+
+
+def to_blocks(u: torch.Tensor, block: int) -> torch.Tensor:
+    """(B, H, T, E) -> (B, H, C, b, E), zero-padded at the end to C = ceil(T / b) whole blocks."""
+    B, H, T, E = u.shape
+    pad = (-T) % block
+    if pad:  # no copy where T is whole blocks already
+        u = F.pad(u, (0, 0, 0, pad))
+    return u.reshape(B, H, (T + pad) // block, block, E)
+
+
+def from_blocks(u: torch.Tensor, T: int) -> torch.Tensor:
+    """(B, H, C, b, E) -> (B, H, T, E), dropping the padding."""
+    return u.flatten(2, 3)[:, :, :T]
 
 
 def causal_mask(T: int, device: torch.device | None = None) -> torch.Tensor:

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from .base import Attention, AutoInt, VariantOptions, causal_mask, pow2_block
+from .base import Attention, AutoInt, VariantOptions, causal_mask, from_blocks, pow2_block, to_blocks
 
 
 class ClusterKernelOptions(VariantOptions):
@@ -37,18 +37,6 @@ class ClusterKernelOptions(VariantOptions):
             raise ValueError(f"block must be an integer >= 1 or 'auto', got {self.block}")
         if self.rank != "auto" and self.rank < 0:
             raise ValueError(f"rank must be an integer >= 0 or 'auto', got {self.rank}")
-
-
-def to_blocks(u: torch.Tensor, block: int) -> torch.Tensor:
-    """(B, H, T, E) -> (B, H, C, b, E), zero-padded at the end to C = ceil(T / b) whole blocks."""
-    B, H, T, E = u.shape
-    pad = (-T) % block
-    return F.pad(u, (0, 0, 0, pad)).reshape(B, H, (T + pad) // block, block, E)
-
-
-def from_blocks(u: torch.Tensor, T: int) -> torch.Tensor:
-    """(B, H, C, b, E) -> (B, H, T, E), dropping the padding."""
-    return u.flatten(2, 3)[:, :, :T]
 
 
 def block_scores(q: torch.Tensor, k: torch.Tensor, block: int, scale: float) -> torch.Tensor:

@@ -17,7 +17,8 @@ from __future__ import annotations
 import torch
 from torch.nn.attention.flex_attention import AuxRequest
 
-from .cka import ClusterKernelAttention, block_scores, from_blocks, to_blocks
+from .base import from_blocks, to_blocks
+from .cka import ClusterKernelAttention, block_scores
 from .flex import band_block_mask, flex_kernel
 
 

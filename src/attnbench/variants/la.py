@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field, field_validator
 
-from .base import Attention, AutoInt, VariantOptions, causal_mask
+from .base import Attention, AutoInt, VariantOptions, causal_mask, from_blocks, to_blocks
 
 FLA_INSTALLED = importlib.util.find_spec("fla") is not None  # flash-linear-attention, the optional extra attnbench[gpu]
 
@@ -54,39 +54,35 @@ def feature_map(u: torch.Tensor) -> torch.Tensor:
     return F.elu(u) + 1
 
 
+def sum_of_chunks_before(per_chunk: torch.Tensor) -> torch.Tensor:
+    """Exclusive prefix sum over the chunk dim (2) of (B, H, n, ...): entry i sums the chunks j < i."""
+    return torch.cat([torch.zeros_like(per_chunk[:, :, :1]), per_chunk.cumsum(dim=2)[:, :, :-1]], dim=2)
+
+
 def chunked_linear_attention(fq: torch.Tensor, fk: torch.Tensor, v: torch.Tensor, chunk: int, eps: float) -> torch.Tensor:
     """Causal linear attention on feature-mapped fq, fk (B, H, T, D) and v (B, H, T, Dv), in chunks of `chunk`."""
-    B, H, T, D = fq.shape
-    pad = (-T) % chunk
-    if pad:  # zero features at the (future) end contribute nothing to any sum
-        fq, fk, v = (F.pad(t, (0, 0, 0, pad)) for t in (fq, fk, v))
-    n = (T + pad) // chunk
-    fq, fk, v = (t.reshape(B, H, n, chunk, t.shape[-1]) for t in (fq, fk, v))  # (B, H, n, c, D)
+    T = fq.shape[-2]
+    # Zero features at the (future) end, padding the last chunk, contribute nothing to any sum.
+    fq, fk, v = (to_blocks(t, chunk) for t in (fq, fk, v))  # (B, H, n, c, D)
 
-    kv = fk.transpose(-2, -1) @ v  # (B, H, n, D, Dv): each chunk's contribution to the state
-    ksum = fk.sum(dim=-2)  # (B, H, n, D)
-    # State before each chunk: exclusive prefix sums over chunks.
-    state = torch.cat([torch.zeros_like(kv[:, :, :1]), kv.cumsum(dim=2)[:, :, :-1]], dim=2)
-    norm = torch.cat([torch.zeros_like(ksum[:, :, :1]), ksum.cumsum(dim=2)[:, :, :-1]], dim=2)
+    state = sum_of_chunks_before(fk.transpose(-2, -1) @ v)  # (B, H, n, D, Dv): the state before each chunk
+    norm = sum_of_chunks_before(fk.sum(dim=-2))  # (B, H, n, D)
 
     intra = (fq @ fk.transpose(-2, -1)) * causal_mask(chunk, fq.device)  # (B, H, n, c, c)
     numerator = intra @ v + fq @ state  # (B, H, n, c, Dv)
     denominator = intra.sum(dim=-1) + (fq * norm.unsqueeze(-2)).sum(dim=-1)  # (B, H, n, c)
     out = numerator / (denominator + eps).unsqueeze(-1)
-    return out.reshape(B, H, n * chunk, -1)[:, :, :T]
+    return from_blocks(out, T)
 
 
 def prefix_sum(u: torch.Tensor, chunk: int) -> torch.Tensor:
     """Inclusive cumulative sum of u (B, H, T, D) along T, in fp32: a triangular matmul inside each chunk plus
     the sum of the chunks before (a cumsum over T / chunk). One cumsum along all of T runs slowly on the GPU
     outside torch.compile (measured: it cost fla's path 2/3 of its time at 32K)."""
-    B, H, T, D = u.shape
-    pad = (-T) % chunk
-    u = F.pad(u.float(), (0, 0, 0, pad)).view(B, H, -1, chunk, D)
-    totals = u.sum(dim=-2).cumsum(dim=2)  # (B, H, n, D)
-    before = torch.cat([torch.zeros_like(totals[:, :, :1]), totals[:, :, :-1]], dim=2)
-    within = causal_mask(chunk, u.device).float() @ u  # (B, H, n, c, D)
-    return (within + before.unsqueeze(-2)).view(B, H, -1, D)[:, :, :T]
+    T = u.shape[-2]
+    u = to_blocks(u.float(), chunk)  # (B, H, n, c, D)
+    within = causal_mask(chunk, u.device).float() @ u
+    return from_blocks(within + sum_of_chunks_before(u.sum(dim=-2)).unsqueeze(-2), T)
 
 
 def fla_linear_attention(fq: torch.Tensor, fk: torch.Tensor, v: torch.Tensor, chunk: int, eps: float) -> torch.Tensor:

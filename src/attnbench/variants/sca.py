@@ -67,8 +67,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from .base import AutoInt, masked_softmax_attention, pow2_block
-from .cka import from_blocks, to_blocks
+from .base import AutoInt, from_blocks, masked_softmax_attention, pow2_block, to_blocks
 from .lca import (
     LearnedClusterAttention,
     LearnedClusterOptions,
