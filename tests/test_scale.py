@@ -332,10 +332,16 @@ def test_dvc_experiment_queue_runs_a_sweep_two_at_a_time(tmp_path):
     run([*git, "commit", "-qm", "workspace"], ws)
     for max_bytes in (30000, 40000):  # the prepare target only: a sweep of the data stage, seconds each
         run(["dvc", "exp", "run", "--queue", "-S", f"data.max_bytes={max_bytes}", "prepare"], ws)
-    run(["dvc", "queue", "start", "-j", "2"], ws)
-    deadline = time.monotonic() + 240
-    while re.search(r"Queued|Running", status := run(["dvc", "queue", "status"], ws)) and time.monotonic() < deadline:
-        time.sleep(2)
+    # The workers are daemons that would inherit (and hold open) pipes until they exit: log to a file instead,
+    # so the test waits on the queue's status with its own deadline, not on a worker's shutdown.
+    with open(tmp_path / "queue-start.log", "w") as log:
+        subprocess.run(["dvc", "queue", "start", "-j", "2"], cwd=ws, env=ENV, stdout=log, stderr=subprocess.STDOUT, check=True, timeout=60)
+    try:
+        deadline = time.monotonic() + 240
+        while re.search(r"Queued|Running", status := run(["dvc", "queue", "status"], ws)) and time.monotonic() < deadline:
+            time.sleep(2)
+    finally:
+        subprocess.run(["dvc", "queue", "stop", "--kill"], cwd=ws, env=ENV, capture_output=True, timeout=60)
     assert len(re.findall(r"Success$", status, re.M)) == 2, status
     manifests = {}
     for baseline in json.loads(run(["dvc", "exp", "show", "--json"], ws)):
