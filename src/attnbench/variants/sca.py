@@ -17,17 +17,22 @@ earlier blocks, so no query ever sees the future. With the gate at 0 (its
 initial value) sca is lca exactly; its gradient still reaches the gate.
 
 Paths (both call the router once per forward):
-- reference: every step's supernodes from dense prefix masks (steps x T),
-  then lca's dense reference attention over v';
-- efficient: per-block per-cluster sums (the gates contracted with k, v inside
-  each block, (B, H, T/b, C, D)) and a cumulative sum over blocks, O((T/b) C D),
-  never T x T; the mixing costs (T/b) C^2 D; then lca's efficient attention
-  over v' (the chunked CPU path, or the Flex path on CUDA).
+- reference: every step's supernodes from dense prefix masks (steps x T) and
+  one-hot memberships, then lca's dense reference attention over v';
+- efficient: sums per (block, cluster) by one scatter-add of the tokens' k and v
+  ((B, H, T/b, C, D)) and a cumulative sum over blocks, O(T D + (T/b) C D), no
+  T x T and no T x C tensor; each token reads its own cluster's state by one
+  gather; the mixing costs (T/b) C^2 D; then lca's efficient attention over v'
+  (the chunked CPU path, or the Flex path on CUDA).
 
 Choices where the spec is open:
-- membership is weighted by lca's straight-through gates: n_c = sum_s a_s[c] v_s / sum_s a_s[c]
-  (the same for m) and query t reads sum_c a_t[c] z_c. The forward values are the plain
-  means and z_{c_t}; the backward lets the router learn from the supernode path as well.
+- membership is weighted by the token's own straight-through gate a_s[c_s] (lca's formula
+  only ever weighs a key by a_s[c_t] with c_s = c_t, i.e. its own gate):
+  n_c = sum_{s: c_s = c} a_s[c_s] v_s / sum_{s: c_s = c} a_s[c_s] (the same for m), and query t
+  reads a_t[c_t] z_{c_t}. The forward values are the plain means and z_{c_t}; the backward
+  lets the router learn from the supernode path as well. (Weighing by the C-wide gates
+  a_s[c] instead made the path dense in C: (T, C) x (C, D) products per block and (T, C)
+  fp32 tensors, about half of sca's time at T = 8K on the H100, profiled.)
 - W_u (D -> D, no bias) is one per layer, shared by the heads (as cka's P); the supernode
   values are their states n; scale 1/sqrt(D).
 - an empty cluster's query is W_u 0 = 0, so it averages the non-empty supernodes (its mixed
@@ -67,7 +72,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from .base import AutoInt, from_blocks, masked_softmax_attention, pow2_block, to_blocks
+from .base import AutoInt, masked_softmax_attention, pow2_block
 from .lca import (
     LearnedClusterAttention,
     LearnedClusterOptions,
@@ -99,19 +104,32 @@ def supernode_means(weights: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
     return weights.transpose(-2, -1) @ v / denominator, weights.transpose(-2, -1) @ k / denominator, total
 
 
-def prefix_supernodes(gates: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block: int):
-    """Supernodes of the steps a later block reads (all but the last), by sums per block and a cumulative sum.
+def prefix_supernodes(cluster: torch.Tensor, own: torch.Tensor | None, k: torch.Tensor, v: torch.Tensor, C: int, block: int):
+    """Supernodes of the steps a later block reads (all but the last): sums per (block, cluster), cumulated over blocks.
 
-    gates (B, R, T, C), k, v (B, H, T, D) fp32 -> n, m (B, H, S, C, D) and weight sums (B, R, S, C),
-    S = (T - 1) // block: step j covers blocks <= j.
+    cluster (B, R, T), own gates a_t[c_t] (B, R, T, 1) or None (weight 1), k, v (B, H, T, D) fp32 ->
+    n, m (B, H, S, C, D) and weight sums (B, R, S, C), S = (T - 1) // block: step j covers blocks <= j.
     """
-    S = (gates.shape[-2] - 1) // block
-    a, k, v = (u[:, :, : S * block].unflatten(2, (S, block)) for u in (gates, k, v))  # (B, R|H, S, b, C|D)
-    total = a.sum(dim=-2).cumsum(dim=2)  # (B, R, S, C)
-    denominator = torch.where(total > 0, total, 1.0).unsqueeze(-1)  # (B, R, S, C, 1)
-    n = (a.transpose(-2, -1) @ v).cumsum(dim=2) / denominator  # (B, H, S, C, D)
-    m = (a.transpose(-2, -1) @ k).cumsum(dim=2) / denominator  # (B, H, S, C, D)
+    B, H, T, D = v.shape
+    S = (T - 1) // block
+    N = S * block  # the tokens of those steps
+    slot = torch.arange(N, device=v.device) // block * C + cluster[..., :N]  # (B, R, N): (block, cluster) of each token
+    weight = torch.ones_like(slot, dtype=v.dtype).unsqueeze(-1) if own is None else own[..., :N, :]  # (B, R, N, 1)
+    total = v.new_zeros(B, slot.shape[1], S * C).scatter_add(-1, slot, weight.squeeze(-1)).unflatten(-1, (S, C)).cumsum(dim=2)
+    kv = weight * torch.cat([k[..., :N, :], v[..., :N, :]], dim=-1)  # (B, H, N, 2D): one scatter for both
+    sums = v.new_zeros(B, H, S * C, 2 * D).scatter_add(2, slot.unsqueeze(-1).expand(B, H, N, 2 * D), kv)
+    m, n = (sums.unflatten(2, (S, C)).cumsum(dim=2) / torch.where(total > 0, total, 1.0).unsqueeze(-1)).split(D, dim=-1)
     return n, m, total
+
+
+def read_supernodes(z: torch.Tensor, cluster: torch.Tensor, own: torch.Tensor | None, block: int) -> torch.Tensor:
+    """a_t[c_t] z_{c_t}^(i - 1) for query t in block i, zero in block 0: z (B, H, S, C, D), cluster (B, R, T) -> (B, H, T, D)."""
+    B, H, S, C, D = z.shape
+    T = cluster.shape[-1]
+    z = F.pad(z, (0, 0, 0, 0, 1, 0)).flatten(2, 3)  # (B, H, (S + 1) C, D): row i C + c is step i - 1, zeros for i = 0
+    index = torch.arange(T, device=z.device) // block * C + cluster  # (B, R, T)
+    extra = z.gather(2, index.unsqueeze(-1).expand(B, H, T, D))
+    return extra if own is None else extra * own
 
 
 def clique_partition(scores: torch.Tensor, cliques: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -142,12 +160,16 @@ class SuperClusterAttention(LearnedClusterAttention):
 
     def mix(self, n: torch.Tensor, m: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
         """Supernode-to-supernode attention: n, m (B, H, S, C, D), weight sums total (B, R, S, C) -> z (B, H, S, C, D)."""
+        # Padded to whole multiples of 8 clusters (empty, so never keys): the (C, C) products under bf16 autocast
+        # otherwise run on cuBLAS's unaligned kernels (119 us each at T = 8K, C = 91, on the H100, profiled).
+        C = n.shape[-2]
+        n, m, total = F.pad(n, (0, 0, 0, -C % 8)), F.pad(m, (0, 0, 0, -C % 8)), F.pad(total, (0, -C % 8))
         nonempty = (total > 0).unsqueeze(-2)  # (B, R, S, 1, C): the supernodes that can be keys
         u = F.linear(n, self.supernode_query.weight.float())  # (B, H, S, C, D)
         scores = (u @ m.transpose(-2, -1)) * self.scale  # (B, H, S, C, C)
         # A finite fill keeps a row without keys finite (uniform); it is then zeroed.
         p = scores.masked_fill(~nonempty, torch.finfo(scores.dtype).min).softmax(dim=-1)
-        return (p * nonempty.any(dim=-1, keepdim=True)) @ n
+        return ((p * nonempty.any(dim=-1, keepdim=True)) @ n)[..., :C, :]
 
     def add_to_values(self, v: torch.Tensor, extra: torch.Tensor) -> torch.Tensor:
         """v' = v + gate * extra, per head; v (B, H, T, D), extra (B, H, T, D) fp32."""
@@ -155,9 +177,11 @@ class SuperClusterAttention(LearnedClusterAttention):
 
     # Causal form.
 
-    def supernode_values_reference(self, k, v, gates):
-        """v' from dense prefix masks: every step's supernodes at once, then each token reads step block(t) - 1."""
+    def supernode_values_reference(self, k, v, cluster, own):
+        """v' from dense prefix masks and one-hot memberships: every step's supernodes at once, then each token
+        reads step block(t) - 1."""
         T, b = v.shape[-2], self.block
+        gates = F.one_hot(cluster, self.clusters).float() * (1.0 if own is None else own)  # (B, R, T, C): a_t[c_t] at c_t
         block_of = torch.arange(T, device=v.device) // b  # (T,)
         steps = torch.arange(int(block_of[-1]) + 1, device=v.device)  # (S,)
         in_prefix = block_of <= steps.unsqueeze(-1)  # (S, T): token s is in a block <= j
@@ -165,41 +189,34 @@ class SuperClusterAttention(LearnedClusterAttention):
         n, m, total = supernode_means(weights, k.float().unsqueeze(2), v.float().unsqueeze(2))  # (B, H, S, C, D)
         z = self.mix(n, m, total)  # (B, H, S, C, D)
         z_read = z[:, :, (block_of - 1).clamp_min(0)] * (block_of > 0).view(T, 1, 1)  # (B, H, T, C, D)
-        extra = (gates.unsqueeze(-2) @ z_read).squeeze(-2)  # (B, H, T, D): sum_c a_t[c] z_c^(i-1)
+        extra = (gates.unsqueeze(-2) @ z_read).squeeze(-2)  # (B, H, T, D): a_t[c_t] z_{c_t}^(i-1)
         return self.add_to_values(v, extra)
 
-    def supernode_values(self, k, v, gates):
-        """v' by per-block sums and a cumulative sum over blocks: O((T / b) C D) memory."""
-        T, b = v.shape[-2], self.block
-        z = self.mix(*prefix_supernodes(gates, k.float(), v.float(), b))  # (B, H, S, C, D)
-        z_read = F.pad(z, (0, 0, 0, 0, 1, 0))  # (B, H, S + 1, C, D): block i reads step i - 1, block 0 zeros
-        extra = from_blocks(to_blocks(gates, b) @ z_read, T)  # (B, H, T, D)
-        return self.add_to_values(v, extra)
+    def supernode_values(self, k, v, cluster, own):
+        """v' by one scatter-add per (block, cluster), a cumulative sum over blocks and one gather: no T x C tensor."""
+        z = self.mix(*prefix_supernodes(cluster, own, k.float(), v.float(), self.clusters, self.block))  # (B, H, S, C, D)
+        return self.add_to_values(v, read_supernodes(z, cluster, own, self.block))
 
     def reference(self, q, k, v, x):
         if not self.options.causal:
             return self.cliques_reference(q, k, v, x)
-        cluster, _, gates = self.routed_gates(x)
-        return cluster_attention_reference(q, k, self.supernode_values_reference(k, v, gates), cluster, gates, self.scale)
+        cluster, soft = self.route(x)
+        v = self.supernode_values_reference(k, v, cluster, own_gate(cluster, soft))
+        return cluster_attention_reference(q, k, v, cluster, straight_through_gates(cluster, soft, self.clusters), self.scale)
 
     def efficient(self, q, k, v, x):
         return super().efficient(q, k, v, x) if self.options.causal else self.cliques(q, k, v, x)
 
-    def routed_gates(self, x):
-        """`route`'s cluster ids and soft assignment, and the C-wide straight-through gates the supernodes weigh tokens by."""
-        cluster, soft = self.route(x)
-        return cluster, soft, straight_through_gates(cluster, soft, self.clusters)
-
     def chunked(self, q, k, v, x):
-        cluster, soft, gates = self.routed_gates(x)
-        v = self.supernode_values(k, v, gates)
+        cluster, soft = self.route(x)
         own = own_gate(cluster, soft)
+        v = self.supernode_values(k, v, cluster, own)
         return cluster_attention_chunked(q, k, v, cluster, own, self.clusters, self.scale, pow2_block(q.shape[-2]))
 
     def flex(self, q, k, v, x):
-        cluster, soft, gates = self.routed_gates(x)
-        v = self.supernode_values(k, v, gates)
-        return cluster_attention_flex(q, k, v, cluster, own_gate(cluster, soft), self.scale)
+        cluster, soft = self.route(x)
+        own = own_gate(cluster, soft)
+        return cluster_attention_flex(q, k, self.supernode_values(k, v, cluster, own), cluster, own, self.scale)
 
     # Non-causal form (tests and profiles only).
 
