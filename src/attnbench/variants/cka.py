@@ -86,13 +86,16 @@ class ClusterKernelAttention(Attention):
         n = (T - 1) // b  # blocks some later block reads: all but the last, all complete
         kbar = k[:, :, : n * b].reshape(B, H, n, b, D).mean(dim=-2)  # (B, H, n, D)
         vbar = v[:, :, : n * b].reshape(B, H, n, b, D).mean(dim=-2)  # (B, H, n, D)
-        fk = b * self.features(kbar)  # (B, H, n, k): a summary weighs like the b tokens it stands for
-        # Exclusive prefix sums: entry i sums blocks j < i, for the n + 1 = C blocks.
-        z = F.pad(fk.cumsum(dim=2), (0, 0, 1, 0))  # (B, H, C, k)
-        S = F.pad((fk.unsqueeze(-1) * vbar.unsqueeze(-2)).cumsum(dim=2), (0, 0, 0, 0, 1, 0))  # (B, H, C, k, D)
-        fq = to_blocks(self.features(q), b)  # (B, H, C, b, k)
-        Z = from_blocks(fq @ z.unsqueeze(-1), T).squeeze(-1)  # (B, H, T)
-        N = from_blocks(fq @ S, T)  # (B, H, T, D): sum_{j<i} b w_tj vbar_j
+        # One projection for q and the summaries, and Z as one more column of N's product: at 8K fastcka's
+        # step is bound by the host's kernel launches on the H100, and each fused matmul is one launch less.
+        fq, fk = self.features(torch.cat([q, kbar], dim=2)).split([T, n], dim=2)  # (B, H, T, k), (B, H, n, k)
+        fk = b * fk  # a summary weighs like the b tokens it stands for
+        S = torch.cat([fk.unsqueeze(-1) * vbar.unsqueeze(-2), fk.unsqueeze(-1)], dim=-1)  # (B, H, n, k, D + 1): [f vbar | f]
+        # Exclusive prefix sums: entry i sums blocks j < i, for the n + 1 = C blocks; the last dim padded to a
+        # multiple of 8 for aligned bf16 rows under autocast.
+        S = F.pad(S.cumsum(dim=2), (0, -(D + 1) % 8, 0, 0, 1, 0))  # (B, H, C, k, D + 1 + pad)
+        NZ = from_blocks(to_blocks(fq, b) @ S, T)  # (B, H, T, D + 1 + pad)
+        N, Z = NZ[..., :D], NZ[..., D]  # sum_{j<i} b w_tj vbar_j (B, H, T, D), Z_t (B, H, T)
         return N / torch.where(Z > 0, Z, 1.0).unsqueeze(-1), safe_log(Z)
 
     def reference(self, q, k, v, x):
