@@ -35,3 +35,12 @@ def test_markdown_shows_ratios_to_sdpa_and_the_training_baseline():
     assert cells[-3:] == ["1.50", "8.00", "16.00"], ca_row
     assert "| plain GPT (mha, flash) | d512 L8 H8 | 40.0 | 1.600 | 30.0% | True |" in text
     assert "| ca | d512 L8 H8 | oom" in text
+
+
+def test_markdown_shows_only_the_parts_that_ran():
+    params = parse_params({"variants": {"ca": {}}})
+    attention_only = markdown(attention_rows(), [], "H100", 65536, 8, 64, params)
+    assert "## Attention" in attention_only and "Training step" not in attention_only and "MFU" not in attention_only
+    training = [{"variant": "ca", "model": "d512 L8 H8", "batch": 64, "ms": 40.0, "mtok_per_s": 1.6, "mfu": 0.3, "compiled": True, "status": "ok"}]
+    training_only = markdown([], training, "H100", 65536, 8, 64, params)
+    assert "## Attention" not in training_only and f"{64 * params.model.seq_len:,} tokens per step" in training_only

@@ -207,11 +207,10 @@ def cell(row: dict | None) -> str:
     return f"{row['mtok_per_s']:.1f}" if row["status"] == "ok" else row["status"][:20]
 
 
-def markdown(attention: list[dict], training: list[dict], device: str, tokens: int, heads: int, head_dim: int, params: Params) -> str:
+def attention_section(attention: list[dict], tokens: int, heads: int, head_dim: int) -> list[str]:
     seq_lens = sorted({r["T"] for r in attention})
     slopes = exponents(attention)
-    lines = [f"# attnbench benchmark on {device}", "", "`python -m attnbench benchmark --help` tells how to reproduce it.", "",
-             f"## Attention forward+backward, Mtok/s ({tokens:,} tokens per step, H = {heads}, D = {head_dim}, bf16, median)", "",
+    lines = [f"## Attention forward+backward, Mtok/s ({tokens:,} tokens per step, H = {heads}, D = {head_dim}, bf16, median)", "",
              "| variant | " + " | ".join(f"{T // 1024}K" if T >= 1024 else str(T) for T in seq_lens)
              + " | time exponent (2K-32K) | x sdpa at 8K | x sdpa at 32K |",
              "|---|" + "---|" * (len(seq_lens) + 3)]
@@ -225,20 +224,30 @@ def markdown(attention: list[dict], training: list[dict], device: str, tokens: i
         cells = [cell(by.get((label, T))) for T in seq_lens]
         slope = slopes[label]
         lines.append(f"| {label} | " + " | ".join(cells) + f" | {'—' if slope is None else f'{slope:.2f}'} | {ratio(label, 8192)} | {ratio(label, 32768)} |")
-    m = params.model
-    lines += ["", "Time exponent: slope of log(time per sequence) against log T, i.e. the spec's compute-vs-T exponent. "
-              "`sdpa`: the fused causal kernel in mha's order (cuDNN first), the bar of the ratio columns; "
-              f"`sdpa-flash`: the flash kernel alone. Each sample times {CHAIN} steps back to back (as training runs them).", "",
-              f"## Training step of the whole model (T = {m.seq_len}, "
-              f"{training[0]['batch'] * m.seq_len if training else 0:,} tokens per step, bf16 autocast, fused AdamW)", "",
-              "| variant | model | ms/step | Mtok/s | MFU | compiled |", "|---|---|---|---|---|---|"]
+    return lines + ["", "Time exponent: slope of log(time per sequence) against log T, i.e. the spec's compute-vs-T exponent. "
+                    "`sdpa`: the fused causal kernel in mha's order (cuDNN first), the bar of the ratio columns; "
+                    f"`sdpa-flash`: the flash kernel alone. Each sample times {CHAIN} steps back to back (as training runs them).", ""]
+
+
+def training_section(training: list[dict], seq_len: int) -> list[str]:
+    lines = [f"## Training step of the whole model (T = {seq_len}, {training[0]['batch'] * seq_len:,} tokens per step, "
+             "bf16 autocast, fused AdamW)", "", "| variant | model | ms/step | Mtok/s | MFU | compiled |", "|---|---|---|---|---|---|"]
     for r in training:
         if r["status"] == "ok":
             mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "—"
             lines.append(f"| {r['variant']} | {r['model']} | {r['ms']:.1f} | {r['mtok_per_s']:.3f} | {mfu} | {r['compiled']} |")
         else:
             lines.append(f"| {r['variant']} | {r['model']} | {r['status'][:60]} | | | |")
-    lines += ["", "MFU = (6 N + 6 L T d) x tokens/s / 989 TFLOP/s (dense bf16 peak), N = non-embedding parameters.", ""]
+    return lines + ["", "MFU = (6 N + 6 L T d) x tokens/s / 989 TFLOP/s (dense bf16 peak), N = non-embedding parameters.", ""]
+
+
+def markdown(attention: list[dict], training: list[dict], device: str, tokens: int, heads: int, head_dim: int, params: Params) -> str:
+    """The report: a section for each part that has rows (a run of one part shows no empty table for the other)."""
+    lines = [f"# attnbench benchmark on {device}", "", "`python -m attnbench benchmark --help` tells how to reproduce it.", ""]
+    if attention:
+        lines += attention_section(attention, tokens, heads, head_dim)
+    if training:
+        lines += training_section(training, params.model.seq_len)
     return "\n".join(lines)
 
 
