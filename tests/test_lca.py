@@ -163,6 +163,17 @@ def test_annealing_tau_does_not_recompile_the_router():
     assert counter.frame_count == frames, f"{counter.frame_count - frames} recompilations while tau annealed"
 
 
+def test_gumbel_noise_is_fp32_for_bf16_logits():
+    """Under autocast the router's logits are bf16; the noise and the soft assignment must still be fp32."""
+    from attnbench.variants.lca import route
+
+    logits = torch.zeros(1, 1, 4096, 2, dtype=torch.bfloat16)
+    cluster, soft = route(logits, torch.tensor(1.0), training=True)
+    assert soft.dtype == torch.float32
+    # y_0 = sigmoid(g_0 - g_1): with fp32 uniforms nearly every one of 4096 draws differs.
+    assert soft[..., 0].unique().numel() > 4000
+
+
 @pytest.mark.parametrize(
     "options,message",
     [({"clusters": 0}, "clusters must be >= 1"), ({"balance": -1.0}, "balance must be >= 0"), ({"tau_end": 0}, "greater than 0")],

@@ -70,7 +70,7 @@ class ClusterKernelAttention(Attention):
         return 16 if self.options.rank == "auto" else self.options.rank
 
     def features(self, u: torch.Tensor) -> torch.Tensor:
-        """psi(u) = elu(P u) + 1 in fp32: (..., D) -> (..., k); no features, (..., 0), at rank 0."""
+        """psi(u) = elu(P u) + 1 from fp32 operands (bf16 under autocast): (..., D) -> (..., k); no features, (..., 0), at rank 0."""
         if self.P is None:
             return u.new_zeros(*u.shape[:-1], 0)
         return F.elu(F.linear(u.float(), self.P.weight.float())) + 1

@@ -3,7 +3,7 @@
 The intra term is block-diagonal causal softmax attention that also returns its log-sum-exp
 (lse_t = log sum_s e_ts): on GPU a compiled FlexAttention kernel, so no scores are kept, with
 flex.py's band mask (band = the query's own block), built from tile lists, never from T x T pairs.
-The inter term is cka's prefix sum over blocks, in fp32. With the intra mean o_intra, and the inter
+The inter term is cka's prefix sum over blocks, in fp32 (its matmuls in bf16 under autocast). With the intra mean o_intra, and the inter
 mean o_inter and log Z_t from cka, the one normaliser is
 
     out_t = sigmoid(lse_t - log Z_t) o_intra_t + sigmoid(log Z_t - lse_t) o_inter_t,

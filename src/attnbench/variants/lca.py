@@ -31,7 +31,7 @@ Choices where the spec is open:
   the loss one reduction over the logits; the per-token prefix sum of a
   (T, C) one-hot cost more than the attention itself on the H100 (1.05 of
   5.5 ms at T = 8K, profiled). Set in training only (aux_loss None in eval).
-- Gumbel noise as -log(-log u), u uniform, clamped away from 0.
+- Gumbel noise as -log(-log u), u uniform in fp32, clamped away from 0.
 - tau anneals geometrically, tau = tau_start * (tau_end / tau_start) ** progress;
   tau_start = 1, tau_end = 0.1.
 - the CPU path pads every cluster to a multiple of the chunk (pow2_block(T))
@@ -75,7 +75,10 @@ def route(logits: torch.Tensor, tau: torch.Tensor, training: bool) -> tuple[torc
     """Cluster ids (B, R, T) and, in training, the soft assignment y (B, R, T, C) from router logits (B, R, T, C)."""
     if not training:
         return logits.argmax(dim=-1), None
-    # Gumbel noise -log(-log u) from uniforms: under torch.compile it is drawn inside the softmax kernel, never stored.
+    # Gumbel noise -log(-log u) from fp32 uniforms whatever the logits' dtype (bf16 under autocast): bf16 uniforms
+    # would cut the noise's tail at -log(-log(1 - 2^-8)) = 5.5. Under torch.compile it is drawn inside the softmax
+    # kernel, never stored.
+    logits = logits.float()
     uniform = torch.rand_like(logits).clamp_min(torch.finfo(logits.dtype).tiny)
     y = ((logits - (-uniform.log()).log()) / tau).softmax(dim=-1)
     return y.argmax(dim=-1), y
@@ -222,7 +225,8 @@ class LearnedClusterAttention(Attention):
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Cluster ids (B, R, T) and the soft assignment (B, R, T, C) or None (`route`) for x (B, T, C_model); sets the balance loss."""
         B, T, _ = x.shape
-        # fp32 router: a bf16 logit flips near-tied argmaxes, and the choice of cluster is discrete.
+        # fp32 operands for inputs of any dtype; under CUDA autocast the product runs in bf16 like every projection,
+        # and `route` takes the noise, softmax and argmax to fp32.
         logits = F.linear(x.float(), self.router.weight.float()).view(B, T, -1, self.clusters).transpose(1, 2)  # (B, R, T, C)
         cluster, soft = route(logits, self.tau, self.training)
         self.aux_loss = self.balance * balance_loss(logits, cluster, pow2_block(self.seq_len, minimum=1)) if self.training else None
