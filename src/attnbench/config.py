@@ -162,16 +162,6 @@ class Params(Strict):
                 raise _VariantOptionsError(_first_error(err, prefix=f"variants.{name}.")) from None
         return parsed
 
-    @model_validator(mode="after")
-    def _variants_fit_model(self):
-        for name, options in self.variants.items():
-            for seq_len in (self.model.seq_len, *self.profile.seq_lens):
-                try:
-                    options.check(seq_len)
-                except ValueError as err:
-                    raise ValueError(f"variants.{name} at T={seq_len}: {err}") from None
-        return self
-
     @property
     def results_dir(self) -> Path:
         return Path("results") / self.run.name

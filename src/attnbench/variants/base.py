@@ -20,30 +20,37 @@ from torch import nn
 Path = Literal["reference", "efficient"]
 
 
-def _int_or_auto(value: object) -> int | Literal["auto"]:
-    if value == "auto" or (isinstance(value, int) and not isinstance(value, bool)):
-        return value
-    raise ValueError("must be an integer or 'auto'")
+def auto_int(minimum: int):
+    """The type of an option that is an integer >= minimum or "auto" (resolved against T by the variant)."""
+
+    def validate(value: object) -> int | Literal["auto"]:
+        if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= minimum):
+            return value
+        raise ValueError(f"must be an integer >= {minimum} or 'auto'")
+
+    return Annotated[int | Literal["auto"], PlainValidator(validate)]
 
 
-def _number_or_auto(value: object) -> float | Literal["auto"]:
-    if value == "auto" or (isinstance(value, (int, float)) and not isinstance(value, bool)):
-        return value
-    raise ValueError("must be a number or 'auto'")
+def auto_number(minimum: float):
+    """The type of an option that is a number >= minimum or "auto"."""
+
+    def validate(value: object) -> float | Literal["auto"]:
+        if value == "auto" or (isinstance(value, (int, float)) and not isinstance(value, bool) and value >= minimum):
+            return value
+        raise ValueError(f"must be a number >= {minimum} or 'auto'")
+
+    return Annotated[float | Literal["auto"], PlainValidator(validate)]
 
 
-# Options that are a number or "auto" (resolved against T by the variant); one clean error otherwise.
-AutoInt = Annotated[int | Literal["auto"], PlainValidator(_int_or_auto)]
-AutoFloat = Annotated[float | Literal["auto"], PlainValidator(_number_or_auto)]
+# Options are checked by their type when params are read, each with one clean error naming what is allowed.
+PositiveAutoInt = auto_int(1)
+NonNegativeAutoInt = auto_int(0)
 
 
 class VariantOptions(BaseModel):
     """Base for a variant's hyper-parameters; `auto` values resolve against T."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
-
-    def check(self, seq_len: int) -> None:
-        """Raise ValueError when the options cannot work at context length `seq_len`."""
 
 
 def pow2_block(seq_len: int, minimum: int = 16) -> int:
@@ -69,7 +76,6 @@ class Attention(nn.Module):
         self.head_dim = d_model // n_heads
         self.seq_len = seq_len
         self.options = options if options is not None else self.Options()
-        self.options.check(seq_len)
         self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)
         self.proj = nn.Linear(d_model, d_model, bias=False)
         self.path: Path = "efficient"

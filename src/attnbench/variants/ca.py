@@ -25,19 +25,13 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from .base import Attention, AutoInt, VariantOptions, causal_mask, masked_softmax_attention, pow2_block
+from .base import Attention, NonNegativeAutoInt, PositiveAutoInt, VariantOptions, causal_mask, masked_softmax_attention, pow2_block
 from .flex import flex_band_attention
 
 
 class BlockClusterOptions(VariantOptions):
-    block: AutoInt = Field("auto", description="block size b; auto = smallest power of two >= sqrt(T), at least 16")
-    lookback: AutoInt = Field("auto", description="earlier blocks each query sees; auto = 1, 0 = block diagonal")
-
-    def check(self, seq_len: int) -> None:
-        if self.block != "auto" and self.block < 1:
-            raise ValueError(f"block must be >= 1 or 'auto', got {self.block}")
-        if self.lookback != "auto" and self.lookback < 0:
-            raise ValueError(f"lookback must be >= 0 or 'auto', got {self.lookback}")
+    block: PositiveAutoInt = Field("auto", description="block size b; auto = smallest power of two >= sqrt(T), at least 16")
+    lookback: NonNegativeAutoInt = Field("auto", description="earlier blocks each query sees; auto = 1, 0 = block diagonal")
 
 
 def chunked_segment_attention(

@@ -25,18 +25,12 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from .base import Attention, AutoInt, VariantOptions, causal_mask, from_blocks, pow2_block, to_blocks
+from .base import Attention, NonNegativeAutoInt, PositiveAutoInt, VariantOptions, causal_mask, from_blocks, pow2_block, to_blocks
 
 
 class ClusterKernelOptions(VariantOptions):
-    block: AutoInt = Field("auto", description="block size b; auto = smallest power of two >= sqrt(T), at least 16")
-    rank: AutoInt = Field("auto", description="rank k of the inter-block features; auto = 16; 0: no inter term")
-
-    def check(self, seq_len: int) -> None:
-        if self.block != "auto" and self.block < 1:
-            raise ValueError(f"block must be an integer >= 1 or 'auto', got {self.block}")
-        if self.rank != "auto" and self.rank < 0:
-            raise ValueError(f"rank must be an integer >= 0 or 'auto', got {self.rank}")
+    block: PositiveAutoInt = Field("auto", description="block size b; auto = smallest power of two >= sqrt(T), at least 16")
+    rank: NonNegativeAutoInt = Field("auto", description="rank k of the inter-block features; auto = 16; 0: no inter term")
 
 
 def block_scores(q: torch.Tensor, k: torch.Tensor, block: int, scale: float) -> torch.Tensor:

@@ -25,22 +25,18 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field, field_validator
 
-from .base import Attention, AutoInt, VariantOptions, causal_mask, from_blocks, to_blocks
+from .base import Attention, PositiveAutoInt, VariantOptions, causal_mask, from_blocks, to_blocks
 
 FLA_INSTALLED = importlib.util.find_spec("fla") is not None  # flash-linear-attention, the optional extra attnbench[gpu]
 
 
 class LinearAttentionOptions(VariantOptions):
-    chunk: AutoInt = Field("auto", description="chunk length c of the efficient path; auto = 64")
+    chunk: PositiveAutoInt = Field("auto", description="chunk length c of the efficient path; auto = 64")
     eps: float = Field(1e-6, gt=0, description="added to the normaliser")
     kernel: Literal["auto", "fla", "torch"] = Field(
         "auto", description="efficient path on CUDA: fla's Triton kernels (attnbench[gpu]), the plain-PyTorch chunked form, "
         "or auto = fla where installed outside torch.compile, else PyTorch (the faster of the two in each mode); "
         "CPU tensors always take the PyTorch form")
-
-    def check(self, seq_len: int) -> None:
-        if self.chunk != "auto" and self.chunk < 1:
-            raise ValueError(f"chunk must be >= 1, got {self.chunk}")
 
     @field_validator("kernel")
     @classmethod

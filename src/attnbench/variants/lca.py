@@ -52,23 +52,17 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from .base import Attention, AutoFloat, AutoInt, VariantOptions, causal_mask, pow2_block
+from .base import Attention, PositiveAutoInt, VariantOptions, auto_number, causal_mask, pow2_block
 from .ca import chunked_segment_attention
 from .flex import flex_band_attention
 
 
 class LearnedClusterOptions(VariantOptions):
-    clusters: AutoInt = Field("auto", description="number of clusters C; auto = ceil(sqrt(T))")
+    clusters: PositiveAutoInt = Field("auto", description="number of clusters C; auto = ceil(sqrt(T))")
     router: Literal["head", "shared"] = Field("head", description="one router per head, or one shared by the heads")
     tau_start: float = Field(1.0, gt=0, description="Gumbel-softmax temperature at the start of training")
     tau_end: float = Field(0.1, gt=0, description="temperature at the end (geometric annealing)")
-    balance: AutoFloat = Field("auto", description="weight of the balance loss; auto = 0.01")
-
-    def check(self, seq_len: int) -> None:
-        if self.clusters != "auto" and self.clusters < 1:
-            raise ValueError(f"clusters must be >= 1 or 'auto', got {self.clusters}")
-        if self.balance != "auto" and self.balance < 0:
-            raise ValueError(f"balance must be >= 0 or 'auto', got {self.balance}")
+    balance: auto_number(0.0) = Field("auto", description="weight of the balance loss; auto = 0.01")
 
 
 def route(logits: torch.Tensor, tau: torch.Tensor, training: bool) -> tuple[torch.Tensor, torch.Tensor | None]:

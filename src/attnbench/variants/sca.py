@@ -47,7 +47,7 @@ Choices where the spec is open:
 
 Non-causal form (`causal: false`): the seed design as written, for tests and layer
 profiles only, never the language model (its output at t reads later positions, so
-bits per byte would be meaningless). Options.check accepts it, since tests and the
+bits per byte would be meaningless). Its options accept it, since tests and the
 profile build layers directly and a layer cannot tell whether it sits in the model:
 refusing it for the model is the model's or the config's job.
 - partition: a 1-D learned projection s_t = w . x_t (one per head, or shared, as `router`;
@@ -73,7 +73,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from .base import AutoInt, masked_softmax_attention, pow2_block
+from .base import PositiveAutoInt, masked_softmax_attention, pow2_block
 from .lca import (
     LearnedClusterAttention,
     LearnedClusterOptions,
@@ -86,13 +86,8 @@ from .lca import (
 
 
 class SuperClusterOptions(LearnedClusterOptions):
-    block: AutoInt = Field("auto", description="block size b of the supernode steps; auto = smallest power of two >= sqrt(T), at least 16")
+    block: PositiveAutoInt = Field("auto", description="block size b of the supernode steps; auto = smallest power of two >= sqrt(T), at least 16")
     causal: bool = Field(True, description="false: the seed's non-causal clique design, for tests and profiles only, never the language model")
-
-    def check(self, seq_len: int) -> None:
-        super().check(seq_len)
-        if self.block != "auto" and self.block < 1:
-            raise ValueError(f"block must be an integer >= 1 or 'auto', got {self.block}")
 
 
 def supernode_means(weights: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
