@@ -20,31 +20,22 @@ from torch import nn
 Path = Literal["reference", "efficient"]
 
 
-def auto_int(minimum: int):
-    """The type of an option that is an integer >= minimum or "auto" (resolved against T by the variant)."""
-
-    def validate(value: object) -> int | Literal["auto"]:
-        if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= minimum):
-            return value
-        raise ValueError(f"must be an integer >= {minimum} or 'auto'")
-
-    return Annotated[int | Literal["auto"], PlainValidator(validate)]
-
-
-def auto_number(minimum: float):
-    """The type of an option that is a number >= minimum or "auto"."""
+def auto_option(minimum: float, integer: bool = True):
+    """The type of an option that is "auto" (resolved against T by the variant) or a number >= minimum,
+    an integer if `integer`; anything else is refused with one error naming what is allowed."""
+    kinds, what = ((int,), "an integer") if integer else ((int, float), "a number")
 
     def validate(value: object) -> float | Literal["auto"]:
-        if value == "auto" or (isinstance(value, (int, float)) and not isinstance(value, bool) and value >= minimum):
+        if value == "auto" or (isinstance(value, kinds) and not isinstance(value, bool) and value >= minimum):
             return value
-        raise ValueError(f"must be a number >= {minimum} or 'auto'")
+        raise ValueError(f"must be {what} >= {minimum} or 'auto'")
 
-    return Annotated[float | Literal["auto"], PlainValidator(validate)]
+    return Annotated[(int if integer else float) | Literal["auto"], PlainValidator(validate)]
 
 
 # Options are checked by their type when params are read, each with one clean error naming what is allowed.
-PositiveAutoInt = auto_int(1)
-NonNegativeAutoInt = auto_int(0)
+PositiveAutoInt = auto_option(1)
+NonNegativeAutoInt = auto_option(0)
 
 
 class VariantOptions(BaseModel):

@@ -52,7 +52,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from .base import Attention, PositiveAutoInt, VariantOptions, auto_number, causal_mask, pow2_block
+from .base import Attention, PositiveAutoInt, VariantOptions, auto_option, causal_mask, pow2_block
 from .ca import chunked_segment_attention
 from .flex import flex_band_attention
 
@@ -62,7 +62,7 @@ class LearnedClusterOptions(VariantOptions):
     router: Literal["head", "shared"] = Field("head", description="one router per head, or one shared by the heads")
     tau_start: float = Field(1.0, gt=0, description="Gumbel-softmax temperature at the start of training")
     tau_end: float = Field(0.1, gt=0, description="temperature at the end (geometric annealing)")
-    balance: auto_number(0.0) = Field("auto", description="weight of the balance loss; auto = 0.01")
+    balance: auto_option(0.0, integer=False) = Field("auto", description="weight of the balance loss; auto = 0.01")
 
 
 def route(logits: torch.Tensor, tau: torch.Tensor, training: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -234,13 +234,19 @@ class LearnedClusterAttention(Attention):
     def efficient(self, q, k, v, x):
         return self.flex(q, k, v, x) if q.is_cuda else self.chunked(q, k, v, x)
 
-    def chunked(self, q, k, v, x):
+    def routed_values(self, k, v, x):
+        """What both efficient paths attend with: cluster ids (B, R, T), own gates a_t[c_t] (B, R, T, 1) or None,
+        and the values (lca: v itself; sca adds its supernodes)."""
         cluster, soft = self.route(x)
-        return cluster_attention_chunked(q, k, v, cluster, own_gate(cluster, soft), self.clusters, self.scale, pow2_block(q.shape[-2]))
+        return cluster, own_gate(cluster, soft), v
+
+    def chunked(self, q, k, v, x):
+        cluster, own, v = self.routed_values(k, v, x)
+        return cluster_attention_chunked(q, k, v, cluster, own, self.clusters, self.scale, pow2_block(q.shape[-2]))
 
     def flex(self, q, k, v, x):
-        cluster, soft = self.route(x)
-        return cluster_attention_flex(q, k, v, cluster, own_gate(cluster, soft), self.scale)
+        cluster, own, v = self.routed_values(k, v, x)
+        return cluster_attention_flex(q, k, v, cluster, own, self.scale)
 
     def stats(self) -> dict[str, float]:
         if self.last_clusters is None:

@@ -77,8 +77,6 @@ from .base import PositiveAutoInt, masked_softmax_attention, pow2_block
 from .lca import (
     LearnedClusterAttention,
     LearnedClusterOptions,
-    cluster_attention_chunked,
-    cluster_attention_flex,
     cluster_attention_reference,
     own_gate,
     straight_through_gates,
@@ -203,16 +201,9 @@ class SuperClusterAttention(LearnedClusterAttention):
     def efficient(self, q, k, v, x):
         return super().efficient(q, k, v, x) if self.options.causal else self.cliques(q, k, v, x)
 
-    def chunked(self, q, k, v, x):
-        cluster, soft = self.route(x)
-        own = own_gate(cluster, soft)
-        v = self.supernode_values(k, v, cluster, own)
-        return cluster_attention_chunked(q, k, v, cluster, own, self.clusters, self.scale, pow2_block(q.shape[-2]))
-
-    def flex(self, q, k, v, x):
-        cluster, soft = self.route(x)
-        own = own_gate(cluster, soft)
-        return cluster_attention_flex(q, k, self.supernode_values(k, v, cluster, own), cluster, own, self.scale)
+    def routed_values(self, k, v, x):
+        cluster, own, v = super().routed_values(k, v, x)
+        return cluster, own, self.supernode_values(k, v, cluster, own)
 
     # Non-causal form (tests and profiles only).
 
