@@ -165,10 +165,10 @@ def test_annealing_tau_does_not_recompile_the_router():
 
 def test_gumbel_noise_is_fp32_for_bf16_logits():
     """Under autocast the router's logits are bf16; the noise and the soft assignment must still be fp32."""
-    from attnbench.variants.lca import route
+    from attnbench.variants.routing import gumbel_noise, route
 
     logits = torch.zeros(1, 1, 4096, 2, dtype=torch.bfloat16)
-    cluster, soft = route(logits, torch.tensor(1.0), training=True)
+    cluster, soft = route(logits, torch.tensor(1.0), gumbel_noise(logits))
     assert soft.dtype == torch.float32
     # y_0 = sigmoid(g_0 - g_1): with fp32 uniforms nearly every one of 4096 draws differs.
     assert soft[..., 0].unique().numel() > 4000
@@ -201,7 +201,7 @@ def test_permute_backward_is_the_inverse_gather():
 
 def test_balance_loss_matches_its_definition():
     """C * mean_t sum_c F_t[c] p_t[c], F_t from the blocks before t's, written out with loops."""
-    from attnbench.variants.lca import balance_loss
+    from attnbench.variants.routing import balance_loss
 
     B, R, T, C, block = 2, 3, 11, 4, 4
     logits = torch.randn(B, R, T, C, dtype=torch.float64)
@@ -216,3 +216,67 @@ def test_balance_loss_matches_its_definition():
                 total += (share * p[b, r, t]).sum()
     expected = C * total / (B * R * T)
     assert torch.allclose(balance_loss(logits, cluster, block), expected)
+
+
+def triton_device():
+    """Where the fused routing's Triton kernels run: CUDA, or the CPU under Triton's interpreter (TRITON_INTERPRET=1)."""
+    import importlib.util
+    import os
+
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("needs Triton")
+    if torch.cuda.is_available():
+        return "cuda"
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return "cpu"
+    pytest.skip("needs a CUDA device (or TRITON_INTERPRET=1)")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("B,T,R,C,block", [(2, 37, 3, 5, 8), (1, 1, 2, 1, 1), (2, 300, 1, 91, 32), (1, 129, 8, 17, 16)], ids=str)
+def test_fused_routing_equals_plain(B, T, R, C, block, dtype):
+    """fused_routing's kernels against routing's definitions on the same noise: cluster ids, own gates,
+    balance loss, and the logits' gradient through both (the router learns through both)."""
+    from attnbench.variants import fused_routing
+    from attnbench.variants.routing import balance_loss, route, straight_through
+
+    device = triton_device()
+    torch.manual_seed(0)
+    logits = (torch.randn(B, T, R, C, device=device) * 3).to(dtype).requires_grad_(True)
+    tau = torch.tensor(0.7, device=device)
+    seed = fused_routing.draw_seed(device)
+    grad_own, weight = torch.randn(B, T, R, device=device), 0.37
+
+    cluster, y_own, terms, _ = fused_routing.gumbel_route(logits, seed, tau, block)
+    fused_loss = (grad_own * straight_through(y_own)).sum() + weight * C * terms.mean()
+    (fused_grad,) = torch.autograd.grad(fused_loss, logits)
+
+    plain_cluster, soft = route(logits, tau, fused_routing.gumbel_noise(seed, [B, T, R, C]))
+    plain_own = soft.gather(-1, plain_cluster.unsqueeze(-1)).squeeze(-1)
+    plain_balance = balance_loss(logits.transpose(1, 2), plain_cluster.transpose(1, 2), block)
+    plain_loss = (grad_own * straight_through(plain_own)).sum() + weight * plain_balance
+    (plain_grad,) = torch.autograd.grad(plain_loss, logits)
+
+    assert torch.equal(cluster, plain_cluster)
+    assert rel_err(y_own, plain_own) < 1e-5
+    assert rel_err(C * terms.mean(), plain_balance) < 1e-5
+    assert fused_grad.dtype == dtype
+    assert rel_err(fused_grad, plain_grad) < (1e-5 if dtype == torch.float32 else 1e-2)
+
+
+@pytest.mark.gpu
+def test_fused_noise_is_gumbel_and_fixed_by_the_seed():
+    """Gumbel(0, 1): mean Euler's gamma 0.5772, standard deviation pi / sqrt(6) = 1.2825; a manual seed repeats it."""
+    from attnbench.variants import fused_routing
+
+    device = triton_device()
+    shape = [64, 64, 64] if device == "cuda" else [16, 32, 32]  # the interpreter is slow
+    torch.manual_seed(3)
+    noise = fused_routing.gumbel_noise(fused_routing.draw_seed(device), shape)
+    torch.manual_seed(3)
+    again = fused_routing.gumbel_noise(fused_routing.draw_seed(device), shape)
+    other = fused_routing.gumbel_noise(fused_routing.draw_seed(device), shape)
+    assert torch.equal(noise, again) and not torch.equal(noise, other)
+    assert noise.mean().item() == pytest.approx(0.5772, abs=0.02)
+    assert noise.std().item() == pytest.approx(1.2825, abs=0.02)

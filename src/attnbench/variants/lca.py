@@ -9,8 +9,12 @@ Query t attends to the keys s <= t of its cluster c_t:
     out_t = a_t[c_t] * sum_s softmax_s(q_t k_s * scale) * a_s[c_t] * v_s
 
 (forward: plain attention inside the cluster; backward: the router learns
-through the gates). Both paths take the routing from `route`, called once per
-forward, so they draw the same noise under the same seed.
+through the gates). The routing is defined in routing.py; the reference path
+takes it from `route`, the efficient paths from `route_own`, which in CUDA
+training runs fused_routing's Triton kernels (noise, softmax, argmax, own gate
+and balance loss, never storing a (B, R, T, C) tensor). Both draw their noise
+from one seed taken from torch's generator, so under the same seed they route
+alike.
 
 Paths:
 - reference: the formula with the dense T x T mask;
@@ -31,7 +35,8 @@ Choices where the spec is open:
   the loss one reduction over the logits; the per-token prefix sum of a
   (T, C) one-hot cost more than the attention itself on the H100 (1.05 of
   5.5 ms at T = 8K, profiled). Set in training only (aux_loss None in eval).
-- Gumbel noise as -log(-log u), u uniform in fp32, clamped away from 0.
+- Gumbel noise as -log(-log u), u uniform in fp32, clamped away from 0: from
+  torch's generator, or on CUDA from Triton's Philox generator keyed by a seed from it.
 - tau anneals geometrically, tau = tau_start * (tau_end / tau_start) ** progress;
   tau_start = 1, tau_end = 0.1.
 - the CPU path pads every cluster to a multiple of the chunk (pow2_block(T))
@@ -55,6 +60,12 @@ from torch import nn
 from .base import Attention, PositiveAutoInt, VariantOptions, auto_option, causal_mask, pow2_block
 from .ca import chunked_segment_attention
 from .flex import flex_band_attention
+from .routing import balance_loss, gumbel_noise, own_gate, route, straight_through, straight_through_gates
+
+try:  # Triton comes with CUDA builds of torch; CPU-only installs route in plain PyTorch
+    from . import fused_routing
+except ImportError:
+    fused_routing = None
 
 
 class LearnedClusterOptions(VariantOptions):
@@ -65,49 +76,9 @@ class LearnedClusterOptions(VariantOptions):
     balance: auto_option(0.0, integer=False) = Field("auto", description="weight of the balance loss; auto = 0.01")
 
 
-def route(logits: torch.Tensor, tau: torch.Tensor, training: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Cluster ids (B, R, T) and, in training, the soft assignment y (B, R, T, C) from router logits (B, R, T, C)."""
-    if not training:
-        return logits.argmax(dim=-1), None
-    # Gumbel noise -log(-log u) from fp32 uniforms whatever the logits' dtype (bf16 under autocast): bf16 uniforms
-    # would cut the noise's tail at -log(-log(1 - 2^-8)) = 5.5. Under torch.compile it is drawn inside the softmax
-    # kernel, never stored.
-    logits = logits.float()
-    uniform = torch.rand_like(logits).clamp_min(torch.finfo(logits.dtype).tiny)
-    y = ((logits - (-uniform.log()).log()) / tau).softmax(dim=-1)
-    return y.argmax(dim=-1), y
-
-
-def straight_through_gates(cluster: torch.Tensor, soft: torch.Tensor | None, C: int) -> torch.Tensor:
-    """a = h + (y - sg(y)) (B, R, T, C), forward value exactly the one-hot h; h alone in evaluation."""
-    hard = F.one_hot(cluster, C).float()
-    return hard if soft is None else hard + (soft - soft.detach())
-
-
-def own_gate(cluster: torch.Tensor, soft: torch.Tensor | None) -> torch.Tensor | None:
-    """a_t[c_t] (B, R, T, 1) without the C-wide gates: 1 + (y_c - sg(y_c)); None (the constant 1) in evaluation."""
-    if soft is None:
-        return None
-    y_own = soft.gather(-1, cluster.unsqueeze(-1))
-    return 1 + (y_own - y_own.detach())
-
-
 def gated(u: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
     """u * gate in u's dtype (the gate's forward value is 1); u itself where there is no gate."""
     return u if gate is None else (u * gate).to(u.dtype)
-
-
-def balance_loss(logits: torch.Tensor, cluster: torch.Tensor, block: int) -> torch.Tensor:
-    """C * mean_t sum_c F_t[c] p_t[c]: F_t the share of the tokens of the blocks before t's routed to c
-    (0 in the first block), p_t = softmax(r_t); blocks of `block` positions."""
-    B, R, T, C = logits.shape
-    n = -(-T // block)
-    block_of = torch.arange(T, device=logits.device) // block  # (T,)
-    counts = logits.new_zeros(B, R, n * C).scatter_add_(-1, block_of * C + cluster, torch.ones_like(logits[..., 0]))
-    counts = counts.view(B, R, n, C).detach()
-    before = counts.cumsum(dim=2) - counts  # (B, R, n, C): tokens of the blocks before each block
-    share = before / (torch.arange(n, device=logits.device) * block).clamp_min(1).view(n, 1)
-    return C * (share[:, :, block_of] * logits.softmax(dim=-1)).sum(dim=-1).mean()
 
 
 def sort_segments(cluster: torch.Tensor, C: int):
@@ -216,16 +187,46 @@ class LearnedClusterAttention(Attention):
         start, end = self.options.tau_start, self.options.tau_end
         self.tau.fill_(start * (end / start) ** min(max(fraction, 0.0), 1.0))
 
-    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Cluster ids (B, R, T) and the soft assignment (B, R, T, C) or None (`route`) for x (B, T, C_model); sets the balance loss."""
+    @property
+    def balance_block(self) -> int:
+        return pow2_block(self.seq_len, minimum=1)
+
+    def fused(self, x: torch.Tensor) -> bool:
+        """Route with the Triton kernels (fused_routing): CUDA training, Triton present."""
+        return self.training and x.is_cuda and fused_routing is not None
+
+    def router_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, T, R, C) for x (B, T, d_model): fp32 operands for inputs of any dtype; under CUDA autocast the
+        product runs in bf16 like every projection, and the routing takes noise and softmax to fp32."""
         B, T, _ = x.shape
-        # fp32 operands for inputs of any dtype; under CUDA autocast the product runs in bf16 like every projection,
-        # and `route` takes the noise, softmax and argmax to fp32.
-        logits = F.linear(x.float(), self.router.weight.float()).view(B, T, -1, self.clusters).transpose(1, 2)  # (B, R, T, C)
-        cluster, soft = route(logits, self.tau, self.training)
-        self.aux_loss = self.balance * balance_loss(logits, cluster, pow2_block(self.seq_len, minimum=1)) if self.training else None
+        return F.linear(x.float(), self.router.weight.float()).view(B, T, -1, self.clusters)
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The plain routing: cluster ids (B, R, T) and the soft assignment (B, R, T, C) or None (evaluation);
+        sets the balance loss. Where `fused`, the noise is the fused kernels' (same seed, same draw)."""
+        logits = self.router_logits(x)
+        noise = None
+        if self.training:
+            noise = fused_routing.gumbel_noise(fused_routing.draw_seed(x.device), list(logits.shape)) if self.fused(x) else gumbel_noise(logits)
+        cluster, soft = route(logits, self.tau, noise)
+        cluster, logits = cluster.transpose(1, 2), logits.transpose(1, 2)
+        soft = None if soft is None else soft.transpose(1, 2)
+        self.aux_loss = self.balance * balance_loss(logits, cluster, self.balance_block) if self.training else None
         self.last_clusters = cluster.detach()
         return cluster, soft
+
+    def route_own(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """What the efficient paths need: cluster ids (B, R, T) and own gates a_t[c_t] (B, R, T, 1) or None;
+        sets the balance loss. The Triton kernels where `fused`, else `route`."""
+        if not self.fused(x):
+            cluster, soft = self.route(x)
+            return cluster, own_gate(cluster, soft)
+        seed = fused_routing.draw_seed(x.device)
+        cluster, y_own, terms, _ = fused_routing.gumbel_route(self.router_logits(x), seed, self.tau, self.balance_block)
+        self.aux_loss = self.balance * self.clusters * terms.mean()
+        cluster = cluster.transpose(1, 2)
+        self.last_clusters = cluster.detach()
+        return cluster, straight_through(y_own.transpose(1, 2).unsqueeze(-1))
 
     def reference(self, q, k, v, x):
         cluster, soft = self.route(x)
@@ -237,8 +238,8 @@ class LearnedClusterAttention(Attention):
     def routed_values(self, k, v, x):
         """What both efficient paths attend with: cluster ids (B, R, T), own gates a_t[c_t] (B, R, T, 1) or None,
         and the values (lca: v itself; sca adds its supernodes)."""
-        cluster, soft = self.route(x)
-        return cluster, own_gate(cluster, soft), v
+        cluster, own = self.route_own(x)
+        return cluster, own, v
 
     def chunked(self, q, k, v, x):
         cluster, own, v = self.routed_values(k, v, x)

@@ -74,13 +74,8 @@ from pydantic import Field
 from torch import nn
 
 from .base import PositiveAutoInt, masked_softmax_attention, pow2_block
-from .lca import (
-    LearnedClusterAttention,
-    LearnedClusterOptions,
-    cluster_attention_reference,
-    own_gate,
-    straight_through_gates,
-)
+from .lca import LearnedClusterAttention, LearnedClusterOptions, cluster_attention_reference
+from .routing import own_gate, straight_through_gates
 
 
 class SuperClusterOptions(LearnedClusterOptions):

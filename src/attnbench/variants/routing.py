@@ -1,0 +1,65 @@
+"""lca's routing in plain PyTorch: Gumbel noise, the soft and hard assignment, the gates and the balance loss.
+
+These are the definitions: lca's and sca's reference paths and every CPU path
+use them, and `fused_routing` (the Triton kernels CUDA training uses) is tested
+equal to them. Logits are (..., T, C) or laid out as the router's linear gives them,
+(B, T, R, C); each function says which.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def gumbel_noise(logits: torch.Tensor) -> torch.Tensor:
+    """-log(-log u) shaped like logits, u uniform in fp32 whatever the logits' dtype (bf16 under autocast): bf16
+    uniforms would cut the noise's tail at -log(-log(1 - 2^-8)) = 5.5. Clamped away from u = 0."""
+    uniform = torch.rand(logits.shape, device=logits.device).clamp_min(torch.finfo(torch.float32).tiny)
+    return -(-uniform.log()).log()
+
+
+def route(logits: torch.Tensor, tau: torch.Tensor, noise: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Cluster ids (...) and the soft assignment y = softmax((r + g) / tau) (..., C) in fp32 from logits (..., C);
+    without noise (evaluation) the argmax of the logits and no soft assignment."""
+    if noise is None:
+        return logits.argmax(dim=-1), None
+    y = ((logits.float() + noise) / tau).softmax(dim=-1)
+    return y.argmax(dim=-1), y
+
+
+def straight_through_gates(cluster: torch.Tensor, soft: torch.Tensor | None, C: int) -> torch.Tensor:
+    """a = h + (y - sg(y)) (..., C), forward value exactly the one-hot h; h alone in evaluation."""
+    hard = F.one_hot(cluster, C).float()
+    return hard if soft is None else hard + (soft - soft.detach())
+
+
+def straight_through(y_own: torch.Tensor) -> torch.Tensor:
+    """1 + (y - sg(y)): forward value exactly 1, gradient that of y."""
+    return 1 + (y_own - y_own.detach())
+
+
+def own_gate(cluster: torch.Tensor, soft: torch.Tensor | None) -> torch.Tensor | None:
+    """a_t[c_t] (..., 1) without the C-wide gates: 1 + (y_c - sg(y_c)); None (the constant 1) in evaluation."""
+    return None if soft is None else straight_through(soft.gather(-1, cluster.unsqueeze(-1)))
+
+
+def block_shares(cluster: torch.Tensor, C: int, block: int) -> torch.Tensor:
+    """F (..., n, C), n = ceil(T / block): per block j, the share of the tokens of the blocks before j routed to c
+    (0 for j = 0); cluster (..., T)."""
+    T = cluster.shape[-1]
+    n = -(-T // block)
+    block_of = torch.arange(T, device=cluster.device) // block
+    counts = torch.zeros(*cluster.shape[:-1], n * C, device=cluster.device)
+    counts = counts.scatter_add_(-1, block_of * C + cluster, torch.ones_like(cluster, dtype=counts.dtype)).unflatten(-1, (n, C))
+    before = counts.cumsum(dim=-2) - counts
+    return before / (torch.arange(n, device=cluster.device) * block).clamp_min(1).view(n, 1)
+
+
+def balance_loss(logits: torch.Tensor, cluster: torch.Tensor, block: int) -> torch.Tensor:
+    """C * mean_t sum_c F_t[c] p_t[c]: F_t the share of the tokens of the blocks before t's routed to c
+    (0 in the first block), p_t = softmax(r_t); logits (..., T, C), cluster (..., T), blocks of `block` positions."""
+    T, C = logits.shape[-2:]
+    share = block_shares(cluster, C, block)[..., torch.arange(T, device=logits.device) // block, :]  # (..., T, C)
+    p = logits.softmax(dim=-1, dtype=torch.promote_types(logits.dtype, torch.float32))  # fp32 for bf16 logits
+    return C * (share * p).sum(dim=-1).mean()
