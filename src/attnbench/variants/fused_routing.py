@@ -25,11 +25,17 @@ from torch.library import triton_op, wrap_triton
 from .routing import block_shares
 
 ROWS = 16  # logit rows per program
+NUM_WARPS = 4
 
 
 @triton.jit
-def gumbel(seed, offsets):
-    u = tl.maximum(tl.rand(seed, offsets), 1.1754943508222875e-38)  # fp32's smallest normal, as routing's clamp
+def gumbel_rows(seed, rows, ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Gumbel noise (ROWS, BLOCK_C) for these rows: one Philox call per 4 columns (tl.rand4x), column 4 j + i
+    taking output i of call j; the generator's integer work, not memory, bounded the one-call-per-value form."""
+    counters = rows[:, None] * (BLOCK_C // 4) + tl.arange(0, BLOCK_C // 4)[None, :]
+    u0, u1, u2, u3 = tl.rand4x(seed, counters)
+    u = tl.reshape(tl.join(tl.join(u0, u1), tl.join(u2, u3)), (ROWS, BLOCK_C))
+    u = tl.maximum(u, 1.1754943508222875e-38)  # fp32's smallest normal, as routing's clamp
     return -tl.log(-tl.log(u))
 
 
@@ -61,16 +67,18 @@ def shares_of_rows(share_ptr, rows, cols, mask, C, R, T, n_blocks, block):
 
 
 @triton.jit
-def noise_kernel(seed_ptr, out_ptr, numel, BLOCK: tl.constexpr):
-    offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    tl.store(out_ptr + offsets, gumbel(tl.load(seed_ptr), offsets), mask=offsets < numel)
+def noise_kernel(seed_ptr, out_ptr, N, C, ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    cols = tl.arange(0, BLOCK_C)
+    mask = (rows[:, None] < N) & (cols[None, :] < C)
+    tl.store(out_ptr + rows[:, None] * C + cols[None, :], gumbel_rows(tl.load(seed_ptr), rows, ROWS, BLOCK_C), mask=mask)
 
 
 @triton.jit
 def route_kernel(logits_ptr, seed_ptr, tau_ptr, cluster_ptr, own_ptr, N, C, ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
     """c_t = argmax (r_t + g_t) and y_t[c_t] = 1 / sum_c exp(z_c - z_{c_t}), z = (r + g) / tau."""
     rows, cols, offsets, mask, logits = load_rows(logits_ptr, N, C, ROWS, BLOCK_C)
-    z = (logits + gumbel(tl.load(seed_ptr), offsets)) / tl.load(tau_ptr)
+    z = (logits + gumbel_rows(tl.load(seed_ptr), rows, ROWS, BLOCK_C)) / tl.load(tau_ptr)
     top = tl.max(z, axis=1)
     tl.store(cluster_ptr + rows, tl.argmax(z, axis=1).to(tl.int64), mask=rows < N)
     tl.store(own_ptr + rows, 1.0 / tl.sum(tl.exp(z - top[:, None]), axis=1), mask=rows < N)
@@ -92,7 +100,7 @@ def route_backward_kernel(
     """dL/dr = g_own y_c (onehot_c - y) / tau + g_terms p (F - sum_c F_c p_c), the noise regenerated from the seed."""
     rows, cols, offsets, mask, logits = load_rows(logits_ptr, N, C, ROWS, BLOCK_C)
     tau = tl.load(tau_ptr)
-    y = softmax_rows((logits + gumbel(tl.load(seed_ptr), offsets)) / tau)
+    y = softmax_rows((logits + gumbel_rows(tl.load(seed_ptr), rows, ROWS, BLOCK_C)) / tau)
     own = cols[None, :] == tl.load(cluster_ptr + rows, mask=rows < N, other=0)[:, None]
     y_own = tl.sum(tl.where(own, y, 0.0), axis=1)
     grad_own = tl.load(grad_own_ptr + rows, mask=rows < N, other=0.0)
@@ -122,8 +130,8 @@ def launch(logits: torch.Tensor):
 def gumbel_noise(seed: torch.Tensor, shape: list[int]) -> torch.Tensor:
     """The fused route's noise for logits of this shape and seed, written out (fp32), for the reference path."""
     noise = torch.empty(shape, dtype=torch.float32, device=seed.device)
-    BLOCK = 1024
-    wrap_triton(noise_kernel)[(triton.cdiv(noise.numel(), BLOCK),)](seed, noise, noise.numel(), BLOCK=BLOCK)
+    N, C, grid, BLOCK_C = launch(noise)
+    wrap_triton(noise_kernel)[grid](seed, noise, N, C, ROWS=ROWS, BLOCK_C=BLOCK_C, num_warps=NUM_WARPS)
     return noise
 
 
@@ -136,10 +144,10 @@ def gumbel_route(logits: torch.Tensor, seed: torch.Tensor, tau: torch.Tensor, bl
     N, C, grid, BLOCK_C = launch(logits)
     cluster = torch.empty(B, T, R, dtype=torch.int64, device=logits.device)
     own = torch.empty(B, T, R, dtype=torch.float32, device=logits.device)
-    wrap_triton(route_kernel)[grid](logits, seed, tau, cluster, own, N, C, ROWS=ROWS, BLOCK_C=BLOCK_C)
+    wrap_triton(route_kernel)[grid](logits, seed, tau, cluster, own, N, C, ROWS=ROWS, BLOCK_C=BLOCK_C, num_warps=NUM_WARPS)
     share = block_shares(cluster.transpose(1, 2), C, block).contiguous()  # (B, R, n, C)
     terms = torch.empty_like(own)
-    wrap_triton(balance_kernel)[grid](logits, share, terms, N, C, R, T, share.shape[2], block, ROWS=ROWS, BLOCK_C=BLOCK_C)
+    wrap_triton(balance_kernel)[grid](logits, share, terms, N, C, R, T, share.shape[2], block, ROWS=ROWS, BLOCK_C=BLOCK_C, num_warps=NUM_WARPS)
     return cluster, own, terms, share
 
 
@@ -154,7 +162,7 @@ def gumbel_route_backward(
     grad = torch.empty_like(logits)
     wrap_triton(route_backward_kernel)[grid](
         logits, seed, tau, cluster, share, grad_own.contiguous(), grad_terms.contiguous(), grad,
-        N, C, R, T, share.shape[2], block, ROWS=ROWS, BLOCK_C=BLOCK_C,
+        N, C, R, T, share.shape[2], block, ROWS=ROWS, BLOCK_C=BLOCK_C, num_warps=NUM_WARPS,
     )
     return grad
 
