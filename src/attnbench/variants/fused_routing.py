@@ -17,6 +17,8 @@ R = H or 1 routers; row n = (b T + t) R + r holds C logits.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -24,8 +26,13 @@ from torch.library import triton_op, wrap_triton
 
 from .routing import block_shares
 
-ROWS = 16  # logit rows per program
-NUM_WARPS = 4
+LN2, LOG2E = 0.6931471805599453, 1.4426950408889634
+# Rows per program and warps, tuned per shape: on the H100 the best of these ran 1.4x-4x faster than the
+# worst at T = 8K and 32K (rows, not bytes, bound these kernels: Philox and the reductions).
+CONFIGS = [triton.Config({"ROWS": rows}, num_warps=warps) for rows, warps in ((4, 1), (4, 2), (8, 1), (8, 2), (16, 2), (16, 4))]
+if os.environ.get("TRITON_INTERPRET") == "1":  # Triton's CPU interpreter (tests without a GPU) cannot time configs
+    CONFIGS = CONFIGS[:1]
+tuned = triton.autotune(configs=CONFIGS, key=["N", "C"])
 
 
 @triton.jit
@@ -36,7 +43,7 @@ def gumbel_rows(seed, rows, ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
     u0, u1, u2, u3 = tl.rand4x(seed, counters)
     u = tl.reshape(tl.join(tl.join(u0, u1), tl.join(u2, u3)), (ROWS, BLOCK_C))
     u = tl.maximum(u, 1.1754943508222875e-38)  # fp32's smallest normal, as routing's clamp
-    return -tl.log(-tl.log(u))
+    return -LN2 * tl.log2(-LN2 * tl.log2(u))  # -log(-log u)
 
 
 @triton.jit
@@ -54,7 +61,7 @@ def load_rows(logits_ptr, N, C, ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
 
 @triton.jit
 def softmax_rows(z):
-    e = tl.exp(z - tl.max(z, axis=1)[:, None])
+    e = tl.exp2((z - tl.max(z, axis=1)[:, None]) * LOG2E)
     return e / tl.sum(e, axis=1)[:, None]
 
 
@@ -66,6 +73,7 @@ def shares_of_rows(share_ptr, rows, cols, mask, C, R, T, n_blocks, block):
     return tl.load(share_ptr + offsets[:, None] + cols[None, :], mask=mask, other=0.0)
 
 
+@tuned
 @triton.jit
 def noise_kernel(seed_ptr, out_ptr, N, C, ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
@@ -74,16 +82,18 @@ def noise_kernel(seed_ptr, out_ptr, N, C, ROWS: tl.constexpr, BLOCK_C: tl.conste
     tl.store(out_ptr + rows[:, None] * C + cols[None, :], gumbel_rows(tl.load(seed_ptr), rows, ROWS, BLOCK_C), mask=mask)
 
 
+@tuned
 @triton.jit
 def route_kernel(logits_ptr, seed_ptr, tau_ptr, cluster_ptr, own_ptr, N, C, ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
     """c_t = argmax (r_t + g_t) and y_t[c_t] = 1 / sum_c exp(z_c - z_{c_t}), z = (r + g) / tau."""
     rows, cols, offsets, mask, logits = load_rows(logits_ptr, N, C, ROWS, BLOCK_C)
-    z = (logits + gumbel_rows(tl.load(seed_ptr), rows, ROWS, BLOCK_C)) / tl.load(tau_ptr)
+    z = (logits + gumbel_rows(tl.load(seed_ptr), rows, ROWS, BLOCK_C)) * (1.0 / tl.load(tau_ptr))
     top = tl.max(z, axis=1)
     tl.store(cluster_ptr + rows, tl.argmax(z, axis=1).to(tl.int64), mask=rows < N)
-    tl.store(own_ptr + rows, 1.0 / tl.sum(tl.exp(z - top[:, None]), axis=1), mask=rows < N)
+    tl.store(own_ptr + rows, 1.0 / tl.sum(tl.exp2((z - top[:, None]) * LOG2E), axis=1), mask=rows < N)
 
 
+@tuned
 @triton.jit
 def balance_kernel(logits_ptr, share_ptr, terms_ptr, N, C, R, T, n_blocks, block, ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
     """The balance loss's terms sum_c F_t[c] p_t[c], p_t = softmax(r_t)."""
@@ -92,6 +102,7 @@ def balance_kernel(logits_ptr, share_ptr, terms_ptr, N, C, R, T, n_blocks, block
     tl.store(terms_ptr + rows, tl.sum(softmax_rows(logits) * share, axis=1), mask=rows < N)
 
 
+@tuned
 @triton.jit
 def route_backward_kernel(
     logits_ptr, seed_ptr, tau_ptr, cluster_ptr, share_ptr, grad_own_ptr, grad_terms_ptr, grad_ptr,
@@ -99,12 +110,12 @@ def route_backward_kernel(
 ):
     """dL/dr = g_own y_c (onehot_c - y) / tau + g_terms p (F - sum_c F_c p_c), the noise regenerated from the seed."""
     rows, cols, offsets, mask, logits = load_rows(logits_ptr, N, C, ROWS, BLOCK_C)
-    tau = tl.load(tau_ptr)
-    y = softmax_rows((logits + gumbel_rows(tl.load(seed_ptr), rows, ROWS, BLOCK_C)) / tau)
+    inverse_tau = 1.0 / tl.load(tau_ptr)
+    y = softmax_rows((logits + gumbel_rows(tl.load(seed_ptr), rows, ROWS, BLOCK_C)) * inverse_tau)
     own = cols[None, :] == tl.load(cluster_ptr + rows, mask=rows < N, other=0)[:, None]
     y_own = tl.sum(tl.where(own, y, 0.0), axis=1)
     grad_own = tl.load(grad_own_ptr + rows, mask=rows < N, other=0.0)
-    grad = (grad_own * y_own / tau)[:, None] * (own.to(tl.float32) - y)
+    grad = (grad_own * y_own * inverse_tau)[:, None] * (own.to(tl.float32) - y)
     p = softmax_rows(logits)
     share = shares_of_rows(share_ptr, rows, cols, mask, C, R, T, n_blocks, block)
     terms = tl.sum(p * share, axis=1)
@@ -123,7 +134,7 @@ def launch(logits: torch.Tensor):
     N = logits.numel() // C
     # Philox offsets and row offsets are int32 inside the kernels.
     assert logits.numel() < 2**31, f"router logits of {logits.numel()} elements: the fused routing indexes them in int32"
-    return N, C, (triton.cdiv(N, ROWS),), max(16, triton.next_power_of_2(C))
+    return N, C, lambda meta: (triton.cdiv(N, meta["ROWS"]),), max(16, triton.next_power_of_2(C))
 
 
 @triton_op("attnbench::gumbel_noise", mutates_args=())
@@ -131,7 +142,7 @@ def gumbel_noise(seed: torch.Tensor, shape: list[int]) -> torch.Tensor:
     """The fused route's noise for logits of this shape and seed, written out (fp32), for the reference path."""
     noise = torch.empty(shape, dtype=torch.float32, device=seed.device)
     N, C, grid, BLOCK_C = launch(noise)
-    wrap_triton(noise_kernel)[grid](seed, noise, N, C, ROWS=ROWS, BLOCK_C=BLOCK_C, num_warps=NUM_WARPS)
+    wrap_triton(noise_kernel)[grid](seed, noise, N, C, BLOCK_C=BLOCK_C)
     return noise
 
 
@@ -144,10 +155,10 @@ def gumbel_route(logits: torch.Tensor, seed: torch.Tensor, tau: torch.Tensor, bl
     N, C, grid, BLOCK_C = launch(logits)
     cluster = torch.empty(B, T, R, dtype=torch.int64, device=logits.device)
     own = torch.empty(B, T, R, dtype=torch.float32, device=logits.device)
-    wrap_triton(route_kernel)[grid](logits, seed, tau, cluster, own, N, C, ROWS=ROWS, BLOCK_C=BLOCK_C, num_warps=NUM_WARPS)
+    wrap_triton(route_kernel)[grid](logits, seed, tau, cluster, own, N, C, BLOCK_C=BLOCK_C)
     share = block_shares(cluster.transpose(1, 2), C, block).contiguous()  # (B, R, n, C)
     terms = torch.empty_like(own)
-    wrap_triton(balance_kernel)[grid](logits, share, terms, N, C, R, T, share.shape[2], block, ROWS=ROWS, BLOCK_C=BLOCK_C, num_warps=NUM_WARPS)
+    wrap_triton(balance_kernel)[grid](logits, share, terms, N, C, R, T, share.shape[2], block, BLOCK_C=BLOCK_C)
     return cluster, own, terms, share
 
 
@@ -162,7 +173,7 @@ def gumbel_route_backward(
     grad = torch.empty_like(logits)
     wrap_triton(route_backward_kernel)[grid](
         logits, seed, tau, cluster, share, grad_own.contiguous(), grad_terms.contiguous(), grad,
-        N, C, R, T, share.shape[2], block, ROWS=ROWS, BLOCK_C=BLOCK_C, num_warps=NUM_WARPS,
+        N, C, R, T, share.shape[2], block, BLOCK_C=BLOCK_C,
     )
     return grad
 
