@@ -26,7 +26,7 @@ from torch.library import triton_op, wrap_triton
 
 from .routing import block_shares
 
-LN2, LOG2E = 0.6931471805599453, 1.4426950408889634
+LN2, LOG2E = tl.constexpr(0.6931471805599453), tl.constexpr(1.4426950408889634)
 # Rows per program and warps, tuned per shape: on the H100 the best of these ran 1.4x-4x faster than the
 # worst at T = 8K and 32K (rows, not bytes, bound these kernels: Philox and the reductions).
 CONFIGS = [triton.Config({"ROWS": rows}, num_warps=warps) for rows, warps in ((4, 1), (4, 2), (8, 1), (8, 2), (16, 2), (16, 4))]
