@@ -28,7 +28,7 @@ from .routing import block_shares
 
 LN2, LOG2E = tl.constexpr(0.6931471805599453), tl.constexpr(1.4426950408889634)
 TINY = tl.constexpr(1.1754943508222875e-38)  # fp32's smallest normal, as routing's clamp
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interpreter: tests without a GPU
+INTERPRET = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")  # Triton's CPU interpreter: tests without a GPU
 # Rows per program and warps, tuned per shape: on the H100 the best of these ran 1.4x-4x faster than the
 # worst at T = 8K and 32K (measured with the accurate log2).
 CONFIGS = [triton.Config({"ROWS": rows}, num_warps=warps) for rows, warps in ((4, 1), (4, 2), (8, 1), (8, 2), (16, 2), (16, 4))]
@@ -40,16 +40,11 @@ tuned = triton.autotune(configs=CONFIGS, key=["N", "C"])
 @triton.jit
 def approx_log2(x):
     """PTX's lg2.approx: the accurate log2 made the noise cost 5x its memory traffic (0.34 against 0.06 ms for
-    47.7M values on the H100, measured); absolute error ~2^-22, which only the tail noted in gumbel_rows feels."""
+    47.7M values on the H100, measured); absolute error ~2^-22, which only the tail noted in gumbel_rows feels.
+    The interpreter runs no PTX: there it is the accurate log2."""
+    if INTERPRET:
+        return tl.log2(x)
     return tl.inline_asm_elementwise("lg2.approx.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True, pack=1)
-
-
-@triton.jit
-def interpreted_log2(x):
-    return tl.log2(x)
-
-
-log2 = interpreted_log2 if INTERPRET else approx_log2  # the interpreter runs no PTX
 
 
 @triton.jit
@@ -61,8 +56,8 @@ def gumbel_rows(seed, rows, ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
     u = tl.reshape(tl.join(tl.join(u0, u1), tl.join(u2, u3)), (ROWS, BLOCK_C))
     # -log(-log u), each log clamped above 0: for u within ~2^-22 of 1 (probability ~1e-7) the approximate log
     # may round -log u to 0, where the true noise is above 15 and wins its row's argmax anyway.
-    exponential = tl.maximum(-LN2 * log2(tl.maximum(u, TINY)), TINY)
-    return -LN2 * log2(exponential)
+    exponential = tl.maximum(-LN2 * approx_log2(tl.maximum(u, TINY)), TINY)
+    return -LN2 * approx_log2(exponential)
 
 
 @triton.jit
