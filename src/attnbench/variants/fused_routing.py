@@ -29,12 +29,9 @@ from .routing import block_shares
 LN2, LOG2E = tl.constexpr(0.6931471805599453), tl.constexpr(1.4426950408889634)
 TINY = tl.constexpr(1.1754943508222875e-38)  # fp32's smallest normal, as routing's clamp
 INTERPRET = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")  # Triton's CPU interpreter: tests without a GPU
-# Rows per program and warps, tuned per shape: on the H100 the best of these ran 1.4x-4x faster than the
-# worst at T = 8K and 32K (measured with the accurate log2).
-CONFIGS = [triton.Config({"ROWS": rows}, num_warps=warps) for rows, warps in ((4, 1), (4, 2), (8, 1), (8, 2), (16, 2), (16, 4))]
-if INTERPRET:  # it cannot time configs
-    CONFIGS = CONFIGS[:1]
-tuned = triton.autotune(configs=CONFIGS, key=["N", "C"])
+# Rows per program and warps: (4, 2) was within 5% of the best of 16 settings at T = 8K and the best at
+# 32K for the forward and backward together (H100, measured); the worst ran 2x-4x slower.
+ROWS, NUM_WARPS = 4, 2
 
 
 @triton.jit
@@ -87,7 +84,6 @@ def shares_of_rows(share_ptr, rows, cols, mask, C, R, T, n_blocks, block):
     return tl.load(share_ptr + offsets[:, None] + cols[None, :], mask=mask, other=0.0)
 
 
-@tuned
 @triton.jit
 def noise_kernel(seed_ptr, out_ptr, N, C, ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
@@ -96,7 +92,6 @@ def noise_kernel(seed_ptr, out_ptr, N, C, ROWS: tl.constexpr, BLOCK_C: tl.conste
     tl.store(out_ptr + rows[:, None] * C + cols[None, :], gumbel_rows(tl.load(seed_ptr), rows, ROWS, BLOCK_C), mask=mask)
 
 
-@tuned
 @triton.jit
 def route_kernel(logits_ptr, seed_ptr, tau_ptr, cluster_ptr, own_ptr, N, C, ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
     """c_t = argmax (r_t + g_t) and y_t[c_t] = 1 / sum_c exp(z_c - z_{c_t}), z = (r + g) / tau."""
@@ -107,7 +102,6 @@ def route_kernel(logits_ptr, seed_ptr, tau_ptr, cluster_ptr, own_ptr, N, C, ROWS
     tl.store(own_ptr + rows, 1.0 / tl.sum(tl.exp2((z - top[:, None]) * LOG2E), axis=1), mask=rows < N)
 
 
-@tuned
 @triton.jit
 def balance_kernel(logits_ptr, share_ptr, terms_ptr, N, C, R, T, n_blocks, block, ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
     """The balance loss's terms sum_c F_t[c] p_t[c], p_t = softmax(r_t)."""
@@ -116,7 +110,6 @@ def balance_kernel(logits_ptr, share_ptr, terms_ptr, N, C, R, T, n_blocks, block
     tl.store(terms_ptr + rows, tl.sum(softmax_rows(logits) * share, axis=1), mask=rows < N)
 
 
-@tuned
 @triton.jit
 def route_backward_kernel(
     logits_ptr, seed_ptr, tau_ptr, cluster_ptr, share_ptr, grad_own_ptr, grad_terms_ptr, grad_ptr,
@@ -148,7 +141,7 @@ def launch(logits: torch.Tensor):
     N = logits.numel() // C
     # Philox offsets and row offsets are int32 inside the kernels.
     assert logits.numel() < 2**31, f"router logits of {logits.numel()} elements: the fused routing indexes them in int32"
-    return N, C, lambda meta: (triton.cdiv(N, meta["ROWS"]),), max(16, triton.next_power_of_2(C))
+    return N, C, (triton.cdiv(N, ROWS),), max(16, triton.next_power_of_2(C))
 
 
 @triton_op("attnbench::gumbel_noise", mutates_args=())
@@ -156,7 +149,7 @@ def gumbel_noise(seed: torch.Tensor, shape: list[int]) -> torch.Tensor:
     """The fused route's noise for logits of this shape and seed, written out (fp32), for the reference path."""
     noise = torch.empty(shape, dtype=torch.float32, device=seed.device)
     N, C, grid, BLOCK_C = launch(noise)
-    wrap_triton(noise_kernel)[grid](seed, noise, N, C, BLOCK_C=BLOCK_C)
+    wrap_triton(noise_kernel)[grid](seed, noise, N, C, ROWS=ROWS, BLOCK_C=BLOCK_C, num_warps=NUM_WARPS)
     return noise
 
 
@@ -169,10 +162,10 @@ def gumbel_route(logits: torch.Tensor, seed: torch.Tensor, tau: torch.Tensor, bl
     N, C, grid, BLOCK_C = launch(logits)
     cluster = torch.empty(B, T, R, dtype=torch.int64, device=logits.device)
     own = torch.empty(B, T, R, dtype=torch.float32, device=logits.device)
-    wrap_triton(route_kernel)[grid](logits, seed, tau, cluster, own, N, C, BLOCK_C=BLOCK_C)
+    wrap_triton(route_kernel)[grid](logits, seed, tau, cluster, own, N, C, ROWS=ROWS, BLOCK_C=BLOCK_C, num_warps=NUM_WARPS)
     share = block_shares(cluster.transpose(1, 2), C, block).contiguous()  # (B, R, n, C)
     terms = torch.empty_like(own)
-    wrap_triton(balance_kernel)[grid](logits, share, terms, N, C, R, T, share.shape[2], block, BLOCK_C=BLOCK_C)
+    wrap_triton(balance_kernel)[grid](logits, share, terms, N, C, R, T, share.shape[2], block, ROWS=ROWS, BLOCK_C=BLOCK_C, num_warps=NUM_WARPS)
     return cluster, own, terms, share
 
 
@@ -187,7 +180,7 @@ def gumbel_route_backward(
     grad = torch.empty_like(logits)
     wrap_triton(route_backward_kernel)[grid](
         logits, seed, tau, cluster, share, grad_own.contiguous(), grad_terms.contiguous(), grad,
-        N, C, R, T, share.shape[2], block, BLOCK_C=BLOCK_C,
+        N, C, R, T, share.shape[2], block, ROWS=ROWS, BLOCK_C=BLOCK_C, num_warps=NUM_WARPS,
     )
     return grad
 
