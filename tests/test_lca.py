@@ -238,10 +238,10 @@ def triton_device():
 def test_fused_routing_equals_plain(B, T, R, C, block, dtype):
     """fused_routing's kernels against routing's definitions on the same noise: cluster ids, own gates,
     balance loss, and the logits' gradient through both (the router learns through both)."""
+    device = triton_device()
     from attnbench.variants import fused_routing
     from attnbench.variants.routing import balance_loss, route, straight_through
 
-    device = triton_device()
     torch.manual_seed(0)
     logits = (torch.randn(B, T, R, C, device=device) * 3).to(dtype).requires_grad_(True)
     tau = torch.tensor(0.7, device=device)
@@ -268,9 +268,9 @@ def test_fused_routing_equals_plain(B, T, R, C, block, dtype):
 @pytest.mark.gpu
 def test_fused_noise_is_gumbel_and_fixed_by_the_seed():
     """Gumbel(0, 1): mean Euler's gamma 0.5772, standard deviation pi / sqrt(6) = 1.2825; a manual seed repeats it."""
+    device = triton_device()
     from attnbench.variants import fused_routing
 
-    device = triton_device()
     shape = [64, 64, 64] if device == "cuda" else [16, 32, 32]  # the interpreter is slow
     torch.manual_seed(3)
     noise = fused_routing.gumbel_noise(fused_routing.draw_seed(device), shape)
