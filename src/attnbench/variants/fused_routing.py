@@ -60,13 +60,17 @@ def gumbel_rows(seed, rows, ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
 
 
 @triton.jit
-def load_rows(logits_ptr, N, C, ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
-    """This program's rows (ROWS,), columns (BLOCK_C,), the offsets of its logits and their mask (ROWS, BLOCK_C),
-    and the logits in fp32 (-inf outside the mask)."""
+def tile(N, C, ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
+    """This program's rows (ROWS,), columns (BLOCK_C,), and the offsets and mask (ROWS, BLOCK_C) of its (N, C) entries."""
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK_C)
-    offsets = rows[:, None] * C + cols[None, :]
-    mask = (rows[:, None] < N) & (cols[None, :] < C)
+    return rows, cols, rows[:, None] * C + cols[None, :], (rows[:, None] < N) & (cols[None, :] < C)
+
+
+@triton.jit
+def load_rows(logits_ptr, N, C, ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
+    """`tile`, and this program's logits in fp32 (-inf outside the mask)."""
+    rows, cols, offsets, mask = tile(N, C, ROWS, BLOCK_C)
     # -inf in the padding columns only: a row past N stays finite (no inf - inf in its softmax).
     logits = tl.where(cols[None, :] < C, tl.load(logits_ptr + offsets, mask=mask, other=0.0).to(tl.float32), float("-inf"))
     return rows, cols, offsets, mask, logits
@@ -89,10 +93,8 @@ def shares_of_rows(share_ptr, rows, cols, mask, C, R, T, n_blocks, block):
 @triton.jit
 def noise_kernel(seed_ptr, out_ptr, N, C, ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
     """The route kernels' noise written out (N, C), for the reference path."""
-    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-    cols = tl.arange(0, BLOCK_C)
-    mask = (rows[:, None] < N) & (cols[None, :] < C)
-    tl.store(out_ptr + rows[:, None] * C + cols[None, :], gumbel_rows(tl.load(seed_ptr), rows, ROWS, BLOCK_C), mask=mask)
+    rows, _, offsets, mask = tile(N, C, ROWS, BLOCK_C)
+    tl.store(out_ptr + offsets, gumbel_rows(tl.load(seed_ptr), rows, ROWS, BLOCK_C), mask=mask)
 
 
 @triton.jit
@@ -139,20 +141,19 @@ def draw_seed(device: torch.device) -> torch.Tensor:
 
 
 def launch(logits: torch.Tensor):
-    """Rows N, clusters C, the grid and the column block for kernels over logits (B, T, R, C)."""
-    C = logits.shape[-1]
-    N = logits.numel() // C
+    """Rows N, the grid and the column block for kernels over logits (..., C)."""
+    N = logits.numel() // logits.shape[-1]
     # Philox offsets and row offsets are int32 inside the kernels.
     assert logits.numel() < 2**31, f"router logits of {logits.numel()} elements: the fused routing indexes them in int32"
-    return N, C, (triton.cdiv(N, ROWS),), max(16, triton.next_power_of_2(C))
+    return N, (triton.cdiv(N, ROWS),), max(16, triton.next_power_of_2(logits.shape[-1]))
 
 
 @triton_op("attnbench::gumbel_noise", mutates_args=())
 def gumbel_noise(seed: torch.Tensor, shape: list[int]) -> torch.Tensor:
     """The fused route's noise for logits of this shape and seed, written out (fp32), for the reference path."""
     noise = torch.empty(shape, dtype=torch.float32, device=seed.device)
-    N, C, grid, BLOCK_C = launch(noise)
-    wrap_triton(noise_kernel)[grid](seed, noise, N, C, ROWS=ROWS, BLOCK_C=BLOCK_C, num_warps=NUM_WARPS)
+    N, grid, BLOCK_C = launch(noise)
+    wrap_triton(noise_kernel)[grid](seed, noise, N, shape[-1], ROWS=ROWS, BLOCK_C=BLOCK_C, num_warps=NUM_WARPS)
     return noise
 
 
@@ -162,7 +163,7 @@ def gumbel_route(logits: torch.Tensor, seed: torch.Tensor, tau: torch.Tensor, bl
     the balance loss's terms (B, T, R) fp32, and the block shares (B, R, n, C) the backward reads."""
     B, T, R, C = logits.shape
     logits = logits.contiguous()
-    N, C, grid, BLOCK_C = launch(logits)
+    N, grid, BLOCK_C = launch(logits)
     cluster = torch.empty(B, T, R, dtype=torch.int64, device=logits.device)
     own = torch.empty(B, T, R, dtype=torch.float32, device=logits.device)
     wrap_triton(route_kernel)[grid](logits, seed, tau, cluster, own, N, C, ROWS=ROWS, BLOCK_C=BLOCK_C, num_warps=NUM_WARPS)
@@ -179,7 +180,7 @@ def gumbel_route_backward(
 ) -> torch.Tensor:
     B, T, R, C = logits.shape
     logits = logits.contiguous()
-    N, C, grid, BLOCK_C = launch(logits)
+    N, grid, BLOCK_C = launch(logits)
     grad = torch.empty_like(logits)
     wrap_triton(route_backward_kernel)[grid](
         logits, seed, tau, cluster, share, grad_own.contiguous(), grad_terms.contiguous(), grad,
