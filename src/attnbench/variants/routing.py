@@ -44,14 +44,18 @@ def own_gate(cluster: torch.Tensor, soft: torch.Tensor | None) -> torch.Tensor |
     return None if soft is None else straight_through(soft.gather(-1, cluster.unsqueeze(-1)))
 
 
+def block_cluster_slots(cluster: torch.Tensor, C: int, block: int) -> torch.Tensor:
+    """(..., T): each token's (block, cluster) slot floor(t / block) C + c_t, for cluster ids (..., T)."""
+    return torch.arange(cluster.shape[-1], device=cluster.device) // block * C + cluster
+
+
 def block_shares(cluster: torch.Tensor, C: int, block: int) -> torch.Tensor:
     """F (..., n, C), n = ceil(T / block): per block j, the share of the tokens of the blocks before j routed to c
     (0 for j = 0); cluster (..., T)."""
-    T = cluster.shape[-1]
-    n = -(-T // block)
-    block_of = torch.arange(T, device=cluster.device) // block
+    n = -(-cluster.shape[-1] // block)
     counts = torch.zeros(*cluster.shape[:-1], n * C, device=cluster.device)
-    counts = counts.scatter_add_(-1, block_of * C + cluster, torch.ones_like(cluster, dtype=counts.dtype)).unflatten(-1, (n, C))
+    slots = block_cluster_slots(cluster, C, block)
+    counts = counts.scatter_add_(-1, slots, torch.ones_like(cluster, dtype=counts.dtype)).unflatten(-1, (n, C))
     before = counts.cumsum(dim=-2) - counts
     return before / (torch.arange(n, device=cluster.device) * block).clamp_min(1).view(n, 1)
 

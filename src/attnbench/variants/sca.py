@@ -75,7 +75,7 @@ from torch import nn
 
 from .base import PositiveAutoInt, masked_softmax_attention, pow2_block
 from .lca import LearnedClusterAttention, LearnedClusterOptions, cluster_attention_reference
-from .routing import own_gate, straight_through_gates
+from .routing import block_cluster_slots, own_gate, straight_through_gates
 
 
 class SuperClusterOptions(LearnedClusterOptions):
@@ -93,16 +93,16 @@ def supernode_means(weights: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
     return weights.transpose(-2, -1) @ v / denominator, weights.transpose(-2, -1) @ k / denominator, total
 
 
-def prefix_supernodes(cluster: torch.Tensor, own: torch.Tensor | None, k: torch.Tensor, v: torch.Tensor, C: int, block: int):
+def prefix_supernodes(slots: torch.Tensor, own: torch.Tensor | None, k: torch.Tensor, v: torch.Tensor, C: int, block: int):
     """Supernodes of the steps a later block reads (all but the last): sums per (block, cluster), cumulated over blocks.
 
-    cluster (B, R, T), own gates a_t[c_t] (B, R, T, 1) or None (weight 1), k, v (B, H, T, D) fp32 ->
-    n, m (B, H, S, C, D) and weight sums (B, R, S, C), S = (T - 1) // block: step j covers blocks <= j.
+    slots (B, R, T) from `block_cluster_slots`, own gates a_t[c_t] (B, R, T, 1) or None (weight 1), k, v (B, H, T, D)
+    fp32 -> n, m (B, H, S, C, D) and weight sums (B, R, S, C), S = (T - 1) // block: step j covers blocks <= j.
     """
     B, H, T, D = v.shape
     S = (T - 1) // block
     N = S * block  # the tokens of those steps
-    slot = torch.arange(N, device=v.device) // block * C + cluster[..., :N]  # (B, R, N): (block, cluster) of each token
+    slot = slots[..., :N]  # (B, R, N)
     weight = torch.ones_like(slot, dtype=v.dtype).unsqueeze(-1) if own is None else own[..., :N, :]  # (B, R, N, 1)
     total = v.new_zeros(B, slot.shape[1], S * C).scatter_add(-1, slot, weight.squeeze(-1)).unflatten(-1, (S, C)).cumsum(dim=2)
     kv = weight * torch.cat([k[..., :N, :], v[..., :N, :]], dim=-1)  # (B, H, N, 2D): one scatter for both
@@ -111,13 +111,13 @@ def prefix_supernodes(cluster: torch.Tensor, own: torch.Tensor | None, k: torch.
     return n, m, total
 
 
-def read_supernodes(z: torch.Tensor, cluster: torch.Tensor, own: torch.Tensor | None, block: int) -> torch.Tensor:
-    """a_t[c_t] z_{c_t}^(i - 1) for query t in block i, zero in block 0: z (B, H, S, C, D), cluster (B, R, T) -> (B, H, T, D)."""
+def read_supernodes(z: torch.Tensor, slots: torch.Tensor, own: torch.Tensor | None) -> torch.Tensor:
+    """a_t[c_t] z_{c_t}^(i - 1) for query t in block i, zero in block 0: z (B, H, S, C, D), slots (B, R, T) from
+    `block_cluster_slots` -> (B, H, T, D)."""
     B, H, S, C, D = z.shape
-    T = cluster.shape[-1]
+    T = slots.shape[-1]
     z = F.pad(z, (0, 0, 0, 0, 1, 0)).flatten(2, 3)  # (B, H, (S + 1) C, D): row i C + c is step i - 1, zeros for i = 0
-    index = torch.arange(T, device=z.device) // block * C + cluster  # (B, R, T)
-    extra = z.gather(2, index.unsqueeze(-1).expand(B, H, T, D))
+    extra = z.gather(2, slots.unsqueeze(-1).expand(B, H, T, D))
     return extra if own is None else extra * own
 
 
@@ -183,8 +183,9 @@ class SuperClusterAttention(LearnedClusterAttention):
 
     def supernode_values(self, k, v, cluster, own):
         """v' by one scatter-add per (block, cluster), a cumulative sum over blocks and one gather: no T x C tensor."""
-        z = self.mix(*prefix_supernodes(cluster, own, k.float(), v.float(), self.clusters, self.block))  # (B, H, S, C, D)
-        return self.add_to_values(v, read_supernodes(z, cluster, own, self.block))
+        slots = block_cluster_slots(cluster, self.clusters, self.block)  # (B, R, T)
+        z = self.mix(*prefix_supernodes(slots, own, k.float(), v.float(), self.clusters, self.block))  # (B, H, S, C, D)
+        return self.add_to_values(v, read_supernodes(z, slots, own))
 
     def reference(self, q, k, v, x):
         if not self.options.causal:
