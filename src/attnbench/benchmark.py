@@ -12,7 +12,8 @@ Two tables, one run (so every ratio compares numbers from the same card and mome
   MFU = (6 N + 6 L T d) * tokens/s / peak, N the non-embedding parameters (gpu-notes.md's count);
   first a plain GPT of the same size (mha on the flash kernel), the floor mha must beat.
 Fitted time exponents of the attention rows use T in [2K, 32K] when present.
-Writes <out>/<device>.csv, <device>.md and <device>.png.
+Writes <out>/<device>.csv, <device>.md and <device>.png; with `trace`, also <device>-kernels.md: each
+point's GPU kernels by device time (torch.profiler), where to look before optimising.
 """
 
 from __future__ import annotations
@@ -134,7 +135,28 @@ def train_step(cfg: ModelConfig, batch: int, compile: bool) -> tuple[Callable[[]
     return step, model.flops_per_token()
 
 
-def run_point(kind: str, variant: str, T: int, batch: int, build: Callable[[], Callable[[], None]], warmup: int, repeats: int) -> dict:
+def kernel_table(step: Callable[[], None], steps: int = CHAIN, top: int = 12) -> list[str]:
+    """The `top` GPU kernels of `step` by their own device time per step (torch.profiler over `steps` calls), as
+    markdown rows, and a last row for the rest."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    kernels = sorted((e for e in prof.key_averages() if e.self_device_time_total > 0), key=lambda e: -e.self_device_time_total)
+    total = sum(e.self_device_time_total for e in kernels) or 1.0
+    rows = ["| kernel | ms per step | calls per step | share |", "|---|---|---|---|"]
+    for e in kernels[:top]:
+        rows.append(f"| `{e.key[:90]}` | {e.self_device_time_total / steps / 1e3:.3f} | {e.count / steps:g} | {e.self_device_time_total / total:.0%} |")
+    rest = sum(e.self_device_time_total for e in kernels[top:])
+    return rows + [f"| {len(kernels) - top} others | {rest / steps / 1e3:.3f} | | {rest / total:.0%} |",
+                   f"| **all kernels** | **{total / steps / 1e3:.3f}** | | |"]
+
+
+def run_point(kind: str, variant: str, T: int, batch: int, build: Callable[[], Callable[[], None]], warmup: int, repeats: int,
+              trace: bool = False) -> dict:
+    """One timed point (a row), with its kernel table under "kernels" where `trace`."""
     row = {"kind": kind, "variant": variant, "T": T, "batch": batch}
     # Start each point clean: compiled graphs of earlier points hold their models and buffers.
     torch._dynamo.reset()
@@ -142,8 +164,11 @@ def run_point(kind: str, variant: str, T: int, batch: int, build: Callable[[], C
     try:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-        ms = time_ms(build(), warmup, repeats)
+        step = build()
+        ms = time_ms(step, warmup, repeats)
         row.update(ms=ms, mtok_per_s=batch * T / ms / 1e3, peak_gib=torch.cuda.max_memory_allocated() / 2**30, status="ok")
+        if trace:
+            row["kernels"] = kernel_table(step)
     except torch.OutOfMemoryError:
         row.update(status="oom")
     except Exception as err:  # a variant that fails at one point is recorded, and the rest still run
@@ -154,11 +179,12 @@ def run_point(kind: str, variant: str, T: int, batch: int, build: Callable[[], C
 
 def benchmark(params: Params, variants: list[str], seq_lens: list[int], tokens: int, heads: int, head_dim: int,
               warmup: int, repeats: int, parts: list[str], modes: tuple[str, ...] = ("eager", "compiled"),
-              train_sizes: list[tuple[int, int]] | None = None) -> tuple[list[dict], list[dict]]:
+              train_sizes: list[tuple[int, int]] | None = None, trace: bool = False) -> tuple[list[dict], list[dict]]:
     """The attention rows of `variants` (which may name REFERENCES) and the training rows of a plain GPT and
     `variants` (see the module docstring); `parts` says which to run,
     `modes` which of COMPILE_MODES the variants' attention runs in; `train_sizes` adds
-    (d_model, layers) models beyond params.model to the training rows (plain GPT and mha only)."""
+    (d_model, layers) models beyond params.model to the training rows (plain GPT and mha only);
+    `trace` adds each row's kernel table."""
     attention, training = [], []
     for variant in variants if "attention" in parts else []:
         options = params.variants.get(variant)
@@ -166,7 +192,7 @@ def benchmark(params: Params, variants: list[str], seq_lens: list[int], tokens: 
             batch = max(1, tokens // T)
             for mode in modes if variant not in REFERENCES else ("eager",):
                 row = run_point("attention", variant, T, batch,
-                                lambda: attention_step(variant, T, batch, heads, head_dim, options, mode), warmup, repeats)
+                                lambda: attention_step(variant, T, batch, heads, head_dim, options, mode), warmup, repeats, trace)
                 attention.append(row | {"mode": mode, "label": variant if mode == "eager" else f"{variant} ({mode})"})
     T, peak = params.model.seq_len, peak_flops(torch.device("cuda"))
     batch = max(1, params.profile.tokens_per_step // T)
@@ -182,10 +208,10 @@ def benchmark(params: Params, variants: list[str], seq_lens: list[int], tokens: 
                 step, flops["per_token"] = train_step(cfg, batch, compile)
                 return step
 
-            row = run_point("train", label, T, batch, lambda: build(True), warmup, repeats)
+            row = run_point("train", label, T, batch, lambda: build(True), warmup, repeats, trace)
             row["compiled"] = row["status"] == "ok"
             if not row["compiled"]:  # the clean fallback: eager
-                row = run_point("train", label, T, batch, lambda: build(False), warmup, repeats) | {"compiled": False}
+                row = run_point("train", label, T, batch, lambda: build(False), warmup, repeats, trace) | {"compiled": False}
             if row["status"] == "ok" and peak:
                 row["mfu"] = flops["per_token"] * row["mtok_per_s"] * 1e6 / peak
             training.append(row | {"model": f"d{d_model} L{n_layers} H{model.n_heads}"})
@@ -251,6 +277,16 @@ def markdown(attention: list[dict], training: list[dict], device: str, tokens: i
     return "\n".join(lines)
 
 
+def kernels_markdown(rows: list[dict], device: str) -> str:
+    """Every traced row's kernel table under a heading naming the point."""
+    lines = [f"# GPU kernels per step on {device} (torch.profiler, own device time)", ""]
+    for r in rows:
+        if "kernels" in r:
+            what = r.get("label") or f"{r['variant']} {r.get('model', '')}"
+            lines += [f"## {r['kind']}: {what}, T = {r['T']}, batch {r['batch']}, {r['ms']:.2f} ms per step timed", "", *r["kernels"], ""]
+    return "\n".join(lines)
+
+
 def figure(attention: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -276,7 +312,7 @@ def write_csv(path: Path, rows: list[dict], fields: list[str]) -> None:
 
 def main(params: Params, out_dir: Path, seq_lens: list[int], tokens: int, heads: int, head_dim: int, warmup: int, repeats: int,
          variants: list[str] | None = None, parts: tuple[str, ...] = ("attention", "train"),
-         modes: tuple[str, ...] = ("eager", "compiled"), train_sizes: list[tuple[int, int]] | None = None) -> str:
+         modes: tuple[str, ...] = ("eager", "compiled"), train_sizes: list[tuple[int, int]] | None = None, trace: bool = False) -> str:
     if resolve_device(params.train.device).type != "cuda":
         raise RuntimeError("benchmark needs a CUDA device (absolute speeds count on a GPU only)")
     device = device_name()
@@ -288,7 +324,7 @@ def main(params: Params, out_dir: Path, seq_lens: list[int], tokens: int, heads:
     steps += [("train", variants)] if "train" in parts else []
     for part, names in steps:  # results are written after each variant's attention rows and after the training rows
         more_attention, more_training = benchmark(params, names, seq_lens, tokens, heads, head_dim,
-                                                  warmup, repeats, [part], modes, train_sizes)
+                                                  warmup, repeats, [part], modes, train_sizes, trace)
         attention, training = attention + more_attention, training + more_training
         write_csv(out_dir / f"{device}-attention.csv", attention, ATTENTION_FIELDS)
         write_csv(out_dir / f"{device}-train.csv", training, TRAIN_FIELDS)
@@ -296,6 +332,8 @@ def main(params: Params, out_dir: Path, seq_lens: list[int], tokens: int, heads:
         write_text(out_dir / f"{device}.md", text)
         if attention:
             figure(attention, out_dir / f"{device}.png")
+        if trace:
+            write_text(out_dir / f"{device}-kernels.md", kernels_markdown(attention + training, device))
     log.info("%d attention points, %d training points on %s in %.0fs -> %s", len(attention), len(training), device,
              time.perf_counter() - t0, out_dir / f"{device}.md")
     return text

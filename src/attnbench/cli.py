@@ -58,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "(reduce-overhead); default: eager and compiled")
     p.add_argument("--train-sizes", nargs="+", default=[], metavar="DxL",
                    help="more model sizes for the training rows, d_model x layers (heads of 64), e.g. 768x12")
+    p.add_argument("--trace", action="store_true", help="also write <device>-kernels.md: each point's GPU kernels by device time")
     return parser
 
 
@@ -95,7 +96,7 @@ def run(args: argparse.Namespace) -> None:
         from .benchmark import main as benchmark_main
 
         print(benchmark_main(params, args.out, args.seq_lens, args.tokens, args.heads, args.head_dim, args.warmup, args.repeats, args.variants, args.parts, args.modes,
-                             [tuple(map(int, size.lower().split('x'))) for size in args.train_sizes]))
+                             [tuple(map(int, size.lower().split('x'))) for size in args.train_sizes], args.trace))
     elif args.stage == "report":
         from .report import main as report_main
 
