@@ -240,7 +240,7 @@ def test_fused_routing_equals_plain(B, T, R, C, block, dtype):
     balance loss, and the logits' gradient through both (the router learns through both)."""
     device = triton_device()
     from attnbench.variants import fused_routing
-    from attnbench.variants.routing import balance_loss, route, straight_through
+    from attnbench.variants.routing import balance_from_block_sums, balance_loss, route, straight_through
 
     torch.manual_seed(0)
     logits = (torch.randn(B, T, R, C, device=device) * 3).to(dtype).requires_grad_(True)
@@ -248,8 +248,9 @@ def test_fused_routing_equals_plain(B, T, R, C, block, dtype):
     seed = fused_routing.draw_seed(device)
     grad_own, weight = torch.randn(B, T, R, device=device), 0.37
 
-    cluster, y_own, terms, _ = fused_routing.gumbel_route(logits, seed, tau, block)
-    fused_loss = (grad_own * straight_through(y_own)).sum() + weight * C * terms.mean()
+    cluster, y_own, sums, _ = fused_routing.gumbel_route(logits, seed, tau, block)
+    fused_balance = balance_from_block_sums(sums, cluster.transpose(1, 2), block)
+    fused_loss = (grad_own * straight_through(y_own)).sum() + weight * fused_balance
     (fused_grad,) = torch.autograd.grad(fused_loss, logits)
 
     plain_cluster, soft = route(logits, tau, fused_routing.gumbel_noise(seed, [B, T, R, C]))
@@ -260,7 +261,7 @@ def test_fused_routing_equals_plain(B, T, R, C, block, dtype):
 
     assert torch.equal(cluster, plain_cluster)
     assert rel_err(y_own, plain_own) < 1e-5
-    assert rel_err(C * terms.mean(), plain_balance) < 1e-5
+    assert rel_err(fused_balance, plain_balance) < 1e-5
     assert fused_grad.dtype == dtype
     assert rel_err(fused_grad, plain_grad) < (1e-5 if dtype == torch.float32 else 1e-2)
 

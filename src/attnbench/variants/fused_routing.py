@@ -1,13 +1,22 @@
 """lca's training-time routing fused into Triton kernels (CUDA): noise, softmax, argmax, own gate, balance loss.
 
-Computes what `routing` defines (`route` + `own_gate` + `balance_loss`) in
-three passes over the router's logits: the forward's route kernel and balance
-kernel, and one backward kernel, which recomputes the noise and both softmaxes
-instead of storing (B, T, R, C) tensors. The plain form under torch.compile
-made about ten fp32 passes over them. On the H100 (bf16 logits, forward and
-backward) the routing took 1.12 ms fused against 1.73 ms plain at T = 8K
-(728 logits per token), 1.95 against 4.81 ms at 32K; lca's whole layer ran
-21.2 against 17.4 Mtok/s at 8K (measured; reports/benchmarks).
+Computes what `routing` defines (`route` + `own_gate` + `balance_loss`) in two
+passes over the router's logits, one forward kernel and one backward kernel.
+A program owns one (batch row, balance block, router) and walks the block's
+tokens, so the forward also sums p_t = softmax(r_t) over the block (the
+balance loss needs only those sums, `routing.balance_from_block_sums`) and
+writes no per-token term. It keeps two row statistics, the max of
+z = (r + g) / tau and the log-sum-exp of r, from which the backward forms
+y = softmax(z) and p elementwise: its only reduction is the softmax backward
+of the block sums' gradient, and it regenerates the noise from the seed
+rather than storing a (B, T, R, C) tensor.
+
+History, measured on the H100 (bf16 logits, forward and backward): the plain
+form under torch.compile made about ten fp32 passes over the logits, 1.73 ms
+at T = 8K (728 logits per token) and 4.81 ms at 32K; the first fused form
+(route, balance and backward kernels over rows, each backward row
+recomputing both softmaxes) 1.12 and 1.95 ms. reports/benchmarks has the
+current form's times.
 
 The noise is Triton's Philox generator keyed by a seed that `draw_seed` takes
 from torch's generator; `gumbel_noise` writes the same noise out, so lca's
@@ -26,7 +35,6 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from .routing import block_shares
 
 LN2, LOG2E = tl.constexpr(0.6931471805599453), tl.constexpr(1.4426950408889634)
 TINY = tl.constexpr(1.1754943508222875e-38)  # fp32's smallest normal, as routing's clamp
@@ -55,84 +63,96 @@ def gumbel_rows(seed, rows, ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
     u = tl.reshape(tl.join(tl.join(u0, u1), tl.join(u2, u3)), (ROWS, BLOCK_C))
     # -log(-log u), each log clamped above 0: for u within ~2^-22 of 1 (probability ~1e-7) the approximate log
     # may round -log u to 0, where the true noise is above 15 and wins its row's argmax anyway.
-    exponential = tl.maximum(-LN2 * approx_log2(tl.maximum(u, TINY)), TINY)
-    return -LN2 * approx_log2(exponential)
+    exponential = tl.maximum(approx_log2(tl.maximum(u, TINY)) * -LN2, TINY)
+    return approx_log2(exponential) * -LN2
 
 
 @triton.jit
-def tile(N, C, ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
-    """This program's rows (ROWS,), columns (BLOCK_C,), and the offsets and mask (ROWS, BLOCK_C) of its (N, C) entries."""
-    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+def tile(rows, row_ok, C, BLOCK_C: tl.constexpr):
+    """Columns (BLOCK_C,), and the offsets and mask (ROWS, BLOCK_C) of these rows' entries of an (N, C) array."""
     cols = tl.arange(0, BLOCK_C)
-    return rows, cols, rows[:, None] * C + cols[None, :], (rows[:, None] < N) & (cols[None, :] < C)
+    return cols, rows[:, None] * C + cols[None, :], row_ok[:, None] & (cols[None, :] < C)
 
 
 @triton.jit
-def load_rows(logits_ptr, N, C, ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
-    """`tile`, and this program's logits in fp32 (-inf outside the mask)."""
-    rows, cols, offsets, mask = tile(N, C, ROWS, BLOCK_C)
-    # -inf in the padding columns only: a row past N stays finite (no inf - inf in its softmax).
-    logits = tl.where(cols[None, :] < C, tl.load(logits_ptr + offsets, mask=mask, other=0.0).to(tl.float32), float("-inf"))
-    return rows, cols, offsets, mask, logits
+def load_logits(logits_ptr, offsets, mask, cols, C):
+    """The logits of a tile in fp32, -inf in the padding columns only: a masked row stays finite (no inf - inf)."""
+    return tl.where(cols[None, :] < C, tl.load(logits_ptr + offsets, mask=mask, other=0.0).to(tl.float32), float("-inf"))
 
 
 @triton.jit
-def softmax_rows(z):
-    e = tl.exp2((z - tl.max(z, axis=1)[:, None]) * LOG2E)
-    return e / tl.sum(e, axis=1)[:, None]
-
-
-@triton.jit
-def shares_of_rows(share_ptr, rows, cols, mask, C, R, T, n_blocks, block):
-    """F_t (ROWS, BLOCK_C) for each row's (b, r, block of t) from the shares (B, R, n_blocks, C)."""
-    b, t, r = rows // (T * R), rows // R % T, rows % R
-    offsets = ((b * R + r) * n_blocks + t // block) * C
-    return tl.load(share_ptr + offsets[:, None] + cols[None, :], mask=mask, other=0.0)
+def block_of_program(T, R, n_blocks, block):
+    """This program's batch row b, router r, balance block j (r fastest, so neighbouring programs share cache lines
+    of the logits), the block's first and end token, and its index in the (B, R, n_blocks) block arrays."""
+    pid = tl.program_id(0)
+    r, j, b = pid % R, pid // R % n_blocks, pid // (R * n_blocks)
+    return b, r, j * block, tl.minimum(j * block + block, T), (b * R + r) * n_blocks + j
 
 
 @triton.jit
 def noise_kernel(seed_ptr, out_ptr, N, C, ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
-    """The route kernels' noise written out (N, C), for the reference path."""
-    rows, _, offsets, mask = tile(N, C, ROWS, BLOCK_C)
+    """The route kernel's noise written out (N, C), for the reference path."""
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    _, offsets, mask = tile(rows, rows < N, C, BLOCK_C)
     tl.store(out_ptr + offsets, gumbel_rows(tl.load(seed_ptr), rows, ROWS, BLOCK_C), mask=mask)
 
 
 @triton.jit
-def route_kernel(logits_ptr, seed_ptr, tau_ptr, cluster_ptr, own_ptr, N, C, ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
-    """c_t = argmax (r_t + g_t) and y_t[c_t] = 1 / sum_c exp(z_c - z_{c_t}), z = (r + g) / tau."""
-    rows, cols, offsets, mask, logits = load_rows(logits_ptr, N, C, ROWS, BLOCK_C)
-    z = (logits + gumbel_rows(tl.load(seed_ptr), rows, ROWS, BLOCK_C)) * (1.0 / tl.load(tau_ptr))
-    top = tl.max(z, axis=1)
-    tl.store(cluster_ptr + rows, tl.argmax(z, axis=1).to(tl.int64), mask=rows < N)
-    tl.store(own_ptr + rows, 1.0 / tl.sum(tl.exp2((z - top[:, None]) * LOG2E), axis=1), mask=rows < N)
-
-
-@triton.jit
-def balance_kernel(logits_ptr, share_ptr, terms_ptr, N, C, R, T, n_blocks, block, ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
-    """The balance loss's terms sum_c F_t[c] p_t[c], p_t = softmax(r_t)."""
-    rows, cols, offsets, mask, logits = load_rows(logits_ptr, N, C, ROWS, BLOCK_C)
-    share = shares_of_rows(share_ptr, rows, cols, mask, C, R, T, n_blocks, block)
-    tl.store(terms_ptr + rows, tl.sum(softmax_rows(logits) * share, axis=1), mask=rows < N)
+def route_kernel(
+    logits_ptr, seed_ptr, tau_ptr, cluster_ptr, own_ptr, stats_ptr, sums_ptr,
+    T, R, C, n_blocks, block, ROWS: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Per token of the block: c_t = argmax z_t, z = (r_t + g_t) / tau; y_t[c_t] = 1 / sum_c exp(z_c - z_{c_t});
+    the row statistics max_c z and log2 sum_c 2^(r_c log2 e); and, per block, P = sum_t softmax(r_t)."""
+    b, r, first, end, block_index = block_of_program(T, R, n_blocks, block)
+    seed, inverse_tau = tl.load(seed_ptr), 1.0 / tl.load(tau_ptr)
+    p_sum = tl.zeros((ROWS, BLOCK_C), tl.float32)
+    for start in range(first, end, ROWS):
+        t = start + tl.arange(0, ROWS)
+        rows, row_ok = (b * T + t) * R + r, t < end
+        cols, offsets, mask = tile(rows, row_ok, C, BLOCK_C)
+        logits = load_logits(logits_ptr, offsets, mask, cols, C)
+        z = (logits + gumbel_rows(seed, rows, ROWS, BLOCK_C)) * inverse_tau
+        top = tl.max(z, axis=1)
+        tl.store(cluster_ptr + rows, tl.argmax(z, axis=1).to(tl.int64), mask=row_ok)
+        tl.store(own_ptr + rows, 1.0 / tl.sum(tl.exp2((z - top[:, None]) * LOG2E), axis=1), mask=row_ok)
+        shift = tl.max(logits, axis=1)
+        e = tl.exp2((logits - shift[:, None]) * LOG2E)
+        total = tl.sum(e, axis=1)
+        tl.store(stats_ptr + 2 * rows, top, mask=row_ok)
+        tl.store(stats_ptr + 2 * rows + 1, shift * LOG2E + tl.log2(total), mask=row_ok)
+        p_sum += tl.where(row_ok[:, None], e / total[:, None], 0.0)
+    cols = tl.arange(0, BLOCK_C)
+    tl.store(sums_ptr + block_index * C + cols, tl.sum(p_sum, axis=0), mask=cols < C)
 
 
 @triton.jit
 def route_backward_kernel(
-    logits_ptr, seed_ptr, tau_ptr, cluster_ptr, share_ptr, grad_own_ptr, grad_terms_ptr, grad_ptr,
-    N, C, R, T, n_blocks, block, ROWS: tl.constexpr, BLOCK_C: tl.constexpr,
+    logits_ptr, seed_ptr, tau_ptr, cluster_ptr, own_ptr, stats_ptr, grad_own_ptr, grad_sums_ptr, grad_ptr,
+    T, R, C, n_blocks, block, ROWS: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """dL/dr = g_own y_c (onehot_c - y) / tau + g_terms p (F - sum_c F_c p_c), the noise regenerated from the seed."""
-    rows, cols, offsets, mask, logits = load_rows(logits_ptr, N, C, ROWS, BLOCK_C)
-    inverse_tau = 1.0 / tl.load(tau_ptr)
-    y = softmax_rows((logits + gumbel_rows(tl.load(seed_ptr), rows, ROWS, BLOCK_C)) * inverse_tau)
-    own = cols[None, :] == tl.load(cluster_ptr + rows, mask=rows < N, other=0)[:, None]
-    y_own = tl.sum(tl.where(own, y, 0.0), axis=1)
-    grad_own = tl.load(grad_own_ptr + rows, mask=rows < N, other=0.0)
-    grad = (grad_own * y_own * inverse_tau)[:, None] * (own.to(tl.float32) - y)
-    p = softmax_rows(logits)
-    share = shares_of_rows(share_ptr, rows, cols, mask, C, R, T, n_blocks, block)
-    terms = tl.sum(p * share, axis=1)
-    grad += tl.load(grad_terms_ptr + rows, mask=rows < N, other=0.0)[:, None] * p * (share - terms[:, None])
-    tl.store(grad_ptr + offsets, grad.to(grad_ptr.dtype.element_ty), mask=mask)
+    """dL/dr_t = g_own y_c (onehot_c - y) / tau + p (G - sum_c G_c p_c), G = dL/dP of t's block; y = 2^((z - max z)
+    log2 e) y_t[c_t] and p = 2^(r log2 e - lse2) from the forward's statistics, the noise regenerated from the seed."""
+    b, r, first, end, block_index = block_of_program(T, R, n_blocks, block)
+    seed, inverse_tau = tl.load(seed_ptr), 1.0 / tl.load(tau_ptr)
+    cols = tl.arange(0, BLOCK_C)
+    grad_sums = tl.load(grad_sums_ptr + block_index * C + cols, mask=cols < C, other=0.0)[None, :]
+    for start in range(first, end, ROWS):
+        t = start + tl.arange(0, ROWS)
+        rows, row_ok = (b * T + t) * R + r, t < end
+        cols, offsets, mask = tile(rows, row_ok, C, BLOCK_C)
+        logits = load_logits(logits_ptr, offsets, mask, cols, C)
+        z = (logits + gumbel_rows(seed, rows, ROWS, BLOCK_C)) * inverse_tau
+        own = tl.load(own_ptr + rows, mask=row_ok, other=0.0)
+        top = tl.load(stats_ptr + 2 * rows, mask=row_ok, other=0.0)
+        lse2 = tl.load(stats_ptr + 2 * rows + 1, mask=row_ok, other=0.0)
+        y = tl.exp2((z - top[:, None]) * LOG2E) * own[:, None]
+        is_own = cols[None, :] == tl.load(cluster_ptr + rows, mask=row_ok, other=0)[:, None]
+        grad_own = tl.load(grad_own_ptr + rows, mask=row_ok, other=0.0)
+        grad = (grad_own * own * inverse_tau)[:, None] * (is_own.to(tl.float32) - y)
+        p = tl.exp2(logits * LOG2E - lse2[:, None])
+        grad += p * (grad_sums - tl.sum(p * grad_sums, axis=1)[:, None])
+        tl.store(grad_ptr + offsets, grad.to(grad_ptr.dtype.element_ty), mask=mask)
 
 
 def draw_seed(device: torch.device) -> torch.Tensor:
@@ -140,67 +160,79 @@ def draw_seed(device: torch.device) -> torch.Tensor:
     return torch.randint(2**31 - 1, (1,), device=device)
 
 
-def launch(logits: torch.Tensor):
-    """Rows N, the grid and the column block for kernels over logits (..., C)."""
-    N = logits.numel() // logits.shape[-1]
+def column_block(C: int) -> int:
+    return max(16, triton.next_power_of_2(C))
+
+
+def block_grid(B: int, R: int, T: int, block: int) -> tuple[int, tuple[int]]:
+    """The balance blocks per row n and the grid of the route kernels: one program per (b, j, r)."""
+    n_blocks = triton.cdiv(T, block)
+    return n_blocks, (B * n_blocks * R,)
+
+
+def check_size(logits: torch.Tensor) -> None:
     # Philox offsets and row offsets are int32 inside the kernels.
     assert logits.numel() < 2**31, f"router logits of {logits.numel()} elements: the fused routing indexes them in int32"
-    return N, (triton.cdiv(N, ROWS),), max(16, triton.next_power_of_2(logits.shape[-1]))
 
 
 @triton_op("attnbench::gumbel_noise", mutates_args=())
 def gumbel_noise(seed: torch.Tensor, shape: list[int]) -> torch.Tensor:
     """The fused route's noise for logits of this shape and seed, written out (fp32), for the reference path."""
     noise = torch.empty(shape, dtype=torch.float32, device=seed.device)
-    N, grid, BLOCK_C = launch(noise)
-    wrap_triton(noise_kernel)[grid](seed, noise, N, shape[-1], ROWS=ROWS, BLOCK_C=BLOCK_C, num_warps=NUM_WARPS)
+    check_size(noise)
+    N = noise.numel() // shape[-1]
+    wrap_triton(noise_kernel)[(triton.cdiv(N, ROWS),)](seed, noise, N, shape[-1], ROWS=ROWS, BLOCK_C=column_block(shape[-1]), num_warps=NUM_WARPS)
     return noise
 
 
 @triton_op("attnbench::gumbel_route", mutates_args=())
 def gumbel_route(logits: torch.Tensor, seed: torch.Tensor, tau: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """logits (B, T, R, C) -> cluster ids (B, T, R) int64, y_t[c_t] (B, T, R) fp32 (the own gate's soft value),
-    the balance loss's terms (B, T, R) fp32, and the block shares (B, R, n, C) the backward reads."""
+    the block sums of softmax(r) (B, R, n, C) fp32 (for `routing.balance_from_block_sums`), and the row
+    statistics (B, T, R, 2) the backward reads."""
     B, T, R, C = logits.shape
     logits = logits.contiguous()
-    N, grid, BLOCK_C = launch(logits)
+    check_size(logits)
+    n_blocks, grid = block_grid(B, R, T, block)
     cluster = torch.empty(B, T, R, dtype=torch.int64, device=logits.device)
     own = torch.empty(B, T, R, dtype=torch.float32, device=logits.device)
-    wrap_triton(route_kernel)[grid](logits, seed, tau, cluster, own, N, C, ROWS=ROWS, BLOCK_C=BLOCK_C, num_warps=NUM_WARPS)
-    share = block_shares(cluster.transpose(1, 2), C, block).contiguous()  # (B, R, n, C)
-    terms = torch.empty_like(own)
-    wrap_triton(balance_kernel)[grid](logits, share, terms, N, C, R, T, share.shape[2], block, ROWS=ROWS, BLOCK_C=BLOCK_C, num_warps=NUM_WARPS)
-    return cluster, own, terms, share
+    stats = torch.empty(B, T, R, 2, dtype=torch.float32, device=logits.device)
+    sums = torch.empty(B, R, n_blocks, C, dtype=torch.float32, device=logits.device)
+    wrap_triton(route_kernel)[grid](logits, seed, tau, cluster, own, stats, sums, T, R, C, n_blocks, block,
+                                     ROWS=ROWS, BLOCK_C=column_block(C), num_warps=NUM_WARPS)
+    return cluster, own, sums, stats
 
 
 @triton_op("attnbench::gumbel_route_backward", mutates_args=())
 def gumbel_route_backward(
-    logits: torch.Tensor, seed: torch.Tensor, tau: torch.Tensor, cluster: torch.Tensor, share: torch.Tensor,
-    grad_own: torch.Tensor, grad_terms: torch.Tensor, block: int,
+    logits: torch.Tensor, seed: torch.Tensor, tau: torch.Tensor, cluster: torch.Tensor, own: torch.Tensor,
+    stats: torch.Tensor, grad_own: torch.Tensor, grad_sums: torch.Tensor, block: int,
 ) -> torch.Tensor:
     B, T, R, C = logits.shape
     logits = logits.contiguous()
-    N, grid, BLOCK_C = launch(logits)
+    n_blocks, grid = block_grid(B, R, T, block)
     grad = torch.empty_like(logits)
     wrap_triton(route_backward_kernel)[grid](
-        logits, seed, tau, cluster, share, grad_own.contiguous(), grad_terms.contiguous(), grad,
-        N, C, R, T, share.shape[2], block, ROWS=ROWS, BLOCK_C=BLOCK_C, num_warps=NUM_WARPS,
+        logits, seed, tau, cluster, own, stats, grad_own.contiguous(), grad_sums.contiguous(), grad,
+        T, R, C, n_blocks, block, ROWS=ROWS, BLOCK_C=column_block(C), num_warps=NUM_WARPS,
     )
     return grad
 
 
 def setup_context(ctx, inputs, output):
     logits, seed, tau, block = inputs
-    cluster, _, _, share = output
-    ctx.save_for_backward(logits, seed, tau, cluster, share)
+    cluster, own, _, stats = output
+    ctx.save_for_backward(logits, seed, tau, cluster, own, stats)
     ctx.block = block
 
 
-def backward(ctx, _grad_cluster, grad_own, grad_terms, _grad_share):
-    logits, seed, tau, cluster, share = ctx.saved_tensors
-    grad_own = torch.zeros_like(cluster, dtype=torch.float32) if grad_own is None else grad_own
-    grad_terms = torch.zeros_like(cluster, dtype=torch.float32) if grad_terms is None else grad_terms
-    return gumbel_route_backward(logits, seed, tau, cluster, share, grad_own, grad_terms, ctx.block), None, None, None
+def backward(ctx, _grad_cluster, grad_own, grad_sums, _grad_stats):
+    logits, seed, tau, cluster, own, stats = ctx.saved_tensors
+    grad_own = torch.zeros_like(own) if grad_own is None else grad_own
+    if grad_sums is None:
+        B, T, R, C = logits.shape
+        grad_sums = own.new_zeros(B, R, triton.cdiv(T, ctx.block), C)
+    return gumbel_route_backward(logits, seed, tau, cluster, own, stats, grad_own, grad_sums, ctx.block), None, None, None
 
 
 gumbel_route.register_autograd(backward, setup_context=setup_context)

@@ -12,7 +12,7 @@ Query t attends to the keys s <= t of its cluster c_t:
 through the gates). The routing is defined in routing.py; the reference path
 takes it from `route`, the efficient paths from `route_own`, which in CUDA
 training runs fused_routing's Triton kernels (noise, softmax, argmax, own gate
-and balance loss, never storing a (B, R, T, C) tensor). Both draw their noise
+and the balance loss's block sums, never storing a (B, R, T, C) tensor). Both draw their noise
 from one seed taken from torch's generator, so under the same seed they route
 alike.
 
@@ -60,7 +60,7 @@ from torch import nn
 from .base import Attention, PositiveAutoInt, VariantOptions, auto_option, causal_mask, pow2_block
 from .ca import chunked_segment_attention
 from .flex import flex_band_attention
-from .routing import balance_loss, gumbel_noise, own_gate, route, straight_through, straight_through_gates
+from .routing import balance_from_block_sums, balance_loss, gumbel_noise, own_gate, route, straight_through, straight_through_gates
 
 try:  # Triton comes with CUDA builds of torch; CPU-only installs route in plain PyTorch
     from . import fused_routing
@@ -222,9 +222,9 @@ class LearnedClusterAttention(Attention):
             cluster, soft = self.route(x)
             return cluster, own_gate(cluster, soft)
         seed = fused_routing.draw_seed(x.device)
-        cluster, y_own, terms, _ = fused_routing.gumbel_route(self.router_logits(x), seed, self.tau, self.balance_block)
-        self.aux_loss = self.balance * self.clusters * terms.mean()
+        cluster, y_own, sums, _ = fused_routing.gumbel_route(self.router_logits(x), seed, self.tau, self.balance_block)
         cluster = cluster.transpose(1, 2)
+        self.aux_loss = self.balance * balance_from_block_sums(sums, cluster, self.balance_block)
         self.last_clusters = cluster.detach()
         return cluster, straight_through(y_own.transpose(1, 2).unsqueeze(-1))
 

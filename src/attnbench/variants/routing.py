@@ -60,10 +60,21 @@ def block_shares(cluster: torch.Tensor, C: int, block: int) -> torch.Tensor:
     return before / (torch.arange(n, device=cluster.device) * block).clamp_min(1).view(n, 1)
 
 
+def block_sums(p: torch.Tensor, block: int) -> torch.Tensor:
+    """P (..., n, C): per block j of `block` positions, the sum of p_t over its tokens; p (..., T, C)."""
+    T = p.shape[-2]
+    return F.pad(p, (0, 0, 0, -T % block)).unflatten(-2, (-1, block)).sum(dim=-2)
+
+
+def balance_from_block_sums(sums: torch.Tensor, cluster: torch.Tensor, block: int) -> torch.Tensor:
+    """The balance loss from P_j = sum of p_t over block j's tokens (..., n, C): every token of block j reads the same
+    F_j, so C * mean_t sum_c F_t[c] p_t[c] = C * sum_j F_j . P_j / (number of tokens); cluster (..., T)."""
+    C = sums.shape[-1]
+    return C * (block_shares(cluster, C, block) * sums).sum() / cluster.numel()
+
+
 def balance_loss(logits: torch.Tensor, cluster: torch.Tensor, block: int) -> torch.Tensor:
     """C * mean_t sum_c F_t[c] p_t[c]: F_t the share of the tokens of the blocks before t's routed to c
     (0 in the first block), p_t = softmax(r_t); logits (..., T, C), cluster (..., T), blocks of `block` positions."""
-    T, C = logits.shape[-2:]
-    share = block_shares(cluster, C, block)[..., torch.arange(T, device=logits.device) // block, :]  # (..., T, C)
     p = logits.softmax(dim=-1, dtype=torch.promote_types(logits.dtype, torch.float32))  # fp32 for bf16 logits
-    return C * (share * p).sum(dim=-1).mean()
+    return balance_from_block_sums(block_sums(p, block), cluster, block)

@@ -148,17 +148,21 @@ class SuperClusterAttention(LearnedClusterAttention):
         return pow2_block(self.seq_len) if self.options.block == "auto" else self.options.block
 
     def mix(self, n: torch.Tensor, m: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
-        """Supernode-to-supernode attention: n, m (B, H, S, C, D), weight sums total (B, R, S, C) -> z (B, H, S, C, D)."""
-        # Padded to whole multiples of 8 clusters (empty, so never keys): the (C, C) products under bf16 autocast
-        # otherwise run on cuBLAS's unaligned kernels (119 us each at T = 8K, C = 91, on the H100, profiled).
-        C = n.shape[-2]
+        """Supernode-to-supernode attention: n, m (B, H, S, C, D), weight sums total (B, R, S, C) -> z (B, H, S, C, D).
+
+        One fused sdpa call over the B x H x S steps (its boolean mask: the non-empty supernodes are the keys), so no
+        (C, C) score or probability tensor is stored. A step without keys attends to all (finite) and is zeroed.
+        """
+        # Padded to whole multiples of 8 clusters (empty, so never keys): under bf16 autocast unaligned (C, C)
+        # problems run on slow kernels (cuBLAS's align-1 GEMMs took 119 us each at T = 8K, C = 91, on the H100).
+        B, H, S, C, D = n.shape
         n, m, total = F.pad(n, (0, 0, 0, -C % 8)), F.pad(m, (0, 0, 0, -C % 8)), F.pad(total, (0, -C % 8))
-        nonempty = (total > 0).unsqueeze(-2)  # (B, R, S, 1, C): the supernodes that can be keys
-        u = F.linear(n, self.supernode_query.weight.float())  # (B, H, S, C, D)
-        scores = (u @ m.transpose(-2, -1)) * self.scale  # (B, H, S, C, C)
-        # A finite fill keeps a row without keys finite (uniform); it is then zeroed.
-        p = scores.masked_fill(~nonempty, torch.finfo(scores.dtype).min).softmax(dim=-1)
-        return ((p * nonempty.any(dim=-1, keepdim=True)) @ n)[..., :C, :]
+        nonempty = (total > 0).unsqueeze(-2)  # (B, R, S, 1, C8): the supernodes that can be keys
+        has_keys = nonempty.any(dim=-1, keepdim=True)  # (B, R, S, 1, 1)
+        keys = (nonempty | ~has_keys).expand(B, H, S, 1, n.shape[-2])
+        u = F.linear(n, self.supernode_query.weight.float())  # (B, H, S, C8, D)
+        z = F.scaled_dot_product_attention(*(a.flatten(1, 2) for a in (u, m, n, keys)), scale=self.scale)  # (B, H S, C8, D)
+        return torch.where(has_keys, z.unflatten(1, (H, S)), 0.0)[..., :C, :]
 
     def add_to_values(self, v: torch.Tensor, extra: torch.Tensor) -> torch.Tensor:
         """v' = v + gate * extra, per head; v (B, H, T, D), extra (B, H, T, D) fp32."""
