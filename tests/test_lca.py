@@ -281,3 +281,17 @@ def test_fused_noise_is_gumbel_and_fixed_by_the_seed():
     assert torch.equal(noise, again) and not torch.equal(noise, other)
     assert noise.mean().item() == pytest.approx(0.5772, abs=0.02)
     assert noise.std().item() == pytest.approx(1.2825, abs=0.02)
+
+
+def test_models_pass_on_their_variants_compile_options():
+    """lca (and sca, its subclass) ask Inductor not to pad their router logits' rows; a model holding them passes
+    that to torch.compile, and the key is an Inductor setting (an unknown one would fail only when compiling)."""
+    from torch._inductor import config as inductor_config
+
+    from attnbench.model import ByteLM, ModelConfig
+
+    for name in ("lca", "sca"):
+        options = ByteLM(ModelConfig(name, d_model=16, n_layers=2, n_heads=2, seq_len=8)).compile_options
+        assert options == {"comprehensive_padding": False}, name
+        assert all(hasattr(inductor_config, key) for key in options)
+    assert ByteLM(ModelConfig("mha", d_model=16, n_layers=2, n_heads=2, seq_len=8)).compile_options == {}

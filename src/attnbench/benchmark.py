@@ -47,8 +47,8 @@ REFERENCES = {"sdpa": sdpa_backends(MultiHeadOptions().kernels), "sdpa-flash": s
 PLAIN_GPT = ("plain GPT (mha, flash)", "mha", {"kernels": ["flash"]})
 
 ATTENTION_FIELDS = ["kind", "variant", "mode", "T", "batch", "ms", "mtok_per_s", "peak_gib", "status"]
-# Attention modes: torch.compile's mode for each (None: eager).
-COMPILE_MODES = {"eager": None, "compiled": "default", "graphs": "reduce-overhead"}
+# Attention modes: torch.compile's options for each (None: eager); `graphs` is its mode reduce-overhead.
+COMPILE_MODES = {"eager": None, "compiled": {}, "graphs": {"triton.cudagraphs": True}}
 TRAIN_FIELDS = ["kind", "variant", "model", "T", "batch", "ms", "mtok_per_s", "mfu", "compiled", "status"]
 
 
@@ -104,7 +104,8 @@ def attention_step(variant: str, T: int, batch: int, heads: int, head_dim: int, 
         return step
     layer = build_attention(variant, d_model, heads, T, options).cuda().train()
     compile_mode = COMPILE_MODES[mode]
-    efficient = layer.efficient if compile_mode is None else torch.compile(layer.efficient, dynamic=False, mode=compile_mode)  # static T
+    efficient = layer.efficient if compile_mode is None else torch.compile(
+        layer.efficient, dynamic=False, options={**compile_mode, **layer.compile_options})  # static T
 
     def step():
         torch.compiler.cudagraph_mark_step_begin()  # a new step: graphs may reuse the last one's outputs
@@ -122,7 +123,7 @@ def train_step(cfg: ModelConfig, batch: int, compile: bool) -> tuple[Callable[[]
     device = torch.device("cuda")
     model = ByteLM(cfg).to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-    forward = torch.compile(model, dynamic=False) if compile else model
+    forward = torch.compile(model, dynamic=False, options=model.compile_options) if compile else model
     idx = torch.randint(0, 256, (batch, cfg.seq_len + 1), device=device)
 
     def step():

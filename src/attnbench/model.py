@@ -91,6 +91,11 @@ class ByteLM(nn.Module):
     def attention_layers(self) -> list[Attention]:
         return [block.attn for block in self.blocks]
 
+    @property
+    def compile_options(self) -> dict[str, object]:
+        """The Inductor settings its attention layers ask for, for torch.compile(model, options=...)."""
+        return {key: value for attn in self.attention_layers for key, value in attn.compile_options.items()}
+
     def set_attention_path(self, path: str) -> None:
         for attn in self.attention_layers:
             attn.path = path

@@ -163,7 +163,7 @@ def train(params: Params, variant: str, data_dir: Path, out_dir: Path, tracker=N
         start, curve, elapsed, rates = ckpt["step"], ckpt["curve"], ckpt["elapsed_s"], ckpt["rates"]
         log.info("resuming %s from step %d/%d (%s)", variant, start, steps, ckpt_path)
     ddp = distributed.wrap(model, device)  # DDP over the processes (after resuming: every rank holds the same state)
-    forward = torch.compile(ddp) if cfg.compile else ddp
+    forward = torch.compile(ddp, options=model.compile_options) if cfg.compile else ddp
 
     n_params = model.num_params()
     peak = peak_flops(device)

@@ -58,6 +58,8 @@ class Attention(nn.Module):
     """
 
     Options: ClassVar[type[VariantOptions]] = VariantOptions
+    # Inductor settings the variant's kernels want when a model or layer holding it is compiled (torch.compile options).
+    compile_options: ClassVar[dict[str, object]] = {}
 
     def __init__(self, d_model: int, n_heads: int, seq_len: int, options: VariantOptions | None = None):
         super().__init__()

@@ -5,9 +5,9 @@ passes over the router's logits, one forward kernel and one backward kernel.
 A program owns one (batch row, balance block, router) and walks the block's
 tokens, so the forward also sums p_t = softmax(r_t) over the block (the
 balance loss needs only those sums, `routing.balance_from_block_sums`) and
-writes no per-token term. It keeps two row statistics, the max of
-z = (r + g) / tau and the log-sum-exp of r, from which the backward forms
-y = softmax(z) and p elementwise: its only reduction is the softmax backward
+writes no per-token term. It keeps three row statistics, the maxima
+of z = (r + g) / tau and of r and the sum of exp(r - max r), from which the
+backward forms y = softmax(z) and p elementwise: its only reduction is the softmax backward
 of the block sums' gradient, and it regenerates the noise from the seed
 rather than storing a (B, T, R, C) tensor.
 
@@ -39,8 +39,9 @@ from torch.library import triton_op, wrap_triton
 LN2, LOG2E = tl.constexpr(0.6931471805599453), tl.constexpr(1.4426950408889634)
 TINY = tl.constexpr(1.1754943508222875e-38)  # fp32's smallest normal, as routing's clamp
 INTERPRET = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")  # Triton's CPU interpreter: tests without a GPU
-# Rows per program and warps: (4, 2) was within 5% of the best of 16 settings at T = 8K and the best at
-# 32K for the forward and backward together (H100, measured); the worst ran 2x-4x slower.
+# Tokens per loop step and warps. (4, 2) was the row kernels' best at 8K and 32K on the H100 (16 settings); in
+# these block kernels a sweep of six settings on the H200 (eager probe, 1K / 8K / 32K) found no setting best at
+# every T, and differences within 15%, so it stays.
 ROWS, NUM_WARPS = 4, 2
 
 
@@ -103,7 +104,7 @@ def route_kernel(
     T, R, C, n_blocks, block, ROWS: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """Per token of the block: c_t = argmax z_t, z = (r_t + g_t) / tau; y_t[c_t] = 1 / sum_c exp(z_c - z_{c_t});
-    the row statistics max_c z and log2 sum_c 2^(r_c log2 e); and, per block, P = sum_t softmax(r_t)."""
+    the row statistics max_c z, max_c r and sum_c exp(r_c - max r); and, per block, P = sum_t softmax(r_t)."""
     b, r, first, end, block_index = block_of_program(T, R, n_blocks, block)
     seed, inverse_tau = tl.load(seed_ptr), 1.0 / tl.load(tau_ptr)
     p_sum = tl.zeros((ROWS, BLOCK_C), tl.float32)
@@ -119,8 +120,9 @@ def route_kernel(
         shift = tl.max(logits, axis=1)
         e = tl.exp2((logits - shift[:, None]) * LOG2E)
         total = tl.sum(e, axis=1)
-        tl.store(stats_ptr + 2 * rows, top, mask=row_ok)
-        tl.store(stats_ptr + 2 * rows + 1, shift * LOG2E + tl.log2(total), mask=row_ok)
+        tl.store(stats_ptr + 3 * rows, top, mask=row_ok)
+        tl.store(stats_ptr + 3 * rows + 1, shift, mask=row_ok)
+        tl.store(stats_ptr + 3 * rows + 2, total, mask=row_ok)
         p_sum += tl.where(row_ok[:, None], e / total[:, None], 0.0)
     cols = tl.arange(0, BLOCK_C)
     tl.store(sums_ptr + block_index * C + cols, tl.sum(p_sum, axis=0), mask=cols < C)
@@ -131,8 +133,9 @@ def route_backward_kernel(
     logits_ptr, seed_ptr, tau_ptr, cluster_ptr, own_ptr, stats_ptr, grad_own_ptr, grad_sums_ptr, grad_ptr,
     T, R, C, n_blocks, block, ROWS: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """dL/dr_t = g_own y_c (onehot_c - y) / tau + p (G - sum_c G_c p_c), G = dL/dP of t's block; y = 2^((z - max z)
-    log2 e) y_t[c_t] and p = 2^(r log2 e - lse2) from the forward's statistics, the noise regenerated from the seed."""
+    """dL/dr_t = g_own y_c (onehot_c - y) / tau + p (G - sum_c G_c p_c), G = dL/dP of t's block; y = exp(z - max z)
+    y_t[c_t] and p as the forward formed it, from the forward's row statistics, the noise regenerated from the seed.
+    (p from a stored log-sum-exp instead was off by rounding where it must be exactly 1, C = 1, on the GPU.)"""
     b, r, first, end, block_index = block_of_program(T, R, n_blocks, block)
     seed, inverse_tau = tl.load(seed_ptr), 1.0 / tl.load(tau_ptr)
     cols = tl.arange(0, BLOCK_C)
@@ -144,13 +147,14 @@ def route_backward_kernel(
         logits = load_logits(logits_ptr, offsets, mask, cols, C)
         z = (logits + gumbel_rows(seed, rows, ROWS, BLOCK_C)) * inverse_tau
         own = tl.load(own_ptr + rows, mask=row_ok, other=0.0)
-        top = tl.load(stats_ptr + 2 * rows, mask=row_ok, other=0.0)
-        lse2 = tl.load(stats_ptr + 2 * rows + 1, mask=row_ok, other=0.0)
+        top = tl.load(stats_ptr + 3 * rows, mask=row_ok, other=0.0)
+        shift = tl.load(stats_ptr + 3 * rows + 1, mask=row_ok, other=0.0)
+        total = tl.load(stats_ptr + 3 * rows + 2, mask=row_ok, other=1.0)
         y = tl.exp2((z - top[:, None]) * LOG2E) * own[:, None]
         is_own = cols[None, :] == tl.load(cluster_ptr + rows, mask=row_ok, other=0)[:, None]
         grad_own = tl.load(grad_own_ptr + rows, mask=row_ok, other=0.0)
         grad = (grad_own * own * inverse_tau)[:, None] * (is_own.to(tl.float32) - y)
-        p = tl.exp2(logits * LOG2E - lse2[:, None])
+        p = tl.exp2((logits - shift[:, None]) * LOG2E) / total[:, None]
         grad += p * (grad_sums - tl.sum(p * grad_sums, axis=1)[:, None])
         tl.store(grad_ptr + offsets, grad.to(grad_ptr.dtype.element_ty), mask=mask)
 
@@ -189,14 +193,14 @@ def gumbel_noise(seed: torch.Tensor, shape: list[int]) -> torch.Tensor:
 def gumbel_route(logits: torch.Tensor, seed: torch.Tensor, tau: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """logits (B, T, R, C) -> cluster ids (B, T, R) int64, y_t[c_t] (B, T, R) fp32 (the own gate's soft value),
     the block sums of softmax(r) (B, R, n, C) fp32 (for `routing.balance_from_block_sums`), and the row
-    statistics (B, T, R, 2) the backward reads."""
+    statistics (B, T, R, 3) the backward reads."""
     B, T, R, C = logits.shape
     logits = logits.contiguous()
     check_size(logits)
     n_blocks, grid = block_grid(B, R, T, block)
     cluster = torch.empty(B, T, R, dtype=torch.int64, device=logits.device)
     own = torch.empty(B, T, R, dtype=torch.float32, device=logits.device)
-    stats = torch.empty(B, T, R, 2, dtype=torch.float32, device=logits.device)
+    stats = torch.empty(B, T, R, 3, dtype=torch.float32, device=logits.device)
     sums = torch.empty(B, R, n_blocks, C, dtype=torch.float32, device=logits.device)
     wrap_triton(route_kernel)[grid](logits, seed, tau, cluster, own, stats, sums, T, R, C, n_blocks, block,
                                      ROWS=ROWS, BLOCK_C=column_block(C), num_warps=NUM_WARPS)

@@ -157,10 +157,12 @@ class SuperClusterAttention(LearnedClusterAttention):
         # problems run on slow kernels (cuBLAS's align-1 GEMMs took 119 us each at T = 8K, C = 91, on the H100).
         B, H, S, C, D = n.shape
         n, m, total = F.pad(n, (0, 0, 0, -C % 8)), F.pad(m, (0, 0, 0, -C % 8)), F.pad(total, (0, -C % 8))
+        u = F.linear(n, self.supernode_query.weight.float())  # (B, H, S, C8, D)
+        if S == 0:  # T <= b: no step is read. sdpa's memory-efficient backward fails on an empty batch; the empty u
+            return u[..., :C, :]  # is the empty z, and W_u still gets its (zero) gradient, as in the reference
         nonempty = (total > 0).unsqueeze(-2)  # (B, R, S, 1, C8): the supernodes that can be keys
         has_keys = nonempty.any(dim=-1, keepdim=True)  # (B, R, S, 1, 1)
         keys = (nonempty | ~has_keys).expand(B, H, S, 1, n.shape[-2])
-        u = F.linear(n, self.supernode_query.weight.float())  # (B, H, S, C8, D)
         z = F.scaled_dot_product_attention(*(a.flatten(1, 2) for a in (u, m, n, keys)), scale=self.scale)  # (B, H S, C8, D)
         return torch.where(has_keys, z.unflatten(1, (H, S)), 0.0)[..., :C, :]
 
