@@ -187,3 +187,25 @@ def test_language_model_refuses_the_non_causal_form():
 
     with pytest.raises(ValueError, match="not causal"):
         ByteLM(ModelConfig(variant="sca", d_model=16, n_heads=2, n_layers=1, seq_len=16, variant_options={"causal": False}))
+
+
+@pytest.mark.parametrize("router", ROUTERS)
+def test_mix_is_attention_over_the_non_empty_supernodes(router):
+    """Both paths share `mix`, so it is checked here against its definition written out per step and cluster:
+    z_c = sum over non-empty c' of softmax_c'(W_u n_c . m_c' / sqrt(D)) n_c', and zero in a step with none non-empty."""
+    B, H, S, C, D = 2, 2, 4, 5, 8
+    layer = sca_layer(16, H, D, router=router)
+    R = H if router == "head" else 1
+    n, m = torch.randn(B, H, S, C, D), torch.randn(B, H, S, C, D)
+    total = torch.randint(0, 3, (B, R, S, C)).float()
+    total[:, :, 1] = 0  # a step with no non-empty supernode
+    z = layer.mix(n, m, total)
+    W = layer.supernode_query.weight
+    for b, h, s, c in torch.cartesian_prod(*(torch.arange(k) for k in (B, H, S, C))).tolist():
+        keys = (total[b, h % R, s] > 0).nonzero().flatten()
+        if len(keys) == 0:
+            expected = torch.zeros(D)
+        else:
+            weights = ((W @ n[b, h, s, c]) @ m[b, h, s, keys].T / D**0.5).softmax(dim=0)
+            expected = weights @ n[b, h, s, keys]
+        assert torch.allclose(z[b, h, s, c], expected, atol=1e-5), (b, h, s, c)
