@@ -6,10 +6,10 @@ A program owns one (batch row, balance block, router) and walks the block's
 tokens, so the forward also sums p_t = softmax(r_t) over the block (the
 balance loss needs only those sums, `routing.balance_from_block_sums`) and
 writes no per-token term. It keeps three row statistics, the maxima
-of z = (r + g) / tau and of r and the sum of exp(r - max r), from which the
-backward forms y = softmax(z) and p elementwise: its only reduction is the softmax backward
-of the block sums' gradient, and it regenerates the noise from the seed
-rather than storing a (B, T, R, C) tensor.
+of z = (r + g) / tau and of r and the sum of exp(r - max r), so the backward
+needs no max: its reductions are y's sum and the softmax backward of the
+block sums' gradient, and it regenerates the noise from the seed rather
+than storing a (B, T, R, C) tensor.
 
 History, measured on the H100 (bf16 logits, forward and backward): the plain
 form under torch.compile made about ten fp32 passes over the logits, 1.73 ms
@@ -133,9 +133,10 @@ def route_backward_kernel(
     logits_ptr, seed_ptr, tau_ptr, cluster_ptr, own_ptr, stats_ptr, grad_own_ptr, grad_sums_ptr, grad_ptr,
     T, R, C, n_blocks, block, ROWS: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """dL/dr_t = g_own y_c (onehot_c - y) / tau + p (G - sum_c G_c p_c), G = dL/dP of t's block; y = exp(z - max z)
-    y_t[c_t] and p as the forward formed it, from the forward's row statistics, the noise regenerated from the seed.
-    (p from a stored log-sum-exp instead was off by rounding where it must be exactly 1, C = 1, on the GPU.)"""
+    """dL/dr_t = g_own y_c (onehot_c - y) / tau + p (G - sum_c G_c p_c), G = dL/dP of t's block; y and p formed as
+    the forward formed them, from its row statistics, the noise regenerated from the seed. y is normalised by its
+    own sum, not scaled by the stored y_t[c_t]: the compiler may contract z - max z into an FMA, leaving a
+    rounding residue where y must be exactly 1 (C = 1), which a self-normalised y cancels (seen on the GPU)."""
     b, r, first, end, block_index = block_of_program(T, R, n_blocks, block)
     seed, inverse_tau = tl.load(seed_ptr), 1.0 / tl.load(tau_ptr)
     cols = tl.arange(0, BLOCK_C)
@@ -150,7 +151,8 @@ def route_backward_kernel(
         top = tl.load(stats_ptr + 3 * rows, mask=row_ok, other=0.0)
         shift = tl.load(stats_ptr + 3 * rows + 1, mask=row_ok, other=0.0)
         total = tl.load(stats_ptr + 3 * rows + 2, mask=row_ok, other=1.0)
-        y = tl.exp2((z - top[:, None]) * LOG2E) * own[:, None]
+        y = tl.exp2((z - top[:, None]) * LOG2E)
+        y = y / tl.sum(y, axis=1)[:, None]
         is_own = cols[None, :] == tl.load(cluster_ptr + rows, mask=row_ok, other=0)[:, None]
         grad_own = tl.load(grad_own_ptr + rows, mask=row_ok, other=0.0)
         grad = (grad_own * own * inverse_tau)[:, None] * (is_own.to(tl.float32) - y)
