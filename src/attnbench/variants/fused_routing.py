@@ -76,9 +76,15 @@ def tile(rows, row_ok, C, BLOCK_C: tl.constexpr):
 
 
 @triton.jit
-def load_logits(logits_ptr, offsets, mask, cols, C):
-    """The logits of a tile in fp32, -inf in the padding columns only: a masked row stays finite (no inf - inf)."""
-    return tl.where(cols[None, :] < C, tl.load(logits_ptr + offsets, mask=mask, other=0.0).to(tl.float32), float("-inf"))
+def token_rows(logits_ptr, seed, inverse_tau, start, end, b, r, T, R, C, ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Tokens start .. start + ROWS - 1 of batch row b, router r (those before `end` real): their rows and row mask,
+    the columns, the tile's offsets and mask, the logits in fp32 (-inf in the padding columns only: a masked row
+    stays finite, no inf - inf) and z = (r + g) / tau."""
+    t = start + tl.arange(0, ROWS)
+    rows, row_ok = (b * T + t) * R + r, t < end
+    cols, offsets, mask = tile(rows, row_ok, C, BLOCK_C)
+    logits = tl.where(cols[None, :] < C, tl.load(logits_ptr + offsets, mask=mask, other=0.0).to(tl.float32), float("-inf"))
+    return rows, row_ok, cols, offsets, mask, logits, (logits + gumbel_rows(seed, rows, ROWS, BLOCK_C)) * inverse_tau
 
 
 @triton.jit
@@ -109,11 +115,8 @@ def route_kernel(
     seed, inverse_tau = tl.load(seed_ptr), 1.0 / tl.load(tau_ptr)
     p_sum = tl.zeros((ROWS, BLOCK_C), tl.float32)
     for start in range(first, end, ROWS):
-        t = start + tl.arange(0, ROWS)
-        rows, row_ok = (b * T + t) * R + r, t < end
-        cols, offsets, mask = tile(rows, row_ok, C, BLOCK_C)
-        logits = load_logits(logits_ptr, offsets, mask, cols, C)
-        z = (logits + gumbel_rows(seed, rows, ROWS, BLOCK_C)) * inverse_tau
+        rows, row_ok, cols, offsets, mask, logits, z = token_rows(
+            logits_ptr, seed, inverse_tau, start, end, b, r, T, R, C, ROWS, BLOCK_C)
         top = tl.max(z, axis=1)
         tl.store(cluster_ptr + rows, tl.argmax(z, axis=1).to(tl.int64), mask=row_ok)
         tl.store(own_ptr + rows, 1.0 / tl.sum(tl.exp2((z - top[:, None]) * LOG2E), axis=1), mask=row_ok)
@@ -142,11 +145,8 @@ def route_backward_kernel(
     cols = tl.arange(0, BLOCK_C)
     grad_sums = tl.load(grad_sums_ptr + block_index * C + cols, mask=cols < C, other=0.0)[None, :]
     for start in range(first, end, ROWS):
-        t = start + tl.arange(0, ROWS)
-        rows, row_ok = (b * T + t) * R + r, t < end
-        cols, offsets, mask = tile(rows, row_ok, C, BLOCK_C)
-        logits = load_logits(logits_ptr, offsets, mask, cols, C)
-        z = (logits + gumbel_rows(seed, rows, ROWS, BLOCK_C)) * inverse_tau
+        rows, row_ok, cols, offsets, mask, logits, z = token_rows(
+            logits_ptr, seed, inverse_tau, start, end, b, r, T, R, C, ROWS, BLOCK_C)
         own = tl.load(own_ptr + rows, mask=row_ok, other=0.0)
         top = tl.load(stats_ptr + 3 * rows, mask=row_ok, other=0.0)
         shift = tl.load(stats_ptr + 3 * rows + 1, mask=row_ok, other=0.0)
