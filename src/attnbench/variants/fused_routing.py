@@ -7,9 +7,10 @@ tokens, so the forward also sums p_t = softmax(r_t) over the block (the
 balance loss needs only those sums, `routing.balance_from_block_sums`) and
 writes no per-token term. It keeps three row statistics, the maxima
 of z = (r + g) / tau and of r and the sum of exp(r - max r), so the backward
-needs no max: its reductions are y's sum and the softmax backward of the
-block sums' gradient, and it regenerates the noise from the seed rather
-than storing a (B, T, R, C) tensor.
+needs no max: its reductions are y's normaliser (split into the own and the
+other clusters' parts) and the softmax backward of the block sums'
+gradient, and it regenerates the noise from the seed rather than storing a
+(B, T, R, C) tensor.
 
 History, measured on the H100 (bf16 logits, forward and backward): the plain
 form under torch.compile made about ten fp32 passes over the logits, 1.73 ms
@@ -137,9 +138,13 @@ def route_backward_kernel(
     T, R, C, n_blocks, block, ROWS: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """dL/dr_t = g_own y_c (onehot_c - y) / tau + p (G - sum_c G_c p_c), G = dL/dP of t's block; y and p formed as
-    the forward formed them, from its row statistics, the noise regenerated from the seed. y is normalised by its
-    own sum, not scaled by the stored y_t[c_t]: the compiler may contract z - max z into an FMA, leaving a
-    rounding residue where y must be exactly 1 (C = 1), which a self-normalised y cancels (seen on the GPU)."""
+    the forward formed them, from its row statistics, the noise regenerated from the seed.
+
+    1 - y_own is taken as the sum of the other y, never as a difference from 1. The compiler contracts
+    z - max z into an FMA with z's product, (r + g) * (1 / tau) - max z, which leaves a rounding residue where it
+    should be 0, and the approximate division need not give e / e = 1: with one cluster the gradient, exactly 0,
+    came out nonzero on the GPU (PTX: fma.rn.f32 and div.full.f32). The sum is exactly 0 there, and accurate
+    wherever the router is sure (y_own near 1)."""
     b, r, first, end, block_index = block_of_program(T, R, n_blocks, block)
     seed, inverse_tau = tl.load(seed_ptr), 1.0 / tl.load(tau_ptr)
     cols = tl.arange(0, BLOCK_C)
@@ -151,11 +156,13 @@ def route_backward_kernel(
         top = tl.load(stats_ptr + 3 * rows, mask=row_ok, other=0.0)
         shift = tl.load(stats_ptr + 3 * rows + 1, mask=row_ok, other=0.0)
         total = tl.load(stats_ptr + 3 * rows + 2, mask=row_ok, other=1.0)
-        y = tl.exp2((z - top[:, None]) * LOG2E)
-        y = y / tl.sum(y, axis=1)[:, None]
+        e = tl.exp2((z - top[:, None]) * LOG2E)
         is_own = cols[None, :] == tl.load(cluster_ptr + rows, mask=row_ok, other=0)[:, None]
+        others = tl.sum(tl.where(is_own, 0.0, e), axis=1)  # sum_{c != c_t} e_c
+        norm = others + tl.sum(tl.where(is_own, e, 0.0), axis=1)
+        onehot_minus_y = tl.where(is_own, (others / norm)[:, None], -e / norm[:, None])
         grad_own = tl.load(grad_own_ptr + rows, mask=row_ok, other=0.0)
-        grad = (grad_own * own * inverse_tau)[:, None] * (is_own.to(tl.float32) - y)
+        grad = (grad_own * own * inverse_tau)[:, None] * onehot_minus_y
         p = tl.exp2((logits - shift[:, None]) * LOG2E) / total[:, None]
         grad += p * (grad_sums - tl.sum(p * grad_sums, axis=1)[:, None])
         tl.store(grad_ptr + offsets, grad.to(grad_ptr.dtype.element_ty), mask=mask)
