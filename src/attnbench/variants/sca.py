@@ -41,7 +41,7 @@ Choices where the spec is open:
 - the gate is one scalar per head, initialised to 0.
 - block: auto = pow2_block(seq_len), as ca, independent of C. The efficient path computes
   only the steps a later block reads (all but the last block's, all complete blocks).
-- the supernode arithmetic runs in fp32 (the mixing's matmuls in bf16 under autocast) and v' is cast
+- the supernode arithmetic runs in fp32 (the mixing, one fused sdpa call, in bf16 under autocast) and v' is cast
   back to v's dtype.
 - balance loss, tau annealing and stats() are lca's.
 
