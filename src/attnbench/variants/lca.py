@@ -62,10 +62,12 @@ from .ca import chunked_segment_attention
 from .flex import flex_band_attention
 from .routing import balance_from_block_sums, balance_loss, gumbel_noise, own_gate, route, straight_through, straight_through_gates
 
-try:  # Triton comes with CUDA builds of torch; CPU-only installs route in plain PyTorch
-    from . import fused_routing
-except ImportError:
-    fused_routing = None
+fused_routing = None  # the Triton kernels, for CUDA tensors only
+if torch.cuda.is_available():  # importing Triton and Inductor costs ~1.7 s, in every stage process on a CPU machine too
+    try:  # Triton comes with CUDA builds of torch; without it lca routes in plain PyTorch
+        from . import fused_routing
+    except ImportError:
+        pass
 
 
 class LearnedClusterOptions(VariantOptions):
