@@ -244,7 +244,7 @@ def backward(ctx, _grad_cluster, grad_own, grad_sums, _grad_stats):
     grad_own = torch.zeros_like(own) if grad_own is None else grad_own
     if grad_sums is None:
         B, T, R, C = logits.shape
-        grad_sums = own.new_zeros(B, R, triton.cdiv(T, ctx.block), C)
+        grad_sums = own.new_zeros(B, R, block_grid(B, R, T, ctx.block)[0], C)
     return gumbel_route_backward(logits, seed, tau, cluster, own, stats, grad_own, grad_sums, ctx.block), None, None, None
 
 
