@@ -209,3 +209,46 @@ def test_mix_is_attention_over_the_non_empty_supernodes(router):
             weights = ((W @ n[b, h, s, c]) @ m[b, h, s, keys].T / D**0.5).softmax(dim=0)
             expected = weights @ n[b, h, s, keys]
         assert torch.allclose(z[b, h, s, c], expected, atol=1e-5), (b, h, s, c)
+
+
+# (batch, length, heads, head size, clusters, block): T not a multiple of b, T <= b (no step), b not a multiple of
+# the kernels' token tile, empty clusters, and C past one query chunk (C = 91: 2 chunks; C = 150: 8).
+FUSED_CASES = [(2, 37, 2, 8, 3, 16), (1, 1, 2, 8, 1, 16), (2, 50, 2, 8, 4, 5), (2, 80, 2, 16, 12, 8), (1, 700, 1, 64, 91, 128), (1, 1100, 2, 64, 150, 256)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("router", ROUTERS)
+@pytest.mark.parametrize("B,T,H,D,C,block", FUSED_CASES, ids=str)
+def test_fused_supernodes_equal_plain(B, T, H, D, C, block, router, dtype):
+    """fused_supernodes' kernels against sca's plain supernode path: v', and the gradients of k, v, the own gates'
+    soft values, W_u and the gate (random values, so every term counts)."""
+    from attnbench.variants import fused_supernodes
+    from attnbench.variants.routing import straight_through
+    from tests.test_lca import triton_device
+
+    device = triton_device()
+    layer = sca_layer(T, H, D, clusters=C, block=block, router=router).to(device)
+    with torch.no_grad():
+        layer.gate.copy_(torch.randn(H))
+    R = H if router == "head" else 1
+    k, v = (torch.randn(B, H, T, D, device=device, dtype=dtype, requires_grad=True) for _ in range(2))
+    y = torch.rand(B, R, T, 1, device=device, requires_grad=True)
+    cluster = torch.randint(C, (B, R, T), device=device)
+    grad = torch.randn(B, H, T, D, device=device, dtype=dtype)
+    params = [k, v, y, layer.supernode_query.weight, layer.gate]
+
+    def fused(k, v, cluster, own):
+        weight, gate = layer.supernode_query.weight.float(), layer.gate.float()
+        return fused_supernodes.supernode_values(k, v, cluster, own, weight, gate, C, layer.block, layer.scale)[0]
+
+    results = {}
+    for name, path in [("fused", fused), ("plain", layer.supernode_values_plain)]:
+        out = path(k, v, cluster, straight_through(y))
+        results[name] = (out, torch.autograd.grad(out, params, grad))
+    (out, grads), (out_plain, grads_plain) = results["fused"], results["plain"]
+    tolerance = FP32_RTOL if dtype == torch.float32 else 1e-2
+    assert out.dtype == dtype and rel_err(out, out_plain) < tolerance, f"v' rel err {rel_err(out, out_plain):.2e}"
+    for label, g, g_plain in zip(["k", "v", "y", "W_u", "gate"], grads, grads_plain):
+        assert g.dtype == g_plain.dtype, label
+        assert rel_err(g, g_plain) < tolerance, f"grad of {label} rel err {rel_err(g, g_plain):.2e}, max |plain| {g_plain.abs().max():.2e}"

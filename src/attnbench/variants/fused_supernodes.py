@@ -1,0 +1,419 @@
+"""sca's supernode path fused into Triton kernels (CUDA): v'_t = v_t + gate * a_t[c_t] z_{c_t}^(i-1).
+
+Computes what sca's plain `supernode_values_plain` computes (tested equal), in
+three kernels forward and three backward, where the plain path under
+torch.compile ran about sixty (2.1 of sca's 4.4 ms per layer step at T = 8K on
+the H200, profiled):
+
+- `block_sums_kernel`, one program per (batch row and head, block j): the sums
+  of a_s k_s, a_s v_s and a_s over block j's tokens per cluster, as a one-hot
+  product on the tensor cores (bf16 pieces of the fp32 operand, so exact to
+  fp32; one piece where the operand is bf16-exact, as it is in training,
+  where a_s is 1 and k, v are bf16), into rows (step, cluster) of width
+  E = 2 D + 1: [k sums | v sums | weight];
+- `scan_kernel`: their cumulative sum over blocks, in place: the prefix the
+  supernodes of step j are means of;
+- `mix_read_kernel`, one program per (row and head, step j): the means n, m,
+  the mixing z = softmax(u m^T * scale) n over the non-empty supernodes
+  (u = n W_u^T; all dots tf32x3, accurate to about fp32), z written out (the
+  backward reads it), then block j + 1's tokens gather their cluster's row of
+  z; program j = 0 also copies block 0 (v' = v).
+
+Backward: `mix_read_backward_kernel` (per step: dz as a one-hot product of
+the tokens' gradients, the mixing's backward, the prefix rows' gradient),
+`scan_kernel` reversed (a token of block i is in every step j >= i, so its
+gradient is a suffix sum), `block_sums_backward_kernel` (per block: each token
+gathers its cluster's row). The query side of the mixing is processed in
+chunks of rows so that the (C, C) tiles stay small at C = 182 (T = 32K).
+
+Layouts: k, v (B, H, T, D) with unit stride in D; cluster ids and own gates
+(B, R, T), R = H or 1 routers (head h reads router h % R).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+BLOCK_T = 32  # tokens per loop step
+INTERPRET = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")  # Triton's CPU interpreter: tests without a GPU
+
+
+@triton.jit
+def onehot_dot(hits, x, acc, EXACT_INPUT: tl.constexpr):
+    """acc + hits @ x for a 0/1 matrix hits and fp32 x, exact to fp32: x as the sum of three bf16 pieces, each
+    product exact on the tensor cores. The second and third pieces are skipped where they are all zero (x
+    bf16-exact), unless EXACT_INPUT is False, where they are always taken. The interpreter's dot takes bf16 for
+    integers: there it is one fp32 product."""
+    if INTERPRET:
+        return tl.dot(hits.to(tl.float32), x, acc)
+    a = hits.to(tl.bfloat16)
+    hi = x.to(tl.bfloat16)
+    rest = x - hi.to(tl.float32)
+    acc = tl.dot(a, hi, acc)
+    if EXACT_INPUT:
+        if tl.max(tl.abs(rest)) > 0:
+            acc = rest_dots(a, rest, acc)
+    else:
+        acc = rest_dots(a, rest, acc)
+    return acc
+
+
+@triton.jit
+def rest_dots(a, rest, acc):
+    """acc + a @ rest, rest as two bf16 pieces."""
+    mid = rest.to(tl.bfloat16)
+    acc = tl.dot(a, mid, acc)
+    return tl.dot(a, (rest - mid.to(tl.float32)).to(tl.bfloat16), acc)
+
+
+@triton.jit
+def precise_dot(a, b, acc=None):
+    return tl.dot(a, b, acc, input_precision="tf32x3")
+
+
+@triton.jit
+def program_ids(H, R):
+    """This program's batch row b, head h, router r and (b, h) index, and the block or step j."""
+    bh, j = tl.program_id(0), tl.program_id(1)
+    b, h = bh // H, bh % H
+    return b, h, h % R, bh, j
+
+
+@triton.jit
+def token_tile(start, end, b, r, T, R, cluster_ptr, own_ptr, BLOCK_T: tl.constexpr):
+    """Tokens start .. start + BLOCK_T - 1 (those before `end` real): positions, mask, cluster ids (-1 outside),
+    own gates (0 outside)."""
+    t = start + tl.arange(0, BLOCK_T)
+    ok = t < end
+    routed = (b * R + r) * T + t
+    return t, ok, tl.load(cluster_ptr + routed, mask=ok, other=-1), tl.load(own_ptr + routed, mask=ok, other=0.0)
+
+
+@triton.jit
+def rows_of(x_ptr, b, h, t, ok, s_b, s_h, s_t, D, BLOCK_D: tl.constexpr):
+    """Rows t of x (B, H, T, D) at (b, h) in fp32, and their offsets and mask."""
+    d = tl.arange(0, BLOCK_D)
+    offsets = b * s_b + h * s_h + t[:, None] * s_t + d[None, :]
+    mask = ok[:, None] & (d[None, :] < D)
+    return tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32), offsets, mask
+
+
+@triton.jit
+def table_rows(ptr, rows, row_ok, width, column, D, BLOCK_D: tl.constexpr):
+    """(len(rows), BLOCK_D) fp32 from columns column .. column + D - 1 of a row-major table of `width` columns."""
+    d = tl.arange(0, BLOCK_D)
+    return tl.load(ptr + rows[:, None] * width + column + d[None, :], mask=row_ok[:, None] & (d[None, :] < D), other=0.0)
+
+
+@triton.jit
+def store_table_rows(ptr, values, rows, row_ok, width, column, D, BLOCK_D: tl.constexpr):
+    d = tl.arange(0, BLOCK_D)
+    tl.store(ptr + rows[:, None] * width + column + d[None, :], values, mask=row_ok[:, None] & (d[None, :] < D))
+
+
+@triton.jit
+def supernode_means(prefix_ptr, first_row, clusters, C, D, BLOCK_D: tl.constexpr):
+    """Rows `clusters` of step first_row's prefix: the means m, n (len, BLOCK_D) (0 for an empty cluster), the
+    weight sums w and 1 / w (1 where w = 0)."""
+    E = 2 * D + 1
+    row_ok = clusters < C
+    rows = first_row + clusters
+    w = tl.load(prefix_ptr + rows * E + 2 * D, mask=row_ok, other=0.0)
+    inverse = 1.0 / tl.where(w > 0, w, 1.0)
+    m = table_rows(prefix_ptr, rows, row_ok, E, 0, D, BLOCK_D) * inverse[:, None]
+    n = table_rows(prefix_ptr, rows, row_ok, E, D, D, BLOCK_D) * inverse[:, None]
+    return m, n, w, inverse
+
+
+@triton.jit
+def key_mask(w, keys, C):
+    """Which supernodes are keys (BLOCK_C,): the non-empty ones, or all C where every one is empty (z is then
+    zeroed); and whether any is non-empty."""
+    nonempty = (keys < C) & (w > 0)
+    count = tl.sum(nonempty.to(tl.int32), axis=0)
+    return (keys < C) & (nonempty | (count == 0)), count > 0
+
+
+@triton.jit
+def attention_rows(u, m, is_key, scale):
+    """softmax over the keys of u m^T * scale: (len(u), BLOCK_C) fp32."""
+    s = precise_dot(u, tl.trans(m)) * scale
+    s = tl.where(is_key[None, :], s, float("-inf"))
+    e = tl.exp(s - tl.max(s, axis=1)[:, None])
+    return e / tl.sum(e, axis=1)[:, None]
+
+
+@triton.jit
+def block_sums_kernel(
+    k_ptr, v_ptr, cluster_ptr, own_ptr, sums_ptr, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t,
+    T, H, R, C, S, D, block, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Row (bh, j, c) of sums: [sum a_s k_s | sum a_s v_s | sum a_s] over block j's tokens s with c_s = c."""
+    b, h, r, bh, j = program_ids(H, R)
+    clusters = tl.arange(0, BLOCK_C)
+    acc_k = tl.zeros((BLOCK_C, BLOCK_D), tl.float32)
+    acc_v = tl.zeros((BLOCK_C, BLOCK_D), tl.float32)
+    acc_w = tl.zeros((BLOCK_C,), tl.float32)
+    first = j * block
+    end = tl.minimum(first + block, T)
+    for start in range(first, end, BLOCK_T):
+        t, ok, cluster, own = token_tile(start, end, b, r, T, R, cluster_ptr, own_ptr, BLOCK_T)
+        hits = clusters[:, None] == cluster[None, :]  # (BLOCK_C, BLOCK_T)
+        k, _, _ = rows_of(k_ptr, b, h, t, ok, sk_b, sk_h, sk_t, D, BLOCK_D)
+        v, _, _ = rows_of(v_ptr, b, h, t, ok, sv_b, sv_h, sv_t, D, BLOCK_D)
+        acc_k = onehot_dot(hits, own[:, None] * k, acc_k, True)
+        acc_v = onehot_dot(hits, own[:, None] * v, acc_v, True)
+        acc_w += tl.sum(tl.where(hits, own[None, :], 0.0), axis=1)
+    rows = (bh * S + j) * C + clusters
+    row_ok = clusters < C
+    E = 2 * D + 1
+    store_table_rows(sums_ptr, acc_k, rows, row_ok, E, 0, D, BLOCK_D)
+    store_table_rows(sums_ptr, acc_v, rows, row_ok, E, D, D, BLOCK_D)
+    tl.store(sums_ptr + rows * E + 2 * D, acc_w, mask=row_ok)
+
+
+@triton.jit
+def scan_kernel(x_ptr, S, W, REVERSE: tl.constexpr, BLOCK: tl.constexpr):
+    """x (N, S, W) in place: the cumulative sum over S (from the end where REVERSE)."""
+    columns = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = columns < W
+    base = x_ptr + tl.program_id(0).to(tl.int64) * S * W + columns
+    acc = tl.zeros((BLOCK,), tl.float32)
+    for i in range(0, S):
+        if REVERSE:
+            j = S - 1 - i
+        else:
+            j = i
+        acc += tl.load(base + j * W, mask=mask, other=0.0)
+        tl.store(base + j * W, acc, mask=mask)
+
+
+@triton.jit
+def mix_read_kernel(
+    prefix_ptr, weight_ptr, gate_ptr, v_ptr, cluster_ptr, own_ptr, out_ptr, z_ptr, sv_b, sv_h, sv_t, scale,
+    T, H, R, C, S, D, block, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_Q: tl.constexpr,
+):
+    """Step j's mixed supernodes z (C, D), written out; block j + 1's tokens read theirs: v' = v + gate a_t z_{c_t}.
+    Program j = 0 also writes block 0, v' = v."""
+    b, h, r, bh, j = program_ids(H, R)
+    if j == 0:
+        for start in range(0, tl.minimum(block, T), BLOCK_T):
+            t, ok, _, _ = token_tile(start, tl.minimum(block, T), b, r, T, R, cluster_ptr, own_ptr, BLOCK_T)
+            v, _, mask = rows_of(v_ptr, b, h, t, ok, sv_b, sv_h, sv_t, D, BLOCK_D)
+            d = tl.arange(0, BLOCK_D)
+            tl.store(out_ptr + (bh * T + t[:, None]) * D + d[None, :], v.to(out_ptr.dtype.element_ty), mask=mask)
+    if j < S:
+        first_row = (bh * S + j) * C
+        keys = tl.arange(0, BLOCK_C)
+        m, n, w, _ = supernode_means(prefix_ptr, first_row, keys, C, D, BLOCK_D)
+        is_key, has_keys = key_mask(w, keys, C)
+        d = tl.arange(0, BLOCK_D)
+        weight_t = tl.load(weight_ptr + d[None, :] * D + d[:, None], mask=(d[None, :] < D) & (d[:, None] < D), other=0.0)  # W_u^T
+        for q0 in tl.static_range(0, BLOCK_C, BLOCK_Q):
+            queries = q0 + tl.arange(0, BLOCK_Q)
+            _, n_q, _, _ = supernode_means(prefix_ptr, first_row, queries, C, D, BLOCK_D)
+            p = attention_rows(precise_dot(n_q, weight_t), m, is_key, scale)
+            z = tl.where(has_keys, precise_dot(p, n), 0.0)
+            store_table_rows(z_ptr, z, first_row + queries, queries < C, D, 0, D, BLOCK_D)
+        tl.debug_barrier()  # z's rows, written by all threads, are gathered by all
+        gate = tl.load(gate_ptr + h)
+        first = (j + 1) * block
+        end = tl.minimum(first + block, T)
+        for start in range(first, end, BLOCK_T):
+            t, ok, cluster, own = token_tile(start, end, b, r, T, R, cluster_ptr, own_ptr, BLOCK_T)
+            v, _, mask = rows_of(v_ptr, b, h, t, ok, sv_b, sv_h, sv_t, D, BLOCK_D)
+            z_t = table_rows(z_ptr, first_row + cluster, ok, D, 0, D, BLOCK_D)
+            tl.store(out_ptr + (bh * T + t[:, None]) * D + d[None, :], (v + (gate * own)[:, None] * z_t).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def mix_read_backward_kernel(
+    prefix_ptr, z_ptr, weight_ptr, gate_ptr, grad_out_ptr, cluster_ptr, own_ptr, scratch_ptr, grad_prefix_ptr,
+    grad_own_ptr, grad_gate_ptr, grad_weight_ptr, scale,
+    T, H, R, C, S, D, block, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_Q: tl.constexpr,
+):
+    """Step j: from dL/dv' of block j + 1's tokens, dz (one-hot product), the own gates' and the gate's gradient
+    through the read; the mixing's backward; and the gradient of step j's prefix row, [dL/d k sums | dL/d v sums |
+    dL/d weight]. scratch (rows of 2 D): dz, then each query chunk's du W_u."""
+    b, h, r, bh, j = program_ids(H, R)
+    if j < S:
+        first_row = (bh * S + j) * C
+        clusters = tl.arange(0, BLOCK_C)
+        d = tl.arange(0, BLOCK_D)
+        gate = tl.load(gate_ptr + h)
+        dz = tl.zeros((BLOCK_C, BLOCK_D), tl.float32)
+        gate_terms = tl.zeros((BLOCK_T,), tl.float32)
+        first = (j + 1) * block
+        end = tl.minimum(first + block, T)
+        for start in range(first, end, BLOCK_T):
+            t, ok, cluster, own = token_tile(start, end, b, r, T, R, cluster_ptr, own_ptr, BLOCK_T)
+            grad, _, _ = rows_of(grad_out_ptr, b, h, t, ok, H * T * D, T * D, D, D, BLOCK_D)
+            grad_dot_z = tl.sum(grad * table_rows(z_ptr, first_row + cluster, ok, D, 0, D, BLOCK_D), axis=1)
+            tl.store(grad_own_ptr + bh * T + t, gate * grad_dot_z, mask=ok)
+            gate_terms += own * grad_dot_z
+            dz = onehot_dot(clusters[:, None] == cluster[None, :], (gate * own)[:, None] * grad, dz, False)
+        tl.store(grad_gate_ptr + bh * S + j, tl.sum(gate_terms, axis=0))
+        store_table_rows(scratch_ptr, dz, first_row + clusters, clusters < C, 2 * D, 0, D, BLOCK_D)
+        tl.debug_barrier()  # dz's rows are read by query chunk
+
+        m, n, w, inverse = supernode_means(prefix_ptr, first_row, clusters, C, D, BLOCK_D)
+        is_key, has_keys = key_mask(w, clusters, C)
+        d_ok = d < D
+        weight = tl.load(weight_ptr + d[:, None] * D + d[None, :], mask=d_ok[:, None] & d_ok[None, :], other=0.0)
+        grad_n = tl.zeros((BLOCK_C, BLOCK_D), tl.float32)
+        grad_m = tl.zeros((BLOCK_C, BLOCK_D), tl.float32)
+        grad_weight = tl.zeros((BLOCK_D, BLOCK_D), tl.float32)
+        for q0 in tl.static_range(0, BLOCK_C, BLOCK_Q):
+            queries = q0 + tl.arange(0, BLOCK_Q)
+            _, n_q, _, _ = supernode_means(prefix_ptr, first_row, queries, C, D, BLOCK_D)
+            u = precise_dot(n_q, tl.trans(weight))
+            p = attention_rows(u, m, is_key, scale)
+            dz_q = tl.where(has_keys, table_rows(scratch_ptr, first_row + queries, queries < C, 2 * D, 0, D, BLOCK_D), 0.0)
+            dp = precise_dot(dz_q, tl.trans(n))
+            ds = p * (dp - tl.sum(p * dp, axis=1)[:, None])
+            grad_n = precise_dot(tl.trans(p), dz_q, grad_n)  # through the values
+            grad_m = precise_dot(tl.trans(ds), u, grad_m)
+            du = precise_dot(ds, m) * scale
+            store_table_rows(scratch_ptr, precise_dot(du, weight), first_row + queries, queries < C, 2 * D, D, D, BLOCK_D)
+            grad_weight = precise_dot(tl.trans(du), n_q, grad_weight)
+        tl.store(grad_weight_ptr + (bh * S + j) * D * D + d[:, None] * D + d[None, :], grad_weight, mask=d_ok[:, None] & d_ok[None, :])
+        tl.debug_barrier()  # the chunks' du W_u rows are read by cluster
+        grad_n += table_rows(scratch_ptr, first_row + clusters, clusters < C, 2 * D, D, D, BLOCK_D)  # through the queries
+        grad_m = grad_m * scale
+        # n = N / w: dL/dN = dL/dn / w, dL/dw = -(dL/dn . n) / w (the same for m); nothing where w = 0.
+        valid = w > 0
+        grad_w = tl.where(valid, -(tl.sum(grad_n * n, axis=1) + tl.sum(grad_m * m, axis=1)) * inverse, 0.0)
+        rows, row_ok, E = first_row + clusters, clusters < C, 2 * D + 1
+        store_table_rows(grad_prefix_ptr, tl.where(valid[:, None], grad_m * inverse[:, None], 0.0), rows, row_ok, E, 0, D, BLOCK_D)
+        store_table_rows(grad_prefix_ptr, tl.where(valid[:, None], grad_n * inverse[:, None], 0.0), rows, row_ok, E, D, D, BLOCK_D)
+        tl.store(grad_prefix_ptr + rows * E + 2 * D, grad_w, mask=row_ok)
+
+
+@triton.jit
+def block_sums_backward_kernel(
+    grad_prefix_ptr, k_ptr, v_ptr, grad_out_ptr, cluster_ptr, own_ptr, grad_own_read_ptr, grad_k_ptr, grad_v_ptr,
+    grad_own_ptr, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t,
+    T, H, R, C, S, D, block, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Block j's tokens: each gathers its cluster's row of the suffix-summed prefix gradient (a token of block j is
+    in the prefixes of steps j .. S - 1; the last block's in none): dL/dk, dL/dv (plus dL/dv', v' = v + ...) and
+    dL/da (plus the read's part, blocks >= 1)."""
+    b, h, r, bh, j = program_ids(H, R)
+    E = 2 * D + 1
+    d = tl.arange(0, BLOCK_D)
+    first = j * block
+    end = tl.minimum(first + block, T)
+    for start in range(first, end, BLOCK_T):
+        t, ok, cluster, own = token_tile(start, end, b, r, T, R, cluster_ptr, own_ptr, BLOCK_T)
+        rows, summed = (bh * S + j) * C + cluster, ok & (j < S)
+        grad_k_sums = table_rows(grad_prefix_ptr, rows, summed, E, 0, D, BLOCK_D)
+        grad_v_sums = table_rows(grad_prefix_ptr, rows, summed, E, D, D, BLOCK_D)
+        grad_w = tl.load(grad_prefix_ptr + rows * E + 2 * D, mask=summed, other=0.0)
+        k, _, mask = rows_of(k_ptr, b, h, t, ok, sk_b, sk_h, sk_t, D, BLOCK_D)
+        v, _, _ = rows_of(v_ptr, b, h, t, ok, sv_b, sv_h, sv_t, D, BLOCK_D)
+        grad, _, _ = rows_of(grad_out_ptr, b, h, t, ok, H * T * D, T * D, D, D, BLOCK_D)
+        grad_own = tl.load(grad_own_read_ptr + bh * T + t, mask=ok & (j > 0), other=0.0)
+        grad_own += tl.sum(k * grad_k_sums, axis=1) + tl.sum(v * grad_v_sums, axis=1) + grad_w
+        out = (bh * T + t[:, None]) * D + d[None, :]
+        tl.store(grad_k_ptr + out, (own[:, None] * grad_k_sums).to(grad_k_ptr.dtype.element_ty), mask=mask)
+        tl.store(grad_v_ptr + out, (grad + own[:, None] * grad_v_sums).to(grad_v_ptr.dtype.element_ty), mask=mask)
+        tl.store(grad_own_ptr + bh * T + t, grad_own, mask=ok)
+
+
+SCAN_BLOCK = 512
+
+
+def launch_settings(C: int, D: int) -> dict:
+    """Tile sizes and warps: the mixing's query chunks shrink as C grows so its (chunk, C) tiles stay ~2K values."""
+    block_c = max(16, triton.next_power_of_2(C))
+    return dict(BLOCK_C=block_c, BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_Q=min(block_c, 64 if block_c <= 128 else 32),
+                num_warps=4 if block_c <= 64 else 8)
+
+
+def unit_stride(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def shapes(v: torch.Tensor, cluster: torch.Tensor, block: int):
+    B, H, T, D = v.shape
+    S = (T - 1) // block  # the steps a later block reads
+    assert B * H * T * D < 2**31, f"sca's fused supernodes index in int32: (B, H, T, D) = {tuple(v.shape)}"
+    return B, H, T, D, cluster.shape[1], S
+
+
+@triton_op("attnbench::supernode_values", mutates_args=())
+def supernode_values(
+    k: torch.Tensor, v: torch.Tensor, cluster: torch.Tensor, own: torch.Tensor, weight: torch.Tensor, gate: torch.Tensor,
+    clusters: int, block: int, scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """v' (B, H, T, D) in v's dtype from k, v (B, H, T, D), cluster ids (B, R, T), own gates a_t[c_t] (B, R, T, 1),
+    W_u (D, D) and the gate (H,) (fp32); also the prefix rows (B H, S, C, 2 D + 1) and z (B H, S, C, D) the
+    backward reads."""
+    B, H, T, D, R, S = shapes(v, cluster, block)
+    C, E = clusters, 2 * D + 1
+    k, v, cluster, own = unit_stride(k), unit_stride(v), cluster.contiguous(), own.reshape(B, R, T).float().contiguous()
+    prefix = torch.empty(B * H, S, C, E, dtype=torch.float32, device=v.device)
+    z = torch.empty(B * H, S, C, D, dtype=torch.float32, device=v.device)
+    out = torch.empty(B, H, T, D, dtype=v.dtype, device=v.device)
+    settings = launch_settings(C, D)
+    sizes = (T, H, R, C, S, D, block)
+    if S > 0:
+        wrap_triton(block_sums_kernel)[(B * H, S)](
+            k, v, cluster, own, prefix, *k.stride()[:3], *v.stride()[:3], *sizes, BLOCK_T=BLOCK_T,
+            BLOCK_C=settings["BLOCK_C"], BLOCK_D=settings["BLOCK_D"], num_warps=settings["num_warps"])
+        wrap_triton(scan_kernel)[(B * H, triton.cdiv(C * E, SCAN_BLOCK))](prefix, S, C * E, REVERSE=False, BLOCK=SCAN_BLOCK)
+    wrap_triton(mix_read_kernel)[(B * H, max(S, 1))](
+        prefix, weight.contiguous(), gate.contiguous(), v, cluster, own, out, z, *v.stride()[:3], scale, *sizes,
+        BLOCK_T=BLOCK_T, **settings)
+    return out, prefix, z
+
+
+@triton_op("attnbench::supernode_values_backward", mutates_args=())
+def supernode_values_backward(
+    grad_out: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cluster: torch.Tensor, own: torch.Tensor, weight: torch.Tensor,
+    gate: torch.Tensor, prefix: torch.Tensor, z: torch.Tensor, clusters: int, block: int, scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dL/dk (the supernode path's part), dL/dv, dL/da (B, R, T, 1), dL/dW_u and dL/dgate from dL/dv'."""
+    B, H, T, D, R, S = shapes(v, cluster, block)
+    C, E = clusters, 2 * D + 1
+    k, v, cluster = unit_stride(k), unit_stride(v), cluster.contiguous()
+    own, grad_out = own.reshape(B, R, T).float().contiguous(), grad_out.contiguous()
+    grad_k, grad_v = torch.empty(B, H, T, D, dtype=k.dtype, device=v.device), torch.empty(B, H, T, D, dtype=v.dtype, device=v.device)
+    grad_own_read, grad_own = (torch.empty(B, H, T, dtype=torch.float32, device=v.device) for _ in range(2))
+    grad_prefix = torch.empty_like(prefix)
+    grad_gate = torch.zeros(B, H, max(S, 1), dtype=torch.float32, device=v.device)
+    grad_weight = torch.zeros(B * H * max(S, 1), D, D, dtype=torch.float32, device=v.device)
+    settings = launch_settings(C, D)
+    sizes = (T, H, R, C, S, D, block)
+    if S > 0:
+        scratch = torch.empty(B * H, S, C, 2 * D, dtype=torch.float32, device=v.device)
+        wrap_triton(mix_read_backward_kernel)[(B * H, S)](
+            prefix, z, weight.contiguous(), gate.contiguous(), grad_out, cluster, own, scratch, grad_prefix,
+            grad_own_read, grad_gate, grad_weight, scale, *sizes, BLOCK_T=BLOCK_T, **settings)
+        wrap_triton(scan_kernel)[(B * H, triton.cdiv(C * E, SCAN_BLOCK))](grad_prefix, S, C * E, REVERSE=True, BLOCK=SCAN_BLOCK)
+    wrap_triton(block_sums_backward_kernel)[(B * H, S + 1)](
+        grad_prefix, k, v, grad_out, cluster, own, grad_own_read, grad_k, grad_v, grad_own,
+        *k.stride()[:3], *v.stride()[:3], *sizes, BLOCK_T=BLOCK_T, BLOCK_D=settings["BLOCK_D"], num_warps=4)
+    grad_own = grad_own.view(B, H, T).sum(dim=1, keepdim=True) if R == 1 else grad_own.view(B, H, T)
+    return grad_k, grad_v, grad_own.unsqueeze(-1), grad_weight.sum(dim=0), grad_gate.sum(dim=(0, 2))
+
+
+def setup_context(ctx, inputs, output):
+    k, v, cluster, own, weight, gate, clusters, block, scale = inputs
+    _, prefix, z = output
+    ctx.save_for_backward(k, v, cluster, own, weight, gate, prefix, z)
+    ctx.sizes = (clusters, block, scale)
+
+
+def backward(ctx, grad_out, _grad_prefix, _grad_z):
+    k, v, cluster, own, weight, gate, prefix, z = ctx.saved_tensors
+    grad_k, grad_v, grad_own, grad_weight, grad_gate = supernode_values_backward(grad_out, k, v, cluster, own, weight, gate, prefix, z, *ctx.sizes)
+    return grad_k, grad_v, None, grad_own, grad_weight, grad_gate, None, None, None
+
+
+supernode_values.register_autograd(backward, setup_context=setup_context)
