@@ -72,7 +72,13 @@ def rest_dots(a, rest, acc):
 
 
 @triton.jit
-def precise_dot(a, b, acc=None):
+def mix_dot(a, b, acc, LOW: tl.constexpr):
+    """acc + a @ b for the mixing: bf16 operands where LOW (bf16 inputs: the plain path's mixing is a bf16 sdpa under
+    autocast; tf32x3 tiles spilled registers at C = 91), else tf32x3 (about fp32)."""
+    if INTERPRET:
+        return tl.dot(a, b, acc)
+    if LOW:
+        return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16), acc)
     return tl.dot(a, b, acc, input_precision="tf32x3")
 
 
@@ -96,11 +102,10 @@ def token_tile(start, end, b, r, T, R, cluster_ptr, own_ptr, BLOCK_T: tl.constex
 
 @triton.jit
 def rows_of(x_ptr, b, h, t, ok, s_b, s_h, s_t, D, BLOCK_D: tl.constexpr):
-    """Rows t of x (B, H, T, D) at (b, h) in fp32, and their offsets and mask."""
+    """Rows t of x (B, H, T, D) at (b, h) in fp32, and their mask."""
     d = tl.arange(0, BLOCK_D)
-    offsets = b * s_b + h * s_h + t[:, None] * s_t + d[None, :]
     mask = ok[:, None] & (d[None, :] < D)
-    return tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32), offsets, mask
+    return tl.load(x_ptr + b * s_b + h * s_h + t[:, None] * s_t + d[None, :], mask=mask, other=0.0).to(tl.float32), mask
 
 
 @triton.jit
@@ -117,17 +122,16 @@ def store_table_rows(ptr, values, rows, row_ok, width, column, D, BLOCK_D: tl.co
 
 
 @triton.jit
-def supernode_means(prefix_ptr, first_row, clusters, C, D, BLOCK_D: tl.constexpr):
-    """Rows `clusters` of step first_row's prefix: the means m, n (len, BLOCK_D) (0 for an empty cluster), the
-    weight sums w and 1 / w (1 where w = 0)."""
-    E = 2 * D + 1
-    row_ok = clusters < C
-    rows = first_row + clusters
-    w = tl.load(prefix_ptr + rows * E + 2 * D, mask=row_ok, other=0.0)
-    inverse = 1.0 / tl.where(w > 0, w, 1.0)
-    m = table_rows(prefix_ptr, rows, row_ok, E, 0, D, BLOCK_D) * inverse[:, None]
-    n = table_rows(prefix_ptr, rows, row_ok, E, D, D, BLOCK_D) * inverse[:, None]
-    return m, n, w, inverse
+def supernode_weights(prefix_ptr, first_row, clusters, C, D):
+    """The weight sums w of rows `clusters` of a step's prefix (first row first_row), and 1 / w (1 where w = 0)."""
+    w = tl.load(prefix_ptr + (first_row + clusters) * (2 * D + 1) + 2 * D, mask=clusters < C, other=0.0)
+    return w, 1.0 / tl.where(w > 0, w, 1.0)
+
+
+@triton.jit
+def supernode_means(prefix_ptr, first_row, clusters, inverse, column, C, D, BLOCK_D: tl.constexpr):
+    """The means (len(clusters), BLOCK_D) of those rows: m (column 0) or n (column D); 0 for an empty cluster."""
+    return table_rows(prefix_ptr, first_row + clusters, clusters < C, 2 * D + 1, column, D, BLOCK_D) * inverse[:, None]
 
 
 @triton.jit
@@ -140,9 +144,9 @@ def key_mask(w, keys, C):
 
 
 @triton.jit
-def attention_rows(u, m, is_key, scale):
+def attention_rows(u, m, is_key, scale, LOW: tl.constexpr):
     """softmax over the keys of u m^T * scale: (len(u), BLOCK_C) fp32."""
-    s = precise_dot(u, tl.trans(m)) * scale
+    s = mix_dot(u, tl.trans(m), None, LOW) * scale
     s = tl.where(is_key[None, :], s, float("-inf"))
     e = tl.exp(s - tl.max(s, axis=1)[:, None])
     return e / tl.sum(e, axis=1)[:, None]
@@ -164,8 +168,8 @@ def block_sums_kernel(
     for start in range(first, end, BLOCK_T):
         t, ok, cluster, own = token_tile(start, end, b, r, T, R, cluster_ptr, own_ptr, BLOCK_T)
         hits = clusters[:, None] == cluster[None, :]  # (BLOCK_C, BLOCK_T)
-        k, _, _ = rows_of(k_ptr, b, h, t, ok, sk_b, sk_h, sk_t, D, BLOCK_D)
-        v, _, _ = rows_of(v_ptr, b, h, t, ok, sv_b, sv_h, sv_t, D, BLOCK_D)
+        k, mask = rows_of(k_ptr, b, h, t, ok, sk_b, sk_h, sk_t, D, BLOCK_D)
+        v, mask = rows_of(v_ptr, b, h, t, ok, sv_b, sv_h, sv_t, D, BLOCK_D)
         acc_k = onehot_dot(hits, own[:, None] * k, acc_k, True)
         acc_v = onehot_dot(hits, own[:, None] * v, acc_v, True)
         acc_w += tl.sum(tl.where(hits, own[None, :], 0.0), axis=1)
@@ -197,28 +201,31 @@ def scan_kernel(x_ptr, S, W, REVERSE: tl.constexpr, BLOCK: tl.constexpr):
 def mix_read_kernel(
     prefix_ptr, weight_ptr, gate_ptr, v_ptr, cluster_ptr, own_ptr, out_ptr, z_ptr, sv_b, sv_h, sv_t, scale,
     T, H, R, C, S, D, block, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_Q: tl.constexpr,
+    LOW: tl.constexpr,
 ):
     """Step j's mixed supernodes z (C, D), written out; block j + 1's tokens read theirs: v' = v + gate a_t z_{c_t}.
     Program j = 0 also writes block 0, v' = v."""
     b, h, r, bh, j = program_ids(H, R)
+    d = tl.arange(0, BLOCK_D)
     if j == 0:
         for start in range(0, tl.minimum(block, T), BLOCK_T):
-            t, ok, _, _ = token_tile(start, tl.minimum(block, T), b, r, T, R, cluster_ptr, own_ptr, BLOCK_T)
-            v, _, mask = rows_of(v_ptr, b, h, t, ok, sv_b, sv_h, sv_t, D, BLOCK_D)
-            d = tl.arange(0, BLOCK_D)
+            t = start + tl.arange(0, BLOCK_T)
+            v, mask = rows_of(v_ptr, b, h, t, t < tl.minimum(block, T), sv_b, sv_h, sv_t, D, BLOCK_D)
             tl.store(out_ptr + (bh * T + t[:, None]) * D + d[None, :], v.to(out_ptr.dtype.element_ty), mask=mask)
     if j < S:
         first_row = (bh * S + j) * C
         keys = tl.arange(0, BLOCK_C)
-        m, n, w, _ = supernode_means(prefix_ptr, first_row, keys, C, D, BLOCK_D)
+        w, inverse = supernode_weights(prefix_ptr, first_row, keys, C, D)
+        m = supernode_means(prefix_ptr, first_row, keys, inverse, 0, C, D, BLOCK_D)
+        n = supernode_means(prefix_ptr, first_row, keys, inverse, D, C, D, BLOCK_D)
         is_key, has_keys = key_mask(w, keys, C)
-        d = tl.arange(0, BLOCK_D)
         weight_t = tl.load(weight_ptr + d[None, :] * D + d[:, None], mask=(d[None, :] < D) & (d[:, None] < D), other=0.0)  # W_u^T
-        for q0 in tl.static_range(0, BLOCK_C, BLOCK_Q):
+        for q0 in range(0, BLOCK_C, BLOCK_Q):
             queries = q0 + tl.arange(0, BLOCK_Q)
-            _, n_q, _, _ = supernode_means(prefix_ptr, first_row, queries, C, D, BLOCK_D)
-            p = attention_rows(precise_dot(n_q, weight_t), m, is_key, scale)
-            z = tl.where(has_keys, precise_dot(p, n), 0.0)
+            w_q, inverse_q = supernode_weights(prefix_ptr, first_row, queries, C, D)
+            n_q = supernode_means(prefix_ptr, first_row, queries, inverse_q, D, C, D, BLOCK_D)
+            p = attention_rows(mix_dot(n_q, weight_t, None, LOW), m, is_key, scale, LOW)
+            z = tl.where(has_keys, mix_dot(p, n, None, LOW), 0.0)
             store_table_rows(z_ptr, z, first_row + queries, queries < C, D, 0, D, BLOCK_D)
         tl.debug_barrier()  # z's rows, written by all threads, are gathered by all
         gate = tl.load(gate_ptr + h)
@@ -226,72 +233,85 @@ def mix_read_kernel(
         end = tl.minimum(first + block, T)
         for start in range(first, end, BLOCK_T):
             t, ok, cluster, own = token_tile(start, end, b, r, T, R, cluster_ptr, own_ptr, BLOCK_T)
-            v, _, mask = rows_of(v_ptr, b, h, t, ok, sv_b, sv_h, sv_t, D, BLOCK_D)
+            v, mask = rows_of(v_ptr, b, h, t, ok, sv_b, sv_h, sv_t, D, BLOCK_D)
             z_t = table_rows(z_ptr, first_row + cluster, ok, D, 0, D, BLOCK_D)
             tl.store(out_ptr + (bh * T + t[:, None]) * D + d[None, :], (v + (gate * own)[:, None] * z_t).to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def mix_read_backward_kernel(
-    prefix_ptr, z_ptr, weight_ptr, gate_ptr, grad_out_ptr, cluster_ptr, own_ptr, scratch_ptr, grad_prefix_ptr,
-    grad_own_ptr, grad_gate_ptr, grad_weight_ptr, scale,
-    T, H, R, C, S, D, block, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_Q: tl.constexpr,
+def read_backward_kernel(
+    z_ptr, gate_ptr, grad_out_ptr, cluster_ptr, own_ptr, scratch_ptr, grad_own_ptr, grad_gate_ptr,
+    T, H, R, C, S, D, block, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """Step j: from dL/dv' of block j + 1's tokens, dz (one-hot product), the own gates' and the gate's gradient
-    through the read; the mixing's backward; and the gradient of step j's prefix row, [dL/d k sums | dL/d v sums |
-    dL/d weight]. scratch (rows of 2 D): dz, then each query chunk's du W_u."""
+    """Step j's read, backward: from dL/dv' of block j + 1's tokens, dz = dL/dz (one-hot product) into scratch
+    (rows of 2 D, columns 0 .. D - 1), and the read's part of the own gates' and the gate's gradients."""
     b, h, r, bh, j = program_ids(H, R)
-    if j < S:
-        first_row = (bh * S + j) * C
-        clusters = tl.arange(0, BLOCK_C)
-        d = tl.arange(0, BLOCK_D)
-        gate = tl.load(gate_ptr + h)
-        dz = tl.zeros((BLOCK_C, BLOCK_D), tl.float32)
-        gate_terms = tl.zeros((BLOCK_T,), tl.float32)
-        first = (j + 1) * block
-        end = tl.minimum(first + block, T)
-        for start in range(first, end, BLOCK_T):
-            t, ok, cluster, own = token_tile(start, end, b, r, T, R, cluster_ptr, own_ptr, BLOCK_T)
-            grad, _, _ = rows_of(grad_out_ptr, b, h, t, ok, H * T * D, T * D, D, D, BLOCK_D)
-            grad_dot_z = tl.sum(grad * table_rows(z_ptr, first_row + cluster, ok, D, 0, D, BLOCK_D), axis=1)
-            tl.store(grad_own_ptr + bh * T + t, gate * grad_dot_z, mask=ok)
-            gate_terms += own * grad_dot_z
-            dz = onehot_dot(clusters[:, None] == cluster[None, :], (gate * own)[:, None] * grad, dz, False)
-        tl.store(grad_gate_ptr + bh * S + j, tl.sum(gate_terms, axis=0))
-        store_table_rows(scratch_ptr, dz, first_row + clusters, clusters < C, 2 * D, 0, D, BLOCK_D)
-        tl.debug_barrier()  # dz's rows are read by query chunk
+    first_row = (bh * S + j) * C
+    clusters = tl.arange(0, BLOCK_C)
+    gate = tl.load(gate_ptr + h)
+    dz = tl.zeros((BLOCK_C, BLOCK_D), tl.float32)
+    gate_terms = tl.zeros((BLOCK_T,), tl.float32)
+    first = (j + 1) * block
+    end = tl.minimum(first + block, T)
+    for start in range(first, end, BLOCK_T):
+        t, ok, cluster, own = token_tile(start, end, b, r, T, R, cluster_ptr, own_ptr, BLOCK_T)
+        grad, mask = rows_of(grad_out_ptr, b, h, t, ok, H * T * D, T * D, D, D, BLOCK_D)
+        grad_dot_z = tl.sum(grad * table_rows(z_ptr, first_row + cluster, ok, D, 0, D, BLOCK_D), axis=1)
+        tl.store(grad_own_ptr + bh * T + t, gate * grad_dot_z, mask=ok)
+        gate_terms += own * grad_dot_z
+        dz = onehot_dot(clusters[:, None] == cluster[None, :], (gate * own)[:, None] * grad, dz, False)
+    tl.store(grad_gate_ptr + bh * S + j, tl.sum(gate_terms, axis=0))
+    store_table_rows(scratch_ptr, dz, first_row + clusters, clusters < C, 2 * D, 0, D, BLOCK_D)
 
-        m, n, w, inverse = supernode_means(prefix_ptr, first_row, clusters, C, D, BLOCK_D)
-        is_key, has_keys = key_mask(w, clusters, C)
-        d_ok = d < D
-        weight = tl.load(weight_ptr + d[:, None] * D + d[None, :], mask=d_ok[:, None] & d_ok[None, :], other=0.0)
-        grad_n = tl.zeros((BLOCK_C, BLOCK_D), tl.float32)
-        grad_m = tl.zeros((BLOCK_C, BLOCK_D), tl.float32)
-        grad_weight = tl.zeros((BLOCK_D, BLOCK_D), tl.float32)
-        for q0 in tl.static_range(0, BLOCK_C, BLOCK_Q):
-            queries = q0 + tl.arange(0, BLOCK_Q)
-            _, n_q, _, _ = supernode_means(prefix_ptr, first_row, queries, C, D, BLOCK_D)
-            u = precise_dot(n_q, tl.trans(weight))
-            p = attention_rows(u, m, is_key, scale)
-            dz_q = tl.where(has_keys, table_rows(scratch_ptr, first_row + queries, queries < C, 2 * D, 0, D, BLOCK_D), 0.0)
-            dp = precise_dot(dz_q, tl.trans(n))
-            ds = p * (dp - tl.sum(p * dp, axis=1)[:, None])
-            grad_n = precise_dot(tl.trans(p), dz_q, grad_n)  # through the values
-            grad_m = precise_dot(tl.trans(ds), u, grad_m)
-            du = precise_dot(ds, m) * scale
-            store_table_rows(scratch_ptr, precise_dot(du, weight), first_row + queries, queries < C, 2 * D, D, D, BLOCK_D)
-            grad_weight = precise_dot(tl.trans(du), n_q, grad_weight)
-        tl.store(grad_weight_ptr + (bh * S + j) * D * D + d[:, None] * D + d[None, :], grad_weight, mask=d_ok[:, None] & d_ok[None, :])
-        tl.debug_barrier()  # the chunks' du W_u rows are read by cluster
-        grad_n += table_rows(scratch_ptr, first_row + clusters, clusters < C, 2 * D, D, D, BLOCK_D)  # through the queries
-        grad_m = grad_m * scale
-        # n = N / w: dL/dN = dL/dn / w, dL/dw = -(dL/dn . n) / w (the same for m); nothing where w = 0.
-        valid = w > 0
-        grad_w = tl.where(valid, -(tl.sum(grad_n * n, axis=1) + tl.sum(grad_m * m, axis=1)) * inverse, 0.0)
-        rows, row_ok, E = first_row + clusters, clusters < C, 2 * D + 1
-        store_table_rows(grad_prefix_ptr, tl.where(valid[:, None], grad_m * inverse[:, None], 0.0), rows, row_ok, E, 0, D, BLOCK_D)
-        store_table_rows(grad_prefix_ptr, tl.where(valid[:, None], grad_n * inverse[:, None], 0.0), rows, row_ok, E, D, D, BLOCK_D)
-        tl.store(grad_prefix_ptr + rows * E + 2 * D, grad_w, mask=row_ok)
+
+@triton.jit
+def mix_backward_kernel(
+    prefix_ptr, weight_ptr, scratch_ptr, grad_prefix_ptr, grad_weight_ptr, scale,
+    T, H, R, C, S, D, block, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_Q: tl.constexpr, LOW: tl.constexpr,
+):
+    """Step j's mixing, backward, from dz (scratch): the gradient of step j's prefix row, [dL/d k sums |
+    dL/d v sums | dL/d weight], and W_u's part. Each query chunk's du W_u goes through scratch (columns D ..)."""
+    b, h, r, bh, j = program_ids(H, R)
+    first_row = (bh * S + j) * C
+    clusters = tl.arange(0, BLOCK_C)
+    d = tl.arange(0, BLOCK_D)
+    w, inverse = supernode_weights(prefix_ptr, first_row, clusters, C, D)
+    is_key, has_keys = key_mask(w, clusters, C)
+    d_ok = d < D
+    weight = tl.load(weight_ptr + d[:, None] * D + d[None, :], mask=d_ok[:, None] & d_ok[None, :], other=0.0)
+    grad_n = tl.zeros((BLOCK_C, BLOCK_D), tl.float32)
+    grad_m = tl.zeros((BLOCK_C, BLOCK_D), tl.float32)
+    grad_weight = tl.zeros((BLOCK_D, BLOCK_D), tl.float32)
+    for q0 in range(0, BLOCK_C, BLOCK_Q):
+        queries = q0 + tl.arange(0, BLOCK_Q)
+        w_q, inverse_q = supernode_weights(prefix_ptr, first_row, queries, C, D)
+        n_q = supernode_means(prefix_ptr, first_row, queries, inverse_q, D, C, D, BLOCK_D)
+        # The keys' m and n are loaded again in every chunk (cache hits): kept across chunks they spilled.
+        m = supernode_means(prefix_ptr, first_row, clusters, inverse, 0, C, D, BLOCK_D)
+        n = supernode_means(prefix_ptr, first_row, clusters, inverse, D, C, D, BLOCK_D)
+        u = mix_dot(n_q, tl.trans(weight), None, LOW)
+        p = attention_rows(u, m, is_key, scale, LOW)
+        dz_q = tl.where(has_keys, table_rows(scratch_ptr, first_row + queries, queries < C, 2 * D, 0, D, BLOCK_D), 0.0)
+        dp = mix_dot(dz_q, tl.trans(n), None, LOW)
+        ds = p * (dp - tl.sum(p * dp, axis=1)[:, None])
+        grad_n = mix_dot(tl.trans(p), dz_q, grad_n, LOW)  # through the values
+        grad_m = mix_dot(tl.trans(ds), u, grad_m, LOW)
+        du = mix_dot(ds, m, None, LOW) * scale
+        store_table_rows(scratch_ptr, mix_dot(du, weight, None, LOW), first_row + queries, queries < C, 2 * D, D, D, BLOCK_D)
+        grad_weight = mix_dot(tl.trans(du), n_q, grad_weight, LOW)
+    tl.store(grad_weight_ptr + (bh * S + j) * D * D + d[:, None] * D + d[None, :], grad_weight, mask=d_ok[:, None] & d_ok[None, :])
+    tl.debug_barrier()  # the chunks' du W_u rows are read by cluster
+    grad_n += table_rows(scratch_ptr, first_row + clusters, clusters < C, 2 * D, D, D, BLOCK_D)  # through the queries
+    grad_m = grad_m * scale
+    m = supernode_means(prefix_ptr, first_row, clusters, inverse, 0, C, D, BLOCK_D)
+    n = supernode_means(prefix_ptr, first_row, clusters, inverse, D, C, D, BLOCK_D)
+    # n = N / w: dL/dN = dL/dn / w, dL/dw = -(dL/dn . n) / w (the same for m); nothing where w = 0.
+    valid = w > 0
+    grad_w = tl.where(valid, -(tl.sum(grad_n * n, axis=1) + tl.sum(grad_m * m, axis=1)) * inverse, 0.0)
+    rows, row_ok, E = first_row + clusters, clusters < C, 2 * D + 1
+    store_table_rows(grad_prefix_ptr, tl.where(valid[:, None], grad_m * inverse[:, None], 0.0), rows, row_ok, E, 0, D, BLOCK_D)
+    store_table_rows(grad_prefix_ptr, tl.where(valid[:, None], grad_n * inverse[:, None], 0.0), rows, row_ok, E, D, D, BLOCK_D)
+    tl.store(grad_prefix_ptr + rows * E + 2 * D, grad_w, mask=row_ok)
 
 
 @triton.jit
@@ -314,9 +334,9 @@ def block_sums_backward_kernel(
         grad_k_sums = table_rows(grad_prefix_ptr, rows, summed, E, 0, D, BLOCK_D)
         grad_v_sums = table_rows(grad_prefix_ptr, rows, summed, E, D, D, BLOCK_D)
         grad_w = tl.load(grad_prefix_ptr + rows * E + 2 * D, mask=summed, other=0.0)
-        k, _, mask = rows_of(k_ptr, b, h, t, ok, sk_b, sk_h, sk_t, D, BLOCK_D)
-        v, _, _ = rows_of(v_ptr, b, h, t, ok, sv_b, sv_h, sv_t, D, BLOCK_D)
-        grad, _, _ = rows_of(grad_out_ptr, b, h, t, ok, H * T * D, T * D, D, D, BLOCK_D)
+        k, mask = rows_of(k_ptr, b, h, t, ok, sk_b, sk_h, sk_t, D, BLOCK_D)
+        v, mask = rows_of(v_ptr, b, h, t, ok, sv_b, sv_h, sv_t, D, BLOCK_D)
+        grad, mask = rows_of(grad_out_ptr, b, h, t, ok, H * T * D, T * D, D, D, BLOCK_D)
         grad_own = tl.load(grad_own_read_ptr + bh * T + t, mask=ok & (j > 0), other=0.0)
         grad_own += tl.sum(k * grad_k_sums, axis=1) + tl.sum(v * grad_v_sums, axis=1) + grad_w
         out = (bh * T + t[:, None]) * D + d[None, :]
@@ -331,7 +351,7 @@ SCAN_BLOCK = 512
 def launch_settings(C: int, D: int) -> dict:
     """Tile sizes and warps: the mixing's query chunks shrink as C grows so its (chunk, C) tiles stay ~2K values."""
     block_c = max(16, triton.next_power_of_2(C))
-    return dict(BLOCK_C=block_c, BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_Q=min(block_c, 64 if block_c <= 128 else 32),
+    return dict(BLOCK_C=block_c, BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_Q=min(block_c, 32 if block_c <= 128 else 16),
                 num_warps=4 if block_c <= 64 else 8)
 
 
@@ -369,7 +389,7 @@ def supernode_values(
         wrap_triton(scan_kernel)[(B * H, triton.cdiv(C * E, SCAN_BLOCK))](prefix, S, C * E, REVERSE=False, BLOCK=SCAN_BLOCK)
     wrap_triton(mix_read_kernel)[(B * H, max(S, 1))](
         prefix, weight.contiguous(), gate.contiguous(), v, cluster, own, out, z, *v.stride()[:3], scale, *sizes,
-        BLOCK_T=BLOCK_T, **settings)
+        BLOCK_T=BLOCK_T, LOW=v.dtype != torch.float32, **settings)
     return out, prefix, z
 
 
@@ -392,9 +412,13 @@ def supernode_values_backward(
     sizes = (T, H, R, C, S, D, block)
     if S > 0:
         scratch = torch.empty(B * H, S, C, 2 * D, dtype=torch.float32, device=v.device)
-        wrap_triton(mix_read_backward_kernel)[(B * H, S)](
-            prefix, z, weight.contiguous(), gate.contiguous(), grad_out, cluster, own, scratch, grad_prefix,
-            grad_own_read, grad_gate, grad_weight, scale, *sizes, BLOCK_T=BLOCK_T, **settings)
+        block_c, block_d, block_q, warps = (settings[key] for key in ("BLOCK_C", "BLOCK_D", "BLOCK_Q", "num_warps"))
+        wrap_triton(read_backward_kernel)[(B * H, S)](
+            z, gate.contiguous(), grad_out, cluster, own, scratch, grad_own_read, grad_gate, *sizes,
+            BLOCK_T=BLOCK_T, BLOCK_C=block_c, BLOCK_D=block_d, num_warps=warps)
+        wrap_triton(mix_backward_kernel)[(B * H, S)](
+            prefix, weight.contiguous(), scratch, grad_prefix, grad_weight, scale, *sizes,
+            BLOCK_C=block_c, BLOCK_D=block_d, BLOCK_Q=block_q, LOW=v.dtype != torch.float32, num_warps=warps)
         wrap_triton(scan_kernel)[(B * H, triton.cdiv(C * E, SCAN_BLOCK))](grad_prefix, S, C * E, REVERSE=True, BLOCK=SCAN_BLOCK)
     wrap_triton(block_sums_backward_kernel)[(B * H, S + 1)](
         grad_prefix, k, v, grad_out, cluster, own, grad_own_read, grad_k, grad_v, grad_own,
