@@ -228,6 +228,8 @@ def test_fused_supernodes_equal_plain(B, T, H, D, C, block, router, dtype):
     from tests.test_lca import triton_device
 
     device = triton_device()
+    if not fused_supernodes.supported(dtype, C):
+        pytest.skip(f"the fused kernels take fp32 inputs up to C = 128 (sca takes the plain path there), not C = {C}")
     layer = sca_layer(T, H, D, clusters=C, block=block, router=router).to(device)
     with torch.no_grad():
         layer.gate.copy_(torch.randn(H))
@@ -247,8 +249,13 @@ def test_fused_supernodes_equal_plain(B, T, H, D, C, block, router, dtype):
         out = path(k, v, cluster, straight_through(y))
         results[name] = (out, torch.autograd.grad(out, params, grad))
     (out, grads), (out_plain, grads_plain) = results["fused"], results["plain"]
-    tolerance = FP32_RTOL if dtype == torch.float32 else 1e-2
-    assert out.dtype == dtype and rel_err(out, out_plain) < tolerance, f"v' rel err {rel_err(out, out_plain):.2e}"
+    # bf16: k and W_u get their gradient here only through the mixing, which the kernels run in bf16 as the plain
+    # path's sdpa does under autocast (this plain path runs in fp32): 1.0e-2 to 2.1e-2 under the interpreter's
+    # bf16 emulation. Every other gradient also has the exact paths' part.
+    tolerances = dict.fromkeys(["v'", "k", "v", "y", "W_u", "gate"], FP32_RTOL if dtype == torch.float32 else 1e-2)
+    if dtype == torch.bfloat16:
+        tolerances.update(k=3e-2, W_u=3e-2)
+    assert out.dtype == dtype and rel_err(out, out_plain) < tolerances["v'"], f"v' rel err {rel_err(out, out_plain):.2e}"
     for label, g, g_plain in zip(["k", "v", "y", "W_u", "gate"], grads, grads_plain):
         assert g.dtype == g_plain.dtype, label
-        assert rel_err(g, g_plain) < tolerance, f"grad of {label} rel err {rel_err(g, g_plain):.2e}, max |plain| {g_plain.abs().max():.2e}"
+        assert rel_err(g, g_plain) < tolerances[label], f"grad of {label} rel err {rel_err(g, g_plain):.2e}, max |plain| {g_plain.abs().max():.2e}"

@@ -37,7 +37,6 @@ import os
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
 
 BLOCK_T = 32  # tokens per loop step
 INTERPRET = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")  # Triton's CPU interpreter: tests without a GPU
@@ -73,13 +72,27 @@ def rest_dots(a, rest, acc):
 
 @triton.jit
 def mix_dot(a, b, acc, LOW: tl.constexpr):
-    """acc + a @ b for the mixing: bf16 operands where LOW (bf16 inputs: the plain path's mixing is a bf16 sdpa under
-    autocast; tf32x3 tiles spilled registers at C = 91), else tf32x3 (about fp32)."""
+    """acc + a @ b for the mixing: bf16 operands where LOW (bf16 inputs; the plain path mixes in a bf16 sdpa under
+    autocast), else tf32x3 (about fp32). fp32 operands take twice the shared memory: at C > 128 the mixing's
+    backward needs more than an H200 has (`supported`). The interpreter rounds to bf16 and multiplies in fp32."""
     if INTERPRET:
+        if LOW:
+            return tl.dot(a.to(tl.bfloat16).to(tl.float32), b.to(tl.bfloat16).to(tl.float32), acc)
         return tl.dot(a, b, acc)
     if LOW:
         return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16), acc)
     return tl.dot(a, b, acc, input_precision="tf32x3")
+
+
+@triton.jit
+def score_dot(a, b, LOW: tl.constexpr):
+    """a @ b for the scores and the forward's z, which the other products and the gate's gradient go through: tf32
+    where LOW, else tf32x3."""
+    if INTERPRET:
+        return tl.dot(a, b)
+    if LOW:
+        return tl.dot(a, b, input_precision="tf32")
+    return tl.dot(a, b, input_precision="tf32x3")
 
 
 @triton.jit
@@ -135,21 +148,21 @@ def supernode_means(prefix_ptr, first_row, clusters, inverse, column, C, D, BLOC
 
 
 @triton.jit
-def key_mask(w, keys, C):
-    """Which supernodes are keys (BLOCK_C,): the non-empty ones, or all C where every one is empty (z is then
-    zeroed); and whether any is non-empty."""
-    nonempty = (keys < C) & (w > 0)
-    count = tl.sum(nonempty.to(tl.int32), axis=0)
-    return (keys < C) & (nonempty | (count == 0)), count > 0
+def key_mask(w, keys, C, nonempty):
+    """Which of these supernodes are keys: the non-empty ones, or all C where none of the step's `nonempty` is
+    (z is then zeroed)."""
+    return (keys < C) & ((w > 0) | (nonempty == 0))
 
 
 @triton.jit
-def attention_rows(u, m, is_key, scale, LOW: tl.constexpr):
-    """softmax over the keys of u m^T * scale: (len(u), BLOCK_C) fp32."""
-    s = mix_dot(u, tl.trans(m), None, LOW) * scale
-    s = tl.where(is_key[None, :], s, float("-inf"))
-    e = tl.exp(s - tl.max(s, axis=1)[:, None])
-    return e / tl.sum(e, axis=1)[:, None]
+def count_nonempty(w, clusters, C):
+    return tl.sum(((clusters < C) & (w > 0)).to(tl.int32), axis=0)
+
+
+@triton.jit
+def scores(u, m, is_key, scale, LOW: tl.constexpr):
+    """u m^T * scale over the keys, -inf elsewhere: (len(u), len(m))."""
+    return tl.where(is_key[None, :], score_dot(u, tl.trans(m), LOW) * scale, float("-inf"))
 
 
 @triton.jit
@@ -199,12 +212,12 @@ def scan_kernel(x_ptr, S, W, REVERSE: tl.constexpr, BLOCK: tl.constexpr):
 
 @triton.jit
 def mix_read_kernel(
-    prefix_ptr, weight_ptr, gate_ptr, v_ptr, cluster_ptr, own_ptr, out_ptr, z_ptr, sv_b, sv_h, sv_t, scale,
+    prefix_ptr, weight_ptr, gate_ptr, v_ptr, cluster_ptr, own_ptr, out_ptr, z_ptr, lse_ptr, sv_b, sv_h, sv_t, scale,
     T, H, R, C, S, D, block, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_Q: tl.constexpr,
     LOW: tl.constexpr,
 ):
-    """Step j's mixed supernodes z (C, D), written out; block j + 1's tokens read theirs: v' = v + gate a_t z_{c_t}.
-    Program j = 0 also writes block 0, v' = v."""
+    """Step j's mixed supernodes z (C, D) and their softmax's log-normaliser, written out (the backward reads them);
+    block j + 1's tokens read theirs: v' = v + gate a_t z_{c_t}. Program j = 0 also writes block 0, v' = v."""
     b, h, r, bh, j = program_ids(H, R)
     d = tl.arange(0, BLOCK_D)
     if j == 0:
@@ -218,15 +231,20 @@ def mix_read_kernel(
         w, inverse = supernode_weights(prefix_ptr, first_row, keys, C, D)
         m = supernode_means(prefix_ptr, first_row, keys, inverse, 0, C, D, BLOCK_D)
         n = supernode_means(prefix_ptr, first_row, keys, inverse, D, C, D, BLOCK_D)
-        is_key, has_keys = key_mask(w, keys, C)
+        nonempty = count_nonempty(w, keys, C)
+        is_key, has_keys = key_mask(w, keys, C, nonempty), nonempty > 0
         weight_t = tl.load(weight_ptr + d[None, :] * D + d[:, None], mask=(d[None, :] < D) & (d[:, None] < D), other=0.0)  # W_u^T
         for q0 in range(0, BLOCK_C, BLOCK_Q):
             queries = q0 + tl.arange(0, BLOCK_Q)
             w_q, inverse_q = supernode_weights(prefix_ptr, first_row, queries, C, D)
             n_q = supernode_means(prefix_ptr, first_row, queries, inverse_q, D, C, D, BLOCK_D)
-            p = attention_rows(mix_dot(n_q, weight_t, None, LOW), m, is_key, scale, LOW)
-            z = tl.where(has_keys, mix_dot(p, n, None, LOW), 0.0)
+            s = scores(mix_dot(n_q, weight_t, None, LOW), m, is_key, scale, LOW)
+            top = tl.max(s, axis=1)
+            e = tl.exp(s - top[:, None])
+            total = tl.sum(e, axis=1)
+            z = tl.where(has_keys, score_dot(e / total[:, None], n, LOW), 0.0)
             store_table_rows(z_ptr, z, first_row + queries, queries < C, D, 0, D, BLOCK_D)
+            tl.store(lse_ptr + first_row + queries, top + tl.log(total), mask=queries < C)
         tl.debug_barrier()  # z's rows, written by all threads, are gathered by all
         gate = tl.load(gate_ptr + h)
         first = (j + 1) * block
@@ -266,52 +284,54 @@ def read_backward_kernel(
 
 @triton.jit
 def mix_backward_kernel(
-    prefix_ptr, weight_ptr, scratch_ptr, grad_prefix_ptr, grad_weight_ptr, scale,
-    T, H, R, C, S, D, block, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_Q: tl.constexpr, LOW: tl.constexpr,
+    prefix_ptr, weight_ptr, z_ptr, lse_ptr, scratch_ptr, grad_prefix_ptr, grad_weight_ptr, scale,
+    T, H, R, C, S, D, block, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, LOW: tl.constexpr,
 ):
-    """Step j's mixing, backward, from dz (scratch): the gradient of step j's prefix row, [dL/d k sums |
-    dL/d v sums | dL/d weight], and W_u's part. Each query chunk's du W_u goes through scratch (columns D ..)."""
+    """Step j's mixing, backward, from dz (scratch columns 0 .. D - 1), over chunks of keys as flash attention's
+    backward (p from the forward's log-normaliser): the gradient of step j's prefix row, [dL/d k sums |
+    dL/d v sums | dL/d weight], and W_u's part. The keys' part of dL/dn goes through scratch (columns D ..)."""
     b, h, r, bh, j = program_ids(H, R)
     first_row = (bh * S + j) * C
     clusters = tl.arange(0, BLOCK_C)
+    row_ok = clusters < C
     d = tl.arange(0, BLOCK_D)
-    w, inverse = supernode_weights(prefix_ptr, first_row, clusters, C, D)
-    is_key, has_keys = key_mask(w, clusters, C)
     d_ok = d < D
+    E = 2 * D + 1
+    w, inverse = supernode_weights(prefix_ptr, first_row, clusters, C, D)
+    nonempty = count_nonempty(w, clusters, C)
+    has_keys = nonempty > 0
     weight = tl.load(weight_ptr + d[:, None] * D + d[None, :], mask=d_ok[:, None] & d_ok[None, :], other=0.0)
-    grad_n = tl.zeros((BLOCK_C, BLOCK_D), tl.float32)
-    grad_m = tl.zeros((BLOCK_C, BLOCK_D), tl.float32)
-    grad_weight = tl.zeros((BLOCK_D, BLOCK_D), tl.float32)
-    for q0 in range(0, BLOCK_C, BLOCK_Q):
-        queries = q0 + tl.arange(0, BLOCK_Q)
-        w_q, inverse_q = supernode_weights(prefix_ptr, first_row, queries, C, D)
-        n_q = supernode_means(prefix_ptr, first_row, queries, inverse_q, D, C, D, BLOCK_D)
-        # The keys' m and n are loaded again in every chunk (cache hits): kept across chunks they spilled.
-        m = supernode_means(prefix_ptr, first_row, clusters, inverse, 0, C, D, BLOCK_D)
-        n = supernode_means(prefix_ptr, first_row, clusters, inverse, D, C, D, BLOCK_D)
-        u = mix_dot(n_q, tl.trans(weight), None, LOW)
-        p = attention_rows(u, m, is_key, scale, LOW)
-        dz_q = tl.where(has_keys, table_rows(scratch_ptr, first_row + queries, queries < C, 2 * D, 0, D, BLOCK_D), 0.0)
-        dp = mix_dot(dz_q, tl.trans(n), None, LOW)
-        ds = p * (dp - tl.sum(p * dp, axis=1)[:, None])
-        grad_n = mix_dot(tl.trans(p), dz_q, grad_n, LOW)  # through the values
-        grad_m = mix_dot(tl.trans(ds), u, grad_m, LOW)
-        du = mix_dot(ds, m, None, LOW) * scale
-        store_table_rows(scratch_ptr, mix_dot(du, weight, None, LOW), first_row + queries, queries < C, 2 * D, D, D, BLOCK_D)
-        grad_weight = mix_dot(tl.trans(du), n_q, grad_weight, LOW)
-    tl.store(grad_weight_ptr + (bh * S + j) * D * D + d[:, None] * D + d[None, :], grad_weight, mask=d_ok[:, None] & d_ok[None, :])
-    tl.debug_barrier()  # the chunks' du W_u rows are read by cluster
-    grad_n += table_rows(scratch_ptr, first_row + clusters, clusters < C, 2 * D, D, D, BLOCK_D)  # through the queries
-    grad_m = grad_m * scale
-    m = supernode_means(prefix_ptr, first_row, clusters, inverse, 0, C, D, BLOCK_D)
+    u = mix_dot(supernode_means(prefix_ptr, first_row, clusters, inverse, D, C, D, BLOCK_D), tl.trans(weight), None, LOW)
+    dz = tl.where(has_keys, table_rows(scratch_ptr, first_row + clusters, row_ok, 2 * D, 0, D, BLOCK_D), 0.0)
+    delta = tl.sum(dz * table_rows(z_ptr, first_row + clusters, row_ok, D, 0, D, BLOCK_D), axis=1)  # sum_k p dp
+    lse = tl.load(lse_ptr + first_row + clusters, mask=row_ok, other=0.0)
+    du = tl.zeros((BLOCK_C, BLOCK_D), tl.float32)
+    for k0 in range(0, BLOCK_C, BLOCK_K):
+        keys = k0 + tl.arange(0, BLOCK_K)
+        w_k, inverse_k = supernode_weights(prefix_ptr, first_row, keys, C, D)
+        key_k = key_mask(w_k, keys, C, nonempty)
+        m_k = supernode_means(prefix_ptr, first_row, keys, inverse_k, 0, C, D, BLOCK_D)
+        n_k = supernode_means(prefix_ptr, first_row, keys, inverse_k, D, C, D, BLOCK_D)
+        p = tl.exp(scores(u, m_k, key_k, scale, LOW) - lse[:, None])  # (BLOCK_C, BLOCK_K)
+        ds = p * (mix_dot(dz, tl.trans(n_k), None, LOW) - delta[:, None])
+        grad_m_k = mix_dot(tl.trans(ds), u, None, LOW) * scale  # complete for these keys
+        du = mix_dot(ds, m_k, du, LOW)
+        store_table_rows(scratch_ptr, mix_dot(tl.trans(p), dz, None, LOW), first_row + keys, keys < C, 2 * D, D, D, BLOCK_D)
+        valid_k = w_k > 0
+        rows_k = first_row + keys
+        store_table_rows(grad_prefix_ptr, tl.where(valid_k[:, None], grad_m_k * inverse_k[:, None], 0.0), rows_k, keys < C, E, 0, D, BLOCK_D)
+        # n = N / w: dL/dw = -(dL/dn . n + dL/dm . m) / w; the m part here, the n part below
+        tl.store(grad_prefix_ptr + rows_k * E + 2 * D, tl.where(valid_k, -tl.sum(grad_m_k * m_k, axis=1) * inverse_k, 0.0), mask=keys < C)
+    du = du * scale
     n = supernode_means(prefix_ptr, first_row, clusters, inverse, D, C, D, BLOCK_D)
-    # n = N / w: dL/dN = dL/dn / w, dL/dw = -(dL/dn . n) / w (the same for m); nothing where w = 0.
+    tl.store(grad_weight_ptr + (bh * S + j) * D * D + d[:, None] * D + d[None, :], mix_dot(tl.trans(du), n, None, LOW), mask=d_ok[:, None] & d_ok[None, :])
+    tl.debug_barrier()  # the key chunks' rows are read whole
+    grad_n = mix_dot(du, weight, None, LOW) + table_rows(scratch_ptr, first_row + clusters, row_ok, 2 * D, D, D, BLOCK_D)
     valid = w > 0
-    grad_w = tl.where(valid, -(tl.sum(grad_n * n, axis=1) + tl.sum(grad_m * m, axis=1)) * inverse, 0.0)
-    rows, row_ok, E = first_row + clusters, clusters < C, 2 * D + 1
-    store_table_rows(grad_prefix_ptr, tl.where(valid[:, None], grad_m * inverse[:, None], 0.0), rows, row_ok, E, 0, D, BLOCK_D)
+    rows = first_row + clusters
+    grad_w = tl.load(grad_prefix_ptr + rows * E + 2 * D, mask=row_ok, other=0.0) - tl.sum(grad_n * n, axis=1) * inverse
     store_table_rows(grad_prefix_ptr, tl.where(valid[:, None], grad_n * inverse[:, None], 0.0), rows, row_ok, E, D, D, BLOCK_D)
-    tl.store(grad_prefix_ptr + rows * E + 2 * D, grad_w, mask=row_ok)
+    tl.store(grad_prefix_ptr + rows * E + 2 * D, tl.where(valid, grad_w, 0.0), mask=row_ok)
 
 
 @triton.jit
@@ -349,10 +369,15 @@ SCAN_BLOCK = 512
 
 
 def launch_settings(C: int, D: int) -> dict:
-    """Tile sizes and warps: the mixing's query chunks shrink as C grows so its (chunk, C) tiles stay ~2K values."""
+    """Tile sizes and warps of the per-step kernels: BLOCK_K keys per chunk of the mixing's backward."""
     block_c = max(16, triton.next_power_of_2(C))
-    return dict(BLOCK_C=block_c, BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_Q=min(block_c, 32 if block_c <= 128 else 16),
-                num_warps=4 if block_c <= 64 else 8)
+    return dict(BLOCK_C=block_c, BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_K=min(block_c, 32),
+                num_warps=4 if block_c <= 32 else 8 if block_c <= 128 else 16)
+
+
+def supported(dtype: torch.dtype, C: int) -> bool:
+    """Whether the kernels take these inputs: bf16 (training under autocast) at any C; fp32 up to C = 128."""
+    return dtype != torch.float32 or C <= 128
 
 
 def unit_stride(x: torch.Tensor) -> torch.Tensor:
@@ -366,77 +391,93 @@ def shapes(v: torch.Tensor, cluster: torch.Tensor, block: int):
     return B, H, T, D, cluster.shape[1], S
 
 
-@triton_op("attnbench::supernode_values", mutates_args=())
+def outputs_like(v: torch.Tensor, S: int, C: int):
+    """v' (B, H, T, D), the prefix rows (B H, S, C, 2 D + 1), z (B H, S, C, D) and the log-normalisers (B H, S, C)."""
+    B, H, T, D = v.shape
+    rows = dict(dtype=torch.float32, device=v.device)
+    return torch.empty_like(v, memory_format=torch.contiguous_format), torch.empty(B * H, S, C, 2 * D + 1, **rows), \
+        torch.empty(B * H, S, C, D, **rows), torch.empty(B * H, S, C, **rows)
+
+
+# Opaque custom ops, not triton_op: Inductor's code generation for user-defined Triton kernels failed to compile
+# mix_read_kernel (on the H200, torch 2.11), which Triton's own launcher compiles. Launched as they are, the
+# kernels are the same; Inductor only cannot fuse into them.
+@torch.library.custom_op("attnbench::supernode_values", mutates_args=())
 def supernode_values(
     k: torch.Tensor, v: torch.Tensor, cluster: torch.Tensor, own: torch.Tensor, weight: torch.Tensor, gate: torch.Tensor,
     clusters: int, block: int, scale: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """v' (B, H, T, D) in v's dtype from k, v (B, H, T, D), cluster ids (B, R, T), own gates a_t[c_t] (B, R, T, 1),
-    W_u (D, D) and the gate (H,) (fp32); also the prefix rows (B H, S, C, 2 D + 1) and z (B H, S, C, D) the
-    backward reads."""
+    W_u (D, D) and the gate (H,) (fp32); also what the backward reads (`outputs_like`)."""
     B, H, T, D, R, S = shapes(v, cluster, block)
     C, E = clusters, 2 * D + 1
     k, v, cluster, own = unit_stride(k), unit_stride(v), cluster.contiguous(), own.reshape(B, R, T).float().contiguous()
-    prefix = torch.empty(B * H, S, C, E, dtype=torch.float32, device=v.device)
-    z = torch.empty(B * H, S, C, D, dtype=torch.float32, device=v.device)
-    out = torch.empty(B, H, T, D, dtype=v.dtype, device=v.device)
+    out, prefix, z, lse = outputs_like(v, S, C)
     settings = launch_settings(C, D)
+    block_c, block_d, warps = (settings[key] for key in ("BLOCK_C", "BLOCK_D", "num_warps"))
     sizes = (T, H, R, C, S, D, block)
     if S > 0:
-        wrap_triton(block_sums_kernel)[(B * H, S)](
-            k, v, cluster, own, prefix, *k.stride()[:3], *v.stride()[:3], *sizes, BLOCK_T=BLOCK_T,
-            BLOCK_C=settings["BLOCK_C"], BLOCK_D=settings["BLOCK_D"], num_warps=settings["num_warps"])
-        wrap_triton(scan_kernel)[(B * H, triton.cdiv(C * E, SCAN_BLOCK))](prefix, S, C * E, REVERSE=False, BLOCK=SCAN_BLOCK)
-    wrap_triton(mix_read_kernel)[(B * H, max(S, 1))](
-        prefix, weight.contiguous(), gate.contiguous(), v, cluster, own, out, z, *v.stride()[:3], scale, *sizes,
-        BLOCK_T=BLOCK_T, LOW=v.dtype != torch.float32, **settings)
-    return out, prefix, z
+        block_sums_kernel[(B * H, S)](k, v, cluster, own, prefix, *k.stride()[:3], *v.stride()[:3], *sizes,
+                                      BLOCK_T=BLOCK_T, BLOCK_C=block_c, BLOCK_D=block_d, num_warps=warps)
+        scan_kernel[(B * H, triton.cdiv(C * E, SCAN_BLOCK))](prefix, S, C * E, REVERSE=False, BLOCK=SCAN_BLOCK)
+    mix_read_kernel[(B * H, max(S, 1))](
+        prefix, weight.contiguous(), gate.contiguous(), v, cluster, own, out, z, lse, *v.stride()[:3], scale, *sizes,
+        BLOCK_T=BLOCK_T, BLOCK_C=block_c, BLOCK_D=block_d, BLOCK_Q=settings["BLOCK_K"], LOW=v.dtype != torch.float32, num_warps=warps)
+    return out, prefix, z, lse
 
 
-@triton_op("attnbench::supernode_values_backward", mutates_args=())
+@supernode_values.register_fake
+def _(k, v, cluster, own, weight, gate, clusters, block, scale):
+    return outputs_like(v, (v.shape[2] - 1) // block, clusters)
+
+
+@torch.library.custom_op("attnbench::supernode_values_backward", mutates_args=())
 def supernode_values_backward(
     grad_out: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cluster: torch.Tensor, own: torch.Tensor, weight: torch.Tensor,
-    gate: torch.Tensor, prefix: torch.Tensor, z: torch.Tensor, clusters: int, block: int, scale: float,
+    gate: torch.Tensor, prefix: torch.Tensor, z: torch.Tensor, lse: torch.Tensor, clusters: int, block: int, scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """dL/dk (the supernode path's part), dL/dv, dL/da (B, R, T, 1), dL/dW_u and dL/dgate from dL/dv'."""
     B, H, T, D, R, S = shapes(v, cluster, block)
     C, E = clusters, 2 * D + 1
     k, v, cluster = unit_stride(k), unit_stride(v), cluster.contiguous()
     own, grad_out = own.reshape(B, R, T).float().contiguous(), grad_out.contiguous()
-    grad_k, grad_v = torch.empty(B, H, T, D, dtype=k.dtype, device=v.device), torch.empty(B, H, T, D, dtype=v.dtype, device=v.device)
+    grad_k, grad_v = (torch.empty(B, H, T, D, dtype=x.dtype, device=v.device) for x in (k, v))
     grad_own_read, grad_own = (torch.empty(B, H, T, dtype=torch.float32, device=v.device) for _ in range(2))
     grad_prefix = torch.empty_like(prefix)
     grad_gate = torch.zeros(B, H, max(S, 1), dtype=torch.float32, device=v.device)
     grad_weight = torch.zeros(B * H * max(S, 1), D, D, dtype=torch.float32, device=v.device)
     settings = launch_settings(C, D)
+    block_c, block_d, warps = (settings[key] for key in ("BLOCK_C", "BLOCK_D", "num_warps"))
     sizes = (T, H, R, C, S, D, block)
     if S > 0:
         scratch = torch.empty(B * H, S, C, 2 * D, dtype=torch.float32, device=v.device)
-        block_c, block_d, block_q, warps = (settings[key] for key in ("BLOCK_C", "BLOCK_D", "BLOCK_Q", "num_warps"))
-        wrap_triton(read_backward_kernel)[(B * H, S)](
-            z, gate.contiguous(), grad_out, cluster, own, scratch, grad_own_read, grad_gate, *sizes,
-            BLOCK_T=BLOCK_T, BLOCK_C=block_c, BLOCK_D=block_d, num_warps=warps)
-        wrap_triton(mix_backward_kernel)[(B * H, S)](
-            prefix, weight.contiguous(), scratch, grad_prefix, grad_weight, scale, *sizes,
-            BLOCK_C=block_c, BLOCK_D=block_d, BLOCK_Q=block_q, LOW=v.dtype != torch.float32, num_warps=warps)
-        wrap_triton(scan_kernel)[(B * H, triton.cdiv(C * E, SCAN_BLOCK))](grad_prefix, S, C * E, REVERSE=True, BLOCK=SCAN_BLOCK)
-    wrap_triton(block_sums_backward_kernel)[(B * H, S + 1)](
+        read_backward_kernel[(B * H, S)](z, gate.contiguous(), grad_out, cluster, own, scratch, grad_own_read, grad_gate, *sizes,
+                                         BLOCK_T=BLOCK_T, BLOCK_C=block_c, BLOCK_D=block_d, num_warps=warps)
+        mix_backward_kernel[(B * H, S)](prefix, weight.contiguous(), z, lse, scratch, grad_prefix, grad_weight, scale, *sizes,
+                                        BLOCK_C=block_c, BLOCK_D=block_d, BLOCK_K=settings["BLOCK_K"], LOW=v.dtype != torch.float32, num_warps=warps)
+        scan_kernel[(B * H, triton.cdiv(C * E, SCAN_BLOCK))](grad_prefix, S, C * E, REVERSE=True, BLOCK=SCAN_BLOCK)
+    block_sums_backward_kernel[(B * H, S + 1)](
         grad_prefix, k, v, grad_out, cluster, own, grad_own_read, grad_k, grad_v, grad_own,
-        *k.stride()[:3], *v.stride()[:3], *sizes, BLOCK_T=BLOCK_T, BLOCK_D=settings["BLOCK_D"], num_warps=4)
+        *k.stride()[:3], *v.stride()[:3], *sizes, BLOCK_T=BLOCK_T, BLOCK_D=block_d, num_warps=4)
     grad_own = grad_own.view(B, H, T).sum(dim=1, keepdim=True) if R == 1 else grad_own.view(B, H, T)
     return grad_k, grad_v, grad_own.unsqueeze(-1), grad_weight.sum(dim=0), grad_gate.sum(dim=(0, 2))
 
 
+@supernode_values_backward.register_fake
+def _(grad_out, k, v, cluster, own, weight, gate, prefix, z, lse, clusters, block, scale):
+    B, H, T, D = v.shape
+    return torch.empty_like(k), torch.empty_like(v), own.new_empty(own.shape), weight.new_empty(D, D), gate.new_empty(H)
+
+
 def setup_context(ctx, inputs, output):
     k, v, cluster, own, weight, gate, clusters, block, scale = inputs
-    _, prefix, z = output
-    ctx.save_for_backward(k, v, cluster, own, weight, gate, prefix, z)
+    _, prefix, z, lse = output
+    ctx.save_for_backward(k, v, cluster, own, weight, gate, prefix, z, lse)
     ctx.sizes = (clusters, block, scale)
 
 
-def backward(ctx, grad_out, _grad_prefix, _grad_z):
-    k, v, cluster, own, weight, gate, prefix, z = ctx.saved_tensors
-    grad_k, grad_v, grad_own, grad_weight, grad_gate = supernode_values_backward(grad_out, k, v, cluster, own, weight, gate, prefix, z, *ctx.sizes)
+def backward(ctx, grad_out, _grad_prefix, _grad_z, _grad_lse):
+    grad_k, grad_v, grad_own, grad_weight, grad_gate = supernode_values_backward(grad_out, *ctx.saved_tensors, *ctx.sizes)
     return grad_k, grad_v, None, grad_own, grad_weight, grad_gate, None, None, None
 
 

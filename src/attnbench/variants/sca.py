@@ -196,7 +196,7 @@ class SuperClusterAttention(LearnedClusterAttention):
 
     def supernode_values(self, k, v, cluster, own):
         """v' as `supernode_values_plain` defines it: by fused_supernodes' Triton kernels on CUDA, else plainly."""
-        if not (v.is_cuda and fused_supernodes is not None):
+        if not (v.is_cuda and fused_supernodes is not None and fused_supernodes.supported(v.dtype, self.clusters)):
             return self.supernode_values_plain(k, v, cluster, own)
         own = torch.ones_like(cluster, dtype=torch.float32).unsqueeze(-1) if own is None else own
         weight, gate = self.supernode_query.weight.float(), self.gate.float()
