@@ -77,13 +77,6 @@ from .base import PositiveAutoInt, masked_softmax_attention, pow2_block
 from .lca import LearnedClusterAttention, LearnedClusterOptions, cluster_attention_reference
 from .routing import block_cluster_slots, own_gate, straight_through_gates
 
-fused_supernodes = None  # the Triton kernels, for CUDA tensors only
-if torch.cuda.is_available():  # importing Triton costs time in every stage process on a CPU machine (see lca)
-    try:
-        from . import fused_supernodes
-    except ImportError:
-        pass
-
 
 class SuperClusterOptions(LearnedClusterOptions):
     block: PositiveAutoInt = Field("auto", description="block size b of the supernode steps; auto = smallest power of two >= sqrt(T), at least 16")
@@ -195,14 +188,6 @@ class SuperClusterAttention(LearnedClusterAttention):
         return self.add_to_values(v, extra)
 
     def supernode_values(self, k, v, cluster, own):
-        """v' as `supernode_values_plain` defines it: by fused_supernodes' Triton kernels on CUDA, else plainly."""
-        if not (v.is_cuda and fused_supernodes is not None and fused_supernodes.supported(v.dtype, self.clusters)):
-            return self.supernode_values_plain(k, v, cluster, own)
-        own = torch.ones_like(cluster, dtype=torch.float32).unsqueeze(-1) if own is None else own
-        weight, gate = self.supernode_query.weight.float(), self.gate.float()
-        return fused_supernodes.supernode_values(k, v, cluster, own, weight, gate, self.clusters, self.block, self.scale)[0]
-
-    def supernode_values_plain(self, k, v, cluster, own):
         """v' by one scatter-add per (block, cluster), a cumulative sum over blocks and one gather: no T x C tensor."""
         slots = block_cluster_slots(cluster, self.clusters, self.block)  # (B, R, T)
         z = self.mix(*prefix_supernodes(slots, own, k.float(), v.float(), self.clusters, self.block))  # (B, H, S, C, D)
