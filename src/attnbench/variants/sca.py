@@ -78,9 +78,6 @@ from .lca import LearnedClusterAttention, LearnedClusterOptions, cluster_attenti
 from .routing import block_cluster_slots, own_gate, straight_through_gates
 
 
-EMPTY_KEY = -1e4  # an empty supernode's extra key feature (`mix`)
-
-
 class SuperClusterOptions(LearnedClusterOptions):
     block: PositiveAutoInt = Field("auto", description="block size b of the supernode steps; auto = smallest power of two >= sqrt(T), at least 16")
     causal: bool = Field(True, description="false: the seed's non-causal clique design, for tests and profiles only, never the language model")
@@ -153,11 +150,8 @@ class SuperClusterAttention(LearnedClusterAttention):
     def mix(self, n: torch.Tensor, m: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
         """Supernode-to-supernode attention: n, m (B, H, S, C, D), weight sums total (B, R, S, C) -> z (B, H, S, C, D).
 
-        One fused sdpa call over the B x H x S steps, so no (C, C) score or probability tensor is stored. The empty
-        supernodes are kept out of the softmax by one more feature rather than a mask: queries carry 1 there, keys
-        0 if non-empty and EMPTY_KEY if empty (their scores drop by 10^4 x scale, so their weights are exactly 0),
-        values 0; with a mask sdpa ran its memory-efficient kernel (0.21 + 0.41 ms at T = 8K on the H200). A step
-        without keys attends to all (finite) and is zeroed.
+        One fused sdpa call over the B x H x S steps (its boolean mask: the non-empty supernodes are the keys), so no
+        (C, C) score or probability tensor is stored. A step without keys attends to all (finite) and is zeroed.
         """
         # Padded to whole multiples of 8 clusters (empty, so never keys): under bf16 autocast unaligned (C, C)
         # problems run on slow kernels (cuBLAS's align-1 GEMMs took 119 us each at T = 8K, C = 91, on the H100).
@@ -166,13 +160,11 @@ class SuperClusterAttention(LearnedClusterAttention):
         u = F.linear(n, self.supernode_query.weight.float())  # (B, H, S, C8, D)
         if S == 0:  # T <= b: no step is read. sdpa's memory-efficient backward fails on an empty batch; the empty u
             return u[..., :C, :]  # is the empty z, and W_u still gets its (zero) gradient, as in the reference
-        nonempty = (total > 0).expand(B, H, S, n.shape[-2]).unsqueeze(-1)  # (B, H, S, C8, 1)
-        has_keys = nonempty.any(dim=-2, keepdim=True)  # (B, H, S, 1, 1)
-        pad = n.new_zeros(*n.shape[:-1], 7)  # the feature padded to 8 columns: sdpa's kernels want D % 8 = 0
-        u = torch.cat([u, torch.ones_like(u[..., :1]), pad], dim=-1)
-        m = torch.cat([m, torch.where(nonempty, 0.0, EMPTY_KEY), pad], dim=-1)
-        z = F.scaled_dot_product_attention(*(a.flatten(1, 2) for a in (u, m, F.pad(n, (0, 8)))), scale=self.scale)
-        return torch.where(has_keys, z.unflatten(1, (H, S))[..., :D], 0.0)[..., :C, :]
+        nonempty = (total > 0).unsqueeze(-2)  # (B, R, S, 1, C8): the supernodes that can be keys
+        has_keys = nonempty.any(dim=-1, keepdim=True)  # (B, R, S, 1, 1)
+        keys = (nonempty | ~has_keys).expand(B, H, S, 1, n.shape[-2])
+        z = F.scaled_dot_product_attention(*(a.flatten(1, 2) for a in (u, m, n, keys)), scale=self.scale)  # (B, H S, C8, D)
+        return torch.where(has_keys, z.unflatten(1, (H, S)), 0.0)[..., :C, :]
 
     def add_to_values(self, v: torch.Tensor, extra: torch.Tensor) -> torch.Tensor:
         """v' = v + gate * extra, per head; v (B, H, T, D), extra (B, H, T, D) fp32."""
