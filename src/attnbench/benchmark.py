@@ -103,9 +103,9 @@ def attention_step(variant: str, T: int, batch: int, heads: int, head_dim: int, 
                 F.scaled_dot_product_attention(q, k, v, is_causal=True).backward(grad)
         return step
     layer = build_attention(variant, d_model, heads, T, options).cuda().train()
-    compile_mode = COMPILE_MODES[mode]
-    efficient = layer.efficient if compile_mode is None else torch.compile(
-        layer.efficient, dynamic=False, options={**compile_mode, **layer.compile_options})  # static T
+    mode_options = COMPILE_MODES[mode]
+    efficient = layer.efficient if mode_options is None else torch.compile(
+        layer.efficient, dynamic=False, options={**mode_options, **layer.compile_options})  # static T
 
     def step():
         torch.compiler.cudagraph_mark_step_begin()  # a new step: graphs may reuse the last one's outputs
