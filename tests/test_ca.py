@@ -51,14 +51,14 @@ def test_flex_path_equals_reference(T, block, lookback):
     assert rel_err(layer.flex(q, k, v, None), layer.reference(q, k, v, None)) < FP32_RTOL
 
 
-def expand_tiles(block_mask, T, tiles):
+def expand_tiles(block_mask, T):
     """Token-level (B, H, T, T) bool: pairs inside a key tile listed for their query tile."""
-    return expand_tiles_dense(block_mask.to_dense().bool(), T, tiles)
+    return expand_tiles_dense(block_mask.to_dense().bool(), T)
 
 
-def expand_tiles_dense(dense, T, tiles):
-    """(B, H, n_q, n_kv) tile flags -> (B, H, T, T) pair flags; tiles (query tile, key tile)."""
-    return dense.repeat_interleave(tiles[0], -2).repeat_interleave(tiles[1], -1)[..., :T, :T]
+def expand_tiles_dense(dense, T):
+    """(B, H, n, n) tile flags -> (B, H, T, T) pair flags."""
+    return dense.repeat_interleave(TILE, -1).repeat_interleave(TILE, -2)[..., :T, :T]
 
 
 def random_segment_starts(B, H, T, clusters):
@@ -67,27 +67,24 @@ def random_segment_starts(B, H, T, clusters):
     return torch.searchsorted(sorted_ids, sorted_ids)  # first index holding the same id
 
 
-@pytest.mark.parametrize("tiles", [(TILE, TILE), (64, 64), (128, 64), (64, 128)])
 @pytest.mark.parametrize("T", [1, 127, 128, 300, 700])
-def test_band_tile_lists_cover_the_band(T, tiles):
-    """Eager flex ignores the tile lists, so check them directly: every allowed pair lies in a listed tile, and
-    exactly the tiles wholly inside the band and before the diagonal are listed as full."""
+def test_band_tile_lists_cover_the_band(T):
+    """Eager flex ignores the tile lists, so check them directly: every allowed pair lies in a listed tile."""
     layer = ca_layer(T, 1, 8, block=48, lookback=1)
     wide = ca_layer(T, 1, 8, block=160, lookback=2)  # a band several tiles wide: full tiles exist
     for lo in (layer.band_start(T, None).expand(1, 1, T), wide.band_start(T, None).expand(1, 1, T), random_segment_starts(2, 3, T, clusters=5)):
         pos = torch.arange(T)
         band = (lo.unsqueeze(-1) <= pos) & (pos <= pos.unsqueeze(-1))  # (B, H, T, T)
-        block_mask = band_block_mask(lo, *tiles)
-        covered = expand_tiles(block_mask, T, tiles)
+        block_mask = band_block_mask(lo)
+        covered = expand_tiles(block_mask, T)
         assert not (band & ~covered).any(), "a pair inside the band lies in a tile the block mask skips"
-        full_tiles = BlockMask.from_kv_blocks(block_mask.full_kv_num_blocks, block_mask.full_kv_indices, BLOCK_SIZE=tiles).to_dense().bool()
-        assert not (expand_tiles_dense(full_tiles, T, tiles) & ~band).any(), "a tile listed as full holds a pair outside the band"
-        n_q, n_kv = full_tiles.shape[-2:]
-        padded = torch.nn.functional.pad(band, (0, n_kv * tiles[1] - T, 0, n_q * tiles[0] - T), value=True)  # padding: no constraint
-        inside = padded.unflatten(-2, (n_q, tiles[0])).unflatten(-1, (n_kv, tiles[1])).all(dim=(-3, -1))  # (B, H, n_q, n_kv)
-        row0, last_key = torch.arange(n_q) * tiles[0], torch.arange(n_kv) * tiles[1] + tiles[1] - 1
-        before_diagonal = last_key < row0.unsqueeze(-1)  # the key tile ends before the query tile's first row
-        assert torch.equal(full_tiles, inside & before_diagonal), "full tiles are not exactly the tiles inside the band before the diagonal"
+        full_tiles = BlockMask.from_kv_blocks(block_mask.full_kv_num_blocks, block_mask.full_kv_indices).to_dense().bool()
+        assert not (expand_tiles_dense(full_tiles, T) & ~band).any(), "a tile listed as full holds a pair outside the band"
+        n = full_tiles.shape[-1]
+        padded = torch.nn.functional.pad(band, (0, n * TILE - T, 0, n * TILE - T), value=True)  # padding: no constraint
+        inside = padded.unflatten(-2, (n, TILE)).unflatten(-1, (n, TILE)).all(dim=(-3, -1))  # (B, H, n, n)
+        below_diagonal = torch.ones(n, n, dtype=torch.bool).tril(-1)
+        assert torch.equal(full_tiles, inside & below_diagonal), "full tiles are not exactly the off-diagonal tiles inside the band"
 
 
 @pytest.mark.parametrize("options,message", [({"block": 0}, "(?s)block.*must be an integer >= 1 or 'auto'"), ({"lookback": -1}, "(?s)lookback.*must be an integer >= 0 or 'auto'")])

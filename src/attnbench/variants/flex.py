@@ -41,29 +41,26 @@ def flex_kernel(device: torch.device):
     return compiled_flex_attention() if device.type == "cuda" else flex_attention
 
 
-def band_block_mask(lo: torch.Tensor, q_tile: int = TILE, kv_tile: int = TILE) -> BlockMask:
-    """Block mask for `lo[b, h, i] <= j <= i`; lo: (B|1, H|1, T) int, non-decreasing along T; tiles of q_tile queries
-    by kv_tile keys.
+def band_block_mask(lo: torch.Tensor) -> BlockMask:
+    """Block mask for `lo[b, h, i] <= j <= i`; lo: (B|1, H|1, T) int, non-decreasing along T.
 
-    Per query tile (rows r0 .. r1), with lo non-decreasing: the key tiles from lo[r0] // kv_tile up to the last
-    one holding r1 are needed; those from ceil(lo[r1] / kv_tile) up to the one before the tile holding r0 hold
-    only allowed pairs (full); the rest, the first ones before that start and the diagonal ones (holding r0 ..
-    r1), are partial and keep the mask.
+    Per query tile q (rows r0 .. r1), with lo non-decreasing: the key tiles from lo[r0] // TILE up
+    to q are needed; those from ceil(lo[r1] / TILE) to q - 1 hold only allowed pairs (full); the
+    rest, first .. that start - 1 and the diagonal tile q, are partial and keep the mask.
     """
     Bl, Hl, T = lo.shape
-    n_q, n_kv = -(-T // q_tile), -(-T // kv_tile)
-    # Pad lo to whole query tiles so the mask function never indexes past its end.
-    lo = torch.cat([lo, lo[..., -1:].expand(Bl, Hl, n_q * q_tile - T)], dim=-1)  # (Bl, Hl, n_q * q_tile)
-    row0 = torch.arange(n_q, device=lo.device) * q_tile  # first row of each query tile
-    diagonal_first, diagonal_last = row0 // kv_tile, ((row0 + q_tile - 1) // kv_tile).clamp_max(n_kv - 1)
-    first = lo[..., ::q_tile] // kv_tile  # (Bl, Hl, n_q): first key tile of each query tile
-    full_start = torch.minimum(-(-lo[..., q_tile - 1 :: q_tile] // kv_tile), diagonal_first)  # first full tile
-    column = torch.arange(n_kv, device=lo.device)
-    full_indices = (full_start.unsqueeze(-1) + column).clamp_max(n_kv - 1)  # entries past the count are ignored
-    before = (full_start - first).unsqueeze(-1)  # partial tiles before the full ones
-    # Partial tiles: first .. full_start - 1, then the diagonal ones.
-    partial_indices = torch.where(column < before, first.unsqueeze(-1) + column, diagonal_first.unsqueeze(-1) + column - before)
-    partial_count = full_start - first + diagonal_last - diagonal_first + 1
+    n = -(-T // TILE)
+    # Pad lo to whole tiles so the mask function never indexes past its end.
+    lo = torch.cat([lo, lo[..., -1:].expand(Bl, Hl, n * TILE - T)], dim=-1)  # (Bl, Hl, n * TILE)
+    tiles = torch.arange(n, device=lo.device)
+    first = lo[..., ::TILE] // TILE  # (Bl, Hl, n): first key tile of each query tile
+    full_start = torch.minimum(-(-lo[..., TILE - 1 :: TILE] // TILE), tiles)  # (Bl, Hl, n): first full tile
+    full_count = tiles - full_start
+    full_indices = (full_start.unsqueeze(-1) + tiles).clamp_max(n - 1)  # entries past the count are ignored
+    partial_count = full_start - first + 1
+    # Partial tiles: first .. full_start - 1, then the diagonal.
+    column = tiles.expand(Bl, Hl, n, n)
+    partial_indices = torch.where(column < (partial_count - 1).unsqueeze(-1), first.unsqueeze(-1) + column, tiles.unsqueeze(-1))
     b_of = (lambda b: b) if Bl > 1 else (lambda b: 0)  # a shared mask reads row 0 for every batch row and head
     h_of = (lambda h: h) if Hl > 1 else (lambda h: 0)
 
@@ -71,12 +68,11 @@ def band_block_mask(lo: torch.Tensor, q_tile: int = TILE, kv_tile: int = TILE) -
         return (lo[b_of(b), h_of(h), q_idx] <= kv_idx) & (kv_idx <= q_idx)
 
     return BlockMask.from_kv_blocks(
-        partial_count.int(), partial_indices.clamp_max(n_kv - 1).int(), (diagonal_first - full_start).int(), full_indices.int(),
-        BLOCK_SIZE=(q_tile, kv_tile), mask_mod=mask_mod, seq_lengths=(T, T),
+        partial_count.int(), partial_indices.int(), full_count.int(), full_indices.int(),
+        BLOCK_SIZE=TILE, mask_mod=mask_mod, seq_lengths=(T, T),
     )
 
 
-def flex_band_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lo: torch.Tensor, scale: float,
-                        tiles: tuple[int, int] = (TILE, TILE), kernel_options: dict | None = None) -> torch.Tensor:
+def flex_band_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lo: torch.Tensor, scale: float) -> torch.Tensor:
     """Softmax attention of query i over keys lo[i] <= j <= i; q, k, v (B, H, T, D), lo (B|1, H|1, T)."""
-    return flex_kernel(q.device)(q, k, v, block_mask=band_block_mask(lo, *tiles), scale=scale, kernel_options=kernel_options)
+    return flex_kernel(q.device)(q, k, v, block_mask=band_block_mask(lo), scale=scale)
