@@ -248,7 +248,7 @@ def test_fused_routing_equals_plain(B, T, R, C, block, dtype):
     seed = fused_routing.draw_seed(device)
     grad_own, weight = torch.randn(B, T, R, device=device), 0.37
 
-    cluster, y_own, sums, _ = fused_routing.gumbel_route(logits, seed, tau, block)
+    cluster, y_own, sums, *_ = fused_routing.gumbel_route(logits, seed, tau, block)
     fused_balance = balance_from_block_sums(sums, cluster.transpose(1, 2), block)
     fused_loss = (grad_own * straight_through(y_own)).sum() + weight * fused_balance
     (fused_grad,) = torch.autograd.grad(fused_loss, logits)

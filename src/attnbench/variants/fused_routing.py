@@ -5,12 +5,14 @@ passes over the router's logits, one forward kernel and one backward kernel.
 A program owns one (batch row, balance block, router) and walks the block's
 tokens, so the forward also sums p_t = softmax(r_t) over the block (the
 balance loss needs only those sums, `routing.balance_from_block_sums`) and
-writes no per-token term. It keeps three row statistics, the maxima
-of z = (r + g) / tau and of r and the sum of exp(r - max r), so the backward
-needs no max: its reductions are y's normaliser (split into the own and the
-other clusters' parts) and the softmax backward of the block sums'
-gradient, and it regenerates the noise from the seed rather than storing a
-(B, T, R, C) tensor.
+writes no per-token balance term. It writes y = softmax((r + g) / tau) in the
+logits' dtype and two row statistics, max r and sum exp(r - max r), so the
+backward draws no noise and takes no max: it reads y, forms p from the
+statistics, and its reductions are 1 - y_own (the sum of the other clusters'
+y) and the softmax backward of the block sums' gradient. Storing y costs one
+write and one read of a logits-sized tensor; regenerating it cost the
+backward a Philox call, two logarithms and an exponential per logit, which
+made it issue-bound (reports/benchmarks/NVIDIA-H200.md).
 
 History, measured on the H100 (bf16 logits, forward and backward): the plain
 form under torch.compile made about ten fp32 passes over the logits, 1.73 ms
@@ -40,10 +42,11 @@ from torch.library import triton_op, wrap_triton
 LN2, LOG2E = tl.constexpr(0.6931471805599453), tl.constexpr(1.4426950408889634)
 TINY = tl.constexpr(1.1754943508222875e-38)  # fp32's smallest normal, as routing's clamp
 INTERPRET = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")  # Triton's CPU interpreter: tests without a GPU
-# Tokens per loop step and warps. (4, 2) was the row kernels' best at 8K and 32K on the H100 (16 settings); in
-# these block kernels a sweep of six settings on the H200 (eager probe, 1K / 8K / 32K, one run each) found no
-# setting best at every T (spreads up to 17%), so it stays.
-ROWS, NUM_WARPS = 4, 2
+# Tokens per loop step and warps. One warp per program keeps every row reduction inside a warp (with more, Triton
+# splits the columns across warps and each reduction passes through shared memory behind barriers). Forward +
+# backward on lca's benchmark logits (H200, do_bench, one call): (2, 1) 0.26 / 0.47 / 0.96 ms at 2K / 8K / 32K,
+# against 0.44 / 0.55 / 0.96 for the earlier (4, 2); (1, 1) 0.29 / 0.44 / 0.98; (4, 1), (8, 2), (8, 4) slower.
+ROWS, NUM_WARPS = 2, 1
 
 
 @triton.jit
@@ -77,15 +80,15 @@ def tile(rows, row_ok, C, BLOCK_C: tl.constexpr):
 
 
 @triton.jit
-def token_rows(logits_ptr, seed, inverse_tau, start, end, b, r, T, R, C, ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
+def token_rows(logits_ptr, start, end, b, r, T, R, C, ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
     """Tokens start .. start + ROWS - 1 of batch row b, router r (those before `end` real): their rows and row mask,
-    the columns, the tile's offsets and mask, the logits in fp32 (-inf in the padding columns only: a masked row
-    stays finite, no inf - inf) and z = (r + g) / tau."""
+    the columns, the tile's offsets and mask, and the logits in fp32 (-inf in the padding columns only: a masked
+    row stays finite, no inf - inf)."""
     t = start + tl.arange(0, ROWS)
     rows, row_ok = (b * T + t) * R + r, t < end
     cols, offsets, mask = tile(rows, row_ok, C, BLOCK_C)
     logits = tl.where(cols[None, :] < C, tl.load(logits_ptr + offsets, mask=mask, other=0.0).to(tl.float32), float("-inf"))
-    return rows, row_ok, cols, offsets, mask, logits, (logits + gumbel_rows(seed, rows, ROWS, BLOCK_C)) * inverse_tau
+    return rows, row_ok, cols, offsets, mask, logits
 
 
 @triton.jit
@@ -107,26 +110,31 @@ def noise_kernel(seed_ptr, out_ptr, N, C, ROWS: tl.constexpr, BLOCK_C: tl.conste
 
 @triton.jit
 def route_kernel(
-    logits_ptr, seed_ptr, tau_ptr, cluster_ptr, own_ptr, stats_ptr, sums_ptr,
+    logits_ptr, seed_ptr, tau_ptr, cluster_ptr, own_ptr, soft_ptr, stats_ptr, sums_ptr,
     T, R, C, n_blocks, block, ROWS: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """Per token of the block: c_t = argmax z_t, z = (r_t + g_t) / tau; y_t[c_t] = 1 / sum_c exp(z_c - z_{c_t});
-    the row statistics max_c z, max_c r and sum_c exp(r_c - max r); and, per block, P = sum_t softmax(r_t)."""
+    """Per token of the block: c_t = argmax z_t, z = (r_t + g_t) / tau; y_t = softmax(z_t) and its own entry
+    y_t[c_t] = 1 / sum_c exp(z_c - z_{c_t}); the row statistics max_c r and sum_c exp(r_c - max r); and, per
+    block, P = sum_t softmax(r_t)."""
     b, r, first, end, block_index = block_of_program(T, R, n_blocks, block)
     seed, inverse_tau = tl.load(seed_ptr), 1.0 / tl.load(tau_ptr)
     p_sum = tl.zeros((ROWS, BLOCK_C), tl.float32)
     for start in range(first, end, ROWS):
-        rows, row_ok, cols, offsets, mask, logits, z = token_rows(
-            logits_ptr, seed, inverse_tau, start, end, b, r, T, R, C, ROWS, BLOCK_C)
+        rows, row_ok, cols, offsets, mask, logits = token_rows(logits_ptr, start, end, b, r, T, R, C, ROWS, BLOCK_C)
+        z = (logits + gumbel_rows(seed, rows, ROWS, BLOCK_C)) * inverse_tau
         top = tl.max(z, axis=1)
-        tl.store(cluster_ptr + rows, tl.argmax(z, axis=1).to(tl.int64), mask=row_ok)
-        tl.store(own_ptr + rows, 1.0 / tl.sum(tl.exp2((z - top[:, None]) * LOG2E), axis=1), mask=row_ok)
+        # The argmax as the first column holding the row's maximum: the same index as tl.argmax, in fewer
+        # instructions (one reduction of a min, no (value, index) pairs).
+        tl.store(cluster_ptr + rows, tl.min(tl.where(z == top[:, None], cols[None, :], BLOCK_C), axis=1).to(tl.int64), mask=row_ok)
+        e_z = tl.exp2((z - top[:, None]) * LOG2E)
+        own = 1.0 / tl.sum(e_z, axis=1)
+        tl.store(own_ptr + rows, own, mask=row_ok)
+        tl.store(soft_ptr + offsets, (e_z * own[:, None]).to(soft_ptr.dtype.element_ty), mask=mask)
         shift = tl.max(logits, axis=1)
         e = tl.exp2((logits - shift[:, None]) * LOG2E)
         total = tl.sum(e, axis=1)
-        tl.store(stats_ptr + 3 * rows, top, mask=row_ok)
-        tl.store(stats_ptr + 3 * rows + 1, shift, mask=row_ok)
-        tl.store(stats_ptr + 3 * rows + 2, total, mask=row_ok)
+        tl.store(stats_ptr + 2 * rows, shift, mask=row_ok)
+        tl.store(stats_ptr + 2 * rows + 1, total, mask=row_ok)
         p_sum += tl.where(row_ok[:, None], e / total[:, None], 0.0)
     cols = tl.arange(0, BLOCK_C)
     tl.store(sums_ptr + block_index * C + cols, tl.sum(p_sum, axis=0), mask=cols < C)
@@ -134,33 +142,28 @@ def route_kernel(
 
 @triton.jit
 def route_backward_kernel(
-    logits_ptr, seed_ptr, tau_ptr, cluster_ptr, own_ptr, stats_ptr, grad_own_ptr, grad_sums_ptr, grad_ptr,
+    logits_ptr, tau_ptr, cluster_ptr, own_ptr, soft_ptr, stats_ptr, grad_own_ptr, grad_sums_ptr, grad_ptr,
     T, R, C, n_blocks, block, ROWS: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """dL/dr_t = g_own y_c (onehot_c - y) / tau + p (G - sum_c G_c p_c), G = dL/dP of t's block; y and p formed as
-    the forward formed them, from its row statistics, the noise regenerated from the seed.
+    """dL/dr_t = g_own y_c (onehot_c - y) / tau + p (G - sum_c G_c p_c), G = dL/dP of t's block; y as the forward
+    stored it, p formed as the forward formed it, from its row statistics.
 
-    1 - y_own is taken as the sum of the other y, never as a difference from 1. The compiler contracts
-    z - max z into an FMA with z's product, (r + g) * (1 / tau) - max z, which leaves a rounding residue where it
-    should be 0, and the approximate division need not give e / e = 1: with one cluster the gradient, exactly 0,
-    came out nonzero on the GPU (PTX: fma.rn.f32 and div.full.f32). The sum is exactly 0 there, and accurate
-    wherever the router is sure (y_own near 1)."""
+    1 - y_own is taken as the sum of the other y, never as a difference from 1: exactly 0 with one cluster,
+    where y_own, an approximate division of e by e, need not be exactly 1 (a nonzero gradient came out that way
+    on the GPU: PTX div.full.f32), and accurate wherever the router is sure (y_own near 1)."""
     b, r, first, end, block_index = block_of_program(T, R, n_blocks, block)
-    seed, inverse_tau = tl.load(seed_ptr), 1.0 / tl.load(tau_ptr)
+    inverse_tau = 1.0 / tl.load(tau_ptr)
     cols = tl.arange(0, BLOCK_C)
     grad_sums = tl.load(grad_sums_ptr + block_index * C + cols, mask=cols < C, other=0.0)[None, :]
     for start in range(first, end, ROWS):
-        rows, row_ok, cols, offsets, mask, logits, z = token_rows(
-            logits_ptr, seed, inverse_tau, start, end, b, r, T, R, C, ROWS, BLOCK_C)
+        rows, row_ok, cols, offsets, mask, logits = token_rows(logits_ptr, start, end, b, r, T, R, C, ROWS, BLOCK_C)
         own = tl.load(own_ptr + rows, mask=row_ok, other=0.0)
-        top = tl.load(stats_ptr + 3 * rows, mask=row_ok, other=0.0)
-        shift = tl.load(stats_ptr + 3 * rows + 1, mask=row_ok, other=0.0)
-        total = tl.load(stats_ptr + 3 * rows + 2, mask=row_ok, other=1.0)
-        e = tl.exp2((z - top[:, None]) * LOG2E)
+        shift = tl.load(stats_ptr + 2 * rows, mask=row_ok, other=0.0)
+        total = tl.load(stats_ptr + 2 * rows + 1, mask=row_ok, other=1.0)
+        y = tl.load(soft_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
         is_own = cols[None, :] == tl.load(cluster_ptr + rows, mask=row_ok, other=0)[:, None]
-        others = tl.sum(tl.where(is_own, 0.0, e), axis=1)  # sum_{c != c_t} e_c
-        norm = others + tl.sum(tl.where(is_own, e, 0.0), axis=1)
-        onehot_minus_y = tl.where(is_own, (others / norm)[:, None], -e / norm[:, None])
+        others = tl.sum(tl.where(is_own, 0.0, y), axis=1)  # sum_{c != c_t} y_c = 1 - y_own
+        onehot_minus_y = tl.where(is_own, others[:, None], -y)
         grad_own = tl.load(grad_own_ptr + rows, mask=row_ok, other=0.0)
         grad = (grad_own * own * inverse_tau)[:, None] * onehot_minus_y
         p = tl.exp2((logits - shift[:, None]) * LOG2E) / total[:, None]
@@ -199,26 +202,29 @@ def gumbel_noise(seed: torch.Tensor, shape: list[int]) -> torch.Tensor:
 
 
 @triton_op("attnbench::gumbel_route", mutates_args=())
-def gumbel_route(logits: torch.Tensor, seed: torch.Tensor, tau: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def gumbel_route(
+    logits: torch.Tensor, seed: torch.Tensor, tau: torch.Tensor, block: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """logits (B, T, R, C) -> cluster ids (B, T, R) int64, y_t[c_t] (B, T, R) fp32 (the own gate's soft value),
-    the block sums of softmax(r) (B, R, n, C) fp32 (for `routing.balance_from_block_sums`), and the row
-    statistics (B, T, R, 3) the backward reads."""
+    the block sums of softmax(r) (B, R, n, C) fp32 (for `routing.balance_from_block_sums`), and what the backward
+    reads: y (B, T, R, C) in the logits' dtype and the row statistics (B, T, R, 2) fp32."""
     B, T, R, C = logits.shape
     logits = logits.contiguous()
     check_size(logits)
     n_blocks, grid = block_grid(B, R, T, block)
     cluster = torch.empty(B, T, R, dtype=torch.int64, device=logits.device)
     own = torch.empty(B, T, R, dtype=torch.float32, device=logits.device)
-    stats = torch.empty(B, T, R, 3, dtype=torch.float32, device=logits.device)
+    soft = torch.empty_like(logits)
+    stats = torch.empty(B, T, R, 2, dtype=torch.float32, device=logits.device)
     sums = torch.empty(B, R, n_blocks, C, dtype=torch.float32, device=logits.device)
-    wrap_triton(route_kernel)[grid](logits, seed, tau, cluster, own, stats, sums, T, R, C, n_blocks, block,
+    wrap_triton(route_kernel)[grid](logits, seed, tau, cluster, own, soft, stats, sums, T, R, C, n_blocks, block,
                                      ROWS=ROWS, BLOCK_C=column_block(C), num_warps=NUM_WARPS)
-    return cluster, own, sums, stats
+    return cluster, own, sums, soft, stats
 
 
 @triton_op("attnbench::gumbel_route_backward", mutates_args=())
 def gumbel_route_backward(
-    logits: torch.Tensor, seed: torch.Tensor, tau: torch.Tensor, cluster: torch.Tensor, own: torch.Tensor,
+    logits: torch.Tensor, tau: torch.Tensor, cluster: torch.Tensor, own: torch.Tensor, soft: torch.Tensor,
     stats: torch.Tensor, grad_own: torch.Tensor, grad_sums: torch.Tensor, block: int,
 ) -> torch.Tensor:
     B, T, R, C = logits.shape
@@ -226,26 +232,26 @@ def gumbel_route_backward(
     n_blocks, grid = block_grid(B, R, T, block)
     grad = torch.empty_like(logits)
     wrap_triton(route_backward_kernel)[grid](
-        logits, seed, tau, cluster, own, stats, grad_own.contiguous(), grad_sums.contiguous(), grad,
+        logits, tau, cluster, own, soft, stats, grad_own.contiguous(), grad_sums.contiguous(), grad,
         T, R, C, n_blocks, block, ROWS=ROWS, BLOCK_C=column_block(C), num_warps=NUM_WARPS,
     )
     return grad
 
 
 def setup_context(ctx, inputs, output):
-    logits, seed, tau, block = inputs
-    cluster, own, _, stats = output
-    ctx.save_for_backward(logits, seed, tau, cluster, own, stats)
+    logits, _seed, tau, block = inputs
+    cluster, own, _, soft, stats = output
+    ctx.save_for_backward(logits, tau, cluster, own, soft, stats)
     ctx.block = block
 
 
-def backward(ctx, _grad_cluster, grad_own, grad_sums, _grad_stats):
-    logits, seed, tau, cluster, own, stats = ctx.saved_tensors
+def backward(ctx, _grad_cluster, grad_own, grad_sums, _grad_soft, _grad_stats):
+    logits, tau, cluster, own, soft, stats = ctx.saved_tensors
     grad_own = torch.zeros_like(own) if grad_own is None else grad_own
     if grad_sums is None:
         B, T, R, C = logits.shape
         grad_sums = own.new_zeros(B, R, block_grid(B, R, T, ctx.block)[0], C)
-    return gumbel_route_backward(logits, seed, tau, cluster, own, stats, grad_own, grad_sums, ctx.block), None, None, None
+    return gumbel_route_backward(logits, tau, cluster, own, soft, stats, grad_own, grad_sums, ctx.block), None, None, None
 
 
 gumbel_route.register_autograd(backward, setup_context=setup_context)

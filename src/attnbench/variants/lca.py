@@ -12,7 +12,8 @@ Query t attends to the keys s <= t of its cluster c_t:
 through the gates). The routing is defined in routing.py; the reference path
 takes it from `route`, the efficient paths from `route_own`, which in CUDA
 training runs fused_routing's Triton kernels (noise, softmax, argmax, own gate
-and the balance loss's block sums, never storing a (B, R, T, C) tensor). Both draw their noise
+and the balance loss's block sums; the backward reads the soft assignment y
+the forward stored in the logits' dtype). Both draw their noise
 from one seed taken from torch's generator, so under the same seed they route
 alike.
 
@@ -228,7 +229,7 @@ class LearnedClusterAttention(Attention):
             cluster, soft = self.route(x)
             return cluster, own_gate(cluster, soft)
         seed = fused_routing.draw_seed(x.device)
-        cluster, y_own, sums, _ = fused_routing.gumbel_route(self.router_logits(x), seed, self.tau, self.balance_block)
+        cluster, y_own, sums, *_ = fused_routing.gumbel_route(self.router_logits(x), seed, self.tau, self.balance_block)
         cluster = cluster.transpose(1, 2)
         self.aux_loss = self.balance * balance_from_block_sums(sums, cluster, self.balance_block)
         self.last_clusters = cluster.detach()
