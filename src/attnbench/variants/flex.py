@@ -25,6 +25,16 @@ import torch
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 TILE = 128  # FlexAttention's default sparse block size, for queries and keys
+# The kernels' own tiles for 16-bit inputs of head size <= 64, instead of Inductor's sm90 defaults (forward
+# 128 x 128; backward 64 x 128 x 128 x 64, 8 warps): these masks leave ~2-4 key tiles per query tile, and smaller
+# tiles skip more of what the mask removes. The Flex call alone on the H200 (do_bench, one call; forward and
+# backward times of seven configurations, reports/benchmarks/NVIDIA-H200-flex-configs-probe.csv): the fastest
+# forward and the fastest backward, added, against the defaults: lca's segments 0.84 -> 0.71 ms at 8K, 0.91 -> 0.77
+# at 32K, 0.82 -> 0.78 at 2K; ca's band at 2K 0.91 -> 0.69. fastcka keeps the defaults (its mask was not probed).
+SMALL_TILES = {
+    "fwd_BLOCK_M": 64, "fwd_BLOCK_N": 64, "fwd_num_stages": 3, "fwd_num_warps": 4,
+    "bwd_BLOCK_M1": 64, "bwd_BLOCK_N1": 64, "bwd_BLOCK_M2": 64, "bwd_BLOCK_N2": 64, "bwd_num_stages": 3, "bwd_num_warps": 4,
+}
 
 
 @functools.cache
@@ -39,6 +49,12 @@ def flex_kernel(device: torch.device):
     if torch.compiler.is_compiling():
         return flex_attention
     return compiled_flex_attention() if device.type == "cuda" else flex_attention
+
+
+def kernel_options(q: torch.Tensor) -> dict | None:
+    """SMALL_TILES where they were measured (CUDA, 16-bit, head size <= 64); Inductor's defaults elsewhere (fp32
+    tiles of this size would not fit in shared memory)."""
+    return SMALL_TILES if q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and q.shape[-1] <= 64 else None
 
 
 def band_block_mask(lo: torch.Tensor) -> BlockMask:
@@ -75,4 +91,4 @@ def band_block_mask(lo: torch.Tensor) -> BlockMask:
 
 def flex_band_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lo: torch.Tensor, scale: float) -> torch.Tensor:
     """Softmax attention of query i over keys lo[i] <= j <= i; q, k, v (B, H, T, D), lo (B|1, H|1, T)."""
-    return flex_kernel(q.device)(q, k, v, block_mask=band_block_mask(lo), scale=scale)
+    return flex_kernel(q.device)(q, k, v, block_mask=band_block_mask(lo), scale=scale, kernel_options=kernel_options(q))
