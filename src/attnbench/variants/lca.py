@@ -152,13 +152,16 @@ class Permute(torch.autograd.Function):
         return grad.gather(2, inverse), None, None
 
 
-def cluster_attention_flex(q, k, v, cluster, gate, scale):
+def cluster_attention_flex(q, k, v, cluster, gate, C, scale):
     """The CUDA path (eager on CPU, forward only): sorted order, FlexAttention over each segment, back to positions.
 
     One sort, one gather per tensor in, one out (by the inverse permutation); the gates ride on v and o.
     """
     B, H, T, D = q.shape
-    sorted_ids, order = torch.sort(cluster, dim=-1, stable=True)  # (B, R, T)
+    # Sorted as int16 where the ids fit: a radix sort makes one pass per key byte (lca's ids at T = 8K on the
+    # H200: 155 us as int64, 79 us as int16 with the cast, the sort op alone).
+    keys = cluster.to(torch.int16) if C <= torch.iinfo(torch.int16).max + 1 else cluster
+    sorted_ids, order = torch.sort(keys, dim=-1, stable=True)  # (B, R, T)
     inverse = torch.empty_like(order).scatter_(-1, order, torch.arange(T, device=q.device).expand_as(order))
     to_sorted, to_positions = (i.unsqueeze(-1).expand(B, H, T, D) for i in (order, inverse))
     q, k, v_gated = (Permute.apply(t, to_sorted, to_positions) for t in (q, k, gated(v, gate)))  # (B, H, T, D), sorted
@@ -254,7 +257,7 @@ class LearnedClusterAttention(Attention):
 
     def flex(self, q, k, v, x):
         cluster, own, v = self.routed_values(k, v, x)
-        return cluster_attention_flex(q, k, v, cluster, own, self.scale)
+        return cluster_attention_flex(q, k, v, cluster, own, self.clusters, self.scale)
 
     def stats(self) -> dict[str, float]:
         if self.last_clusters is None:
