@@ -52,8 +52,8 @@ def flex_kernel(device: torch.device):
 
 
 def kernel_options(q: torch.Tensor) -> dict | None:
-    """SMALL_TILES where they were measured (CUDA, 16-bit, head size <= 64); Inductor's defaults elsewhere (fp32
-    tiles of this size would not fit in shared memory)."""
+    """SMALL_TILES where they were measured (CUDA, 16-bit, head size <= 64); Inductor's defaults elsewhere (its fp32
+    backward tiles are 16 wide, sized for shared memory; these were not tried in fp32)."""
     return SMALL_TILES if q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and q.shape[-1] <= 64 else None
 
 
