@@ -183,6 +183,20 @@ def test_bad_options_are_refused(options, message):
         build_attention("lca", 16, 2, 32, options)
 
 
+@pytest.mark.parametrize("T, C", [(1, 1), (5, 3), (64, 2), (65, 7), (300, 17), (1000, 32)])
+def test_counting_sort_is_the_stable_sort(T, C):
+    """sort_by_cluster against torch.sort(stable=True): T below, at and past whole counting-sort blocks."""
+    from attnbench.variants.lca import sort_by_cluster
+
+    torch.manual_seed(T)
+    cluster = torch.randint(0, C, (2, 3, T))
+    order, inverse, counts, starts = sort_by_cluster(cluster, C)
+    assert torch.equal(order, torch.sort(cluster, dim=-1, stable=True).indices)
+    assert torch.equal(inverse.gather(-1, order), torch.arange(T).expand_as(order))
+    assert torch.equal(counts, F.one_hot(cluster, C).sum(dim=-2))
+    assert torch.equal(starts, counts.cumsum(dim=-1) - counts)
+
+
 def test_permute_backward_is_the_inverse_gather():
     """The sorted-order gathers carry their own backward (a gather by the inverse): it must equal autograd's scatter."""
     from attnbench.variants.lca import Permute

@@ -84,16 +84,33 @@ def gated(u: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
     return u if gate is None else (u * gate).to(u.dtype)
 
 
-def sort_segments(cluster: torch.Tensor, C: int):
-    """Stable sort by (cluster, position).
+# Positions per counting-sort block: its within-block ranks compare b x b pairs, its counts are (T / b) x C.
+SORT_BLOCK = 64
 
-    Returns order (B, R, T) (sorted index -> position), the sorted cluster ids,
-    counts (B, R, C) and starts (B, R, C), the sorted index where each cluster's segment begins.
+
+def sort_by_cluster(cluster: torch.Tensor, C: int):
+    """Stable sort of positions by cluster id (..., T) as a counting sort: a token's sorted index is its cluster's
+    start + the tokens of its cluster in earlier blocks + those before it in its own block. Pointwise work, small
+    scans and one scatter, which Inductor fuses, where a comparison sort (`torch.sort`) is an opaque multi-pass
+    radix sort whose launches alone took ~0.4 ms of host time per lca layer step at T = 8K on the H200.
+
+    Returns order (..., T) (sorted index -> position), inverse (..., T) (position -> sorted index), and per cluster
+    counts (..., C) and starts (..., C), the sorted index where its segment begins.
     """
-    sorted_ids, order = torch.sort(cluster, dim=-1, stable=True)
-    counts = torch.zeros(*cluster.shape[:-1], C, dtype=torch.long, device=cluster.device)
-    counts.scatter_add_(-1, cluster, torch.ones_like(cluster))
-    return order, sorted_ids, counts, counts.cumsum(dim=-1) - counts
+    T = cluster.shape[-1]
+    n = -(-T // SORT_BLOCK)
+    ids = F.pad(cluster, (0, n * SORT_BLOCK - T), value=C).unflatten(-1, (n, SORT_BLOCK))  # padding: id C, sorted last
+    earlier = torch.ones(SORT_BLOCK, SORT_BLOCK, dtype=torch.bool, device=cluster.device).tril(-1)
+    within = ((ids.unsqueeze(-1) == ids.unsqueeze(-2)) & earlier).sum(dim=-1)  # (..., n, b): same id, earlier in the block
+    counts = torch.zeros(*ids.shape[:-1], C + 1, dtype=torch.long, device=cluster.device)
+    counts = counts.scatter_add_(-1, ids, torch.ones_like(ids))  # (..., n, C + 1)
+    before = counts.cumsum(dim=-2) - counts  # the cluster's tokens in earlier blocks
+    totals = counts.sum(dim=-2)  # (..., C + 1)
+    starts = totals.cumsum(dim=-1) - totals
+    rank = ((starts.unsqueeze(-2) + before).gather(-1, ids) + within).flatten(-2)
+    inverse = rank[..., :T]
+    order = torch.empty_like(inverse).scatter_(-1, inverse, torch.arange(T, device=cluster.device).expand_as(inverse))
+    return order, inverse, totals[..., :C], starts[..., :C]
 
 
 def cluster_attention_reference(q, k, v, cluster, gates, scale):
@@ -114,11 +131,10 @@ def cluster_attention_chunked(q, k, v, cluster, gate, C, scale, chunk):
     gate: a_t[c_t] (B, R, T, 1) or None; inside a cluster a_s[c_t] = a_s[c_s], so one gate per token does.
     """
     B, H, T, D = q.shape
-    order, sorted_ids, counts, starts = sort_segments(cluster, C)
+    _, inverse, counts, starts = sort_by_cluster(cluster, C)
     padded = (counts + chunk - 1) // chunk * chunk  # (B, R, C)
     padded_starts = padded.cumsum(dim=-1) - padded
-    rank = torch.arange(T, device=q.device) - starts.gather(-1, sorted_ids)  # (B, R, T): index inside the cluster
-    slot = torch.empty_like(order).scatter_(-1, order, padded_starts.gather(-1, sorted_ids) + rank)  # position -> slot
+    slot = (padded_starts - starts).gather(-1, cluster) + inverse  # (B, R, T): position -> slot, rank kept in the cluster
     P = int(padded.sum(dim=-1).max())
     segment = torch.full((*cluster.shape[:2], P), C, device=q.device).scatter_(-1, slot, cluster)  # padding: C
     n_offsets = int(padded.max()) // chunk
@@ -127,14 +143,6 @@ def cluster_attention_chunked(q, k, v, cluster, gate, C, scale, chunk):
     q, k, v_gated = (t.new_zeros(B, H, P, D).scatter(2, index, t) for t in (q.float(), k.float(), gated(v.float(), gate)))
     out = chunked_segment_attention(q, k, v_gated, segment, chunk, n_offsets, scale)  # (B, H, P, D)
     return gated(out.gather(2, index), gate).to(v.dtype)
-
-
-def segment_starts(sorted_ids: torch.Tensor) -> torch.Tensor:
-    """For ids sorted along the last dim, the index where each entry's run of equal ids begins: O(T), no C-sized tensors."""
-    index = torch.arange(sorted_ids.shape[-1], device=sorted_ids.device)
-    opens = torch.ones_like(sorted_ids, dtype=torch.bool)
-    opens[..., 1:] = sorted_ids[..., 1:] != sorted_ids[..., :-1]
-    return torch.where(opens, index, 0).cummax(dim=-1).values
 
 
 class Permute(torch.autograd.Function):
@@ -158,14 +166,11 @@ def cluster_attention_flex(q, k, v, cluster, gate, C, scale):
     One sort, one gather per tensor in, one out (by the inverse permutation); the gates ride on v and o.
     """
     B, H, T, D = q.shape
-    # Sorted as int16 where the ids fit: a radix sort makes one pass per key byte (lca's ids at T = 8K on the
-    # H200: 155 us as int64, 79 us as int16 with the cast, the sort op alone).
-    keys = cluster.to(torch.int16) if C <= torch.iinfo(torch.int16).max + 1 else cluster
-    sorted_ids, order = torch.sort(keys, dim=-1, stable=True)  # (B, R, T)
-    inverse = torch.empty_like(order).scatter_(-1, order, torch.arange(T, device=q.device).expand_as(order))
+    order, inverse, _, starts = sort_by_cluster(cluster, C)
+    lo = starts.gather(-1, cluster).gather(-1, order)  # (B, R, T): in sorted order, where each entry's segment begins
     to_sorted, to_positions = (i.unsqueeze(-1).expand(B, H, T, D) for i in (order, inverse))
     q, k, v_gated = (Permute.apply(t, to_sorted, to_positions) for t in (q, k, gated(v, gate)))  # (B, H, T, D), sorted
-    out = flex_band_attention(q, k, v_gated, segment_starts(sorted_ids), scale)
+    out = flex_band_attention(q, k, v_gated, lo, scale)
     return gated(Permute.apply(out, to_positions, to_sorted), gate)
 
 
