@@ -19,7 +19,7 @@ alike.
 
 Paths:
 - reference: the formula with the dense T x T mask;
-- efficient, CPU: stable sort by (cluster, position), each cluster's segment
+- efficient, CPU: stable sort by (cluster, position) (a counting sort, `sort_by_cluster`), each cluster's segment
   padded to whole chunks, `chunked_segment_attention` (ca.py), scatter back;
 - efficient, CUDA: the same sort, then FlexAttention with the segment mask
   segment_start[i] <= j <= i in sorted order (flex.py), tile lists in O(T / 128).
