@@ -44,3 +44,24 @@ def test_markdown_shows_only_the_parts_that_ran():
     training = [{"variant": "ca", "model": "d512 L8 H8", "batch": 64, "ms": 40.0, "mtok_per_s": 1.6, "mfu": 0.3, "compiled": True, "status": "ok"}]
     training_only = markdown([], training, "H100", 65536, 8, 64, params)
     assert "## Attention" not in training_only and f"{64 * params.model.seq_len:,} tokens per step" in training_only
+
+
+def test_a_failed_point_keeps_the_cause_on_one_line_and_logs_the_traceback(monkeypatch, caplog):
+    """A compile error's cause sits at the end of a long message (Inductor wraps the subprocess's traceback):
+    the row's status keeps the start and the end on one line, the log gets the whole traceback."""
+    import torch
+
+    from attnbench.benchmark import run_point
+
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda: None)
+    message = "SubprocException: An exception occurred in a subprocess:\n" + "  File x.py, line 1\n" * 40 + "ValueError: the real cause"
+
+    def build():
+        raise RuntimeError(message)
+
+    with caplog.at_level("WARNING", logger="attnbench.benchmark"):
+        row = run_point("attention", "sca", 8192, 8, build, warmup=1, repeats=1)
+    assert row["status"].startswith("error: RuntimeError: SubprocException") and row["status"].endswith("ValueError: the real cause")
+    assert "\n" not in row["status"] and len(row["status"]) < 250
+    assert "Traceback" in caplog.text and caplog.text.count("File x.py") == 40

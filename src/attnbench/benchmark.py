@@ -23,6 +23,7 @@ import gc
 import logging
 import statistics
 import time
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 
@@ -160,6 +161,13 @@ def kernel_table(step: Callable[[], None], steps: int = CHAIN, top: int = 12) ->
                    f"| **all kernels** | **{total / steps / 1e3:.3f}** | | |"]
 
 
+def one_line(message: str, keep: int = 100) -> str:
+    """A message on one line, its start and its end where it is long: a compile error wrapped by Inductor names
+    its cause in the last line of the inner traceback."""
+    words = " ".join(message.split())
+    return words if len(words) <= 2 * keep + 5 else f"{words[:keep]} ... {words[-keep:]}"
+
+
 def run_point(kind: str, variant: str, T: int, batch: int, build: Callable[[], Callable[[], None]], warmup: int, repeats: int,
               trace: bool = False) -> dict:
     """One timed point (a row), with its kernel table under "kernels" where `trace`."""
@@ -178,7 +186,8 @@ def run_point(kind: str, variant: str, T: int, batch: int, build: Callable[[], C
     except torch.OutOfMemoryError:
         row.update(status="oom")
     except Exception as err:  # a variant that fails at one point is recorded, and the rest still run
-        row.update(status=f"error: {type(err).__name__}: {' '.join(str(err).split())[:200]}")
+        row.update(status=f"error: {type(err).__name__}: {one_line(str(err))}")
+        log.warning("%s %s T=%d failed:\n%s", kind, variant, T, traceback.format_exc())
     log.info("%s %s T=%d: %s", kind, variant, T, f"{row['ms']:.2f} ms, {row['mtok_per_s']:.1f} Mtok/s" if row["status"] == "ok" else row["status"])
     return row
 
