@@ -61,7 +61,7 @@ from torch import nn
 from .base import Attention, PositiveAutoInt, VariantOptions, auto_option, causal_mask, pow2_block
 from .ca import chunked_segment_attention
 from .flex import flex_band_attention
-from .routing import balance_from_block_sums, balance_loss, gumbel_noise, own_gate, route, straight_through, straight_through_gates
+from .routing import balance_from_block_sums, balance_loss, block_counts, gumbel_noise, own_gate, route, straight_through, straight_through_gates
 
 fused_routing = None  # the Triton kernels, for CUDA tensors only
 if torch.cuda.is_available():  # importing Triton and Inductor costs ~1.7 s, in every stage process on a CPU machine too
@@ -98,19 +98,17 @@ def sort_by_cluster(cluster: torch.Tensor, C: int):
     counts (..., C) and starts (..., C), the sorted index where its segment begins.
     """
     T = cluster.shape[-1]
-    n = -(-T // SORT_BLOCK)
-    ids = F.pad(cluster, (0, n * SORT_BLOCK - T), value=C).unflatten(-1, (n, SORT_BLOCK))  # padding: id C, sorted last
+    counts, before = block_counts(cluster, C, SORT_BLOCK)  # (..., n, C)
+    totals = counts.sum(dim=-2)  # (..., C)
+    starts = totals.cumsum(dim=-1) - totals
+    # Whole blocks: the padding's ids (0) only come after every real token of the last block, so they change no real
+    # token's rank, and their own ranks are dropped.
+    ids = F.pad(cluster, (0, counts.shape[-2] * SORT_BLOCK - T)).unflatten(-1, (-1, SORT_BLOCK))  # (..., n, b)
     earlier = torch.ones(SORT_BLOCK, SORT_BLOCK, dtype=torch.bool, device=cluster.device).tril(-1)
     within = ((ids.unsqueeze(-1) == ids.unsqueeze(-2)) & earlier).sum(dim=-1)  # (..., n, b): same id, earlier in the block
-    counts = torch.zeros(*ids.shape[:-1], C + 1, dtype=torch.long, device=cluster.device)
-    counts = counts.scatter_add_(-1, ids, torch.ones_like(ids))  # (..., n, C + 1)
-    before = counts.cumsum(dim=-2) - counts  # the cluster's tokens in earlier blocks
-    totals = counts.sum(dim=-2)  # (..., C + 1)
-    starts = totals.cumsum(dim=-1) - totals
-    rank = ((starts.unsqueeze(-2) + before).gather(-1, ids) + within).flatten(-2)
-    inverse = rank[..., :T]
+    inverse = ((starts.unsqueeze(-2) + before).gather(-1, ids) + within).flatten(-2)[..., :T]
     order = torch.empty_like(inverse).scatter_(-1, inverse, torch.arange(T, device=cluster.device).expand_as(inverse))
-    return order, inverse, totals[..., :C], starts[..., :C]
+    return order, inverse, totals, starts
 
 
 def cluster_attention_reference(q, k, v, cluster, gates, scale):

@@ -49,14 +49,21 @@ def block_cluster_slots(cluster: torch.Tensor, C: int, block: int) -> torch.Tens
     return torch.arange(cluster.shape[-1], device=cluster.device) // block * C + cluster
 
 
+def block_counts(cluster: torch.Tensor, C: int, block: int, dtype: torch.dtype = torch.long) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per block j of `block` positions (n = ceil(T / block)) and cluster c: the tokens of block j routed to c, and
+    those of the blocks before j, both (..., n, C) in `dtype`; cluster (..., T)."""
+    n = -(-cluster.shape[-1] // block)
+    counts = torch.zeros(*cluster.shape[:-1], n * C, dtype=dtype, device=cluster.device)
+    slots = block_cluster_slots(cluster, C, block)
+    counts = counts.scatter_add_(-1, slots, torch.ones_like(cluster, dtype=dtype)).unflatten(-1, (n, C))
+    return counts, counts.cumsum(dim=-2) - counts
+
+
 def block_shares(cluster: torch.Tensor, C: int, block: int) -> torch.Tensor:
     """F (..., n, C), n = ceil(T / block): per block j, the share of the tokens of the blocks before j routed to c
     (0 for j = 0); cluster (..., T)."""
-    n = -(-cluster.shape[-1] // block)
-    counts = torch.zeros(*cluster.shape[:-1], n * C, device=cluster.device)
-    slots = block_cluster_slots(cluster, C, block)
-    counts = counts.scatter_add_(-1, slots, torch.ones_like(cluster, dtype=counts.dtype)).unflatten(-1, (n, C))
-    before = counts.cumsum(dim=-2) - counts
+    _, before = block_counts(cluster, C, block, torch.float32)
+    n = before.shape[-2]
     return before / (torch.arange(n, device=cluster.device) * block).clamp_min(1).view(n, 1)
 
 
