@@ -41,8 +41,8 @@ Choices where the spec is open:
 - the gate is one scalar per head, initialised to 0.
 - block: auto = pow2_block(seq_len), as ca, independent of C. The efficient path computes
   only the steps a later block reads (all but the last block's, all complete blocks).
-- the supernode arithmetic runs in fp32 (the mixing, one fused sdpa call, in bf16 under autocast) and v' is cast
-  back to v's dtype.
+- the supernode arithmetic runs in fp32 (the mixing in bf16 under autocast: one sdpa call, or on the efficient
+  CUDA path fused_mixing's Triton kernels) and v' is cast back to v's dtype.
 - balance loss, tau annealing and stats() are lca's.
 
 Non-causal form (`causal: false`): the seed design as written, for tests and layer
