@@ -209,3 +209,34 @@ def test_mix_is_attention_over_the_non_empty_supernodes(router):
             weights = ((W @ n[b, h, s, c]) @ m[b, h, s, keys].T / D**0.5).softmax(dim=0)
             expected = weights @ n[b, h, s, keys]
         assert torch.allclose(z[b, h, s, c], expected, atol=1e-5), (b, h, s, c)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("router", ROUTERS)
+@pytest.mark.parametrize("S, C, D", [(4, 5, 8), (3, 91, 64), (2, 182, 64)])
+def test_fused_mixing_equals_sdpa_mixing(S, C, D, router, dtype, monkeypatch):
+    """fused_mixing's kernels against the sdpa call in `mix`: z and the gradients of n, m and W_u, at C below one
+    64-wide tile, at sca's C for 8K (two tiles) and for 32K (three), with a step that has no non-empty supernode."""
+    from attnbench.variants import fused_mixing, sca
+    from tests.test_lca import triton_device
+
+    device = triton_device()
+    monkeypatch.setattr(sca, "fused_mixing", fused_mixing)  # imported on CUDA machines only
+    B, H = 2, 2
+    layer = sca_layer(16, H, D, router=router).to(device)
+    R = H if router == "head" else 1
+    n, m = (torch.randn(B, H, S, C, D, device=device, requires_grad=True) for _ in range(2))
+    total = torch.randint(0, 3, (B, R, S, C), device=device).float()
+    total[:, :, 0] = 0
+    weight = torch.randn(B, H, S, C, D, device=device)
+
+    def run(fused):
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            z = layer.mix(n, m, total, fused=fused)
+        return z.float(), *torch.autograd.grad((z.float() * weight).sum(), (n, m, layer.supernode_query.weight))
+
+    # bf16: both sides round their operands to bf16; ~7e-3 apart under Triton's interpreter.
+    tol = FP32_RTOL if dtype == torch.float32 else 3e-2
+    for name, got, expected in zip(["z", "grad n", "grad m", "grad W_u"], run(True), run(False)):
+        assert rel_err(got, expected) < tol, f"{name}: rel err {rel_err(got, expected):.2e}"

@@ -41,8 +41,8 @@ Choices where the spec is open:
 - the gate is one scalar per head, initialised to 0.
 - block: auto = pow2_block(seq_len), as ca, independent of C. The efficient path computes
   only the steps a later block reads (all but the last block's, all complete blocks).
-- the supernode arithmetic runs in fp32 (the mixing, one fused sdpa call, in bf16 under autocast) and v' is cast
-  back to v's dtype.
+- the supernode arithmetic runs in fp32 (the mixing in bf16 under autocast: one sdpa call, or on the efficient
+  CUDA path fused_mixing's Triton kernels) and v' is cast back to v's dtype.
 - balance loss, tau annealing and stats() are lca's.
 
 Non-causal form (`causal: false`): the seed design as written, for tests and layer
@@ -76,6 +76,13 @@ from torch import nn
 from .base import PositiveAutoInt, masked_softmax_attention, pow2_block
 from .lca import LearnedClusterAttention, LearnedClusterOptions, cluster_attention_reference
 from .routing import block_cluster_slots, own_gate, straight_through_gates
+
+fused_mixing = None  # the Triton kernels of the supernode mixing, for CUDA tensors only
+if torch.cuda.is_available():  # as lca's fused_routing: no Triton import on a CPU machine
+    try:
+        from . import fused_mixing
+    except ImportError:
+        pass
 
 
 class SuperClusterOptions(LearnedClusterOptions):
@@ -147,11 +154,12 @@ class SuperClusterAttention(LearnedClusterAttention):
     def block(self) -> int:
         return pow2_block(self.seq_len) if self.options.block == "auto" else self.options.block
 
-    def mix(self, n: torch.Tensor, m: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
+    def mix(self, n: torch.Tensor, m: torch.Tensor, total: torch.Tensor, fused: bool = False) -> torch.Tensor:
         """Supernode-to-supernode attention: n, m (B, H, S, C, D), weight sums total (B, R, S, C) -> z (B, H, S, C, D).
 
         One fused sdpa call over the B x H x S steps (its boolean mask: the non-empty supernodes are the keys), so no
-        (C, C) score or probability tensor is stored. A step without keys attends to all (finite) and is zeroed.
+        (C, C) score or probability tensor is stored; with `fused` (CUDA tensors, Triton present) fused_mixing's
+        kernels instead, in autocast's dtype as sdpa would run. A step without keys attends to all (finite) and is zeroed.
         """
         # Padded to whole multiples of 8 clusters (empty, so never keys): under bf16 autocast unaligned (C, C)
         # problems run on slow kernels (cuBLAS's align-1 GEMMs took 119 us each at T = 8K, C = 91, on the H100).
@@ -163,8 +171,15 @@ class SuperClusterAttention(LearnedClusterAttention):
         nonempty = (total > 0).unsqueeze(-2)  # (B, R, S, 1, C8): the supernodes that can be keys
         has_keys = nonempty.any(dim=-1, keepdim=True)  # (B, R, S, 1, 1)
         keys = (nonempty | ~has_keys).expand(B, H, S, 1, n.shape[-2])
-        z = F.scaled_dot_product_attention(*(a.flatten(1, 2) for a in (u, m, n, keys)), scale=self.scale)  # (B, H S, C8, D)
-        return torch.where(has_keys, z.unflatten(1, (H, S)), 0.0)[..., :C, :]
+        if fused and fused_mixing is not None:
+            where = n.device.type
+            dtype = torch.get_autocast_dtype(where) if torch.is_autocast_enabled(where) else n.dtype
+            problems = (a.flatten(0, 2).to(dtype) for a in (u, m, n))  # (B H S, C8, D)
+            z, _ = fused_mixing.masked_mixing(*problems, keys.flatten(0, 3).to(torch.int8), self.scale)
+            z = z.unflatten(0, (B, H, S))
+        else:
+            z = F.scaled_dot_product_attention(*(a.flatten(1, 2) for a in (u, m, n, keys)), scale=self.scale).unflatten(1, (H, S))
+        return torch.where(has_keys, z, 0.0)[..., :C, :]
 
     def add_to_values(self, v: torch.Tensor, extra: torch.Tensor) -> torch.Tensor:
         """v' = v + gate * extra, per head; v (B, H, T, D), extra (B, H, T, D) fp32."""
@@ -190,7 +205,8 @@ class SuperClusterAttention(LearnedClusterAttention):
     def supernode_values(self, k, v, cluster, own):
         """v' by one scatter-add per (block, cluster), a cumulative sum over blocks and one gather: no T x C tensor."""
         slots = block_cluster_slots(cluster, self.clusters, self.block)  # (B, R, T)
-        z = self.mix(*prefix_supernodes(slots, own, k.float(), v.float(), self.clusters, self.block))  # (B, H, S, C, D)
+        n, m, total = prefix_supernodes(slots, own, k.float(), v.float(), self.clusters, self.block)  # (B, H, S, C, D)
+        z = self.mix(n, m, total, fused=v.is_cuda)
         return self.add_to_values(v, read_supernodes(z, slots, own))
 
     def reference(self, q, k, v, x):

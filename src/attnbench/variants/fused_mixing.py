@@ -1,0 +1,186 @@
+"""sca's supernode mixing as Triton kernels (CUDA): thousands of small masked attention problems.
+
+The mixing is one attention problem per (batch row, head, step): L = C (padded to 8) supernode queries attend
+over the L supernodes of that step whose mask bit is set (the non-empty ones). At T = 8K that is 4,032
+problems of 96 x 96 with D = 64, about 33 GFLOP fwd+bwd in all, yet sdpa's memory-efficient kernel (the only
+one taking a boolean mask) took 1.25 ms fwd+bwd on the H200, FlexAttention 1.39 ms and the fused kernels with
+the mask folded into one more feature 1.85 ms (reports/benchmarks/NVIDIA-H200.md, stop 22). Here a program owns
+64 query rows (forward, dq) or 64 keys (dk, dv) of one problem and loops over the rest of it, flash-style: no
+(L, L) tensor is stored, the forward keeps each row's log-sum-exp for the backward.
+
+Layout: q, k, v (P, L, D) contiguous, P = the problems; keys (P, L) int8, 1 where the supernode is a key; every
+row needs at least one key (the caller's `mix` guarantees it). Products run in the inputs' dtype with fp32
+accumulation (bf16 under autocast, as sdpa would); fp32 inputs use IEEE products, not TF32.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+BLOCK = 64  # query rows per forward / dq program, keys per dk-dv program, and the tile of every loop
+NUM_WARPS = 4
+INTERPRET = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")  # Triton's CPU interpreter: tests without a GPU
+NEG = tl.constexpr(-1.0e30)  # the running maximum's start: finite, so a tile whose keys are all masked adds 0, not NaN
+
+
+@triton.jit
+def dot(a, b, IEEE: tl.constexpr):
+    if INTERPRET:  # the interpreter's products of 16-bit operands are wrong (numpy has no bf16); the same in fp32
+        return tl.dot(a.to(tl.float32), b.to(tl.float32))
+    if IEEE:
+        return tl.dot(a, b, input_precision="ieee")
+    return tl.dot(a, b)
+
+
+@triton.jit
+def load_tile(ptr, p, start, L, D, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Rows start .. start + BLOCK of problem p, zero past L and D."""
+    rows = start + tl.arange(0, BLOCK)
+    dims = tl.arange(0, BLOCK_D)
+    mask = (rows < L)[:, None] & (dims < D)[None, :]
+    return tl.load(ptr + (p * L + rows)[:, None] * D + dims[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
+def store_tile(ptr, value, p, start, L, D, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
+    rows = start + tl.arange(0, BLOCK)
+    dims = tl.arange(0, BLOCK_D)
+    mask = (rows < L)[:, None] & (dims < D)[None, :]
+    tl.store(ptr + (p * L + rows)[:, None] * D + dims[None, :], value.to(ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def key_bits(KEYS, p, start, L, BLOCK: tl.constexpr):
+    cols = start + tl.arange(0, BLOCK)
+    return tl.load(KEYS + p * L + cols, mask=cols < L, other=0) != 0
+
+
+@triton.jit
+def forward_kernel(Q, K, V, KEYS, O, LSE, L, D, scale,
+                   BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr):
+    p = tl.program_id(0).to(tl.int64)
+    start_m = tl.program_id(1) * BLOCK
+    q = load_tile(Q, p, start_m, L, D, BLOCK, BLOCK_D)
+    row_max = tl.full([BLOCK], NEG, tl.float32)
+    row_sum = tl.zeros([BLOCK], tl.float32)
+    acc = tl.zeros([BLOCK, BLOCK_D], tl.float32)
+    for start_n in range(0, L, BLOCK):
+        k = load_tile(K, p, start_n, L, D, BLOCK, BLOCK_D)
+        v = load_tile(V, p, start_n, L, D, BLOCK, BLOCK_D)
+        s = dot(q, tl.trans(k), IEEE) * scale
+        s = tl.where(key_bits(KEYS, p, start_n, L, BLOCK)[None, :], s, float("-inf"))
+        new_max = tl.maximum(row_max, tl.max(s, 1))
+        e = tl.exp(s - new_max[:, None])
+        shrink = tl.exp(row_max - new_max)
+        row_sum = row_sum * shrink + tl.sum(e, 1)
+        acc = acc * shrink[:, None] + dot(e.to(v.dtype), v, IEEE)
+        row_max = new_max
+    store_tile(O, acc / row_sum[:, None], p, start_m, L, D, BLOCK, BLOCK_D)
+    rows = start_m + tl.arange(0, BLOCK)
+    tl.store(LSE + p * L + rows, row_max + tl.log(row_sum), mask=rows < L)
+
+
+@triton.jit
+def dq_kernel(Q, K, V, KEYS, O, LSE, DO, DQ, L, D, scale,
+              BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr):
+    p = tl.program_id(0).to(tl.int64)
+    start_m = tl.program_id(1) * BLOCK
+    rows = start_m + tl.arange(0, BLOCK)
+    q = load_tile(Q, p, start_m, L, D, BLOCK, BLOCK_D)
+    do = load_tile(DO, p, start_m, L, D, BLOCK, BLOCK_D)
+    delta = tl.sum(do.to(tl.float32) * load_tile(O, p, start_m, L, D, BLOCK, BLOCK_D).to(tl.float32), 1)
+    lse = tl.load(LSE + p * L + rows, mask=rows < L, other=0.0)
+    dq = tl.zeros([BLOCK, BLOCK_D], tl.float32)
+    for start_n in range(0, L, BLOCK):
+        k = load_tile(K, p, start_n, L, D, BLOCK, BLOCK_D)
+        v = load_tile(V, p, start_n, L, D, BLOCK, BLOCK_D)
+        s = dot(q, tl.trans(k), IEEE) * scale
+        prob = tl.where(key_bits(KEYS, p, start_n, L, BLOCK)[None, :], tl.exp(s - lse[:, None]), 0.0)
+        ds = prob * (dot(do, tl.trans(v), IEEE) - delta[:, None])
+        dq += dot(ds.to(k.dtype), k, IEEE)
+    store_tile(DQ, dq * scale, p, start_m, L, D, BLOCK, BLOCK_D)
+
+
+@triton.jit
+def dkdv_kernel(Q, K, V, KEYS, O, LSE, DO, DK, DV, L, D, scale,
+                BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr):
+    p = tl.program_id(0).to(tl.int64)
+    start_n = tl.program_id(1) * BLOCK
+    k = load_tile(K, p, start_n, L, D, BLOCK, BLOCK_D)
+    v = load_tile(V, p, start_n, L, D, BLOCK, BLOCK_D)
+    key = key_bits(KEYS, p, start_n, L, BLOCK)
+    dk = tl.zeros([BLOCK, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK, BLOCK_D], tl.float32)
+    for start_m in range(0, L, BLOCK):
+        rows = start_m + tl.arange(0, BLOCK)
+        q = load_tile(Q, p, start_m, L, D, BLOCK, BLOCK_D)
+        do = load_tile(DO, p, start_m, L, D, BLOCK, BLOCK_D)
+        delta = tl.sum(do.to(tl.float32) * load_tile(O, p, start_m, L, D, BLOCK, BLOCK_D).to(tl.float32), 1)
+        lse = tl.load(LSE + p * L + rows, mask=rows < L, other=0.0)
+        s_t = dot(k, tl.trans(q), IEEE) * scale  # (keys, rows)
+        prob_t = tl.where(key[:, None] & (rows < L)[None, :], tl.exp(s_t - lse[None, :]), 0.0)
+        dv += dot(prob_t.to(do.dtype), do, IEEE)
+        ds_t = prob_t * (dot(v, tl.trans(do), IEEE) - delta[None, :])
+        dk += dot(ds_t.to(q.dtype), q, IEEE)
+    store_tile(DK, dk * scale, p, start_n, L, D, BLOCK, BLOCK_D)
+    store_tile(DV, dv, p, start_n, L, D, BLOCK, BLOCK_D)
+
+
+def launch_options(q: torch.Tensor) -> dict:
+    P, L, D = q.shape
+    return dict(BLOCK=BLOCK, BLOCK_D=max(16, triton.next_power_of_2(D)), IEEE=q.dtype == torch.float32, num_warps=NUM_WARPS)
+
+
+# Opaque custom ops: Inductor calls them as they are and Triton's own launcher compiles the kernels, as in eager
+# mode. As `triton_op`s, Inductor's code generation for user-defined Triton kernels failed on them (stop 22, call 6).
+@torch.library.custom_op("attnbench::masked_mixing", mutates_args=())
+def masked_mixing(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """softmax(q k^T * scale, over the keys marked) v per problem: q, k, v (P, L, D), keys (P, L) int8 ->
+    o (P, L, D) in q's dtype and the rows' log-sum-exp (P, L) fp32."""
+    q, k, v, keys = (t.contiguous() for t in (q, k, v, keys))
+    o, lse = masked_mixing_fake(q, k, v, keys, scale)
+    P, L, D = q.shape
+    forward_kernel[(P, triton.cdiv(L, BLOCK))](q, k, v, keys, o, lse, L, D, scale, **launch_options(q))
+    return o, lse
+
+
+@masked_mixing.register_fake
+def masked_mixing_fake(q, k, v, keys, scale):
+    P, L, D = q.shape
+    return torch.empty(P, L, D, dtype=q.dtype, device=q.device), torch.empty(P, L, dtype=torch.float32, device=q.device)
+
+
+@torch.library.custom_op("attnbench::masked_mixing_backward", mutates_args=())
+def masked_mixing_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: torch.Tensor, o: torch.Tensor,
+                           lse: torch.Tensor, grad_o: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    grad_o = grad_o.contiguous()
+    P, L, D = q.shape
+    dq, dk, dv = masked_mixing_backward_fake(q, k, v, keys, o, lse, grad_o, scale)
+    grid = (P, triton.cdiv(L, BLOCK))
+    dq_kernel[grid](q, k, v, keys, o, lse, grad_o, dq, L, D, scale, **launch_options(q))
+    dkdv_kernel[grid](q, k, v, keys, o, lse, grad_o, dk, dv, L, D, scale, **launch_options(q))
+    return dq, dk, dv
+
+
+@masked_mixing_backward.register_fake
+def masked_mixing_backward_fake(q, k, v, keys, o, lse, grad_o, scale):
+    return tuple(torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
+
+
+def setup_context(ctx, inputs, output):
+    q, k, v, keys, scale = inputs
+    o, lse = output
+    ctx.save_for_backward(q.contiguous(), k.contiguous(), v.contiguous(), keys.contiguous(), o, lse)
+    ctx.scale = scale
+
+
+def backward(ctx, grad_o, _grad_lse):
+    q, k, v, keys, o, lse = ctx.saved_tensors
+    return *masked_mixing_backward(q, k, v, keys, o, lse, grad_o, ctx.scale), None, None
+
+
+masked_mixing.register_autograd(backward, setup_context=setup_context)
