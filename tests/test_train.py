@@ -142,3 +142,27 @@ def test_evaluate_refuses_a_model_of_another_size(tiny, tmp_path):
     bigger, _ = tiny({"model": {"d_model": 64}})
     with pytest.raises(ValueError, match="different model"):
         evaluate(bigger, "mha", prepared, tmp_path / "mha" / "model.pt")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_training_steps_make_no_host_sync(tiny, tmp_path):
+    """Between two log points a step must not wait for the GPU: the host queues the next step while the GPU runs
+    this one. CUDA's sync debug mode warns at every synchronizing call; a run of 8 steps must warn exactly as often
+    as a run of 4 (the syncs of logging, evaluation and saving, once per run), so no step adds one."""
+    import warnings
+
+    def syncs(steps: int) -> int:
+        overrides = {"train": {"steps": steps, "log_every": steps, "eval_every": steps, "checkpoint_every": steps, "device": "cuda"}}
+        params, prepared = tiny(overrides)
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                train_mod.train(params, "mha", prepared, tmp_path / f"mha{steps}")
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        return sum("synchroniz" in str(w.message) for w in caught)
+
+    syncs(4)  # warm-up: first-use syncs (allocations, cuDNN plans) happen once per process
+    assert syncs(8) == syncs(4) > 0

@@ -194,7 +194,8 @@ def train(params: Params, variant: str, data_dir: Path, out_dir: Path, tracker=N
             loss_sum += loss.detach() / len(shard)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         finite = torch.isfinite(loss.detach()) & torch.isfinite(grad_norm)
-        bad_step = torch.where((bad_step < 0) & ~finite, torch.tensor(step, device=device), bad_step)
+        # `step` as a Python scalar: a tensor made from it on the GPU is a copy that waits for the queue (a host sync).
+        bad_step = torch.where((bad_step < 0) & ~finite, step, bad_step)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         window_steps += 1
