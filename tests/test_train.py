@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import warnings
 
 import pytest
 import torch
@@ -150,7 +151,6 @@ def test_gpu_training_steps_make_no_host_sync(tiny, tmp_path):
     """Between two log points a step must not wait for the GPU: the host queues the next step while the GPU runs
     this one. CUDA's sync debug mode warns at every synchronizing call; a run of 8 steps must warn exactly as often
     as a run of 4 (the syncs of logging, evaluation and saving, once per run), so no step adds one."""
-    import warnings
 
     def syncs(steps: int) -> int:
         overrides = {"train": {"steps": steps, "log_every": steps, "eval_every": steps, "checkpoint_every": steps, "device": "cuda"}}
