@@ -2,9 +2,9 @@
 
 Computes what `routing` defines (`route` + `own_gate` + `balance_loss`) in two
 passes over the router's logits, one forward kernel and one backward kernel.
-A program owns one part of a (batch row, balance block, router) and walks its
-tokens, so the forward also sums p_t = softmax(r_t) over them (the balance
-loss needs only the block sums, `routing.balance_from_block_sums`) and
+A program owns one (batch row, balance block, router) and walks the block's
+tokens, so the forward also sums p_t = softmax(r_t) over the block (the
+balance loss needs only those sums, `routing.balance_from_block_sums`) and
 writes no per-token balance term. It writes y = softmax((r + g) / tau) in the
 logits' dtype and two row statistics, max r and sum exp(r - max r), so the
 backward draws no noise and takes no max: it reads y, forms p from the
@@ -47,9 +47,6 @@ INTERPRET = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")  # Triton's 
 # backward on lca's benchmark logits (H200, do_bench, one call): (2, 1) 0.26 / 0.47 / 0.96 ms at 2K / 8K / 32K,
 # against 0.44 / 0.55 / 0.96 for the earlier (4, 2); (1, 1) 0.29 / 0.44 / 0.98; (4, 1), (8, 2), (8, 4) slower.
 ROWS, NUM_WARPS = 2, 1
-# Programs per balance block: each walks a part of the block's tokens and writes its part of the block sums (summed
-# afterwards, in a fixed order). A program walking a whole block (128 tokens at 8K, 2 per step) was latency-bound.
-PARTS = 4
 
 
 @triton.jit
@@ -95,14 +92,12 @@ def token_rows(logits_ptr, start, end, b, r, T, R, C, ROWS: tl.constexpr, BLOCK_
 
 
 @triton.jit
-def block_of_program(T, R, n_blocks, block, PARTS: tl.constexpr):
-    """This program's batch row b, router r, balance block j and part of it (r fastest, so neighbouring programs share
-    cache lines of the logits), the part's first and end token, and the block's index in the (B, R, n_blocks) arrays."""
+def block_of_program(T, R, n_blocks, block):
+    """This program's batch row b, router r, balance block j (r fastest, so neighbouring programs share cache lines
+    of the logits), the block's first and end token, and its index in the (B, R, n_blocks) block arrays."""
     pid = tl.program_id(0)
-    r, part, j, b = pid % R, pid // R % PARTS, pid // (R * PARTS) % n_blocks, pid // (R * PARTS * n_blocks)
-    size = tl.cdiv(block, PARTS)
-    first = j * block + part * size
-    return b, r, first, tl.minimum(tl.minimum(first + size, j * block + block), T), (b * R + r) * n_blocks + j, part
+    r, j, b = pid % R, pid // R % n_blocks, pid // (R * n_blocks)
+    return b, r, j * block, tl.minimum(j * block + block, T), (b * R + r) * n_blocks + j
 
 
 @triton.jit
@@ -116,12 +111,12 @@ def noise_kernel(seed_ptr, out_ptr, N, C, ROWS: tl.constexpr, BLOCK_C: tl.conste
 @triton.jit
 def route_kernel(
     logits_ptr, seed_ptr, tau_ptr, cluster_ptr, own_ptr, soft_ptr, stats_ptr, sums_ptr,
-    T, R, C, n_blocks, block, ROWS: tl.constexpr, BLOCK_C: tl.constexpr, PARTS: tl.constexpr,
+    T, R, C, n_blocks, block, ROWS: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """Per token of the block part: c_t = argmax z_t, z = (r_t + g_t) / tau; y_t = softmax(z_t) and its own entry
+    """Per token of the block: c_t = argmax z_t, z = (r_t + g_t) / tau; y_t = softmax(z_t) and its own entry
     y_t[c_t] = 1 / sum_c exp(z_c - z_{c_t}); the row statistics max_c r and sum_c exp(r_c - max r); and, per
     block, P = sum_t softmax(r_t)."""
-    b, r, first, end, block_index, part = block_of_program(T, R, n_blocks, block, PARTS)
+    b, r, first, end, block_index = block_of_program(T, R, n_blocks, block)
     seed, inverse_tau = tl.load(seed_ptr), 1.0 / tl.load(tau_ptr)
     p_sum = tl.zeros((ROWS, BLOCK_C), tl.float32)
     for start in range(first, end, ROWS):
@@ -142,13 +137,13 @@ def route_kernel(
         tl.store(stats_ptr + 2 * rows + 1, total, mask=row_ok)
         p_sum += tl.where(row_ok[:, None], e / total[:, None], 0.0)
     cols = tl.arange(0, BLOCK_C)
-    tl.store(sums_ptr + (block_index * PARTS + part) * C + cols, tl.sum(p_sum, axis=0), mask=cols < C)
+    tl.store(sums_ptr + block_index * C + cols, tl.sum(p_sum, axis=0), mask=cols < C)
 
 
 @triton.jit
 def route_backward_kernel(
     logits_ptr, tau_ptr, cluster_ptr, own_ptr, soft_ptr, stats_ptr, grad_own_ptr, grad_sums_ptr, grad_ptr,
-    T, R, C, n_blocks, block, ROWS: tl.constexpr, BLOCK_C: tl.constexpr, PARTS: tl.constexpr,
+    T, R, C, n_blocks, block, ROWS: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """dL/dr_t = g_own y_c (onehot_c - y) / tau + p (G - sum_c G_c p_c), G = dL/dP of t's block; y as the forward
     stored it, p formed as the forward formed it, from its row statistics.
@@ -156,7 +151,7 @@ def route_backward_kernel(
     1 - y_own is taken as the sum of the other y, never as a difference from 1: exactly 0 with one cluster,
     where y_own, an approximate division of e by e, need not be exactly 1 (a nonzero gradient came out that way
     on the GPU: PTX div.full.f32), and accurate wherever the router is sure (y_own near 1)."""
-    b, r, first, end, block_index, _ = block_of_program(T, R, n_blocks, block, PARTS)
+    b, r, first, end, block_index = block_of_program(T, R, n_blocks, block)
     inverse_tau = 1.0 / tl.load(tau_ptr)
     cols = tl.arange(0, BLOCK_C)
     grad_sums = tl.load(grad_sums_ptr + block_index * C + cols, mask=cols < C, other=0.0)[None, :]
@@ -186,9 +181,9 @@ def column_block(C: int) -> int:
 
 
 def block_grid(B: int, R: int, T: int, block: int) -> tuple[int, tuple[int]]:
-    """The balance blocks per row n and the grid of the route kernels: one program per (b, j, part, r)."""
+    """The balance blocks per row n and the grid of the route kernels: one program per (b, j, r)."""
     n_blocks = triton.cdiv(T, block)
-    return n_blocks, (B * n_blocks * PARTS * R,)
+    return n_blocks, (B * n_blocks * R,)
 
 
 def check_size(logits: torch.Tensor) -> None:
@@ -221,10 +216,10 @@ def gumbel_route(
     own = torch.empty(B, T, R, dtype=torch.float32, device=logits.device)
     soft = torch.empty_like(logits)
     stats = torch.empty(B, T, R, 2, dtype=torch.float32, device=logits.device)
-    parts = torch.empty(B, R, n_blocks, PARTS, C, dtype=torch.float32, device=logits.device)
-    wrap_triton(route_kernel)[grid](logits, seed, tau, cluster, own, soft, stats, parts, T, R, C, n_blocks, block,
-                                     ROWS=ROWS, BLOCK_C=column_block(C), PARTS=PARTS, num_warps=NUM_WARPS)
-    return cluster, own, parts.sum(dim=3), soft, stats
+    sums = torch.empty(B, R, n_blocks, C, dtype=torch.float32, device=logits.device)
+    wrap_triton(route_kernel)[grid](logits, seed, tau, cluster, own, soft, stats, sums, T, R, C, n_blocks, block,
+                                     ROWS=ROWS, BLOCK_C=column_block(C), num_warps=NUM_WARPS)
+    return cluster, own, sums, soft, stats
 
 
 @triton_op("attnbench::gumbel_route_backward", mutates_args=())
@@ -238,7 +233,7 @@ def gumbel_route_backward(
     grad = torch.empty_like(logits)
     wrap_triton(route_backward_kernel)[grid](
         logits, tau, cluster, own, soft, stats, grad_own.contiguous(), grad_sums.contiguous(), grad,
-        T, R, C, n_blocks, block, ROWS=ROWS, BLOCK_C=column_block(C), PARTS=PARTS, num_warps=NUM_WARPS,
+        T, R, C, n_blocks, block, ROWS=ROWS, BLOCK_C=column_block(C), num_warps=NUM_WARPS,
     )
     return grad
 

@@ -50,6 +50,19 @@ def segment_of_program(STARTS, COUNTS, H, R, C, C8):
 
 
 @triton.jit
+def token_lanes(start, token0, count, BLOCK_L: tl.constexpr):
+    """Sorted indices of the segment's tokens token0 .. token0 + BLOCK_L - 1, and which of them are in the segment."""
+    lanes = token0 + tl.arange(0, BLOCK_L)
+    return start + lanes, lanes < count
+
+
+@triton.jit
+def store_steps(X, value, rows, steps, S, dims, D):
+    """value (steps, D) into rows `rows` of X, the steps past S left out."""
+    tl.store(X + rows[:, None] * D + dims[None, :], value.to(X.dtype.element_ty), mask=(steps < S)[:, None] & (dims < D)[None, :])
+
+
+@triton.jit
 def token_tile(X, bh, T, index, ok, dims, D):
     """Rows `index` of (bh)'s (T, D) slice of X, zero where not ok or past D."""
     return tl.load(X + (bh * T + index)[:, None] * D + dims[None, :], mask=ok[:, None] & (dims < D)[None, :], other=0.0)
@@ -78,9 +91,7 @@ def prefix_kernel(K, V, W, BLOCKS, STARTS, COUNTS, N, M, TOTAL, T, H, R, C, C8, 
         acc_v = tl.zeros([BLOCK_S, BLOCK_D], tl.float32)
         acc_w = tl.zeros([BLOCK_S], tl.float32)
         for token0 in range(0, count, BLOCK_L):
-            lanes = token0 + tl.arange(0, BLOCK_L)
-            ok = lanes < count
-            index = start + lanes
+            index, ok = token_lanes(start, token0, count, BLOCK_L)
             block = tl.load(BLOCKS + routing_row * T + index, mask=ok, other=S)  # S: in no step's prefix
             w = tl.load(W + routing_row * T + index, mask=ok, other=0.0)
             member = block[None, :] <= steps[:, None]  # (steps, tokens)
@@ -92,10 +103,8 @@ def prefix_kernel(K, V, W, BLOCKS, STARTS, COUNTS, N, M, TOTAL, T, H, R, C, C8, 
             acc_v += dot(member, (v * w[:, None]).to(v.dtype), IEEE)
         inverse = 1.0 / tl.where(acc_w > 0, acc_w, 1.0)
         rows = step_rows(bh, steps, S, C8, c)
-        mask = (steps < S)[:, None] & (dims < D)[None, :]
-        offsets = rows[:, None] * D + dims[None, :]
-        tl.store(N + offsets, (acc_v * inverse[:, None]).to(N.dtype.element_ty), mask=mask)
-        tl.store(M + offsets, (acc_k * inverse[:, None]).to(M.dtype.element_ty), mask=mask)
+        store_steps(N, acc_v * inverse[:, None], rows, steps, S, dims, D)
+        store_steps(M, acc_k * inverse[:, None], rows, steps, S, dims, D)
         tl.store(TOTAL + rows, acc_w, mask=steps < S)
 
 
@@ -110,9 +119,7 @@ def prefix_backward_kernel(K, V, W, BLOCKS, STARTS, COUNTS, N, M, TOTAL, DN, DM,
     bh, routing_row, c, start, count = segment_of_program(STARTS, COUNTS, H, R, C, C8)
     dims = tl.arange(0, BLOCK_D)
     for token0 in range(0, count, BLOCK_L):
-        lanes = token0 + tl.arange(0, BLOCK_L)
-        ok = lanes < count
-        index = start + lanes
+        index, ok = token_lanes(start, token0, count, BLOCK_L)
         block = tl.load(BLOCKS + routing_row * T + index, mask=ok, other=S)
         w = tl.load(W + routing_row * T + index, mask=ok, other=0.0)
         k = token_tile(K, bh, T, index, ok, dims, D)
@@ -153,14 +160,11 @@ def read_backward_kernel(G, BLOCKS, STARTS, COUNTS, DZ, T, H, R, C, C8, S, D,
         steps = step0 + tl.arange(0, BLOCK_S)
         acc = tl.zeros([BLOCK_S, BLOCK_D], tl.float32)
         for token0 in range(0, count, BLOCK_L):
-            lanes = token0 + tl.arange(0, BLOCK_L)
-            ok = lanes < count
-            index = start + lanes
+            index, ok = token_lanes(start, token0, count, BLOCK_L)
             block = tl.load(BLOCKS + routing_row * T + index, mask=ok, other=0)  # 0: read by no step
             g = token_tile(G, bh, T, index, ok, dims, D)
             acc += dot(as_operand(block[None, :] == steps[:, None] + 1, g.dtype), g, IEEE)
-        rows = step_rows(bh, steps, S, C8, c)
-        tl.store(DZ + rows[:, None] * D + dims[None, :], acc.to(DZ.dtype.element_ty), mask=(steps < S)[:, None] & (dims < D)[None, :])
+        store_steps(DZ, acc, step_rows(bh, steps, S, C8, c), steps, S, dims, D)
 
 
 def launch_options(kernel: str, x: torch.Tensor, C8: int, B: int, H: int) -> tuple[tuple[int], dict]:
