@@ -240,3 +240,57 @@ def test_fused_mixing_equals_sdpa_mixing(S, C, D, router, dtype, monkeypatch):
     tol = FP32_RTOL if dtype == torch.float32 else 3e-2
     for name, got, expected in zip(["z", "grad n", "grad m", "grad W_u"], run(True), run(False)):
         assert rel_err(got, expected) < tol, f"{name}: rel err {rel_err(got, expected):.2e}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("router", ROUTERS)
+@pytest.mark.parametrize("T, C, block", [(1, 1, 16), (37, 3, 16), (300, 17, 8), (700, 5, 8)], ids=str)
+def test_fused_supernodes_equal_position_order(T, C, block, router, dtype, monkeypatch):
+    """The CUDA path's v', computed in sorted order by fused_supernodes' kernels, against the CPU path's position-order
+    PyTorch (scatter-add, cumulative sum, gather), sorted: v' and the gradients of k, v, the own gates, W_u and the gate.
+    The last cluster is empty; at T = 700 the steps span two of the kernels' tiles and a cluster three token tiles."""
+    from attnbench.variants import fused_mixing, fused_supernodes, sca
+    from attnbench.variants.lca import sort_by_cluster
+    from attnbench.variants.routing import straight_through
+    from tests.test_lca import triton_device
+
+    device = triton_device()
+    monkeypatch.setattr(sca, "fused_mixing", fused_mixing)  # imported on CUDA machines only
+    monkeypatch.setattr(sca, "fused_supernodes", fused_supernodes)
+    B, H, D = 2, 2, 8
+    R = H if router == "head" else 1
+    layer = sca_layer(T, H, D, clusters=C, block=block, router=router).to(device)
+    # Both paths mix with fused_mixing's kernels, as on CUDA (the plain path picks sdpa on a CPU tensor).
+    monkeypatch.setattr(layer, "mix", lambda n, m, total, fused=False: sca.SuperClusterAttention.mix(layer, n, m, total, fused=True))
+    k, v = (torch.randn(B, H, T, D, device=device, requires_grad=True) for _ in range(2))
+    y = torch.rand(B, R, T, 1, device=device, requires_grad=True)
+    cluster = torch.randint(0, max(C - 1, 1), (B, R, T), device=device)
+    order, _, counts, starts = sort_by_cluster(cluster, C)
+    weight = torch.randn(B, H, T, D, device=device)
+
+    def to_sorted(u):
+        return u.gather(2, order.unsqueeze(-1).expand(*u.shape[:2], T, u.shape[-1]))
+
+    def run(fused, dtype):
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            own = straight_through(y)
+            k_in, v_in = k.to(dtype), v.to(dtype)
+            if fused:
+                values = layer.sorted_supernode_values(cluster, to_sorted(k_in), to_sorted(v_in), to_sorted(own), order, counts, starts)
+            else:
+                values = to_sorted(layer.supernode_values(k_in, v_in, cluster, own))
+        grads = torch.autograd.grad((values.float() * weight).sum(), (k, v, y, layer.supernode_query.weight, layer.gate))
+        return values.float(), *grads
+
+    # bf16: within twice the plain path's own bf16 error, both against the plain path in fp32 (the fused path stores
+    # n and m in bf16, the plain one keeps them in fp32 until the mixing casts them; a gradient summed over all tokens,
+    # as the gate's, cancels, which magnifies rounding). Four times under Triton's interpreter, whose fp32 -> bf16
+    # casts truncate where the GPU's round to nearest.
+    names = ["v'", "grad k", "grad v", "grad own", "grad W_u", "grad gate"]
+    exact = run(False, torch.float32)
+    plain = exact if dtype == torch.float32 else run(False, dtype)
+    factor = 2 if device == "cuda" else 4
+    for name, got, expected, baseline in zip(names, run(True, dtype), exact, plain):
+        tol = FP32_RTOL if dtype == torch.float32 else factor * rel_err(baseline, expected) + 1e-3
+        assert rel_err(got, expected) < tol, f"{name}: rel err {rel_err(got, expected):.2e}, tolerance {tol:.2e}"

@@ -19,11 +19,13 @@ initial value) sca is lca exactly; its gradient still reaches the gate.
 Paths (both call the router once per forward):
 - reference: every step's supernodes from dense prefix masks (steps x T) and
   one-hot memberships, then lca's dense reference attention over v';
-- efficient: sums per (block, cluster) by one scatter-add of the tokens' k and v
+- efficient, CPU: sums per (block, cluster) by one scatter-add of the tokens' k and v
   ((B, H, T/b, C, D)) and a cumulative sum over blocks, O(T D + (T/b) C D), no
   T x T and no T x C tensor; each token reads its own cluster's state by one
-  gather; the mixing costs (T/b) C^2 D; then lca's efficient attention over v'
-  (the chunked CPU path, or the Flex path on CUDA).
+  gather; the mixing costs (T/b) C^2 D; then lca's chunked attention over v';
+- efficient, CUDA: the same states computed in lca's sorted order, where each cluster is one
+  segment, by fused_supernodes' Triton kernels (per-segment masked products, no atomics), the
+  mixing by fused_mixing's, then lca's Flex attention over v'.
 
 Choices where the spec is open:
 - membership is weighted by the token's own straight-through gate a_s[c_s] (lca's formula
@@ -42,7 +44,9 @@ Choices where the spec is open:
 - block: auto = pow2_block(seq_len), as ca, independent of C. The efficient path computes
   only the steps a later block reads (all but the last block's, all complete blocks).
 - the supernode arithmetic runs in fp32 (the mixing in bf16 under autocast: one sdpa call, or on the efficient
-  CUDA path fused_mixing's Triton kernels) and v' is cast back to v's dtype.
+  CUDA path fused_mixing's Triton kernels) and v' is cast back to v's dtype. On the CUDA path the kernels
+  accumulate the sums in fp32 and store the states n, m in k's dtype (bf16 under autocast), the dtype the
+  mixing reads them in.
 - balance loss, tau annealing and stats() are lca's.
 
 Non-causal form (`causal: false`): the seed design as written, for tests and layer
@@ -68,19 +72,21 @@ refusing it for the model is the model's or the config's job.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
 from .base import PositiveAutoInt, masked_softmax_attention, pow2_block
-from .lca import LearnedClusterAttention, LearnedClusterOptions, cluster_attention_reference
+from .lca import LearnedClusterAttention, LearnedClusterOptions, cluster_attention_flex, cluster_attention_reference
 from .routing import block_cluster_slots, own_gate, straight_through_gates
 
-fused_mixing = None  # the Triton kernels of the supernode mixing, for CUDA tensors only
+fused_mixing = fused_supernodes = None  # the Triton kernels of the mixing and of the supernode states, for CUDA tensors only
 if torch.cuda.is_available():  # as lca's fused_routing: no Triton import on a CPU machine
     try:
-        from . import fused_mixing
+        from . import fused_mixing, fused_supernodes
     except ImportError:
         pass
 
@@ -165,7 +171,7 @@ class SuperClusterAttention(LearnedClusterAttention):
         # problems run on slow kernels (cuBLAS's align-1 GEMMs took 119 us each at T = 8K, C = 91, on the H100).
         B, H, S, C, D = n.shape
         n, m, total = F.pad(n, (0, 0, 0, -C % 8)), F.pad(m, (0, 0, 0, -C % 8)), F.pad(total, (0, -C % 8))
-        u = F.linear(n, self.supernode_query.weight.float())  # (B, H, S, C8, D)
+        u = F.linear(n, self.supernode_query.weight.to(n.dtype))  # (B, H, S, C8, D)
         if S == 0:  # T <= b: no step is read. sdpa's memory-efficient backward fails on an empty batch; the empty u
             return u[..., :C, :]  # is the empty z, and W_u still gets its (zero) gradient, as in the reference
         nonempty = (total > 0).unsqueeze(-2)  # (B, R, S, 1, C8): the supernodes that can be keys
@@ -209,6 +215,20 @@ class SuperClusterAttention(LearnedClusterAttention):
         z = self.mix(n, m, total, fused=v.is_cuda)
         return self.add_to_values(v, read_supernodes(z, slots, own))
 
+    def sorted_supernode_values(self, cluster, k, v, own, order, counts, starts):
+        """v' in lca's sorted order by fused_supernodes' kernels: k, v (B, H, T, D) and own gates (B, R, T, 1) or
+        None, sorted; cluster ids (B, R, T) by position; order, counts, starts from `sort_by_cluster`."""
+        C, T = self.clusters, v.shape[-2]
+        steps, padded = (T - 1) // self.block, C + -C % 8
+        blocks = order // self.block  # (B, R, T): the block of each sorted token's position
+        weights = torch.ones_like(blocks, dtype=torch.float32) if own is None else own.squeeze(-1).float()
+        segments = (blocks.int(), starts.int(), counts.int())
+        n, m, total = fused_supernodes.prefix_means(k, v, weights, *segments, steps, padded)  # (B, H, S, C8, D)
+        z = self.mix(n, m, total, fused=True)
+        slots = blocks * padded + cluster.gather(-1, order)
+        extra = fused_supernodes.ReadSupernodes.apply(z, slots, *segments)  # (B, H, T, D)
+        return self.add_to_values(v, extra if own is None else extra * own)
+
     def reference(self, q, k, v, x):
         if not self.options.causal:
             return self.cliques_reference(q, k, v, x)
@@ -222,6 +242,13 @@ class SuperClusterAttention(LearnedClusterAttention):
     def routed_values(self, k, v, x):
         cluster, own, v = super().routed_values(k, v, x)
         return cluster, own, self.supernode_values(k, v, cluster, own)
+
+    def flex(self, q, k, v, x):
+        if fused_supernodes is None or not q.is_cuda:
+            return super().flex(q, k, v, x)
+        cluster, own = self.route_own(x)
+        sorted_values = functools.partial(self.sorted_supernode_values, cluster)
+        return cluster_attention_flex(q, k, v, cluster, own, self.clusters, self.scale, sorted_values)
 
     # Non-causal form (tests and profiles only).
 

@@ -1,0 +1,277 @@
+"""sca's supernode states as Triton kernels (CUDA), in lca's (cluster, position) sorted order.
+
+In sorted order the tokens of cluster c are one contiguous segment, in position order, so their blocks never
+decrease. The prefix sums sca needs are then masked products per segment, one program per (batch row, head,
+cluster), with no atomics and no (T, C) tensor:
+
+- `prefix_means`: n^(j) = A^(j) / W^(j), A^(j) = sum w_s v_s and W^(j) = sum w_s over the segment's tokens in
+  blocks <= j (the same for m with k), for every step j < S: one (steps x tokens) 0/1 matrix times the tokens'
+  (w v, w k) per tile. Its backward is the transposed product: a token in block i collects
+  sum_{j >= i} dA^(j) and sum_{j >= i} dW^(j), dA = dn / W, dW = -(dn . n + dm . m) / W.
+- `read_backward`: the gradient of the read z^(i - 1)[c_t] (a gather, done in PyTorch): dz^(j)[c] sums the
+  gradients of the segment's tokens in block j + 1, the same masked product with the mask "block = j + 1".
+
+The plain-PyTorch twin, in position order (scatter-add per (block, cluster), cumulative sum over blocks, gather),
+is sca's `prefix_supernodes` / `read_supernodes`, which the CPU path runs and tests compare these kernels to.
+
+Arrays: k, v (B, H, T, D) in sorted order, contiguous; weights w (B, R, T) fp32 (the tokens' own gates, R = H or
+1 routing rows), blocks (B, R, T) int32 (the block of each sorted token's position), starts and counts (B, R, C)
+int32 (each cluster's segment). Outputs (B, H, S, C8, D) in k's dtype, C8 = C padded to 8 (the padding clusters
+are empty), and W (B, H, S, C8) fp32. The masks are exact in any dtype; w rides in the products' dtype,
+which is exact for the straight-through gates, whose forward value is 1; fp32 inputs use IEEE products.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .fused_mixing import dot
+
+# Steps and tokens per tile, per kernel: the fastest of BLOCK_S, BLOCK_L in {32, 64} x 2, 4 or 8 warps at sca's 8K
+# and 32K shapes (H200, do_bench, each kernel alone; 4 warps won throughout). Forward 146 / 209 us at 8K / 32K
+# (64 x 64 tiles: 214 / 263), backward 379 / 483 (511 / 635), read's backward 54 / 64 (77 / 79).
+TILES = {"prefix": (64, 32), "prefix_backward": (32, 64), "read_backward": (64, 32)}
+NUM_WARPS = 4
+
+
+@triton.jit
+def segment_of_program(STARTS, COUNTS, H, R, C, C8):
+    """This program's (batch row, head) index bh, its routing row, cluster c and segment start and length."""
+    pid = tl.program_id(0)
+    c = pid % C8
+    bh = (pid // C8).to(tl.int64)
+    routing_row = bh // H * R + bh % H % R  # R = H: the head's router; R = 1: the shared one
+    real = c < C  # padding clusters have empty segments
+    start = tl.load(STARTS + routing_row * C + c, mask=real, other=0)
+    count = tl.load(COUNTS + routing_row * C + c, mask=real, other=0)
+    return bh, routing_row, c, start, count
+
+
+@triton.jit
+def token_lanes(start, token0, count, BLOCK_L: tl.constexpr):
+    """Sorted indices of the segment's tokens token0 .. token0 + BLOCK_L - 1, and which of them are in the segment."""
+    lanes = token0 + tl.arange(0, BLOCK_L)
+    return start + lanes, lanes < count
+
+
+@triton.jit
+def store_steps(X, value, rows, steps, S, dims, D):
+    """value (steps, D) into rows `rows` of X, the steps past S left out."""
+    tl.store(X + rows[:, None] * D + dims[None, :], value.to(X.dtype.element_ty), mask=(steps < S)[:, None] & (dims < D)[None, :])
+
+
+@triton.jit
+def token_tile(X, bh, T, index, ok, dims, D):
+    """Rows `index` of (bh)'s (T, D) slice of X, zero where not ok or past D."""
+    return tl.load(X + (bh * T + index)[:, None] * D + dims[None, :], mask=ok[:, None] & (dims < D)[None, :], other=0.0)
+
+
+@triton.jit
+def as_operand(mask, dtype: tl.constexpr):
+    """A 0/1 mask as a product operand; by way of fp32, since Triton's interpreter casts bool to bf16 wrongly."""
+    return tl.where(mask, 1.0, 0.0).to(dtype)
+
+
+@triton.jit
+def step_rows(bh, steps, S, C8, c):
+    """Row of (bh, step, c) in the (B, H, S, C8) layout."""
+    return (bh * S + steps) * C8 + c
+
+
+@triton.jit
+def prefix_kernel(K, V, W, BLOCKS, STARTS, COUNTS, N, M, TOTAL, T, H, R, C, C8, S, D,
+                  BLOCK_S: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr):
+    bh, routing_row, c, start, count = segment_of_program(STARTS, COUNTS, H, R, C, C8)
+    dims = tl.arange(0, BLOCK_D)
+    for step0 in range(0, S, BLOCK_S):
+        steps = step0 + tl.arange(0, BLOCK_S)
+        acc_k = tl.zeros([BLOCK_S, BLOCK_D], tl.float32)
+        acc_v = tl.zeros([BLOCK_S, BLOCK_D], tl.float32)
+        acc_w = tl.zeros([BLOCK_S], tl.float32)
+        for token0 in range(0, count, BLOCK_L):
+            index, ok = token_lanes(start, token0, count, BLOCK_L)
+            block = tl.load(BLOCKS + routing_row * T + index, mask=ok, other=S)  # S: in no step's prefix
+            w = tl.load(W + routing_row * T + index, mask=ok, other=0.0)
+            member = block[None, :] <= steps[:, None]  # (steps, tokens)
+            acc_w += tl.sum(tl.where(member, w[None, :], 0.0), 1)
+            k = token_tile(K, bh, T, index, ok, dims, D)
+            v = token_tile(V, bh, T, index, ok, dims, D)
+            member = as_operand(member, k.dtype)
+            acc_k += dot(member, (k * w[:, None]).to(k.dtype), IEEE)
+            acc_v += dot(member, (v * w[:, None]).to(v.dtype), IEEE)
+        inverse = 1.0 / tl.where(acc_w > 0, acc_w, 1.0)
+        rows = step_rows(bh, steps, S, C8, c)
+        store_steps(N, acc_v * inverse[:, None], rows, steps, S, dims, D)
+        store_steps(M, acc_k * inverse[:, None], rows, steps, S, dims, D)
+        tl.store(TOTAL + rows, acc_w, mask=steps < S)
+
+
+@triton.jit
+def step_tile(X, rows, step_ok, dims, D):
+    return tl.load(X + rows[:, None] * D + dims[None, :], mask=step_ok[:, None] & (dims < D)[None, :], other=0.0).to(tl.float32)
+
+
+@triton.jit
+def prefix_backward_kernel(K, V, W, BLOCKS, STARTS, COUNTS, N, M, TOTAL, DN, DM, DK, DV, DW, T, H, R, C, C8, S, D,
+                           BLOCK_S: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr):
+    bh, routing_row, c, start, count = segment_of_program(STARTS, COUNTS, H, R, C, C8)
+    dims = tl.arange(0, BLOCK_D)
+    for token0 in range(0, count, BLOCK_L):
+        index, ok = token_lanes(start, token0, count, BLOCK_L)
+        block = tl.load(BLOCKS + routing_row * T + index, mask=ok, other=S)
+        w = tl.load(W + routing_row * T + index, mask=ok, other=0.0)
+        k = token_tile(K, bh, T, index, ok, dims, D)
+        v = token_tile(V, bh, T, index, ok, dims, D)
+        grad_k = tl.zeros([BLOCK_L, BLOCK_D], tl.float32)  # sum_{j >= block} dA_k^(j)
+        grad_v = tl.zeros([BLOCK_L, BLOCK_D], tl.float32)
+        grad_w = tl.zeros([BLOCK_L], tl.float32)  # sum_{j >= block} dW^(j)
+        for step0 in range(0, S, BLOCK_S):
+            steps = step0 + tl.arange(0, BLOCK_S)
+            step_ok = steps < S
+            rows = step_rows(bh, steps, S, C8, c)
+            total = tl.load(TOTAL + rows, mask=step_ok, other=0.0)
+            inverse = 1.0 / tl.where(total > 0, total, 1.0)
+            grad_a_v = step_tile(DN, rows, step_ok, dims, D) * inverse[:, None]
+            grad_a_k = step_tile(DM, rows, step_ok, dims, D) * inverse[:, None]
+            grad_total = -(tl.sum(grad_a_v * step_tile(N, rows, step_ok, dims, D), 1) + tl.sum(grad_a_k * step_tile(M, rows, step_ok, dims, D), 1))
+            member = (block[:, None] <= steps[None, :]) & step_ok[None, :]  # (tokens, steps)
+            grad_w += tl.sum(tl.where(member, grad_total[None, :], 0.0), 1)
+            # fp32 operands, TF32 products for 16-bit inputs: dA = dn / W is not rounded to 16 bits a second time
+            # (7% slower than bf16 operands at 8K, which moved dk by 2e-3 relative).
+            member = as_operand(member, tl.float32)
+            grad_k += dot(member, grad_a_k, IEEE)
+            grad_v += dot(member, grad_a_v, IEEE)
+        offsets = (bh * T + index)[:, None] * D + dims[None, :]
+        mask = ok[:, None] & (dims < D)[None, :]
+        tl.store(DK + offsets, (grad_k * w[:, None]).to(DK.dtype.element_ty), mask=mask)
+        tl.store(DV + offsets, (grad_v * w[:, None]).to(DV.dtype.element_ty), mask=mask)
+        grad_w += tl.sum(k.to(tl.float32) * grad_k, 1) + tl.sum(v.to(tl.float32) * grad_v, 1)
+        tl.store(DW + bh * T + index, grad_w, mask=ok)
+
+
+@triton.jit
+def read_backward_kernel(G, BLOCKS, STARTS, COUNTS, DZ, T, H, R, C, C8, S, D,
+                         BLOCK_S: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr):
+    bh, routing_row, c, start, count = segment_of_program(STARTS, COUNTS, H, R, C, C8)
+    dims = tl.arange(0, BLOCK_D)
+    for step0 in range(0, S, BLOCK_S):
+        steps = step0 + tl.arange(0, BLOCK_S)
+        acc = tl.zeros([BLOCK_S, BLOCK_D], tl.float32)
+        for token0 in range(0, count, BLOCK_L):
+            index, ok = token_lanes(start, token0, count, BLOCK_L)
+            block = tl.load(BLOCKS + routing_row * T + index, mask=ok, other=0)  # 0: read by no step
+            g = token_tile(G, bh, T, index, ok, dims, D)
+            acc += dot(as_operand(block[None, :] == steps[:, None] + 1, g.dtype), g, IEEE)
+        store_steps(DZ, acc, step_rows(bh, steps, S, C8, c), steps, S, dims, D)
+
+
+def launch_options(kernel: str, x: torch.Tensor, C8: int, B: int, H: int) -> tuple[tuple[int], dict]:
+    """The grid, one program per (batch row, head, padded cluster), and the kernel's tiles."""
+    D = x.shape[-1]
+    assert x.numel() < 2**31, f"{x.numel()} elements: the supernode kernels index in int32 within a row"
+    block_s, block_l = TILES[kernel]
+    return (B * H * C8,), dict(BLOCK_S=block_s, BLOCK_L=block_l, BLOCK_D=max(16, triton.next_power_of_2(D)),
+                               IEEE=x.dtype == torch.float32, num_warps=NUM_WARPS)
+
+
+# Opaque custom ops, as fused_mixing's (Inductor's code generation for user-defined Triton kernels failed there).
+@torch.library.custom_op("attnbench::supernode_prefix_means", mutates_args=())
+def prefix_means(k: torch.Tensor, v: torch.Tensor, weights: torch.Tensor, blocks: torch.Tensor, starts: torch.Tensor,
+                 counts: torch.Tensor, steps: int, padded_clusters: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """n, m (B, H, S, C8, D) and W (B, H, S, C8) fp32 for S = `steps`, C8 = `padded_clusters` (module docstring)."""
+    n, m, total = prefix_means_fake(k, v, weights, blocks, starts, counts, steps, padded_clusters)
+    B, H, T, D = k.shape
+    if steps > 0:
+        grid, options = launch_options("prefix", k, padded_clusters, B, H)
+        prefix_kernel[grid](k.contiguous(), v.contiguous(), weights.contiguous(), blocks.contiguous(), starts.contiguous(),
+                            counts.contiguous(), n, m, total, T, H, weights.shape[1], starts.shape[-1], padded_clusters,
+                            steps, D, **options)
+    return n, m, total
+
+
+@prefix_means.register_fake
+def prefix_means_fake(k, v, weights, blocks, starts, counts, steps, padded_clusters):
+    B, H, T, D = k.shape
+    n, m = (k.new_empty(B, H, steps, padded_clusters, D) for _ in range(2))
+    return n, m, k.new_empty(B, H, steps, padded_clusters, dtype=torch.float32)
+
+
+@torch.library.custom_op("attnbench::supernode_prefix_means_backward", mutates_args=())
+def prefix_means_backward(k: torch.Tensor, v: torch.Tensor, weights: torch.Tensor, blocks: torch.Tensor,
+                          starts: torch.Tensor, counts: torch.Tensor, n: torch.Tensor, m: torch.Tensor,
+                          total: torch.Tensor, grad_n: torch.Tensor, grad_m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dk, dv (B, H, T, D) and the weights' gradient per head (B, H, T) fp32."""
+    grad_k, grad_v, grad_w = prefix_means_backward_fake(k, v, weights, blocks, starts, counts, n, m, total, grad_n, grad_m)
+    B, H, S, C8, D = n.shape
+    if S == 0:
+        return grad_k.zero_(), grad_v.zero_(), grad_w.zero_()
+    grid, options = launch_options("prefix_backward", k, C8, B, H)
+    prefix_backward_kernel[grid](k, v, weights, blocks, starts, counts, n, m, total, grad_n.contiguous(), grad_m.contiguous(),
+                                 grad_k, grad_v, grad_w, k.shape[2], H, weights.shape[1], starts.shape[-1], C8, S, D, **options)
+    return grad_k, grad_v, grad_w
+
+
+@prefix_means_backward.register_fake
+def prefix_means_backward_fake(k, v, weights, blocks, starts, counts, n, m, total, grad_n, grad_m):
+    # Zero-filled: a token no step reads (in the last block) gets no store.
+    return torch.zeros_like(k), torch.zeros_like(v), torch.zeros(k.shape[:3], dtype=torch.float32, device=k.device)
+
+
+def setup_prefix_context(ctx, inputs, output):
+    k, v, weights, blocks, starts, counts, _, _ = inputs
+    n, m, total = output
+    ctx.save_for_backward(*(t.contiguous() for t in (k, v, weights, blocks, starts, counts)), n, m, total)
+
+
+def prefix_backward(ctx, grad_n, grad_m, _grad_total):
+    k, v, weights, blocks, starts, counts, n, m, total = ctx.saved_tensors
+    grad_n = torch.zeros_like(n) if grad_n is None else grad_n
+    grad_m = torch.zeros_like(m) if grad_m is None else grad_m
+    grad_k, grad_v, grad_w = prefix_means_backward(k, v, weights, blocks, starts, counts, n, m, total, grad_n, grad_m)
+    grad_w = grad_w if weights.shape[1] == grad_w.shape[1] else grad_w.sum(dim=1, keepdim=True)  # shared router: all heads
+    return grad_k, grad_v, grad_w, None, None, None, None, None
+
+
+prefix_means.register_autograd(prefix_backward, setup_context=setup_prefix_context)
+
+
+@torch.library.custom_op("attnbench::supernode_read_backward", mutates_args=())
+def read_backward(grad: torch.Tensor, blocks: torch.Tensor, starts: torch.Tensor, counts: torch.Tensor,
+                  steps: int, padded_clusters: int) -> torch.Tensor:
+    """dz (B, H, S, C8, D) in grad's dtype: per step j and cluster c, the sum of grad (B, H, T, D) over the
+    segment's tokens in block j + 1."""
+    dz = read_backward_fake(grad, blocks, starts, counts, steps, padded_clusters)
+    B, H, T, D = grad.shape
+    if steps > 0:
+        grid, options = launch_options("read_backward", grad, padded_clusters, B, H)
+        read_backward_kernel[grid](grad.contiguous(), blocks.contiguous(), starts.contiguous(), counts.contiguous(), dz,
+                                   T, H, blocks.shape[1], starts.shape[-1], padded_clusters, steps, D, **options)
+    return dz
+
+
+@read_backward.register_fake
+def read_backward_fake(grad, blocks, starts, counts, steps, padded_clusters):
+    B, H, T, D = grad.shape
+    return grad.new_empty(B, H, steps, padded_clusters, D)
+
+
+class ReadSupernodes(torch.autograd.Function):
+    """z^(i - 1)[c_t] for the sorted token t in block i (zero for i = 0): z (B, H, S, C8, D), slots (B, R, T) =
+    block * C8 + cluster -> (B, H, T, D). The forward is a gather Inductor fuses with its consumer; the backward
+    is `read_backward`'s per-segment sums instead of autograd's scatter-add."""
+
+    @staticmethod
+    def forward(ctx, z, slots, blocks, starts, counts):
+        B, H, S, C8, D = z.shape
+        ctx.save_for_backward(blocks, starts, counts)
+        ctx.steps, ctx.padded_clusters = S, C8
+        padded = torch.nn.functional.pad(z, (0, 0, 0, 0, 1, 0)).flatten(2, 3)  # row i C8 + c: step i - 1, zero for i = 0
+        return padded.gather(2, slots.unsqueeze(-1).expand(B, H, slots.shape[-1], D))
+
+    @staticmethod
+    def backward(ctx, grad):
+        blocks, starts, counts = ctx.saved_tensors
+        return read_backward(grad, blocks, starts, counts, ctx.steps, ctx.padded_clusters), None, None, None, None
+
