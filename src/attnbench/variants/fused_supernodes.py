@@ -215,8 +215,8 @@ def prefix_means_backward(k: torch.Tensor, v: torch.Tensor, weights: torch.Tenso
 
 @prefix_means_backward.register_fake
 def prefix_means_backward_fake(k, v, weights, blocks, starts, counts, n, m, total, grad_n, grad_m):
-    # Zero-filled: a token no step reads (in the last block) gets no store.
-    return torch.zeros_like(k), torch.zeros_like(v), torch.zeros(k.shape[:3], dtype=torch.float32, device=k.device)
+    # Left unfilled: the clusters' segments cover every token, so the kernel stores every row (S = 0 zeroes them).
+    return torch.empty_like(k), torch.empty_like(v), torch.empty(k.shape[:3], dtype=torch.float32, device=k.device)
 
 
 def setup_prefix_context(ctx, inputs, output):

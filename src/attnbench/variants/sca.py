@@ -161,7 +161,8 @@ class SuperClusterAttention(LearnedClusterAttention):
         return pow2_block(self.seq_len) if self.options.block == "auto" else self.options.block
 
     def mix(self, n: torch.Tensor, m: torch.Tensor, total: torch.Tensor, fused: bool = False) -> torch.Tensor:
-        """Supernode-to-supernode attention: n, m (B, H, S, C, D), weight sums total (B, R, S, C) -> z (B, H, S, C, D).
+        """Supernode-to-supernode attention: n, m (B, H, S, C, D), weight sums total (B, R, S, C) (or per head,
+        (B, H, S, C), as fused_supernodes gives them) -> z (B, H, S, C, D).
 
         One fused sdpa call over the B x H x S steps (its boolean mask: the non-empty supernodes are the keys), so no
         (C, C) score or probability tensor is stored; with `fused` (CUDA tensors, Triton present) fused_mixing's
