@@ -8,8 +8,8 @@ cluster), with no atomics and no (T, C) tensor:
   blocks <= j (the same for m with k), for every step j < S: one (steps x tokens) 0/1 matrix times the tokens'
   (w v, w k) per tile. Its backward is the transposed product: a token in block i collects
   sum_{j >= i} dA^(j) and sum_{j >= i} dW^(j), dA = dn / W, dW = -(dn . n + dm . m) / W.
-- `read_backward`: the gradient of the read z^(i - 1)[c_t] (a gather, done in PyTorch): dz^(j)[c] sums the
-  gradients of the segment's tokens in block j + 1, the same masked product with the mask "block = j + 1".
+- `read_backward`: the gradient of the read z^(i - 1)[c_t] (sca's `read_supernodes`, a gather): dz^(j)[c] sums
+  the gradients of the segment's tokens in block j + 1, the same masked product with the mask "block = j + 1".
 
 The plain-PyTorch twin, in position order (scatter-add per (block, cluster), cumulative sum over blocks, gather),
 is sca's `prefix_supernodes` / `read_supernodes`, which the CPU path runs and tests compare these kernels to.
@@ -255,23 +255,3 @@ def read_backward(grad: torch.Tensor, blocks: torch.Tensor, starts: torch.Tensor
 def read_backward_fake(grad, blocks, starts, counts, steps, padded_clusters):
     B, H, T, D = grad.shape
     return grad.new_empty(B, H, steps, padded_clusters, D)
-
-
-class ReadSupernodes(torch.autograd.Function):
-    """z^(i - 1)[c_t] for the sorted token t in block i (zero for i = 0): z (B, H, S, C8, D), slots (B, R, T) =
-    block * C8 + cluster -> (B, H, T, D). The forward is a gather Inductor fuses with its consumer; the backward
-    is `read_backward`'s per-segment sums instead of autograd's scatter-add."""
-
-    @staticmethod
-    def forward(ctx, z, slots, blocks, starts, counts):
-        B, H, S, C8, D = z.shape
-        ctx.save_for_backward(blocks, starts, counts)
-        ctx.steps, ctx.padded_clusters = S, C8
-        padded = torch.nn.functional.pad(z, (0, 0, 0, 0, 1, 0)).flatten(2, 3)  # row i C8 + c: step i - 1, zero for i = 0
-        return padded.gather(2, slots.unsqueeze(-1).expand(B, H, slots.shape[-1], D))
-
-    @staticmethod
-    def backward(ctx, grad):
-        blocks, starts, counts = ctx.saved_tensors
-        return read_backward(grad, blocks, starts, counts, ctx.steps, ctx.padded_clusters), None, None, None, None
-

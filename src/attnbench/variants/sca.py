@@ -125,13 +125,30 @@ def prefix_supernodes(slots: torch.Tensor, own: torch.Tensor | None, k: torch.Te
 
 
 def read_supernodes(z: torch.Tensor, slots: torch.Tensor, own: torch.Tensor | None) -> torch.Tensor:
-    """a_t[c_t] z_{c_t}^(i - 1) for query t in block i, zero in block 0: z (B, H, S, C, D), slots (B, R, T) from
-    `block_cluster_slots` -> (B, H, T, D)."""
+    """a_t[c_t] z_{c_t}^(i - 1) for query t in block i, zero in block 0: z (B, H, S, C, D), slots (B, R, T) = i C + c_t
+    (`block_cluster_slots`, or the same for tokens in sorted order) -> (B, H, T, D)."""
     B, H, S, C, D = z.shape
     T = slots.shape[-1]
     z = F.pad(z, (0, 0, 0, 0, 1, 0)).flatten(2, 3)  # (B, H, (S + 1) C, D): row i C + c is step i - 1, zeros for i = 0
     extra = z.gather(2, slots.unsqueeze(-1).expand(B, H, T, D))
     return extra if own is None else extra * own
+
+
+class SortedRead(torch.autograd.Function):
+    """`read_supernodes` (no gates) for tokens in lca's sorted order, whose backward is fused_supernodes'
+    per-segment sums (`read_backward`) instead of autograd's scatter-add: z, slots as there; blocks, starts and
+    counts (int32) as fused_supernodes takes them."""
+
+    @staticmethod
+    def forward(ctx, z, slots, blocks, starts, counts):
+        ctx.save_for_backward(blocks, starts, counts)
+        ctx.steps, ctx.padded_clusters = z.shape[2], z.shape[3]
+        return read_supernodes(z, slots, None)
+
+    @staticmethod
+    def backward(ctx, grad):
+        blocks, starts, counts = ctx.saved_tensors
+        return fused_supernodes.read_backward(grad, blocks, starts, counts, ctx.steps, ctx.padded_clusters), None, None, None, None
 
 
 def clique_partition(scores: torch.Tensor, cliques: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -227,7 +244,7 @@ class SuperClusterAttention(LearnedClusterAttention):
         n, m, total = fused_supernodes.prefix_means(k, v, weights, *segments, steps, padded)  # (B, H, S, C8, D)
         z = self.mix(n, m, total, fused=True)
         slots = blocks * padded + cluster.gather(-1, order)
-        extra = fused_supernodes.ReadSupernodes.apply(z, slots, *segments)  # (B, H, T, D)
+        extra = SortedRead.apply(z, slots, *segments)  # (B, H, T, D)
         return self.add_to_values(v, extra if own is None else extra * own)
 
     def reference(self, q, k, v, x):
