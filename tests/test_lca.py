@@ -251,7 +251,8 @@ def triton_device():
 @pytest.mark.parametrize("B,T,R,C,block", [(2, 37, 3, 5, 8), (1, 1, 2, 1, 1), (2, 300, 1, 91, 32), (1, 129, 8, 17, 16)], ids=str)
 def test_fused_routing_equals_plain(B, T, R, C, block, dtype):
     """fused_routing's kernels against routing's definitions on the same noise: cluster ids, own gates,
-    balance loss, and the logits' gradient through both (the router learns through both)."""
+    balance loss, and the logits' gradient through both (the router learns through both), the fused kernels
+    reading rows padded to `padded_width` as lca gives them."""
     device = triton_device()
     from attnbench.variants import fused_routing
     from attnbench.variants.routing import balance_from_block_sums, balance_loss, route, straight_through
@@ -262,10 +263,11 @@ def test_fused_routing_equals_plain(B, T, R, C, block, dtype):
     seed = fused_routing.draw_seed(device)
     grad_own, weight = torch.randn(B, T, R, device=device), 0.37
 
-    cluster, y_own, sums, *_ = fused_routing.gumbel_route(logits, seed, tau, block)
+    padded = F.pad(logits, (0, fused_routing.padded_width(C) - C))  # zero logits past C, as lca's router gives them
+    cluster, y_own, sums, *_ = fused_routing.gumbel_route(padded, seed, tau, block, C)
     fused_balance = balance_from_block_sums(sums, cluster.transpose(1, 2), block)
     fused_loss = (grad_own * straight_through(y_own)).sum() + weight * fused_balance
-    (fused_grad,) = torch.autograd.grad(fused_loss, logits)
+    fused_grad, padded_grad = torch.autograd.grad(fused_loss, (logits, padded))
 
     plain_cluster, soft = route(logits, tau, fused_routing.gumbel_noise(seed, [B, T, R, C]))
     plain_own = soft.gather(-1, plain_cluster.unsqueeze(-1)).squeeze(-1)
@@ -277,6 +279,7 @@ def test_fused_routing_equals_plain(B, T, R, C, block, dtype):
     assert rel_err(y_own, plain_own) < 1e-5
     assert rel_err(fused_balance, plain_balance) < 1e-5
     assert fused_grad.dtype == dtype
+    assert not padded_grad[..., C:].any()  # the padding's zero weight rows would pass a NaN on to x's gradient
     err = rel_err(fused_grad, plain_grad)
     assert err < (1e-5 if dtype == torch.float32 else 1e-2), \
         f"logits' gradient rel err {err:.2e}: max |fused| {fused_grad.abs().max():.2e}, max |plain| {plain_grad.abs().max():.2e}"

@@ -25,8 +25,10 @@ The noise is Triton's Philox generator keyed by a seed that `draw_seed` takes
 from torch's generator; `gumbel_noise` writes the same noise out, so lca's
 reference path on CUDA draws exactly what the fused path draws.
 
-Logits are laid out as the router's linear gives them, (B, T, R, C) with
-R = H or 1 routers; row n = (b T + t) R + r holds C logits.
+Logits are laid out as the router's linear gives them, (B, T, R, W) with
+R = H or 1 routers; row n = (b T + t) R + r holds C logits and W - C padding
+columns: lca pads its router's weight with zero rows to W = `padded_width(C)`,
+so the rows are aligned for vector loads and stores.
 """
 
 from __future__ import annotations
@@ -51,12 +53,23 @@ ROWS, NUM_WARPS = 2, 1
 
 @triton.jit
 def approx_log2(x):
-    """PTX's lg2.approx: the accurate log2 made the noise cost 5x its memory traffic (0.34 against 0.06 ms for
+    """PTX's lg2.approx.ftz: the accurate log2 made the noise cost 5x its memory traffic (0.34 against 0.06 ms for
     47.7M values on the H100, measured); absolute error ~2^-22, which only the tail noted in gumbel_rows feels.
-    The interpreter runs no PTX: there it is the accurate log2."""
+    Flushing subnormals costs no accuracy here (every input is clamped to a normal) and saves the three
+    instructions per call that rescale a subnormal input. The interpreter runs no PTX: there it is the accurate log2."""
     if INTERPRET:
         return tl.log2(x)
-    return tl.inline_asm_elementwise("lg2.approx.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True, pack=1)
+    return tl.inline_asm_elementwise("lg2.approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True, pack=1)
+
+
+@triton.jit
+def approx_exp2(x):
+    """PTX's ex2.approx.ftz, where tl.exp2 is ex2.approx without ftz, which ptxas wraps in a test and two multiplies
+    per call to keep subnormal results. Every exponent here is <= 0 and every sum it enters is >= 1, so a result
+    below 2^-126 flushed to 0 changes nothing."""
+    if INTERPRET:
+        return tl.exp2(x)
+    return tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True, pack=1)
 
 
 @triton.jit
@@ -73,20 +86,20 @@ def gumbel_rows(seed, rows, ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
 
 
 @triton.jit
-def tile(rows, row_ok, C, BLOCK_C: tl.constexpr):
-    """Columns (BLOCK_C,), and the offsets and mask (ROWS, BLOCK_C) of these rows' entries of an (N, C) array."""
+def tile(rows, row_ok, W, BLOCK_C: tl.constexpr):
+    """Columns (BLOCK_C,), and the offsets and mask (ROWS, BLOCK_C) of these rows' entries of an (N, W) array."""
     cols = tl.arange(0, BLOCK_C)
-    return cols, rows[:, None] * C + cols[None, :], row_ok[:, None] & (cols[None, :] < C)
+    return cols, rows[:, None] * W + cols[None, :], row_ok[:, None] & (cols[None, :] < W)
 
 
 @triton.jit
-def token_rows(logits_ptr, start, end, b, r, T, R, C, ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
+def token_rows(logits_ptr, start, end, b, r, T, R, C, W, ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
     """Tokens start .. start + ROWS - 1 of batch row b, router r (those before `end` real): their rows and row mask,
-    the columns, the tile's offsets and mask, and the logits in fp32 (-inf in the padding columns only: a masked
-    row stays finite, no inf - inf)."""
+    the columns, the tile's offsets and mask over the W-wide rows, and the logits in fp32 (-inf in the columns
+    from C on only: a masked row stays finite, no inf - inf)."""
     t = start + tl.arange(0, ROWS)
     rows, row_ok = (b * T + t) * R + r, t < end
-    cols, offsets, mask = tile(rows, row_ok, C, BLOCK_C)
+    cols, offsets, mask = tile(rows, row_ok, W, BLOCK_C)
     logits = tl.where(cols[None, :] < C, tl.load(logits_ptr + offsets, mask=mask, other=0.0).to(tl.float32), float("-inf"))
     return rows, row_ok, cols, offsets, mask, logits
 
@@ -111,7 +124,7 @@ def noise_kernel(seed_ptr, out_ptr, N, C, ROWS: tl.constexpr, BLOCK_C: tl.conste
 @triton.jit
 def route_kernel(
     logits_ptr, seed_ptr, tau_ptr, cluster_ptr, own_ptr, soft_ptr, stats_ptr, sums_ptr,
-    T, R, C, n_blocks, block, ROWS: tl.constexpr, BLOCK_C: tl.constexpr,
+    T, R, C, W, n_blocks, block, ROWS: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """Per token of the block: c_t = argmax z_t, z = (r_t + g_t) / tau; y_t = softmax(z_t) and its own entry
     y_t[c_t] = 1 / sum_c exp(z_c - z_{c_t}); the row statistics max_c r and sum_c exp(r_c - max r); and, per
@@ -120,18 +133,18 @@ def route_kernel(
     seed, inverse_tau = tl.load(seed_ptr), 1.0 / tl.load(tau_ptr)
     p_sum = tl.zeros((ROWS, BLOCK_C), tl.float32)
     for start in range(first, end, ROWS):
-        rows, row_ok, cols, offsets, mask, logits = token_rows(logits_ptr, start, end, b, r, T, R, C, ROWS, BLOCK_C)
+        rows, row_ok, cols, offsets, mask, logits = token_rows(logits_ptr, start, end, b, r, T, R, C, W, ROWS, BLOCK_C)
         z = (logits + gumbel_rows(seed, rows, ROWS, BLOCK_C)) * inverse_tau
         top = tl.max(z, axis=1)
         # The argmax as the first column holding the row's maximum: the same index as tl.argmax, in fewer
         # instructions (one reduction of a min, no (value, index) pairs).
         tl.store(cluster_ptr + rows, tl.min(tl.where(z == top[:, None], cols[None, :], BLOCK_C), axis=1).to(tl.int64), mask=row_ok)
-        e_z = tl.exp2((z - top[:, None]) * LOG2E)
+        e_z = approx_exp2((z - top[:, None]) * LOG2E)
         own = 1.0 / tl.sum(e_z, axis=1)
         tl.store(own_ptr + rows, own, mask=row_ok)
         tl.store(soft_ptr + offsets, (e_z * own[:, None]).to(soft_ptr.dtype.element_ty), mask=mask)
         shift = tl.max(logits, axis=1)
-        e = tl.exp2((logits - shift[:, None]) * LOG2E)
+        e = approx_exp2((logits - shift[:, None]) * LOG2E)
         total = tl.sum(e, axis=1)
         tl.store(stats_ptr + 2 * rows, shift, mask=row_ok)
         tl.store(stats_ptr + 2 * rows + 1, total, mask=row_ok)
@@ -143,7 +156,7 @@ def route_kernel(
 @triton.jit
 def route_backward_kernel(
     logits_ptr, tau_ptr, cluster_ptr, own_ptr, soft_ptr, stats_ptr, grad_own_ptr, grad_sums_ptr, grad_ptr,
-    T, R, C, n_blocks, block, ROWS: tl.constexpr, BLOCK_C: tl.constexpr,
+    T, R, C, W, n_blocks, block, ROWS: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """dL/dr_t = g_own y_c (onehot_c - y) / tau + p (G - sum_c G_c p_c), G = dL/dP of t's block; y as the forward
     stored it, p formed as the forward formed it, from its row statistics.
@@ -156,7 +169,7 @@ def route_backward_kernel(
     cols = tl.arange(0, BLOCK_C)
     grad_sums = tl.load(grad_sums_ptr + block_index * C + cols, mask=cols < C, other=0.0)[None, :]
     for start in range(first, end, ROWS):
-        rows, row_ok, cols, offsets, mask, logits = token_rows(logits_ptr, start, end, b, r, T, R, C, ROWS, BLOCK_C)
+        rows, row_ok, cols, offsets, mask, logits = token_rows(logits_ptr, start, end, b, r, T, R, C, W, ROWS, BLOCK_C)
         own = tl.load(own_ptr + rows, mask=row_ok, other=0.0)
         shift = tl.load(stats_ptr + 2 * rows, mask=row_ok, other=0.0)
         total = tl.load(stats_ptr + 2 * rows + 1, mask=row_ok, other=1.0)
@@ -166,7 +179,7 @@ def route_backward_kernel(
         onehot_minus_y = tl.where(is_own, others[:, None], -y)
         grad_own = tl.load(grad_own_ptr + rows, mask=row_ok, other=0.0)
         grad = (grad_own * own * inverse_tau)[:, None] * onehot_minus_y
-        p = tl.exp2((logits - shift[:, None]) * LOG2E) / total[:, None]
+        p = approx_exp2((logits - shift[:, None]) * LOG2E) / total[:, None]
         grad += p * (grad_sums - tl.sum(p * grad_sums, axis=1)[:, None])
         tl.store(grad_ptr + offsets, grad.to(grad_ptr.dtype.element_ty), mask=mask)
 
@@ -177,7 +190,16 @@ def draw_seed(device: torch.device) -> torch.Tensor:
 
 
 def column_block(C: int) -> int:
+    """The kernels' columns per row: a power of two >= C, and the same for C and `padded_width(C)`, so the noise
+    of a padded row is that of the unpadded one."""
     return max(16, triton.next_power_of_2(C))
+
+
+def padded_width(C: int) -> int:
+    """The logits' row width the route kernels want for C clusters: C rounded up to a multiple of 16, so every row
+    starts 32-byte aligned, the width is a multiple Triton specialises on, and its loads and stores are vectors
+    (with rows of C = 91 bf16 each row took one 2-byte load per column)."""
+    return -(-C // 16) * 16
 
 
 def block_grid(B: int, R: int, T: int, block: int) -> tuple[int, tuple[int]]:
@@ -203,12 +225,13 @@ def gumbel_noise(seed: torch.Tensor, shape: list[int]) -> torch.Tensor:
 
 @triton_op("attnbench::gumbel_route", mutates_args=())
 def gumbel_route(
-    logits: torch.Tensor, seed: torch.Tensor, tau: torch.Tensor, block: int,
+    logits: torch.Tensor, seed: torch.Tensor, tau: torch.Tensor, block: int, clusters: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """logits (B, T, R, C) -> cluster ids (B, T, R) int64, y_t[c_t] (B, T, R) fp32 (the own gate's soft value),
-    the block sums of softmax(r) (B, R, n, C) fp32 (for `routing.balance_from_block_sums`), and what the backward
-    reads: y (B, T, R, C) in the logits' dtype and the row statistics (B, T, R, 2) fp32."""
-    B, T, R, C = logits.shape
+    """logits (B, T, R, W), W >= C = clusters, columns from C on padding (`padded_width`) -> cluster ids (B, T, R)
+    int64, y_t[c_t] (B, T, R) fp32 (the own gate's soft value), the block sums of softmax(r) (B, R, n, C) fp32 (for
+    `routing.balance_from_block_sums`), and what the backward reads: y (B, T, R, W) in the logits' dtype and the
+    row statistics (B, T, R, 2) fp32. The logits' gradient is 0 in the padding columns."""
+    B, T, R, W = logits.shape
     logits = logits.contiguous()
     check_size(logits)
     n_blocks, grid = block_grid(B, R, T, block)
@@ -216,9 +239,9 @@ def gumbel_route(
     own = torch.empty(B, T, R, dtype=torch.float32, device=logits.device)
     soft = torch.empty_like(logits)
     stats = torch.empty(B, T, R, 2, dtype=torch.float32, device=logits.device)
-    sums = torch.empty(B, R, n_blocks, C, dtype=torch.float32, device=logits.device)
-    wrap_triton(route_kernel)[grid](logits, seed, tau, cluster, own, soft, stats, sums, T, R, C, n_blocks, block,
-                                     ROWS=ROWS, BLOCK_C=column_block(C), num_warps=NUM_WARPS)
+    sums = torch.empty(B, R, n_blocks, clusters, dtype=torch.float32, device=logits.device)
+    wrap_triton(route_kernel)[grid](logits, seed, tau, cluster, own, soft, stats, sums, T, R, clusters, W, n_blocks, block,
+                                     ROWS=ROWS, BLOCK_C=column_block(W), num_warps=NUM_WARPS)
     return cluster, own, sums, soft, stats
 
 
@@ -227,31 +250,31 @@ def gumbel_route_backward(
     logits: torch.Tensor, tau: torch.Tensor, cluster: torch.Tensor, own: torch.Tensor, soft: torch.Tensor,
     stats: torch.Tensor, grad_own: torch.Tensor, grad_sums: torch.Tensor, block: int,
 ) -> torch.Tensor:
-    B, T, R, C = logits.shape
+    B, T, R, W = logits.shape
     logits = logits.contiguous()
     n_blocks, grid = block_grid(B, R, T, block)
     grad = torch.empty_like(logits)
     wrap_triton(route_backward_kernel)[grid](
         logits, tau, cluster, own, soft, stats, grad_own.contiguous(), grad_sums.contiguous(), grad,
-        T, R, C, n_blocks, block, ROWS=ROWS, BLOCK_C=column_block(C), num_warps=NUM_WARPS,
+        T, R, grad_sums.shape[-1], W, n_blocks, block, ROWS=ROWS, BLOCK_C=column_block(W), num_warps=NUM_WARPS,
     )
     return grad
 
 
 def setup_context(ctx, inputs, output):
-    logits, _seed, tau, block = inputs
+    logits, _seed, tau, block, clusters = inputs
     cluster, own, _, soft, stats = output
     ctx.save_for_backward(logits, tau, cluster, own, soft, stats)
-    ctx.block = block
+    ctx.block, ctx.clusters = block, clusters
 
 
 def backward(ctx, _grad_cluster, grad_own, grad_sums, _grad_soft, _grad_stats):
     logits, tau, cluster, own, soft, stats = ctx.saved_tensors
     grad_own = torch.zeros_like(own) if grad_own is None else grad_own
     if grad_sums is None:
-        B, T, R, C = logits.shape
-        grad_sums = own.new_zeros(B, R, block_grid(B, R, T, ctx.block)[0], C)
-    return gumbel_route_backward(logits, tau, cluster, own, soft, stats, grad_own, grad_sums, ctx.block), None, None, None
+        B, T, R, _ = logits.shape
+        grad_sums = own.new_zeros(B, R, block_grid(B, R, T, ctx.block)[0], ctx.clusters)
+    return gumbel_route_backward(logits, tau, cluster, own, soft, stats, grad_own, grad_sums, ctx.block), None, None, None, None
 
 
 gumbel_route.register_autograd(backward, setup_context=setup_context)

@@ -215,11 +215,14 @@ class LearnedClusterAttention(Attention):
         """Route with the Triton kernels (fused_routing): CUDA training, Triton present."""
         return self.training and x.is_cuda and fused_routing is not None
 
-    def router_logits(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, T, R, C) for x (B, T, d_model): fp32 operands for inputs of any dtype; under CUDA autocast the
-        product runs in bf16 like every projection, and the routing takes noise and softmax to fp32."""
+    def router_logits(self, x: torch.Tensor, width: int | None = None) -> torch.Tensor:
+        """(B, T, R, width) for x (B, T, d_model), width >= C (default C), the columns from C on zero (the weight
+        padded with zero rows; the fused routing's aligned rows). fp32 operands for inputs of any dtype; under CUDA
+        autocast the product runs in bf16 like every projection, and the routing takes noise and softmax to fp32."""
         B, T, _ = x.shape
-        return F.linear(x.float(), self.router.weight.float()).view(B, T, -1, self.clusters)
+        C, width = self.clusters, width or self.clusters
+        weight = F.pad(self.router.weight.float().unflatten(0, (-1, C)), (0, 0, 0, width - C)).flatten(0, 1)
+        return F.linear(x.float(), weight).view(B, T, -1, width)
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The plain routing: cluster ids (B, R, T) and the soft assignment (B, R, T, C) or None (evaluation);
@@ -242,7 +245,8 @@ class LearnedClusterAttention(Attention):
             cluster, soft = self.route(x)
             return cluster, own_gate(cluster, soft)
         seed = fused_routing.draw_seed(x.device)
-        cluster, y_own, sums, *_ = fused_routing.gumbel_route(self.router_logits(x), seed, self.tau, self.balance_block)
+        logits = self.router_logits(x, fused_routing.padded_width(self.clusters))
+        cluster, y_own, sums, *_ = fused_routing.gumbel_route(logits, seed, self.tau, self.balance_block, self.clusters)
         cluster = cluster.transpose(1, 2)
         self.aux_loss = self.balance * balance_from_block_sums(sums, cluster, self.balance_block)
         self.last_clusters = cluster.detach()
