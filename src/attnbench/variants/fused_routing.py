@@ -44,11 +44,12 @@ from torch.library import triton_op, wrap_triton
 LN2, LOG2E = tl.constexpr(0.6931471805599453), tl.constexpr(1.4426950408889634)
 TINY = tl.constexpr(1.1754943508222875e-38)  # fp32's smallest normal, as routing's clamp
 INTERPRET = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")  # Triton's CPU interpreter: tests without a GPU
-# Tokens per loop step and warps. One warp per program keeps every row reduction inside a warp (with more, Triton
-# splits the columns across warps and each reduction passes through shared memory behind barriers). Forward +
-# backward on lca's benchmark logits (H200, do_bench, one call): (2, 1) 0.26 / 0.47 / 0.96 ms at 2K / 8K / 32K,
-# against 0.44 / 0.55 / 0.96 for the earlier (4, 2); (1, 1) 0.29 / 0.44 / 0.98; (4, 1), (8, 2), (8, 4) slower.
-ROWS, NUM_WARPS = 2, 1
+# Tokens per loop step and warps. With rows of `padded_width` Triton lays a row over 16 lanes of one warp (8
+# columns each), so every row reduction stays inside a warp at (4, 2) too. Forward + backward on lca's benchmark
+# logits (H200, do_bench, one call, stop 25), at 2K / 8K / 32K: (4, 2) 0.17 / 0.31 / 0.73 ms; (2, 1) 0.19 / 0.31 /
+# 0.74; (8, 2) 0.16 / 0.34 / 0.81; (1, 1), (4, 1), (8, 1), (16, 4) slower. Before the padding, ftz and prefetch
+# (unaligned 91-wide rows at 8K, one 2-byte load per column): (2, 1) 0.25 / 0.47 / 0.96.
+ROWS, NUM_WARPS = 4, 2
 
 
 @triton.jit
@@ -93,15 +94,19 @@ def tile(rows, row_ok, W, BLOCK_C: tl.constexpr):
 
 
 @triton.jit
-def token_rows(logits_ptr, start, end, b, r, T, R, C, W, ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
+def token_rows(start, end, b, r, T, R, W, ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
     """Tokens start .. start + ROWS - 1 of batch row b, router r (those before `end` real): their rows and row mask,
-    the columns, the tile's offsets and mask over the W-wide rows, and the logits in fp32 (-inf in the columns
-    from C on only: a masked row stays finite, no inf - inf)."""
+    the columns, and the tile's offsets and mask over the W-wide rows."""
     t = start + tl.arange(0, ROWS)
     rows, row_ok = (b * T + t) * R + r, t < end
     cols, offsets, mask = tile(rows, row_ok, W, BLOCK_C)
-    logits = tl.where(cols[None, :] < C, tl.load(logits_ptr + offsets, mask=mask, other=0.0).to(tl.float32), float("-inf"))
-    return rows, row_ok, cols, offsets, mask, logits
+    return rows, row_ok, cols, offsets, mask
+
+
+@triton.jit
+def real_logits(raw, cols, C):
+    """Loaded logits in fp32, -inf in the columns from C on only: a masked row stays finite, no inf - inf."""
+    return tl.where(cols[None, :] < C, raw.to(tl.float32), float("-inf"))
 
 
 @triton.jit
@@ -132,8 +137,15 @@ def route_kernel(
     b, r, first, end, block_index = block_of_program(T, R, n_blocks, block)
     seed, inverse_tau = tl.load(seed_ptr), 1.0 / tl.load(tau_ptr)
     p_sum = tl.zeros((ROWS, BLOCK_C), tl.float32)
+    _, _, _, offsets, mask = token_rows(first, end, b, r, T, R, W, ROWS, BLOCK_C)
+    ahead = tl.load(logits_ptr + offsets, mask=mask, other=0.0)
     for start in range(first, end, ROWS):
-        rows, row_ok, cols, offsets, mask, logits = token_rows(logits_ptr, start, end, b, r, T, R, C, W, ROWS, BLOCK_C)
+        # The next step's logits are loaded before this step's arithmetic, which hides their latency: 0.21 -> 0.18
+        # ms at 8K, 0.17 -> 0.11 at 2K (H200, probe of stop 25).
+        rows, row_ok, cols, offsets, mask = token_rows(start, end, b, r, T, R, W, ROWS, BLOCK_C)
+        logits = real_logits(ahead, cols, C)
+        _, _, _, next_offsets, next_mask = token_rows(start + ROWS, end, b, r, T, R, W, ROWS, BLOCK_C)
+        ahead = tl.load(logits_ptr + next_offsets, mask=next_mask, other=0.0)
         z = (logits + gumbel_rows(seed, rows, ROWS, BLOCK_C)) * inverse_tau
         top = tl.max(z, axis=1)
         # The argmax as the first column holding the row's maximum: the same index as tl.argmax, in fewer
@@ -169,7 +181,8 @@ def route_backward_kernel(
     cols = tl.arange(0, BLOCK_C)
     grad_sums = tl.load(grad_sums_ptr + block_index * C + cols, mask=cols < C, other=0.0)[None, :]
     for start in range(first, end, ROWS):
-        rows, row_ok, cols, offsets, mask, logits = token_rows(logits_ptr, start, end, b, r, T, R, C, W, ROWS, BLOCK_C)
+        rows, row_ok, cols, offsets, mask = token_rows(start, end, b, r, T, R, W, ROWS, BLOCK_C)
+        logits = real_logits(tl.load(logits_ptr + offsets, mask=mask, other=0.0), cols, C)
         own = tl.load(own_ptr + rows, mask=row_ok, other=0.0)
         shift = tl.load(stats_ptr + 2 * rows, mask=row_ok, other=0.0)
         total = tl.load(stats_ptr + 2 * rows + 1, mask=row_ok, other=1.0)
