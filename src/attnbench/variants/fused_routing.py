@@ -50,6 +50,8 @@ INTERPRET = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")  # Triton's 
 # 0.74; (8, 2) 0.16 / 0.34 / 0.81; (1, 1), (4, 1), (8, 1), (16, 4) slower. Before the padding, ftz and prefetch
 # (unaligned 91-wide rows at 8K, one 2-byte load per column): (2, 1) 0.25 / 0.47 / 0.96.
 ROWS, NUM_WARPS = 4, 2
+# Tokens per backward program: its blocks (256 tokens at 32K) split into runs of 64, for more programs in flight.
+BACKWARD_TOKENS = 64
 
 
 @triton.jit
@@ -110,12 +112,14 @@ def real_logits(raw, cols, C):
 
 
 @triton.jit
-def block_of_program(T, R, n_blocks, block):
-    """This program's batch row b, router r, balance block j (r fastest, so neighbouring programs share cache lines
-    of the logits), the block's first and end token, and its index in the (B, R, n_blocks) block arrays."""
+def block_of_program(T, R, n_blocks, block, parts):
+    """This program's batch row b, router r and its part of balance block j (the block split into `parts` runs of
+    tokens; r fastest, so neighbouring programs share cache lines of the logits), the part's first and end token,
+    and block j's index in the (B, R, n_blocks) block arrays."""
     pid = tl.program_id(0)
-    r, j, b = pid % R, pid // R % n_blocks, pid // (R * n_blocks)
-    return b, r, j * block, tl.minimum(j * block + block, T), (b * R + r) * n_blocks + j
+    r, i, b = pid % R, pid // R % (n_blocks * parts), pid // (R * n_blocks * parts)
+    first = i * (block // parts)
+    return b, r, first, tl.minimum(first + block // parts, T), (b * R + r) * n_blocks + i // parts
 
 
 @triton.jit
@@ -134,7 +138,7 @@ def route_kernel(
     """Per token of the block: c_t = argmax z_t, z = (r_t + g_t) / tau; y_t = softmax(z_t) and its own entry
     y_t[c_t] = 1 / sum_c exp(z_c - z_{c_t}); the row statistics max_c r and sum_c exp(r_c - max r); and, per
     block, P = sum_t softmax(r_t)."""
-    b, r, first, end, block_index = block_of_program(T, R, n_blocks, block)
+    b, r, first, end, block_index = block_of_program(T, R, n_blocks, block, 1)
     seed, inverse_tau = tl.load(seed_ptr), 1.0 / tl.load(tau_ptr)
     p_sum = tl.zeros((ROWS, BLOCK_C), tl.float32)
     _, _, _, offsets, mask = token_rows(first, end, b, r, T, R, W, ROWS, BLOCK_C)
@@ -168,7 +172,7 @@ def route_kernel(
 @triton.jit
 def route_backward_kernel(
     logits_ptr, tau_ptr, cluster_ptr, own_ptr, soft_ptr, stats_ptr, grad_own_ptr, grad_sums_ptr, grad_ptr,
-    T, R, C, W, n_blocks, block, ROWS: tl.constexpr, BLOCK_C: tl.constexpr,
+    T, R, C, W, n_blocks, block, parts, ROWS: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """dL/dr_t = g_own y_c (onehot_c - y) / tau + p (G - sum_c G_c p_c), G = dL/dP of t's block; y as the forward
     stored it, p formed as the forward formed it, from its row statistics.
@@ -176,7 +180,7 @@ def route_backward_kernel(
     1 - y_own is taken as the sum of the other y, never as a difference from 1: exactly 0 with one cluster,
     where y_own, an approximate division of e by e, need not be exactly 1 (a nonzero gradient came out that way
     on the GPU: PTX div.full.f32), and accurate wherever the router is sure (y_own near 1)."""
-    b, r, first, end, block_index = block_of_program(T, R, n_blocks, block)
+    b, r, first, end, block_index = block_of_program(T, R, n_blocks, block, parts)
     inverse_tau = 1.0 / tl.load(tau_ptr)
     cols = tl.arange(0, BLOCK_C)
     grad_sums = tl.load(grad_sums_ptr + block_index * C + cols, mask=cols < C, other=0.0)[None, :]
@@ -215,10 +219,15 @@ def padded_width(C: int) -> int:
     return -(-C // 16) * 16
 
 
-def block_grid(B: int, R: int, T: int, block: int) -> tuple[int, tuple[int]]:
-    """The balance blocks per row n and the grid of the route kernels: one program per (b, j, r)."""
+def block_grid(B: int, R: int, T: int, block: int, parts: int = 1) -> tuple[int, tuple[int]]:
+    """The balance blocks per row n and the grid of the route kernels: one program per (b, j, r), or per part of
+    each block (the backward, which sums nothing over a block, splits them: `backward_parts`)."""
     n_blocks = triton.cdiv(T, block)
-    return n_blocks, (B * n_blocks * R,)
+    return n_blocks, (B * n_blocks * R * parts,)
+
+
+def backward_parts(block: int) -> int:
+    return block // min(block, BACKWARD_TOKENS)
 
 
 def check_size(logits: torch.Tensor) -> None:
@@ -265,11 +274,12 @@ def gumbel_route_backward(
 ) -> torch.Tensor:
     B, T, R, W = logits.shape
     logits = logits.contiguous()
-    n_blocks, grid = block_grid(B, R, T, block)
+    parts = backward_parts(block)
+    n_blocks, grid = block_grid(B, R, T, block, parts)
     grad = torch.empty_like(logits)
     wrap_triton(route_backward_kernel)[grid](
         logits, tau, cluster, own, soft, stats, grad_own.contiguous(), grad_sums.contiguous(), grad,
-        T, R, grad_sums.shape[-1], W, n_blocks, block, ROWS=ROWS, BLOCK_C=column_block(W), num_warps=NUM_WARPS,
+        T, R, grad_sums.shape[-1], W, n_blocks, block, parts, ROWS=ROWS, BLOCK_C=column_block(W), num_warps=NUM_WARPS,
     )
     return grad
 
