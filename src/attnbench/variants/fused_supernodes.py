@@ -29,11 +29,10 @@ import triton.language as tl
 
 from .fused_mixing import dot
 
-# Steps and tokens per tile, per kernel: the fastest of BLOCK_S, BLOCK_L in {32, 64} x 2, 4 or 8 warps at sca's 8K
-# and 32K shapes (H200, do_bench, each kernel alone; 4 warps won throughout). Forward 146 / 209 us at 8K / 32K
+# Steps and tokens per tile and warps, per kernel: the fastest of BLOCK_S, BLOCK_L in {32, 64} x 2, 4 or 8 warps at
+# sca's 8K and 32K shapes (H200, do_bench, each kernel alone; 4 warps won throughout). Forward 146 / 209 us at 8K / 32K
 # (64 x 64 tiles: 214 / 263), backward 379 / 483 (511 / 635), read's backward 54 / 64 (77 / 79).
-TILES = {"prefix": (64, 32), "prefix_backward": (32, 64), "read_backward": (64, 32)}
-NUM_WARPS = 4
+TILES = {"prefix": (64, 32, 4), "prefix_backward": (32, 64, 4), "read_backward": (64, 32, 4)}
 
 
 @triton.jit
@@ -127,7 +126,9 @@ def prefix_backward_kernel(K, V, W, BLOCKS, STARTS, COUNTS, N, M, TOTAL, DN, DM,
         grad_k = tl.zeros([BLOCK_L, BLOCK_D], tl.float32)  # sum_{j >= block} dA_k^(j)
         grad_v = tl.zeros([BLOCK_L, BLOCK_D], tl.float32)
         grad_w = tl.zeros([BLOCK_L], tl.float32)  # sum_{j >= block} dW^(j)
-        for step0 in range(0, S, BLOCK_S):
+        # Blocks never decrease along the segment: the steps before the tile's first block hold none of its tokens.
+        first_block = tl.load(BLOCKS + routing_row * T + start + token0)
+        for step0 in range(first_block // BLOCK_S * BLOCK_S, S, BLOCK_S):
             steps = step0 + tl.arange(0, BLOCK_S)
             step_ok = steps < S
             rows = step_rows(bh, steps, S, C8, c)
@@ -171,9 +172,9 @@ def launch_options(kernel: str, x: torch.Tensor, C8: int, B: int, H: int) -> tup
     """The grid, one program per (batch row, head, padded cluster), and the kernel's tiles."""
     D = x.shape[-1]
     assert x.numel() < 2**31, f"{x.numel()} elements: the supernode kernels index in int32 within a row"
-    block_s, block_l = TILES[kernel]
+    block_s, block_l, warps = TILES[kernel]
     return (B * H * C8,), dict(BLOCK_S=block_s, BLOCK_L=block_l, BLOCK_D=max(16, triton.next_power_of_2(D)),
-                               IEEE=x.dtype == torch.float32, num_warps=NUM_WARPS)
+                               IEEE=x.dtype == torch.float32, num_warps=warps)
 
 
 # Opaque custom ops, as fused_mixing's (Inductor's code generation for user-defined Triton kernels failed there).
