@@ -31,7 +31,9 @@ from .fused_mixing import dot
 
 # Steps and tokens per tile and warps, per kernel: the fastest of BLOCK_S, BLOCK_L in {32, 64} x 2, 4 or 8 warps at
 # sca's 8K and 32K shapes (H200, do_bench, each kernel alone; 4 warps won throughout). Forward 146 / 209 us at 8K / 32K
-# (64 x 64 tiles: 214 / 263), backward 379 / 483 (511 / 635), read's backward 54 / 64 (77 / 79).
+# (64 x 64 tiles: 214 / 263), backward 379 / 483 (511 / 635), read's backward 54 / 64 (77 / 79). With the backward's
+# skip of the steps before a tile's first block: 314 / 370 us; BLOCK_S 16, 64 or BLOCK_L 128, 4 or 8 warps: 309-553 /
+# 368-669 (stop 26: reports/benchmarks/NVIDIA-H200-stop26-supernodes-probe.log).
 TILES = {"prefix": (64, 32, 4), "prefix_backward": (32, 64, 4), "read_backward": (64, 32, 4)}
 
 
