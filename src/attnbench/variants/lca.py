@@ -217,12 +217,15 @@ class LearnedClusterAttention(Attention):
 
     def router_logits(self, x: torch.Tensor, width: int | None = None) -> torch.Tensor:
         """(B, T, R, width) for x (B, T, d_model), width >= C (default C), the columns from C on zero (the weight
-        padded with zero rows; the fused routing's aligned rows). fp32 operands for inputs of any dtype; under CUDA
+        padded with zero rows; the fused routing's aligned rows). fp32 operands for inputs of any dtype; under
         autocast the product runs in bf16 like every projection, and the routing takes noise and softmax to fp32."""
         B, T, _ = x.shape
         C, width = self.clusters, width or self.clusters
         weight = F.pad(self.router.weight.float().unflatten(0, (-1, C)), (0, 0, 0, width - C)).flatten(0, 1)
-        return F.linear(x.float(), weight).view(B, T, -1, width)
+        # Under autocast the operands are cast to bf16 anyway: upcasting a bf16 x first only added a copy of x, and
+        # one of its gradient, per step (the same values).
+        operand = x if torch.is_autocast_enabled(x.device.type) else x.float()
+        return F.linear(operand, weight).view(B, T, -1, width)
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The plain routing: cluster ids (B, R, T) and the soft assignment (B, R, T, C) or None (evaluation);
