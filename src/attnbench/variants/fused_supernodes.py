@@ -29,12 +29,13 @@ import triton.language as tl
 
 from .fused_mixing import dot
 
-# Steps and tokens per tile and warps, per kernel: the fastest of BLOCK_S, BLOCK_L in {32, 64} x 2, 4 or 8 warps at
-# sca's 8K and 32K shapes (H200, do_bench, each kernel alone; 4 warps won throughout). Forward 146 / 209 us at 8K / 32K
+# Steps and tokens per tile, per kernel: the fastest of BLOCK_S, BLOCK_L in {32, 64} x 2, 4 or 8 warps at sca's 8K
+# and 32K shapes (H200, do_bench, each kernel alone; 4 warps won throughout). Forward 146 / 209 us at 8K / 32K
 # (64 x 64 tiles: 214 / 263), backward 379 / 483 (511 / 635), read's backward 54 / 64 (77 / 79). With the backward's
 # skip of the steps before a tile's first block: 314 / 370 us; BLOCK_S 16, 64 or BLOCK_L 128, 4 or 8 warps: 309-553 /
 # 368-669 (stop 26: reports/benchmarks/NVIDIA-H200-stop26-supernodes-probe.log).
-TILES = {"prefix": (64, 32, 4), "prefix_backward": (32, 64, 4), "read_backward": (64, 32, 4)}
+TILES = {"prefix": (64, 32), "prefix_backward": (32, 64), "read_backward": (64, 32)}
+NUM_WARPS = 4
 
 
 @triton.jit
@@ -174,9 +175,9 @@ def launch_options(kernel: str, x: torch.Tensor, C8: int, B: int, H: int) -> tup
     """The grid, one program per (batch row, head, padded cluster), and the kernel's tiles."""
     D = x.shape[-1]
     assert x.numel() < 2**31, f"{x.numel()} elements: the supernode kernels index in int32 within a row"
-    block_s, block_l, warps = TILES[kernel]
+    block_s, block_l = TILES[kernel]
     return (B * H * C8,), dict(BLOCK_S=block_s, BLOCK_L=block_l, BLOCK_D=max(16, triton.next_power_of_2(D)),
-                               IEEE=x.dtype == torch.float32, num_warps=warps)
+                               IEEE=x.dtype == torch.float32, num_warps=NUM_WARPS)
 
 
 # Opaque custom ops, as fused_mixing's (Inductor's code generation for user-defined Triton kernels failed there).
