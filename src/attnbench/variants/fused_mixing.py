@@ -6,7 +6,8 @@ problems of 96 x 96 with D = 64, about 33 GFLOP fwd+bwd in all, yet sdpa's memor
 one taking a boolean mask) took 1.25 ms fwd+bwd on the H200, FlexAttention 1.39 ms and the fused kernels with
 the mask folded into one more feature 1.85 ms (reports/benchmarks/NVIDIA-H200.md, stop 22). Here a program owns
 64 query rows (forward, dq) or 64 keys (dk, dv) of one problem and loops over the rest of it, flash-style: no
-(L, L) tensor is stored, the forward keeps each row's log-sum-exp for the backward.
+(L, L) tensor is stored, the forward keeps each row's log-sum-exp for the backward. A problem of at most 128
+supernodes (T <= 16K) runs its whole backward in one program, which holds all its keys.
 
 Layout: q, k, v (P, L, D) contiguous, P = the problems; keys (P, L) int8, 1 where the supernode is a key; every
 row needs at least one key (the caller's `mix` guarantees it). Products run in the inputs' dtype with fp32
@@ -23,6 +24,10 @@ import triton.language as tl
 
 BLOCK = 64  # query rows per forward / dq program, keys per dk-dv program, and the tile of every loop
 NUM_WARPS = 4
+# Problems of at most WHOLE_KEYS supernodes (C <= 128: T <= 16K) run their backward as one program each
+# (whole_backward_kernel), with these settings.
+WHOLE_KEYS = 128
+WHOLE_OPTIONS = {"BLOCK": 64, "num_warps": 8}
 INTERPRET = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")  # Triton's CPU interpreter: tests without a GPU
 NEG = tl.constexpr(-1.0e30)  # the running maximum's start: finite, so a tile whose keys are all masked adds 0, not NaN
 
@@ -85,22 +90,34 @@ def forward_kernel(Q, K, V, KEYS, O, LSE, L, D, scale,
 
 
 @triton.jit
-def dq_kernel(Q, K, V, KEYS, O, LSE, DO, DQ, L, D, scale,
-              BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr):
-    p = tl.program_id(0).to(tl.int64)
-    start_m = tl.program_id(1) * BLOCK
+def row_tile(Q, O, LSE, DO, p, start_m, L, D, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
+    """What the backward needs of rows start_m .. start_m + BLOCK: q, do, delta = rowsum(do * o), the log-sum-exp."""
     rows = start_m + tl.arange(0, BLOCK)
     q = load_tile(Q, p, start_m, L, D, BLOCK, BLOCK_D)
     do = load_tile(DO, p, start_m, L, D, BLOCK, BLOCK_D)
     delta = tl.sum(do.to(tl.float32) * load_tile(O, p, start_m, L, D, BLOCK, BLOCK_D).to(tl.float32), 1)
     lse = tl.load(LSE + p * L + rows, mask=rows < L, other=0.0)
+    return q, do, delta, lse
+
+
+@triton.jit
+def probs_and_ds(q, k, v, do, delta, lse, pair_ok, scale, IEEE: tl.constexpr):
+    """(rows, keys) probabilities, 0 where not pair_ok, and the scores' gradient (without `scale`)."""
+    prob = tl.where(pair_ok, tl.exp(dot(q, tl.trans(k), IEEE) * scale - lse[:, None]), 0.0)
+    return prob, prob * (dot(do, tl.trans(v), IEEE) - delta[:, None])
+
+
+@triton.jit
+def dq_kernel(Q, K, V, KEYS, O, LSE, DO, DQ, L, D, scale,
+              BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr):
+    p = tl.program_id(0).to(tl.int64)
+    start_m = tl.program_id(1) * BLOCK
+    q, do, delta, lse = row_tile(Q, O, LSE, DO, p, start_m, L, D, BLOCK, BLOCK_D)
     dq = tl.zeros([BLOCK, BLOCK_D], tl.float32)
     for start_n in range(0, L, BLOCK):
         k = load_tile(K, p, start_n, L, D, BLOCK, BLOCK_D)
         v = load_tile(V, p, start_n, L, D, BLOCK, BLOCK_D)
-        s = dot(q, tl.trans(k), IEEE) * scale
-        prob = tl.where(key_bits(KEYS, p, start_n, L, BLOCK)[None, :], tl.exp(s - lse[:, None]), 0.0)
-        ds = prob * (dot(do, tl.trans(v), IEEE) - delta[:, None])
+        _, ds = probs_and_ds(q, k, v, do, delta, lse, key_bits(KEYS, p, start_n, L, BLOCK)[None, :], scale, IEEE)
         dq += dot(ds.to(k.dtype), k, IEEE)
     store_tile(DQ, dq * scale, p, start_m, L, D, BLOCK, BLOCK_D)
 
@@ -117,10 +134,7 @@ def dkdv_kernel(Q, K, V, KEYS, O, LSE, DO, DK, DV, L, D, scale,
     dv = tl.zeros([BLOCK, BLOCK_D], tl.float32)
     for start_m in range(0, L, BLOCK):
         rows = start_m + tl.arange(0, BLOCK)
-        q = load_tile(Q, p, start_m, L, D, BLOCK, BLOCK_D)
-        do = load_tile(DO, p, start_m, L, D, BLOCK, BLOCK_D)
-        delta = tl.sum(do.to(tl.float32) * load_tile(O, p, start_m, L, D, BLOCK, BLOCK_D).to(tl.float32), 1)
-        lse = tl.load(LSE + p * L + rows, mask=rows < L, other=0.0)
+        q, do, delta, lse = row_tile(Q, O, LSE, DO, p, start_m, L, D, BLOCK, BLOCK_D)
         s_t = dot(k, tl.trans(q), IEEE) * scale  # (keys, rows)
         prob_t = tl.where(key[:, None] & (rows < L)[None, :], tl.exp(s_t - lse[None, :]), 0.0)
         dv += dot(prob_t.to(do.dtype), do, IEEE)
@@ -128,6 +142,28 @@ def dkdv_kernel(Q, K, V, KEYS, O, LSE, DO, DK, DV, L, D, scale,
         dk += dot(ds_t.to(q.dtype), q, IEEE)
     store_tile(DK, dk * scale, p, start_n, L, D, BLOCK, BLOCK_D)
     store_tile(DV, dv, p, start_n, L, D, BLOCK, BLOCK_D)
+
+
+@triton.jit
+def whole_backward_kernel(Q, K, V, KEYS, O, LSE, DO, DQ, DK, DV, L, D, scale,
+                          BLOCK: tl.constexpr, BLOCK_KEYS: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr):
+    """dq, dk and dv of one whole problem, L <= BLOCK_KEYS: every key is in this program, so each row tile's dq is
+    complete where it is formed, and q, k, v, o and do are read once (dq_kernel and dkdv_kernel read them twice)."""
+    p = tl.program_id(0).to(tl.int64)
+    k = load_tile(K, p, 0, L, D, BLOCK_KEYS, BLOCK_D)
+    v = load_tile(V, p, 0, L, D, BLOCK_KEYS, BLOCK_D)
+    key = key_bits(KEYS, p, 0, L, BLOCK_KEYS)
+    dk = tl.zeros([BLOCK_KEYS, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_KEYS, BLOCK_D], tl.float32)
+    for start_m in range(0, L, BLOCK):
+        rows = start_m + tl.arange(0, BLOCK)
+        q, do, delta, lse = row_tile(Q, O, LSE, DO, p, start_m, L, D, BLOCK, BLOCK_D)
+        prob, ds = probs_and_ds(q, k, v, do, delta, lse, key[None, :] & (rows < L)[:, None], scale, IEEE)
+        dv += dot(tl.trans(prob.to(do.dtype)), do, IEEE)
+        store_tile(DQ, dot(ds.to(k.dtype), k, IEEE) * scale, p, start_m, L, D, BLOCK, BLOCK_D)
+        dk += dot(tl.trans(ds.to(q.dtype)), q, IEEE)
+    store_tile(DK, dk * scale, p, 0, L, D, BLOCK_KEYS, BLOCK_D)
+    store_tile(DV, dv, p, 0, L, D, BLOCK_KEYS, BLOCK_D)
 
 
 def launch_options(q: torch.Tensor) -> dict:
@@ -160,6 +196,10 @@ def masked_mixing_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ke
     grad_o = grad_o.contiguous()
     P, L, D = q.shape
     dq, dk, dv = masked_mixing_backward_fake(q, k, v, keys, o, lse, grad_o, scale)
+    if L <= WHOLE_KEYS:
+        whole_backward_kernel[(P,)](q, k, v, keys, o, lse, grad_o, dq, dk, dv, L, D, scale,
+                                    BLOCK_KEYS=max(16, triton.next_power_of_2(L)), **launch_options(q) | WHOLE_OPTIONS)
+        return dq, dk, dv
     grid = (P, triton.cdiv(L, BLOCK))
     dq_kernel[grid](q, k, v, keys, o, lse, grad_o, dq, L, D, scale, **launch_options(q))
     dkdv_kernel[grid](q, k, v, keys, o, lse, grad_o, dk, dv, L, D, scale, **launch_options(q))
