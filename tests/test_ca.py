@@ -85,6 +85,13 @@ def test_band_tile_lists_cover_the_band(T):
         inside = padded.unflatten(-2, (n, TILE)).unflatten(-1, (n, TILE)).all(dim=(-3, -1))  # (B, H, n, n)
         below_diagonal = torch.ones(n, n, dtype=torch.bool).tril(-1)
         assert torch.equal(full_tiles, inside & below_diagonal), "full tiles are not exactly the off-diagonal tiles inside the band"
+        # The backward's per-key-tile lists, built from ranges, against torch's transposition of the forward's.
+        transposed = BlockMask.from_kv_blocks(block_mask.kv_num_blocks, block_mask.kv_indices, block_mask.full_kv_num_blocks, block_mask.full_kv_indices)
+        for ours, torchs in (("q_num_blocks", "q_indices"), ("full_q_num_blocks", "full_q_indices")):
+            counts = getattr(block_mask, ours)
+            assert torch.equal(counts, getattr(transposed, ours)), f"{ours} differs from the transposed forward lists"
+            listed = torch.arange(n) < counts.unsqueeze(-1)
+            assert torch.equal(getattr(block_mask, torchs)[listed], getattr(transposed, torchs)[listed]), f"{torchs} differs"
 
 
 @pytest.mark.parametrize("options,message", [({"block": 0}, "(?s)block.*must be an integer >= 1 or 'auto'"), ({"lookback": -1}, "(?s)lookback.*must be an integer >= 0 or 'auto'")])
