@@ -12,8 +12,9 @@ the mask there: only the tiles a band edge cuts (the diagonal and the tiles
 holding some row's lo) pay for it. The backward's lists per key tile (which
 query tiles need it) are contiguous ranges too, built the same way, where
 BlockMask.from_kv_blocks would transpose a dense (n, n) tile mask and argsort
-it: at T = 32K that sort took 0.14 ms of each sca step on the H200. A mask shared by all rows and heads (ca's)
-is built once at batch and head size 1, which FlexAttention broadcasts.
+it: at T = 32K that sort took 0.14 ms of each sca step on the H200. A mask
+shared by all rows and heads (ca's) is built once at batch and head size 1,
+which FlexAttention broadcasts.
 
 On CUDA the kernel is flex_attention under torch.compile; elsewhere the eager
 flex_attention, which materialises the scores and has no backward on CPU: it
@@ -80,12 +81,12 @@ def band_block_mask(lo: torch.Tensor) -> BlockMask:
     # Partial tiles: first .. full_start - 1, then the diagonal.
     column = tiles.expand(Bl, Hl, n, n)
     partial_indices = torch.where(column < (partial_count - 1).unsqueeze(-1), first.unsqueeze(-1) + column, tiles.unsqueeze(-1))
-    # Per key tile j, the query tiles that list it: the diagonal j, partial for q in [after_full, last_partial]
-    # (first[q] <= j < full_start[q]), full for q in [j + 1, after_full - 1] (full_start[q] <= j < q). Both bounds
+    # Per key tile j, the query tiles that list it: the diagonal j, partial for q in [after_full, partial_end)
+    # (first[q] <= j < full_start[q]), full for q in [j + 1, after_full) (full_start[q] <= j < q). Both bounds
     # are counts over q, as first and full_start are non-decreasing.
-    last_partial = (first.unsqueeze(-2) <= tiles.unsqueeze(-1)).sum(dim=-1) - 1  # (Bl, Hl, n): max q with first[q] <= j
+    partial_end = (first.unsqueeze(-2) <= tiles.unsqueeze(-1)).sum(dim=-1)  # (Bl, Hl, n): min q with first[q] > j
     after_full = (full_start.unsqueeze(-2) <= tiles.unsqueeze(-1)).sum(dim=-1)  # (Bl, Hl, n): min q with full_start[q] > j
-    q_partial_count = 1 + (last_partial - after_full + 1).clamp_min(0)
+    q_partial_count = 1 + (partial_end - after_full).clamp_min(0)
     q_partial_indices = torch.where(column == 0, tiles.unsqueeze(-1), after_full.unsqueeze(-1) + column - 1).clamp_max(n - 1)
     q_full_count = after_full - 1 - tiles
     q_full_indices = (tiles.unsqueeze(-1) + 1 + column).clamp_max(n - 1)
