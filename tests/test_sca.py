@@ -247,11 +247,12 @@ def test_fused_mixing_equals_sdpa_mixing(S, C, D, router, dtype, monkeypatch):
 @pytest.mark.parametrize("router", ROUTERS)
 @pytest.mark.parametrize("T, C, block", [(1, 1, 16), (37, 3, 16), (300, 17, 8), (700, 5, 8)], ids=str)
 def test_fused_supernodes_equal_position_order(T, C, block, router, dtype, monkeypatch):
-    """The CUDA path's v', computed in sorted order by fused_supernodes' kernels, against the CPU path's position-order
-    PyTorch (scatter-add, cumulative sum, gather), sorted: v' and the gradients of k, v, the own gates, W_u and the gate.
+    """The CUDA path's gated v', computed in sorted order by fused_supernodes' kernels, against the CPU path's
+    position-order PyTorch (scatter-add, cumulative sum, gather), sorted: the gated v' and the gradients of k, v, the
+    own gates, W_u and the gate.
     The last cluster is empty; at T = 700 the steps span two of the kernels' tiles and a cluster three token tiles."""
     from attnbench.variants import fused_mixing, fused_supernodes, sca
-    from attnbench.variants.lca import sort_by_cluster
+    from attnbench.variants.lca import gated, sort_by_cluster
     from attnbench.variants.routing import straight_through
     from tests.test_lca import triton_device
 
@@ -277,9 +278,9 @@ def test_fused_supernodes_equal_position_order(T, C, block, router, dtype, monke
             own = straight_through(y)
             k_in, v_in = k.to(dtype), v.to(dtype)
             if fused:
-                values = layer.sorted_supernode_values(cluster, to_sorted(k_in), to_sorted(v_in), to_sorted(own), order, counts, starts)
+                values = layer.sorted_supernode_values(to_sorted(k_in), to_sorted(v_in), to_sorted(own), order, counts, starts)
             else:
-                values = to_sorted(layer.supernode_values(k_in, v_in, cluster, own))
+                values = to_sorted(gated(layer.supernode_values(k_in, v_in, cluster, own), own))
         grads = torch.autograd.grad((values.float() * weight).sum(), (k, v, y, layer.supernode_query.weight, layer.gate))
         return values.float(), *grads
 

@@ -8,8 +8,10 @@ cluster), with no atomics and no (T, C) tensor:
   blocks <= j (the same for m with k), for every step j < S: one (steps x tokens) 0/1 matrix times the tokens'
   (w v, w k) per tile. Its backward is the transposed product: a token in block i collects
   sum_{j >= i} dA^(j) and sum_{j >= i} dW^(j), dA = dn / W, dW = -(dn . n + dm . m) / W.
-- `read_backward`: the gradient of the read z^(i - 1)[c_t] (sca's `read_supernodes`, a gather): dz^(j)[c] sums
-  the gradients of the segment's tokens in block j + 1, the same masked product with the mask "block = j + 1".
+- `read_values`: the values the attention reads, w_t v'_t with v'_t = v_t + gate w_t z^(i - 1)[c_t] for token t in
+  block i (sca's `read_supernodes` and `add_to_values`, then lca's gating), in one pass that never stores the
+  read z as a (T, D) tensor. Its backward gives dv per token and dz^(j)[c], the sum of the read's gradients over
+  the segment's tokens in block j + 1: the same masked product with the mask "block = j + 1".
 
 The plain-PyTorch twin, in position order (scatter-add per (block, cluster), cumulative sum over blocks, gather),
 is sca's `prefix_supernodes` / `read_supernodes`, which the CPU path runs and tests compare these kernels to.
@@ -34,7 +36,8 @@ from .fused_mixing import dot
 # (64 x 64 tiles: 214 / 263), backward 379 / 483 (511 / 635), read's backward 54 / 64 (77 / 79). With the backward's
 # skip of the steps before a tile's first block: 314 / 370 us; BLOCK_S 16, 64 or BLOCK_L 128, 4 or 8 warps: 309-553 /
 # 368-669 (stop 26: reports/benchmarks/NVIDIA-H200-stop26-supernodes-probe.log).
-TILES = {"prefix": (64, 32), "prefix_backward": (32, 64), "read_backward": (64, 32)}
+TILES = {"prefix": dict(BLOCK_S=64, BLOCK_L=32), "prefix_backward": dict(BLOCK_S=32, BLOCK_L=64),
+         "read_values": dict(BLOCK_L=32), "read_values_backward": dict(BLOCK_S=64, BLOCK_L=32)}
 NUM_WARPS = 4
 
 
@@ -156,18 +159,57 @@ def prefix_backward_kernel(K, V, W, BLOCKS, STARTS, COUNTS, N, M, TOTAL, DN, DM,
 
 
 @triton.jit
-def read_backward_kernel(G, BLOCKS, STARTS, COUNTS, DZ, T, H, R, C, C8, S, D,
-                         BLOCK_S: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr):
+def read_tiles(V, Z, W, BLOCKS, bh, routing_row, c, index, ok, dims, T, C8, S, D):
+    """A token tile's block numbers, own gates w, v and the read z^(block - 1)[c] (zero in block 0), fp32."""
+    block = tl.load(BLOCKS + routing_row * T + index, mask=ok, other=0)  # 0: reads nothing
+    w = tl.load(W + routing_row * T + index, mask=ok, other=0.0)
+    rows = step_rows(bh, block - 1, S, C8, c)
+    z = tl.load(Z + rows[:, None] * D + dims[None, :], mask=(ok & (block > 0))[:, None] & (dims < D)[None, :], other=0.0)
+    return block, w, token_tile(V, bh, T, index, ok, dims, D).to(tl.float32), z.to(tl.float32)
+
+
+@triton.jit
+def read_values_kernel(V, Z, W, GATE, BLOCKS, STARTS, COUNTS, OUT, T, H, R, C, C8, S, D,
+                       BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
     bh, routing_row, c, start, count = segment_of_program(STARTS, COUNTS, H, R, C, C8)
     dims = tl.arange(0, BLOCK_D)
+    gate = tl.load(GATE + bh % H)
+    for token0 in range(0, count, BLOCK_L):
+        index, ok = token_lanes(start, token0, count, BLOCK_L)
+        _, w, v, z = read_tiles(V, Z, W, BLOCKS, bh, routing_row, c, index, ok, dims, T, C8, S, D)
+        values = (v + gate * (z * w[:, None])).to(V.dtype.element_ty)  # v', rounded as v
+        tl.store(OUT + (bh * T + index)[:, None] * D + dims[None, :], (values.to(tl.float32) * w[:, None]).to(OUT.dtype.element_ty),
+                 mask=ok[:, None] & (dims < D)[None, :])
+
+
+@triton.jit
+def read_values_backward_kernel(G, V, Z, W, GATE, BLOCKS, STARTS, COUNTS, DV, DZ, DOT_OWN, DOT_GATE, T, H, R, C, C8, S, D,
+                                BLOCK_S: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr):
+    bh, routing_row, c, start, count = segment_of_program(STARTS, COUNTS, H, R, C, C8)
+    dims = tl.arange(0, BLOCK_D)
+    gate = tl.load(GATE + bh % H)
+    # Per token: dv = dv' = g w (rounded as v'), and the two dot products the gates' gradients are made of.
+    for token0 in range(0, count, BLOCK_L):
+        index, ok = token_lanes(start, token0, count, BLOCK_L)
+        _, w, v, z = read_tiles(V, Z, W, BLOCKS, bh, routing_row, c, index, ok, dims, T, C8, S, D)
+        g = token_tile(G, bh, T, index, ok, dims, D).to(tl.float32)
+        values = (v + gate * (z * w[:, None])).to(V.dtype.element_ty).to(tl.float32)
+        grad_values = (g * w[:, None]).to(V.dtype.element_ty)
+        tl.store(DV + (bh * T + index)[:, None] * D + dims[None, :], grad_values, mask=ok[:, None] & (dims < D)[None, :])
+        read_dot = tl.sum(grad_values.to(tl.float32) * z, 1)  # dv' . z
+        tl.store(DOT_OWN + bh * T + index, tl.sum(g * values, 1) + gate * read_dot, mask=ok)
+        tl.store(DOT_GATE + bh * T + index, w * read_dot, mask=ok)
+    # dz^(j)[c]: the read's gradient gate w dv' summed over the segment's tokens in block j + 1.
     for step0 in range(0, S, BLOCK_S):
         steps = step0 + tl.arange(0, BLOCK_S)
         acc = tl.zeros([BLOCK_S, BLOCK_D], tl.float32)
         for token0 in range(0, count, BLOCK_L):
             index, ok = token_lanes(start, token0, count, BLOCK_L)
-            block = tl.load(BLOCKS + routing_row * T + index, mask=ok, other=0)  # 0: read by no step
-            g = token_tile(G, bh, T, index, ok, dims, D)
-            acc += dot(as_operand(block[None, :] == steps[:, None] + 1, g.dtype), g, IEEE)
+            block = tl.load(BLOCKS + routing_row * T + index, mask=ok, other=0)
+            w = tl.load(W + routing_row * T + index, mask=ok, other=0.0)
+            g = token_tile(G, bh, T, index, ok, dims, D).to(tl.float32)
+            grad_read = (gate * w[:, None] * (g * w[:, None]).to(V.dtype.element_ty).to(tl.float32)).to(Z.dtype.element_ty)
+            acc += dot(as_operand(block[None, :] == steps[:, None] + 1, grad_read.dtype), grad_read, IEEE)
         store_steps(DZ, acc, step_rows(bh, steps, S, C8, c), steps, S, dims, D)
 
 
@@ -175,9 +217,10 @@ def launch_options(kernel: str, x: torch.Tensor, C8: int, B: int, H: int) -> tup
     """The grid, one program per (batch row, head, padded cluster), and the kernel's tiles."""
     D = x.shape[-1]
     assert x.numel() < 2**31, f"{x.numel()} elements: the supernode kernels index in int32 within a row"
-    block_s, block_l = TILES[kernel]
-    return (B * H * C8,), dict(BLOCK_S=block_s, BLOCK_L=block_l, BLOCK_D=max(16, triton.next_power_of_2(D)),
-                               IEEE=x.dtype == torch.float32, num_warps=NUM_WARPS)
+    options = dict(TILES[kernel], BLOCK_D=max(16, triton.next_power_of_2(D)), num_warps=NUM_WARPS)
+    if "BLOCK_S" in options:  # the kernels with products over step tiles: IEEE products for fp32 inputs
+        options["IEEE"] = x.dtype == torch.float32
+    return (B * H * C8,), options
 
 
 # Opaque custom ops, as fused_mixing's (Inductor's code generation for user-defined Triton kernels failed there).
@@ -241,21 +284,55 @@ def prefix_backward(ctx, grad_n, grad_m, _grad_total):
 prefix_means.register_autograd(prefix_backward, setup_context=setup_prefix_context)
 
 
-@torch.library.custom_op("attnbench::supernode_read_backward", mutates_args=())
-def read_backward(grad: torch.Tensor, blocks: torch.Tensor, starts: torch.Tensor, counts: torch.Tensor,
-                  steps: int, padded_clusters: int) -> torch.Tensor:
-    """dz (B, H, S, C8, D) in grad's dtype: per step j and cluster c, the sum of grad (B, H, T, D) over the
-    segment's tokens in block j + 1."""
-    dz = read_backward_fake(grad, blocks, starts, counts, steps, padded_clusters)
-    B, H, T, D = grad.shape
-    if steps > 0:
-        grid, options = launch_options("read_backward", grad, padded_clusters, B, H)
-        read_backward_kernel[grid](grad.contiguous(), blocks.contiguous(), starts.contiguous(), counts.contiguous(), dz,
-                                   T, H, blocks.shape[1], starts.shape[-1], padded_clusters, steps, D, **options)
-    return dz
+@torch.library.custom_op("attnbench::supernode_read_values", mutates_args=())
+def read_values(v: torch.Tensor, z: torch.Tensor, weights: torch.Tensor, gate: torch.Tensor, blocks: torch.Tensor,
+                starts: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """w_t v'_t in v's dtype (B, H, T, D), v'_t = v_t + gate_h w_t z^(block_t - 1)[c_t] rounded to v's dtype (no read in
+    block 0): v sorted, z (B, H, S, C8, D) from the mixing, gate (H,) fp32 (module docstring for the rest)."""
+    out = torch.empty_like(v)
+    B, H, T, D = v.shape
+    grid, options = launch_options("read_values", v, z.shape[3], B, H)
+    read_values_kernel[grid](v.contiguous(), z.contiguous(), weights.contiguous(), gate.contiguous(), blocks.contiguous(),
+                             starts.contiguous(), counts.contiguous(), out, T, H, weights.shape[1], starts.shape[-1],
+                             z.shape[3], z.shape[2], D, **options)
+    return out
 
 
-@read_backward.register_fake
-def read_backward_fake(grad, blocks, starts, counts, steps, padded_clusters):
-    B, H, T, D = grad.shape
-    return grad.new_empty(B, H, steps, padded_clusters, D)
+@read_values.register_fake
+def read_values_fake(v, z, weights, gate, blocks, starts, counts):
+    return torch.empty_like(v)
+
+
+@torch.library.custom_op("attnbench::supernode_read_values_backward", mutates_args=())
+def read_values_backward(grad: torch.Tensor, v: torch.Tensor, z: torch.Tensor, weights: torch.Tensor, gate: torch.Tensor,
+                         blocks: torch.Tensor, starts: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dv (B, H, T, D), dz (B, H, S, C8, D) in z's dtype, and per head and token (B, H, T) fp32 the weights'
+    gradient g . v' + gate dv' . z and the gate's summands w dv' . z (dv' = g w, the gradient of v')."""
+    grad_v, grad_z, dot_own, dot_gate = read_values_backward_fake(grad, v, z, weights, gate, blocks, starts, counts)
+    B, H, T, D = v.shape
+    grid, options = launch_options("read_values_backward", v, z.shape[3], B, H)
+    read_values_backward_kernel[grid](grad.contiguous(), v, z, weights, gate, blocks, starts, counts, grad_v, grad_z,
+                                      dot_own, dot_gate, T, H, weights.shape[1], starts.shape[-1], z.shape[3], z.shape[2],
+                                      D, **options)
+    return grad_v, grad_z, dot_own, dot_gate
+
+
+@read_values_backward.register_fake
+def read_values_backward_fake(grad, v, z, weights, gate, blocks, starts, counts):
+    # Left unfilled: the segments cover every token, and the kernel stores every step of every (padded) cluster.
+    dots = (torch.empty(v.shape[:3], dtype=torch.float32, device=v.device) for _ in range(2))
+    return torch.empty_like(v), torch.empty_like(z), *dots
+
+
+def setup_read_context(ctx, inputs, output):
+    ctx.save_for_backward(*(t.contiguous() for t in inputs))
+
+
+def read_values_gradients(ctx, grad):
+    v, z, weights, gate, blocks, starts, counts = ctx.saved_tensors
+    grad_v, grad_z, dot_own, dot_gate = read_values_backward(grad, v, z, weights, gate, blocks, starts, counts)
+    grad_w = dot_own if weights.shape[1] == dot_own.shape[1] else dot_own.sum(dim=1, keepdim=True)  # shared router
+    return grad_v, grad_z, grad_w, dot_gate.sum(dim=(0, 2)), None, None, None
+
+
+read_values.register_autograd(read_values_gradients, setup_context=setup_read_context)

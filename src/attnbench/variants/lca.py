@@ -162,8 +162,8 @@ def cluster_attention_flex(q, k, v, cluster, gate, C, scale, sorted_values=None)
     """The CUDA path (eager on CPU, forward only): sorted order, FlexAttention over each segment, back to positions.
 
     One sort, one gather per tensor in, one out (by the inverse permutation); the gates ride on v and o.
-    sorted_values(k, v, gate, order, counts, starts), all in sorted order, replaces v before the attention (sca's
-    supernodes, which need the sorted k and v).
+    sorted_values(k, v, gate, order, counts, starts), all in sorted order, gives the values the attention reads in
+    place of gated(v, gate) (sca's v' with its supernodes, which need the sorted k and v).
     """
     B, H, T, D = q.shape
     order, inverse, counts, starts = sort_by_cluster(cluster, C)
@@ -174,7 +174,7 @@ def cluster_attention_flex(q, k, v, cluster, gate, C, scale, sorted_values=None)
     else:
         q, k, v = (Permute.apply(t, to_sorted, to_positions) for t in (q, k, v))
         gate_sorted = None if gate is None else gate.gather(2, order.unsqueeze(-1))
-        v_gated = gated(sorted_values(k, v, gate_sorted, order, counts, starts), gate_sorted)
+        v_gated = sorted_values(k, v, gate_sorted, order, counts, starts)
     out = flex_band_attention(q, k, v_gated, lo, scale)
     return gated(Permute.apply(out, to_positions, to_sorted), gate)
 

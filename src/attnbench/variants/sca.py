@@ -25,7 +25,8 @@ Paths (both call the router once per forward):
   gather; the mixing costs (T/b) C^2 D; then lca's chunked attention over v';
 - efficient, CUDA: the same states computed in lca's sorted order, where each cluster is one
   segment, by fused_supernodes' Triton kernels (per-segment masked products, no atomics), the
-  mixing by fused_mixing's, then lca's Flex attention over v'.
+  mixing by fused_mixing's, the read and the gated v' in one more of fused_supernodes' kernels,
+  then lca's Flex attention over v'.
 
 Choices where the spec is open:
 - membership is weighted by the token's own straight-through gate a_s[c_s] (lca's formula
@@ -71,8 +72,6 @@ refusing it for the model is the model's or the config's job.
 """
 
 from __future__ import annotations
-
-import functools
 
 import torch
 import torch.nn.functional as F
@@ -132,23 +131,6 @@ def read_supernodes(z: torch.Tensor, slots: torch.Tensor, own: torch.Tensor | No
     z = F.pad(z, (0, 0, 0, 0, 1, 0)).flatten(2, 3)  # (B, H, (S + 1) C, D): row i C + c is step i - 1, zeros for i = 0
     extra = z.gather(2, slots.unsqueeze(-1).expand(B, H, T, D))
     return extra if own is None else extra * own
-
-
-class SortedRead(torch.autograd.Function):
-    """`read_supernodes` (no gates) for tokens in lca's sorted order, whose backward is fused_supernodes'
-    per-segment sums (`read_backward`) instead of autograd's scatter-add: z, slots as there; blocks, starts and
-    counts (int32) as fused_supernodes takes them."""
-
-    @staticmethod
-    def forward(ctx, z, slots, blocks, starts, counts):
-        ctx.save_for_backward(blocks, starts, counts)
-        ctx.steps, ctx.padded_clusters = z.shape[2], z.shape[3]
-        return read_supernodes(z, slots, None)
-
-    @staticmethod
-    def backward(ctx, grad):
-        blocks, starts, counts = ctx.saved_tensors
-        return fused_supernodes.read_backward(grad, blocks, starts, counts, ctx.steps, ctx.padded_clusters), None, None, None, None
 
 
 def clique_partition(scores: torch.Tensor, cliques: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -233,19 +215,16 @@ class SuperClusterAttention(LearnedClusterAttention):
         z = self.mix(n, m, total, fused=v.is_cuda)
         return self.add_to_values(v, read_supernodes(z, slots, own))
 
-    def sorted_supernode_values(self, cluster, k, v, own, order, counts, starts):
-        """v' in lca's sorted order by fused_supernodes' kernels: k, v (B, H, T, D) and own gates (B, R, T, 1) or
-        None, sorted; cluster ids (B, R, T) by position; order, counts, starts from `sort_by_cluster`."""
-        C, T = self.clusters, v.shape[-2]
-        steps, padded = (T - 1) // self.block, C + -C % 8
+    def sorted_supernode_values(self, k, v, own, order, counts, starts):
+        """The gated v' the attention reads, in lca's sorted order, by fused_supernodes' kernels: k, v (B, H, T, D) and
+        own gates (B, R, T, 1) or None, sorted; order, counts, starts from `sort_by_cluster`."""
+        steps, padded = (v.shape[-2] - 1) // self.block, self.clusters + -self.clusters % 8
         blocks = order // self.block  # (B, R, T): the block of each sorted token's position
         weights = torch.ones_like(blocks, dtype=torch.float32) if own is None else own.squeeze(-1).float()
         segments = (blocks.int(), starts.int(), counts.int())
         n, m, total = fused_supernodes.prefix_means(k, v, weights, *segments, steps, padded)  # (B, H, S, C8, D)
         z = self.mix(n, m, total, fused=True)
-        slots = blocks * padded + cluster.gather(-1, order)
-        extra = SortedRead.apply(z, slots, *segments)  # (B, H, T, D)
-        return self.add_to_values(v, extra if own is None else extra * own)
+        return fused_supernodes.read_values(v, z, weights, self.gate.float(), *segments)
 
     def reference(self, q, k, v, x):
         if not self.options.causal:
@@ -265,8 +244,7 @@ class SuperClusterAttention(LearnedClusterAttention):
         if fused_supernodes is None or not q.is_cuda:
             return super().flex(q, k, v, x)
         cluster, own = self.route_own(x)
-        sorted_values = functools.partial(self.sorted_supernode_values, cluster)
-        return cluster_attention_flex(q, k, v, cluster, own, self.clusters, self.scale, sorted_values)
+        return cluster_attention_flex(q, k, v, cluster, own, self.clusters, self.scale, self.sorted_supernode_values)
 
     # Non-causal form (tests and profiles only).
 
