@@ -123,20 +123,30 @@ def prefix_backward_kernel(K, V, W, BLOCKS, STARTS, COUNTS, N, M, TOTAL, DN, DM,
                            BLOCK_S: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr):
     bh, routing_row, c, start, count = segment_of_program(STARTS, COUNTS, H, R, C, C8)
     dims = tl.arange(0, BLOCK_D)
-    for token0 in range(0, count, BLOCK_L):
+    # Token tiles last to first, with the sums over the steps >= `done` carried from the later tiles: each step is
+    # loaded about once per program instead of once per token tile before it.
+    carry_k = tl.zeros([BLOCK_D], tl.float32)  # sum_{j >= done} dA_k^(j)
+    carry_v = tl.zeros([BLOCK_D], tl.float32)
+    carry_w = tl.zeros([1], tl.float32)  # sum_{j >= done} dW^(j)
+    done = S
+    tiles = tl.cdiv(count, BLOCK_L)
+    for tile in range(0, tiles):
+        token0 = (tiles - 1 - tile) * BLOCK_L
         index, ok = token_lanes(start, token0, count, BLOCK_L)
         block = tl.load(BLOCKS + routing_row * T + index, mask=ok, other=S)
         w = tl.load(W + routing_row * T + index, mask=ok, other=0.0)
         k = token_tile(K, bh, T, index, ok, dims, D)
         v = token_tile(V, bh, T, index, ok, dims, D)
-        grad_k = tl.zeros([BLOCK_L, BLOCK_D], tl.float32)  # sum_{j >= block} dA_k^(j)
-        grad_v = tl.zeros([BLOCK_L, BLOCK_D], tl.float32)
-        grad_w = tl.zeros([BLOCK_L], tl.float32)  # sum_{j >= block} dW^(j)
-        # Blocks never decrease along the segment: the steps before the tile's first block hold none of its tokens.
+        # Every token's block is <= done, so every carried step counts for it.
+        grad_k = tl.zeros([BLOCK_L, BLOCK_D], tl.float32) + carry_k[None, :]  # sum_{j >= block} dA_k^(j)
+        grad_v = tl.zeros([BLOCK_L, BLOCK_D], tl.float32) + carry_v[None, :]
+        grad_w = tl.zeros([BLOCK_L], tl.float32) + carry_w  # sum_{j >= block} dW^(j)
+        # Blocks never decrease along the segment: the steps before the tile's first block hold none of its tokens,
+        # and the earlier tiles' tokens are in blocks <= first_block, so the steps >= first_block join the carry.
         first_block = tl.load(BLOCKS + routing_row * T + start + token0)
-        for step0 in range(first_block // BLOCK_S * BLOCK_S, S, BLOCK_S):
+        for step0 in range(first_block // BLOCK_S * BLOCK_S, done, BLOCK_S):
             steps = step0 + tl.arange(0, BLOCK_S)
-            step_ok = steps < S
+            step_ok = steps < done
             rows = step_rows(bh, steps, S, C8, c)
             total = tl.load(TOTAL + rows, mask=step_ok, other=0.0)
             inverse = 1.0 / tl.where(total > 0, total, 1.0)
@@ -150,6 +160,11 @@ def prefix_backward_kernel(K, V, W, BLOCKS, STARTS, COUNTS, N, M, TOTAL, DN, DM,
             member = as_operand(member, tl.float32)
             grad_k += dot(member, grad_a_k, IEEE)
             grad_v += dot(member, grad_a_v, IEEE)
+            carried = (steps >= first_block)[:, None]  # beyond `done` the loads gave zeros
+            carry_k += tl.sum(tl.where(carried, grad_a_k, 0.0), 0)
+            carry_v += tl.sum(tl.where(carried, grad_a_v, 0.0), 0)
+            carry_w += tl.sum(tl.where(steps >= first_block, grad_total, 0.0), 0)
+        done = first_block
         offsets = (bh * T + index)[:, None] * D + dims[None, :]
         mask = ok[:, None] & (dims < D)[None, :]
         tl.store(DK + offsets, (grad_k * w[:, None]).to(DK.dtype.element_ty), mask=mask)
