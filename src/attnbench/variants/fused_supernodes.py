@@ -86,31 +86,57 @@ def step_rows(bh, steps, S, C8, c):
 
 
 @triton.jit
+def add_to_prefix(acc_k, acc_v, acc_w, block, w, wk, wv, step0, BLOCK_S: tl.constexpr, IEEE: tl.constexpr):
+    """Adds the tokens of blocks step0 <= block <= j to each step j of the tile of steps from step0."""
+    steps = step0 + tl.arange(0, BLOCK_S)
+    member = (block[None, :] <= steps[:, None]) & (block[None, :] >= step0)  # (steps, tokens)
+    acc_w += tl.sum(tl.where(member, w[None, :], 0.0), 1)
+    member = as_operand(member, wk.dtype)
+    return acc_k + dot(member, wk, IEEE), acc_v + dot(member, wv, IEEE), acc_w
+
+
+@triton.jit
+def store_prefix(N, M, TOTAL, acc_k, acc_v, acc_w, bh, c, step0, S, C8, dims, D, BLOCK_S: tl.constexpr):
+    """Stores the means of the tile of steps from step0 and returns the next tile's sums, all carried from its last step."""
+    steps = step0 + tl.arange(0, BLOCK_S)
+    inverse = 1.0 / tl.where(acc_w > 0, acc_w, 1.0)
+    rows = step_rows(bh, steps, S, C8, c)
+    store_steps(N, acc_v * inverse[:, None], rows, steps, S, dims, D)
+    store_steps(M, acc_k * inverse[:, None], rows, steps, S, dims, D)
+    tl.store(TOTAL + rows, acc_w, mask=steps < S)
+    last = tl.arange(0, BLOCK_S) == BLOCK_S - 1
+    return (tl.zeros_like(acc_k) + tl.sum(tl.where(last[:, None], acc_k, 0.0), 0)[None, :],
+            tl.zeros_like(acc_v) + tl.sum(tl.where(last[:, None], acc_v, 0.0), 0)[None, :],
+            tl.zeros_like(acc_w) + tl.sum(tl.where(last, acc_w, 0.0), 0))
+
+
+@triton.jit
 def prefix_kernel(K, V, W, BLOCKS, STARTS, COUNTS, N, M, TOTAL, T, H, R, C, C8, S, D,
                   BLOCK_S: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr):
     bh, routing_row, c, start, count = segment_of_program(STARTS, COUNTS, H, R, C, C8)
     dims = tl.arange(0, BLOCK_D)
-    for step0 in range(0, S, BLOCK_S):
-        steps = step0 + tl.arange(0, BLOCK_S)
-        acc_k = tl.zeros([BLOCK_S, BLOCK_D], tl.float32)
-        acc_v = tl.zeros([BLOCK_S, BLOCK_D], tl.float32)
-        acc_w = tl.zeros([BLOCK_S], tl.float32)
-        for token0 in range(0, count, BLOCK_L):
-            index, ok = token_lanes(start, token0, count, BLOCK_L)
-            block = tl.load(BLOCKS + routing_row * T + index, mask=ok, other=S)  # S: in no step's prefix
-            w = tl.load(W + routing_row * T + index, mask=ok, other=0.0)
-            member = block[None, :] <= steps[:, None]  # (steps, tokens)
-            acc_w += tl.sum(tl.where(member, w[None, :], 0.0), 1)
-            k = token_tile(K, bh, T, index, ok, dims, D)
-            v = token_tile(V, bh, T, index, ok, dims, D)
-            member = as_operand(member, k.dtype)
-            acc_k += dot(member, (k * w[:, None]).to(k.dtype), IEEE)
-            acc_v += dot(member, (v * w[:, None]).to(v.dtype), IEEE)
-        inverse = 1.0 / tl.where(acc_w > 0, acc_w, 1.0)
-        rows = step_rows(bh, steps, S, C8, c)
-        store_steps(N, acc_v * inverse[:, None], rows, steps, S, dims, D)
-        store_steps(M, acc_k * inverse[:, None], rows, steps, S, dims, D)
-        tl.store(TOTAL + rows, acc_w, mask=steps < S)
+    # One pass over the tokens, whose blocks never decrease: a tile of steps is stored once the tokens have passed
+    # it, and its last step's sums start the next tile's.
+    step0 = tl.full([], 0, tl.int32)
+    acc_k = tl.zeros([BLOCK_S, BLOCK_D], tl.float32)
+    acc_v = tl.zeros([BLOCK_S, BLOCK_D], tl.float32)
+    acc_w = tl.zeros([BLOCK_S], tl.float32)
+    for token0 in range(0, count, BLOCK_L):
+        index, ok = token_lanes(start, token0, count, BLOCK_L)
+        block = tl.load(BLOCKS + routing_row * T + index, mask=ok, other=S)  # S: in no step's prefix
+        w = tl.load(W + routing_row * T + index, mask=ok, other=0.0)
+        k = token_tile(K, bh, T, index, ok, dims, D)
+        v = token_tile(V, bh, T, index, ok, dims, D)
+        wk, wv = (k * w[:, None]).to(k.dtype), (v * w[:, None]).to(v.dtype)
+        last_block = tl.load(BLOCKS + routing_row * T + start + tl.minimum(token0 + BLOCK_L, count) - 1)
+        while last_block >= step0 + BLOCK_S:  # the tile reaches past this tile of steps: finish it
+            acc_k, acc_v, acc_w = add_to_prefix(acc_k, acc_v, acc_w, block, w, wk, wv, step0, BLOCK_S, IEEE)
+            acc_k, acc_v, acc_w = store_prefix(N, M, TOTAL, acc_k, acc_v, acc_w, bh, c, step0, S, C8, dims, D, BLOCK_S)
+            step0 += BLOCK_S
+        acc_k, acc_v, acc_w = add_to_prefix(acc_k, acc_v, acc_w, block, w, wk, wv, step0, BLOCK_S, IEEE)
+    while step0 < S:  # the last tile of steps the tokens reached, then tiles of the carried sums alone
+        acc_k, acc_v, acc_w = store_prefix(N, M, TOTAL, acc_k, acc_v, acc_w, bh, c, step0, S, C8, dims, D, BLOCK_S)
+        step0 += BLOCK_S
 
 
 @triton.jit
@@ -128,7 +154,7 @@ def prefix_backward_kernel(K, V, W, BLOCKS, STARTS, COUNTS, N, M, TOTAL, DN, DM,
     carry_k = tl.zeros([BLOCK_D], tl.float32)  # sum_{j >= done} dA_k^(j)
     carry_v = tl.zeros([BLOCK_D], tl.float32)
     carry_w = tl.zeros([1], tl.float32)  # sum_{j >= done} dW^(j)
-    done = S
+    done = tl.full([], 0, tl.int32) + S  # a tensor: S may come specialized as a constant, and `done` changes
     tiles = tl.cdiv(count, BLOCK_L)
     for tile in range(0, tiles):
         token0 = (tiles - 1 - tile) * BLOCK_L
@@ -203,10 +229,14 @@ def read_values_backward_kernel(G, V, Z, W, GATE, BLOCKS, STARTS, COUNTS, DV, DZ
     bh, routing_row, c, start, count = segment_of_program(STARTS, COUNTS, H, R, C, C8)
     dims = tl.arange(0, BLOCK_D)
     gate = tl.load(GATE + bh % H)
-    # Per token: dv = dv' = g w (rounded as v'), and the two dot products the gates' gradients are made of.
+    # One pass over the tokens. Per token: dv = dv' = g w (rounded as v'), and the two dot products the gates'
+    # gradients are made of. Per step j: dz^(j)[c] sums the read's gradients gate w dv' of the tokens in block j + 1,
+    # a contiguous run of the segment, so a tile of steps is stored once the tokens have passed it.
+    step0 = tl.full([], 0, tl.int32)
+    acc = tl.zeros([BLOCK_S, BLOCK_D], tl.float32)
     for token0 in range(0, count, BLOCK_L):
         index, ok = token_lanes(start, token0, count, BLOCK_L)
-        _, w, v, z = read_tiles(V, Z, W, BLOCKS, bh, routing_row, c, index, ok, dims, T, C8, S, D)
+        block, w, v, z = read_tiles(V, Z, W, BLOCKS, bh, routing_row, c, index, ok, dims, T, C8, S, D)
         g = token_tile(G, bh, T, index, ok, dims, D).to(tl.float32)
         values = (v + gate * (z * w[:, None])).to(V.dtype.element_ty).to(tl.float32)
         grad_values = (g * w[:, None]).to(V.dtype.element_ty)
@@ -214,18 +244,21 @@ def read_values_backward_kernel(G, V, Z, W, GATE, BLOCKS, STARTS, COUNTS, DV, DZ
         read_dot = tl.sum(grad_values.to(tl.float32) * z, 1)  # dv' . z
         tl.store(DOT_OWN + bh * T + index, tl.sum(g * values, 1) + gate * read_dot, mask=ok)
         tl.store(DOT_GATE + bh * T + index, w * read_dot, mask=ok)
-    # dz^(j)[c]: the read's gradient gate w dv' summed over the segment's tokens in block j + 1.
-    for step0 in range(0, S, BLOCK_S):
-        steps = step0 + tl.arange(0, BLOCK_S)
-        acc = tl.zeros([BLOCK_S, BLOCK_D], tl.float32)
-        for token0 in range(0, count, BLOCK_L):
-            index, ok = token_lanes(start, token0, count, BLOCK_L)
-            block = tl.load(BLOCKS + routing_row * T + index, mask=ok, other=0)
-            w = tl.load(W + routing_row * T + index, mask=ok, other=0.0)
-            g = token_tile(G, bh, T, index, ok, dims, D).to(tl.float32)
-            grad_read = (gate * w[:, None] * (g * w[:, None]).to(V.dtype.element_ty).to(tl.float32)).to(Z.dtype.element_ty)
+        grad_read = (gate * w[:, None] * grad_values.to(tl.float32)).to(Z.dtype.element_ty)
+        last_block = tl.load(BLOCKS + routing_row * T + start + tl.minimum(token0 + BLOCK_L, count) - 1)
+        while last_block - 1 >= step0 + BLOCK_S:  # the tile reaches past this tile of steps: finish it
+            steps = step0 + tl.arange(0, BLOCK_S)
             acc += dot(as_operand(block[None, :] == steps[:, None] + 1, grad_read.dtype), grad_read, IEEE)
+            store_steps(DZ, acc, step_rows(bh, steps, S, C8, c), steps, S, dims, D)
+            step0 += BLOCK_S
+            acc = tl.zeros([BLOCK_S, BLOCK_D], tl.float32)
+        steps = step0 + tl.arange(0, BLOCK_S)
+        acc += dot(as_operand(block[None, :] == steps[:, None] + 1, grad_read.dtype), grad_read, IEEE)
+    while step0 < S:  # the last tile of steps the tokens reached, then zeros
+        steps = step0 + tl.arange(0, BLOCK_S)
         store_steps(DZ, acc, step_rows(bh, steps, S, C8, c), steps, S, dims, D)
+        step0 += BLOCK_S
+        acc = tl.zeros([BLOCK_S, BLOCK_D], tl.float32)
 
 
 def launch_options(kernel: str, x: torch.Tensor, C8: int, B: int, H: int) -> tuple[tuple[int], dict]:
