@@ -250,7 +250,7 @@ def test_fused_supernodes_equal_position_order(T, C, block, router, dtype, monke
     """The CUDA path's gated v', computed in sorted order by fused_supernodes' kernels, against the CPU path's
     position-order PyTorch (scatter-add, cumulative sum, gather), sorted: the gated v' and the gradients of k, v, the
     own gates, W_u and the gate.
-    The last cluster is empty; at T = 700 the steps span two of the kernels' tiles and a cluster three token tiles."""
+    The last cluster is empty; at T = 700 the steps span two of the kernels' tiles and a cluster several token tiles."""
     from attnbench.variants import fused_mixing, fused_supernodes, sca
     from attnbench.variants.lca import gated, sort_by_cluster
     from attnbench.variants.routing import straight_through

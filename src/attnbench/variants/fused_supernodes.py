@@ -31,12 +31,15 @@ import triton.language as tl
 
 from .fused_mixing import dot
 
-# Steps and tokens per tile, per kernel: the fastest of BLOCK_S, BLOCK_L in {32, 64} x 2, 4 or 8 warps at sca's 8K
-# and 32K shapes (H200, do_bench, each kernel alone; 4 warps won throughout). Forward 146 / 209 us at 8K / 32K
-# (64 x 64 tiles: 214 / 263), backward 379 / 483 (511 / 635), read's backward 54 / 64 (77 / 79). With the backward's
-# skip of the steps before a tile's first block: 314 / 370 us; BLOCK_S 16, 64 or BLOCK_L 128, 4 or 8 warps: 309-553 /
-# 368-669 (stop 26: reports/benchmarks/NVIDIA-H200-stop26-supernodes-probe.log).
-TILES = {"prefix": dict(BLOCK_S=64, BLOCK_L=32), "prefix_backward": dict(BLOCK_S=32, BLOCK_L=64),
+# Steps and tokens per tile, per kernel, 4 warps (H200, do_bench, each kernel alone at sca's 8K / 32K shapes):
+# - prefix 32 x 32: 131 / 130 us in one pass over the tokens; the other settings of 32 to 128 steps, 16 to 64 tokens,
+#   2 or 4 warps: 138-6216 / 144-4650 us (stop 28). The pass that re-read every token per tile of steps took 146 / 209.
+# - prefix_backward 32 x 64: 314 / 370 us; BLOCK_S 16, 64 or BLOCK_L 128, 4 or 8 warps: 309-553 / 368-669 (stop 26).
+#   Token tiles last to first with the later steps' sums carried (each step loaded about once) took 446-470 / 446-449
+#   at its best settings (stop 28), so the tiles re-read their steps.
+# - read_values_backward 64 x 32: 107 / 105 us inside sca's step; the probe's timings of its settings were too noisy
+#   to rank (stop 28). Logs: reports/benchmarks/NVIDIA-H200-stop26-supernodes-probe.log, -stop28-probes.log.
+TILES = {"prefix": dict(BLOCK_S=32, BLOCK_L=32), "prefix_backward": dict(BLOCK_S=32, BLOCK_L=64),
          "read_values": dict(BLOCK_L=32), "read_values_backward": dict(BLOCK_S=64, BLOCK_L=32)}
 NUM_WARPS = 4
 
@@ -149,30 +152,20 @@ def prefix_backward_kernel(K, V, W, BLOCKS, STARTS, COUNTS, N, M, TOTAL, DN, DM,
                            BLOCK_S: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr):
     bh, routing_row, c, start, count = segment_of_program(STARTS, COUNTS, H, R, C, C8)
     dims = tl.arange(0, BLOCK_D)
-    # Token tiles last to first, with the sums over the steps >= `done` carried from the later tiles: each step is
-    # loaded about once per program instead of once per token tile before it.
-    carry_k = tl.zeros([BLOCK_D], tl.float32)  # sum_{j >= done} dA_k^(j)
-    carry_v = tl.zeros([BLOCK_D], tl.float32)
-    carry_w = tl.zeros([1], tl.float32)  # sum_{j >= done} dW^(j)
-    done = tl.full([], 0, tl.int32) + S  # a tensor: S may come specialized as a constant, and `done` changes
-    tiles = tl.cdiv(count, BLOCK_L)
-    for tile in range(0, tiles):
-        token0 = (tiles - 1 - tile) * BLOCK_L
+    for token0 in range(0, count, BLOCK_L):
         index, ok = token_lanes(start, token0, count, BLOCK_L)
         block = tl.load(BLOCKS + routing_row * T + index, mask=ok, other=S)
         w = tl.load(W + routing_row * T + index, mask=ok, other=0.0)
         k = token_tile(K, bh, T, index, ok, dims, D)
         v = token_tile(V, bh, T, index, ok, dims, D)
-        # Every token's block is <= done, so every carried step counts for it.
-        grad_k = tl.zeros([BLOCK_L, BLOCK_D], tl.float32) + carry_k[None, :]  # sum_{j >= block} dA_k^(j)
-        grad_v = tl.zeros([BLOCK_L, BLOCK_D], tl.float32) + carry_v[None, :]
-        grad_w = tl.zeros([BLOCK_L], tl.float32) + carry_w  # sum_{j >= block} dW^(j)
-        # Blocks never decrease along the segment: the steps before the tile's first block hold none of its tokens,
-        # and the earlier tiles' tokens are in blocks <= first_block, so the steps >= first_block join the carry.
+        grad_k = tl.zeros([BLOCK_L, BLOCK_D], tl.float32)  # sum_{j >= block} dA_k^(j)
+        grad_v = tl.zeros([BLOCK_L, BLOCK_D], tl.float32)
+        grad_w = tl.zeros([BLOCK_L], tl.float32)  # sum_{j >= block} dW^(j)
+        # Blocks never decrease along the segment: the steps before the tile's first block hold none of its tokens.
         first_block = tl.load(BLOCKS + routing_row * T + start + token0)
-        for step0 in range(first_block // BLOCK_S * BLOCK_S, done, BLOCK_S):
+        for step0 in range(first_block // BLOCK_S * BLOCK_S, S, BLOCK_S):
             steps = step0 + tl.arange(0, BLOCK_S)
-            step_ok = steps < done
+            step_ok = steps < S
             rows = step_rows(bh, steps, S, C8, c)
             total = tl.load(TOTAL + rows, mask=step_ok, other=0.0)
             inverse = 1.0 / tl.where(total > 0, total, 1.0)
@@ -186,11 +179,6 @@ def prefix_backward_kernel(K, V, W, BLOCKS, STARTS, COUNTS, N, M, TOTAL, DN, DM,
             member = as_operand(member, tl.float32)
             grad_k += dot(member, grad_a_k, IEEE)
             grad_v += dot(member, grad_a_v, IEEE)
-            carried = (steps >= first_block)[:, None]  # beyond `done` the loads gave zeros
-            carry_k += tl.sum(tl.where(carried, grad_a_k, 0.0), 0)
-            carry_v += tl.sum(tl.where(carried, grad_a_v, 0.0), 0)
-            carry_w += tl.sum(tl.where(steps >= first_block, grad_total, 0.0), 0)
-        done = first_block
         offsets = (bh * T + index)[:, None] * D + dims[None, :]
         mask = ok[:, None] & (dims < D)[None, :]
         tl.store(DK + offsets, (grad_k * w[:, None]).to(DK.dtype.element_ty), mask=mask)
