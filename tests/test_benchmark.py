@@ -65,3 +65,17 @@ def test_a_failed_point_keeps_the_cause_on_one_line_and_logs_the_traceback(monke
     assert row["status"].startswith("error: RuntimeError: SubprocException") and row["status"].endswith("ValueError: the real cause")
     assert "\n" not in row["status"] and len(row["status"]) < 250
     assert "Traceback" in caplog.text and caplog.text.count("File x.py") == 40
+
+
+def test_references_named_as_variants_run_once(monkeypatch, tmp_path):
+    """`--variants sdpa sca` measured sdpa twice (once as the reference that every ratio uses, once as named)."""
+    import torch
+
+    from attnbench import benchmark
+
+    measured = []
+    monkeypatch.setattr(benchmark, "resolve_device", lambda name: torch.device("cuda"))
+    monkeypatch.setattr(benchmark, "device_name", lambda: "fake-gpu")
+    monkeypatch.setattr(benchmark, "benchmark", lambda params, names, *args: (measured.extend(names), ([], []))[1])
+    benchmark.main(parse_params({}), tmp_path, [2048], 65536, 8, 64, 1, 1, variants=["sdpa", "sca"], parts=("attention",))
+    assert measured == [*benchmark.REFERENCES, "sca"]

@@ -334,7 +334,7 @@ def main(params: Params, out_dir: Path, seq_lens: list[int], tokens: int, heads:
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
     attention, training = [], []
-    variants = variants or list(params.variants)
+    variants = [v for v in variants or params.variants if v not in REFERENCES]  # the references always run, once
     steps = [("attention", [name]) for name in [*REFERENCES, *variants]] if "attention" in parts else []
     steps += [("train", variants)] if "train" in parts else []
     for part, names in steps:  # results are written after each variant's attention rows and after the training rows
