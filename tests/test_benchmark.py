@@ -79,3 +79,15 @@ def test_references_named_as_variants_run_once(monkeypatch, tmp_path):
     monkeypatch.setattr(benchmark, "benchmark", lambda params, names, *args: (measured.extend(names), ([], []))[1])
     benchmark.main(parse_params({}), tmp_path, [2048], 65536, 8, 64, 1, 1, variants=["sdpa", "sca"], parts=("attention",))
     assert measured == [*benchmark.REFERENCES, "sca"]
+
+
+def test_an_unknown_variant_is_refused_before_any_work(tmp_path):
+    """A misspelt --variants name used to become an error row per length, after the references had run."""
+    import pytest
+
+    from attnbench import benchmark
+    from attnbench.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"unknown 'mhaa'; allowed: sdpa, sdpa-flash, mha, la, ca, lca, cka, fastcka, sca"):
+        benchmark.main(parse_params({}), tmp_path, [2048], 65536, 8, 64, 1, 1, variants=["mhaa", "sca"], parts=("attention",))
+    assert list(tmp_path.iterdir()) == []

@@ -31,12 +31,12 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import sdpa_kernel
 
-from .config import Params
+from .config import ConfigError, Params
 from .files import atomic_path, write_text
 from .model import ByteLM, ModelConfig
 from .profile import fit_exponent
 from .runtime import autocast, peak_flops, resolve_device
-from .variants import build_attention
+from .variants import REGISTRY, build_attention
 from .variants.mha import MultiHeadOptions, sdpa_backends
 
 log = logging.getLogger(__name__)
@@ -328,6 +328,9 @@ def write_csv(path: Path, rows: list[dict], fields: list[str]) -> None:
 def main(params: Params, out_dir: Path, seq_lens: list[int], tokens: int, heads: int, head_dim: int, warmup: int, repeats: int,
          variants: list[str] | None = None, parts: tuple[str, ...] = ("attention", "train"),
          modes: tuple[str, ...] = ("eager", "compiled"), train_sizes: list[tuple[int, int]] | None = None, trace: bool = False) -> str:
+    unknown = [v for v in variants or [] if v not in REGISTRY and v not in REFERENCES]
+    if unknown:
+        raise ConfigError(f"--variants: unknown {', '.join(map(repr, unknown))}; allowed: {', '.join([*REFERENCES, *REGISTRY])}")
     if resolve_device(params.train.device).type != "cuda":
         raise RuntimeError("benchmark needs a CUDA device (absolute speeds count on a GPU only)")
     device = device_name()
