@@ -77,6 +77,12 @@ def token_tile(X, bh, T, index, ok, dims, D):
 
 
 @triton.jit
+def store_token_tile(X, value, bh, T, index, ok, dims, D):
+    """value into rows `index` of (bh)'s (T, D) slice of X, in X's dtype, where ok and within D (`token_tile`'s store)."""
+    tl.store(X + (bh * T + index)[:, None] * D + dims[None, :], value.to(X.dtype.element_ty), mask=ok[:, None] & (dims < D)[None, :])
+
+
+@triton.jit
 def as_operand(mask, dtype: tl.constexpr):
     """A 0/1 mask as a product operand; by way of fp32, since Triton's interpreter casts bool to bf16 wrongly."""
     return tl.where(mask, 1.0, 0.0).to(dtype)
@@ -179,10 +185,8 @@ def prefix_backward_kernel(K, V, W, BLOCKS, STARTS, COUNTS, N, M, TOTAL, DN, DM,
             member = as_operand(member, tl.float32)
             grad_k += dot(member, grad_a_k, IEEE)
             grad_v += dot(member, grad_a_v, IEEE)
-        offsets = (bh * T + index)[:, None] * D + dims[None, :]
-        mask = ok[:, None] & (dims < D)[None, :]
-        tl.store(DK + offsets, (grad_k * w[:, None]).to(DK.dtype.element_ty), mask=mask)
-        tl.store(DV + offsets, (grad_v * w[:, None]).to(DV.dtype.element_ty), mask=mask)
+        store_token_tile(DK, grad_k * w[:, None], bh, T, index, ok, dims, D)
+        store_token_tile(DV, grad_v * w[:, None], bh, T, index, ok, dims, D)
         grad_w += tl.sum(k.to(tl.float32) * grad_k, 1) + tl.sum(v.to(tl.float32) * grad_v, 1)
         tl.store(DW + bh * T + index, grad_w, mask=ok)
 
@@ -198,6 +202,19 @@ def read_tiles(V, Z, W, BLOCKS, bh, routing_row, c, index, ok, dims, T, C8, S, D
 
 
 @triton.jit
+def values_read(v, z, w, gate, dtype: tl.constexpr):
+    """v' = v + gate w z rounded to v's dtype `dtype`, then fp32: the forward's values, which the backward recomputes."""
+    return (v + gate * (z * w[:, None])).to(dtype).to(tl.float32)
+
+
+@triton.jit
+def add_reads(acc, block, grad_read, step0, BLOCK_S: tl.constexpr, IEEE: tl.constexpr):
+    """Adds each token's read gradient to step block - 1 of the tile of steps from step0."""
+    steps = step0 + tl.arange(0, BLOCK_S)
+    return acc + dot(as_operand(block[None, :] == steps[:, None] + 1, grad_read.dtype), grad_read, IEEE)
+
+
+@triton.jit
 def read_values_kernel(V, Z, W, GATE, BLOCKS, STARTS, COUNTS, OUT, T, H, R, C, C8, S, D,
                        BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
     bh, routing_row, c, start, count = segment_of_program(STARTS, COUNTS, H, R, C, C8)
@@ -206,9 +223,7 @@ def read_values_kernel(V, Z, W, GATE, BLOCKS, STARTS, COUNTS, OUT, T, H, R, C, C
     for token0 in range(0, count, BLOCK_L):
         index, ok = token_lanes(start, token0, count, BLOCK_L)
         _, w, v, z = read_tiles(V, Z, W, BLOCKS, bh, routing_row, c, index, ok, dims, T, C8, S, D)
-        values = (v + gate * (z * w[:, None])).to(V.dtype.element_ty)  # v', rounded as v
-        tl.store(OUT + (bh * T + index)[:, None] * D + dims[None, :], (values.to(tl.float32) * w[:, None]).to(OUT.dtype.element_ty),
-                 mask=ok[:, None] & (dims < D)[None, :])
+        store_token_tile(OUT, values_read(v, z, w, gate, V.dtype.element_ty) * w[:, None], bh, T, index, ok, dims, D)
 
 
 @triton.jit
@@ -226,22 +241,21 @@ def read_values_backward_kernel(G, V, Z, W, GATE, BLOCKS, STARTS, COUNTS, DV, DZ
         index, ok = token_lanes(start, token0, count, BLOCK_L)
         block, w, v, z = read_tiles(V, Z, W, BLOCKS, bh, routing_row, c, index, ok, dims, T, C8, S, D)
         g = token_tile(G, bh, T, index, ok, dims, D).to(tl.float32)
-        values = (v + gate * (z * w[:, None])).to(V.dtype.element_ty).to(tl.float32)
+        values = values_read(v, z, w, gate, V.dtype.element_ty)
         grad_values = (g * w[:, None]).to(V.dtype.element_ty)
-        tl.store(DV + (bh * T + index)[:, None] * D + dims[None, :], grad_values, mask=ok[:, None] & (dims < D)[None, :])
+        store_token_tile(DV, grad_values, bh, T, index, ok, dims, D)
         read_dot = tl.sum(grad_values.to(tl.float32) * z, 1)  # dv' . z
         tl.store(DOT_OWN + bh * T + index, tl.sum(g * values, 1) + gate * read_dot, mask=ok)
         tl.store(DOT_GATE + bh * T + index, w * read_dot, mask=ok)
         grad_read = (gate * w[:, None] * grad_values.to(tl.float32)).to(Z.dtype.element_ty)
         last_block = tl.load(BLOCKS + routing_row * T + start + tl.minimum(token0 + BLOCK_L, count) - 1)
         while last_block - 1 >= step0 + BLOCK_S:  # the tile reaches past this tile of steps: finish it
+            acc = add_reads(acc, block, grad_read, step0, BLOCK_S, IEEE)
             steps = step0 + tl.arange(0, BLOCK_S)
-            acc += dot(as_operand(block[None, :] == steps[:, None] + 1, grad_read.dtype), grad_read, IEEE)
             store_steps(DZ, acc, step_rows(bh, steps, S, C8, c), steps, S, dims, D)
             step0 += BLOCK_S
             acc = tl.zeros([BLOCK_S, BLOCK_D], tl.float32)
-        steps = step0 + tl.arange(0, BLOCK_S)
-        acc += dot(as_operand(block[None, :] == steps[:, None] + 1, grad_read.dtype), grad_read, IEEE)
+        acc = add_reads(acc, block, grad_read, step0, BLOCK_S, IEEE)
     while step0 < S:  # the last tile of steps the tokens reached, then zeros
         steps = step0 + tl.arange(0, BLOCK_S)
         store_steps(DZ, acc, step_rows(bh, steps, S, C8, c), steps, S, dims, D)
