@@ -6,8 +6,8 @@ cluster), with no atomics and no (T, C) tensor:
 
 - `prefix_means`: n^(j) = A^(j) / W^(j), A^(j) = sum w_s v_s and W^(j) = sum w_s over the segment's tokens in
   blocks <= j (the same for m with k), for every step j < S: one (steps x tokens) 0/1 matrix times the tokens'
-  (w v, w k) per tile. Its backward is the transposed product: a token in block i collects
-  sum_{j >= i} dA^(j) and sum_{j >= i} dW^(j), dA = dn / W, dW = -(dn . n + dm . m) / W.
+  (w v, w k) per tile. In its backward a token in block i collects sum_{j >= i} dA^(j) and sum_{j >= i} dW^(j),
+  dA = dn / W, dW = -(dn . n + dm . m) / W: suffix sums over the steps and a gather, in PyTorch.
 - `read_values`: the values the attention reads, w_t v'_t with v'_t = v_t + gate w_t z^(i - 1)[c_t] for token t in
   block i (sca's `read_supernodes` and `add_to_values`, then lca's gating), in one pass that never stores the
   read z as a (T, D) tensor. Its backward gives dv per token and dz^(j)[c], the sum of the read's gradients over
@@ -34,13 +34,9 @@ from .fused_mixing import dot
 # Steps and tokens per tile, per kernel, 4 warps (H200, do_bench, each kernel alone at sca's 8K / 32K shapes):
 # - prefix 32 x 32: 131 / 130 us in one pass over the tokens; the other settings of 32 to 128 steps, 16 to 64 tokens,
 #   2 or 4 warps: 138-6216 / 144-4650 us (stop 28). The pass that re-read every token per tile of steps took 146 / 209.
-# - prefix_backward 32 x 64: 314 / 370 us; BLOCK_S 16, 64 or BLOCK_L 128, 4 or 8 warps: 309-553 / 368-669 (stop 26).
-#   Token tiles last to first with the later steps' sums carried (each step loaded about once) took 446-470 / 446-449
-#   at its best settings (stop 28), so the tiles re-read their steps.
 # - read_values_backward 64 x 32: 107 / 105 us inside sca's step; the probe's timings of its settings were too noisy
 #   to rank (stop 28). Logs: reports/benchmarks/NVIDIA-H200-stop26-supernodes-probe.log, -stop28-probes.log.
-TILES = {"prefix": dict(BLOCK_S=32, BLOCK_L=32), "prefix_backward": dict(BLOCK_S=32, BLOCK_L=64),
-         "read_values": dict(BLOCK_L=32), "read_values_backward": dict(BLOCK_S=64, BLOCK_L=32)}
+TILES = {"prefix": dict(BLOCK_S=32, BLOCK_L=32), "read_values": dict(BLOCK_L=32), "read_values_backward": dict(BLOCK_S=64, BLOCK_L=32)}
 NUM_WARPS = 4
 
 
@@ -149,49 +145,6 @@ def prefix_kernel(K, V, W, BLOCKS, STARTS, COUNTS, N, M, TOTAL, T, H, R, C, C8, 
 
 
 @triton.jit
-def step_tile(X, rows, step_ok, dims, D):
-    return tl.load(X + rows[:, None] * D + dims[None, :], mask=step_ok[:, None] & (dims < D)[None, :], other=0.0).to(tl.float32)
-
-
-@triton.jit
-def prefix_backward_kernel(K, V, W, BLOCKS, STARTS, COUNTS, N, M, TOTAL, DN, DM, DK, DV, DW, T, H, R, C, C8, S, D,
-                           BLOCK_S: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr):
-    bh, routing_row, c, start, count = segment_of_program(STARTS, COUNTS, H, R, C, C8)
-    dims = tl.arange(0, BLOCK_D)
-    for token0 in range(0, count, BLOCK_L):
-        index, ok = token_lanes(start, token0, count, BLOCK_L)
-        block = tl.load(BLOCKS + routing_row * T + index, mask=ok, other=S)
-        w = tl.load(W + routing_row * T + index, mask=ok, other=0.0)
-        k = token_tile(K, bh, T, index, ok, dims, D)
-        v = token_tile(V, bh, T, index, ok, dims, D)
-        grad_k = tl.zeros([BLOCK_L, BLOCK_D], tl.float32)  # sum_{j >= block} dA_k^(j)
-        grad_v = tl.zeros([BLOCK_L, BLOCK_D], tl.float32)
-        grad_w = tl.zeros([BLOCK_L], tl.float32)  # sum_{j >= block} dW^(j)
-        # Blocks never decrease along the segment: the steps before the tile's first block hold none of its tokens.
-        first_block = tl.load(BLOCKS + routing_row * T + start + token0)
-        for step0 in range(first_block // BLOCK_S * BLOCK_S, S, BLOCK_S):
-            steps = step0 + tl.arange(0, BLOCK_S)
-            step_ok = steps < S
-            rows = step_rows(bh, steps, S, C8, c)
-            total = tl.load(TOTAL + rows, mask=step_ok, other=0.0)
-            inverse = 1.0 / tl.where(total > 0, total, 1.0)
-            grad_a_v = step_tile(DN, rows, step_ok, dims, D) * inverse[:, None]
-            grad_a_k = step_tile(DM, rows, step_ok, dims, D) * inverse[:, None]
-            grad_total = -(tl.sum(grad_a_v * step_tile(N, rows, step_ok, dims, D), 1) + tl.sum(grad_a_k * step_tile(M, rows, step_ok, dims, D), 1))
-            member = (block[:, None] <= steps[None, :]) & step_ok[None, :]  # (tokens, steps)
-            grad_w += tl.sum(tl.where(member, grad_total[None, :], 0.0), 1)
-            # fp32 operands, TF32 products for 16-bit inputs: dA = dn / W is not rounded to 16 bits a second time
-            # (7% slower than bf16 operands at 8K, which moved dk by 2e-3 relative).
-            member = as_operand(member, tl.float32)
-            grad_k += dot(member, grad_a_k, IEEE)
-            grad_v += dot(member, grad_a_v, IEEE)
-        store_token_tile(DK, grad_k * w[:, None], bh, T, index, ok, dims, D)
-        store_token_tile(DV, grad_v * w[:, None], bh, T, index, ok, dims, D)
-        grad_w += tl.sum(k.to(tl.float32) * grad_k, 1) + tl.sum(v.to(tl.float32) * grad_v, 1)
-        tl.store(DW + bh * T + index, grad_w, mask=ok)
-
-
-@triton.jit
 def read_tiles(V, Z, W, BLOCKS, bh, routing_row, c, index, ok, dims, T, C8, S, D):
     """A token tile's block numbers, own gates w, v and the read z^(block - 1)[c] (zero in block 0), fp32."""
     block = tl.load(BLOCKS + routing_row * T + index, mask=ok, other=0)  # 0: reads nothing
@@ -295,27 +248,6 @@ def prefix_means_fake(k, v, weights, blocks, starts, counts, steps, padded_clust
     return n, m, k.new_empty(B, H, steps, padded_clusters, dtype=torch.float32)
 
 
-@torch.library.custom_op("attnbench::supernode_prefix_means_backward", mutates_args=())
-def prefix_means_backward(k: torch.Tensor, v: torch.Tensor, weights: torch.Tensor, blocks: torch.Tensor,
-                          starts: torch.Tensor, counts: torch.Tensor, n: torch.Tensor, m: torch.Tensor,
-                          total: torch.Tensor, grad_n: torch.Tensor, grad_m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """dk, dv (B, H, T, D) and the weights' gradient per head (B, H, T) fp32."""
-    grad_k, grad_v, grad_w = prefix_means_backward_fake(k, v, weights, blocks, starts, counts, n, m, total, grad_n, grad_m)
-    B, H, S, C8, D = n.shape
-    if S == 0:
-        return grad_k.zero_(), grad_v.zero_(), grad_w.zero_()
-    grid, options = launch_options("prefix_backward", k, C8, B, H)
-    prefix_backward_kernel[grid](k, v, weights, blocks, starts, counts, n, m, total, grad_n.contiguous(), grad_m.contiguous(),
-                                 grad_k, grad_v, grad_w, k.shape[2], H, weights.shape[1], starts.shape[-1], C8, S, D, **options)
-    return grad_k, grad_v, grad_w
-
-
-@prefix_means_backward.register_fake
-def prefix_means_backward_fake(k, v, weights, blocks, starts, counts, n, m, total, grad_n, grad_m):
-    # Left unfilled: the clusters' segments cover every token, so the kernel stores every row (S = 0 zeroes them).
-    return torch.empty_like(k), torch.empty_like(v), torch.empty(k.shape[:3], dtype=torch.float32, device=k.device)
-
-
 def setup_prefix_context(ctx, inputs, output):
     k, v, weights, blocks, starts, counts, _, _ = inputs
     n, m, total = output
@@ -323,11 +255,27 @@ def setup_prefix_context(ctx, inputs, output):
 
 
 def prefix_backward(ctx, grad_n, grad_m, _grad_total):
+    """A token in block i collects sum_{j >= i} of dA and dW (module docstring): suffix sums over the steps of every
+    (step, cluster) row, then one gather per token, in PyTorch (which Inductor fuses when compiled)."""
     k, v, weights, blocks, starts, counts, n, m, total = ctx.saved_tensors
-    grad_n = torch.zeros_like(n) if grad_n is None else grad_n
-    grad_m = torch.zeros_like(m) if grad_m is None else grad_m
-    grad_k, grad_v, grad_w = prefix_means_backward(k, v, weights, blocks, starts, counts, n, m, total, grad_n, grad_m)
-    grad_w = grad_w if weights.shape[1] == grad_w.shape[1] else grad_w.sum(dim=1, keepdim=True)  # shared router: all heads
+    B, H, S, C8, D = n.shape
+    inverse = (1.0 / torch.where(total > 0, total, 1.0)).unsqueeze(-1)  # (B, H, S, C8, 1)
+    grad_a_k = (torch.zeros_like(m, dtype=torch.float32) if grad_m is None else grad_m.float()) * inverse
+    grad_a_v = (torch.zeros_like(n, dtype=torch.float32) if grad_n is None else grad_n.float()) * inverse
+    grad_total = -((grad_a_v * n.float()).sum(-1, keepdim=True) + (grad_a_k * m.float()).sum(-1, keepdim=True))
+    rows = torch.cat([grad_a_k, grad_a_v, grad_total], dim=-1)  # (B, H, S, C8, 2 D + 1)
+    # Suffix sums, and a zero step S for the tokens of the last block, which no step holds.
+    rows = torch.nn.functional.pad(rows.flip(2).cumsum(2).flip(2), (0, 0, 0, 0, 0, 1)).flatten(2, 3)
+    ends = (starts + counts).long()  # (B, R, C): segments in cluster order, so a token's cluster is the count of ends <= it
+    sorted_index = torch.arange(k.shape[2], device=k.device).expand(*ends.shape[:2], -1).contiguous()
+    cluster = torch.searchsorted(ends.contiguous(), sorted_index, right=True)  # (B, R, T)
+    slot = (blocks.long() * C8 + cluster).unsqueeze(-1).expand(B, H, -1, 2 * D + 1)
+    token_rows = rows.gather(2, slot)  # (B, H, T, 2 D + 1)
+    sums_k, sums_v, sums_w = token_rows.split([D, D, 1], dim=-1)
+    w = weights.unsqueeze(-1)  # (B, R, T, 1)
+    grad_k, grad_v = (sums_k * w).to(k.dtype), (sums_v * w).to(v.dtype)
+    grad_w = sums_w.squeeze(-1) + (k.float() * sums_k).sum(-1) + (v.float() * sums_v).sum(-1)  # (B, H, T)
+    grad_w = grad_w if weights.shape[1] == H else grad_w.sum(dim=1, keepdim=True)  # shared router: all heads
     return grad_k, grad_v, grad_w, None, None, None, None, None
 
 
