@@ -15,4 +15,7 @@ include: "workflow/rules/benchmark.smk"
 rule all:
     default_target: True
     input:
+        # The report's inputs too: a clone ships the generated report, and Snakemake would not
+        # rebuild an existing target whose inputs are only missing (a fresh clone ran nothing).
+        rules.report.input,
         rules.report.output,
