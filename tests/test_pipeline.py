@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 import yaml
 
+from attnbench.report import FIGURES
 from tests.tiny import REPO, merge, write_params
 
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
 FRONT_ENDS = ("Snakefile", "workflow", "dvc.yaml", ".dvcignore")
-FIGURES = ("learning_curves", "bpb_vs_throughput", "time_vs_T", "memory_vs_T")
 
 
 def run(cmd: list[str], cwd: Path, timeout: int = 600) -> str:

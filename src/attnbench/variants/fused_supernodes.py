@@ -248,10 +248,13 @@ def prefix_means_fake(k, v, weights, blocks, starts, counts, steps, padded_clust
     return n, m, k.new_empty(B, H, steps, padded_clusters, dtype=torch.float32)
 
 
+def per_routing_row(grad: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """A gradient per head (B, H, T) as the weights' (B, R, T): a shared router (R = 1) gets the sum over the heads."""
+    return grad if weights.shape[1] == grad.shape[1] else grad.sum(dim=1, keepdim=True)
+
+
 def setup_prefix_context(ctx, inputs, output):
-    k, v, weights, blocks, starts, counts, _, _ = inputs
-    n, m, total = output
-    ctx.save_for_backward(*(t.contiguous() for t in (k, v, weights, blocks, starts, counts)), n, m, total)
+    ctx.save_for_backward(*inputs[:6], *output)  # k, v, weights, blocks, starts, counts; n, m, total
 
 
 def prefix_backward(ctx, grad_n, grad_m, _grad_total):
@@ -275,8 +278,7 @@ def prefix_backward(ctx, grad_n, grad_m, _grad_total):
     w = weights.unsqueeze(-1)  # (B, R, T, 1)
     grad_k, grad_v = (sums_k * w).to(k.dtype), (sums_v * w).to(v.dtype)
     grad_w = sums_w.squeeze(-1) + (k.float() * sums_k).sum(-1) + (v.float() * sums_v).sum(-1)  # (B, H, T)
-    grad_w = grad_w if weights.shape[1] == H else grad_w.sum(dim=1, keepdim=True)  # shared router: all heads
-    return grad_k, grad_v, grad_w, None, None, None, None, None
+    return grad_k, grad_v, per_routing_row(grad_w, weights), None, None, None, None, None
 
 
 prefix_means.register_autograd(prefix_backward, setup_context=setup_prefix_context)
@@ -329,8 +331,7 @@ def setup_read_context(ctx, inputs, output):
 def read_values_gradients(ctx, grad):
     v, z, weights, gate, blocks, starts, counts = ctx.saved_tensors
     grad_v, grad_z, dot_own, dot_gate = read_values_backward(grad, v, z, weights, gate, blocks, starts, counts)
-    grad_w = dot_own if weights.shape[1] == dot_own.shape[1] else dot_own.sum(dim=1, keepdim=True)  # shared router
-    return grad_v, grad_z, grad_w, dot_gate.sum(dim=(0, 2)), None, None, None
+    return grad_v, grad_z, per_routing_row(dot_own, weights), dot_gate.sum(dim=(0, 2)), None, None, None
 
 
 read_values.register_autograd(read_values_gradients, setup_context=setup_read_context)
