@@ -6,6 +6,9 @@ own degenerate cases live in tests/test_<variant>.py.
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -204,3 +207,12 @@ def test_gpu_whole_model_is_causal_at_training_length(name, mode):
     suffix = (logits[0][:, t + 1 :] - logits[1][:, t + 1 :]).abs().max().item()
     assert prefix < 1e-4, f"{name}: logits at <= {t} moved by {prefix:.3g} when only later bytes changed"
     assert suffix > 1e-2, f"{name}: later logits barely moved ({suffix:.3g}); the check is blind"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a CUDA machine lca and sca import their Triton kernels, and Inductor with them")
+def test_importing_the_model_leaves_flex_attention_unimported():
+    """Every stage process imports the variants; torch's FlexAttention module takes ~1 s to import and only the CUDA
+    paths call it, so flex.py imports it on first use."""
+    code = "import sys, attnbench.model; print('torch.nn.attention.flex_attention' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"

@@ -15,7 +15,6 @@ On CPU (tests, no fused kernel there) the intra term is the plain per-block comp
 from __future__ import annotations
 
 import torch
-from torch.nn.attention.flex_attention import AuxRequest
 
 from .base import from_blocks, to_blocks
 from .cka import ClusterKernelAttention, block_scores
@@ -44,6 +43,8 @@ def flex_block_causal_attention(
     The GPU path: a band mask (flex.py) whose band starts at each query's block, under torch.compile.
     Elsewhere the eager kernel, forward only on CPU, so tests can check it against the plain path.
     """
+    from torch.nn.attention.flex_attention import AuxRequest  # imported on first use, as in flex.py
+
     T = q.shape[-2]
     block_start = torch.arange(T, device=q.device) // block * block  # (T,): first key each query sees
     out, aux = flex_kernel(q.device)(

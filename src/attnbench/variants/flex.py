@@ -24,9 +24,14 @@ is there so tests can check the mask and tile lists against the references.
 from __future__ import annotations
 
 import functools
+from typing import TYPE_CHECKING
 
 import torch
-from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+# torch's FlexAttention module is imported in the functions that call it, not here: the import takes ~1 s (on a 2-core
+# CPU machine), which every stage process paid while only the CUDA paths call it.
+if TYPE_CHECKING:
+    from torch.nn.attention.flex_attention import BlockMask
 
 TILE = 128  # FlexAttention's default sparse block size, for queries and keys
 # The kernels' own tiles for 16-bit inputs of head size <= 64, instead of Inductor's sm90 defaults (forward
@@ -43,6 +48,8 @@ SMALL_TILES = {
 
 @functools.cache
 def compiled_flex_attention():
+    from torch.nn.attention.flex_attention import flex_attention
+
     # Compiled once per process; dynamic=False since training keeps T fixed.
     return torch.compile(flex_attention, dynamic=False)
 
@@ -50,6 +57,8 @@ def compiled_flex_attention():
 def flex_kernel(device: torch.device):
     """The FlexAttention to call: the plain op inside a compiled region (the caller's compile fuses it; a
     nested compiled function would break the caller's graph), compiled on its own on CUDA, eager elsewhere."""
+    from torch.nn.attention.flex_attention import flex_attention
+
     if torch.compiler.is_compiling():
         return flex_attention
     return compiled_flex_attention() if device.type == "cuda" else flex_attention
@@ -68,6 +77,8 @@ def band_block_mask(lo: torch.Tensor) -> BlockMask:
     to q are needed; those from ceil(lo[r1] / TILE) to q - 1 hold only allowed pairs (full); the
     rest, first .. that start - 1 and the diagonal tile q, are partial and keep the mask.
     """
+    from torch.nn.attention.flex_attention import BlockMask
+
     Bl, Hl, T = lo.shape
     n = -(-T // TILE)
     # Pad lo to whole tiles so the mask function never indexes past its end.
