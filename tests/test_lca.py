@@ -248,11 +248,12 @@ def triton_device():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("B,T,R,C,block", [(2, 37, 3, 5, 8), (1, 1, 2, 1, 1), (2, 300, 1, 91, 32), (1, 129, 8, 17, 16), (1, 300, 2, 7, 128)], ids=str)
+@pytest.mark.parametrize("B,T,R,C,block", [(2, 37, 3, 5, 8), (1, 1, 2, 1, 1), (2, 300, 1, 91, 32), (1, 129, 8, 17, 16), (1, 300, 2, 7, 128),
+                                            (1, 40, 2, 170, 16)], ids=str)
 def test_fused_routing_equals_plain(B, T, R, C, block, dtype):
     """fused_routing's kernels against routing's definitions on the same noise: cluster ids, own gates,
     balance loss, and the logits' gradient through both (the router learns through both), the fused kernels
-    reading rows padded to `padded_width` as lca gives them."""
+    reading rows padded to `padded_width` as lca gives them. C = 170: rows of 176, whose tail tile reaches past them."""
     device = triton_device()
     from attnbench.variants import fused_routing
     from attnbench.variants.routing import balance_from_block_sums, balance_loss, route, straight_through
