@@ -142,9 +142,9 @@ def noise_kernel(seed_ptr, out_ptr, N, C, ROWS: tl.constexpr, BLOCK_C: tl.conste
     tl.store(out_ptr + offsets, gumbel_rows(tl.load(seed_ptr), rows, ROWS, BLOCK_C, 0, BLOCK_C), mask=mask)
 
 
-# The route kernels see a row as two tiles of columns, a head of BLOCK_C / 2 and a tail of the next power of two
-# >= W - BLOCK_C / 2 (`column_tiles`), so a row of W = 192 (C = 182 at T = 32K) is 128 + 64 lanes, not 256 of which
-# 64 are masked but still draw noise. Every row statistic is the combination of the two tiles'.
+# Wide rows are two tiles of columns: a head of BLOCK_C / 2 and a tail of the next power of two >= W - BLOCK_C / 2
+# (`column_tiles`), so a row of W = 192 (C = 182 at T = 32K) is 128 + 64 lanes, not 256 of which 64 are masked but
+# still draw noise; every row statistic combines the two tiles'. TAIL = 0: the row is one tile, HEAD = BLOCK_C.
 
 
 @triton.jit
@@ -157,43 +157,51 @@ def route_kernel(
     block, P = sum_t softmax(r_t)."""
     b, r, first, end, block_index = block_of_program(T, R, n_blocks, block, 1)
     seed, inverse_tau = tl.load(seed_ptr), 1.0 / tl.load(tau_ptr)
-    p_head, p_tail = tl.zeros((ROWS, HEAD), tl.float32), tl.zeros((ROWS, TAIL), tl.float32)
     rows, row_ok = token_rows(first, end, b, r, T, R, ROWS)
-    head_ahead, tail_ahead = load_logits(logits_ptr, rows, row_ok, W, 0, HEAD), load_logits(logits_ptr, rows, row_ok, W, HEAD, TAIL)
+    p_head, head_ahead = tl.zeros((ROWS, HEAD), tl.float32), load_logits(logits_ptr, rows, row_ok, W, 0, HEAD)
+    if TAIL > 0:
+        p_tail, tail_ahead = tl.zeros((ROWS, TAIL), tl.float32), load_logits(logits_ptr, rows, row_ok, W, HEAD, TAIL)
     for start in range(first, end, ROWS):
         # The next step's logits are loaded before this step's arithmetic, which hides their latency: 0.21 -> 0.18
         # ms at 8K, 0.17 -> 0.11 at 2K (H200, probe of stop 25).
         rows, row_ok = token_rows(start, end, b, r, T, R, ROWS)
-        head_cols, head_offsets, head_mask = tile(rows, row_ok, W, 0, HEAD)
-        tail_cols, tail_offsets, tail_mask = tile(rows, row_ok, W, HEAD, TAIL)
-        head, tail = real_logits(head_ahead, head_cols, C), real_logits(tail_ahead, tail_cols, C)
         next_rows, next_ok = token_rows(start + ROWS, end, b, r, T, R, ROWS)
+        head_cols, head_offsets, head_mask = tile(rows, row_ok, W, 0, HEAD)
+        head = real_logits(head_ahead, head_cols, C)
         head_ahead = load_logits(logits_ptr, next_rows, next_ok, W, 0, HEAD)
-        tail_ahead = load_logits(logits_ptr, next_rows, next_ok, W, HEAD, TAIL)
         z_head = (head + gumbel_rows(seed, rows, ROWS, BLOCK_C, 0, HEAD)) * inverse_tau
-        z_tail = (tail + gumbel_rows(seed, rows, ROWS, BLOCK_C, HEAD, TAIL)) * inverse_tau
-        top = tl.maximum(tl.max(z_head, axis=1), tl.max(z_tail, axis=1))
+        top, shift = tl.max(z_head, axis=1), tl.max(head, axis=1)
+        if TAIL > 0:
+            tail_cols, tail_offsets, tail_mask = tile(rows, row_ok, W, HEAD, TAIL)
+            tail = real_logits(tail_ahead, tail_cols, C)
+            tail_ahead = load_logits(logits_ptr, next_rows, next_ok, W, HEAD, TAIL)
+            z_tail = (tail + gumbel_rows(seed, rows, ROWS, BLOCK_C, HEAD, TAIL)) * inverse_tau
+            top, shift = tl.maximum(top, tl.max(z_tail, axis=1)), tl.maximum(shift, tl.max(tail, axis=1))
         # The argmax as the first column holding the row's maximum: the same index as tl.argmax, in fewer
         # instructions (one reduction of a min, no (value, index) pairs).
-        cluster = tl.minimum(first_column_at(z_head, top, head_cols, BLOCK_C), first_column_at(z_tail, top, tail_cols, BLOCK_C))
+        cluster = first_column_at(z_head, top, head_cols, BLOCK_C)
+        e_z_head, e_head = approx_exp2((z_head - top[:, None]) * LOG2E), approx_exp2((head - shift[:, None]) * LOG2E)
+        z_sum, total = tl.sum(e_z_head, axis=1), tl.sum(e_head, axis=1)
+        if TAIL > 0:
+            cluster = tl.minimum(cluster, first_column_at(z_tail, top, tail_cols, BLOCK_C))
+            e_z_tail, e_tail = approx_exp2((z_tail - top[:, None]) * LOG2E), approx_exp2((tail - shift[:, None]) * LOG2E)
+            z_sum, total = z_sum + tl.sum(e_z_tail, axis=1), total + tl.sum(e_tail, axis=1)
+        own = 1.0 / z_sum
         tl.store(cluster_ptr + rows, cluster.to(tl.int64), mask=row_ok)
-        e_head, e_tail = approx_exp2((z_head - top[:, None]) * LOG2E), approx_exp2((z_tail - top[:, None]) * LOG2E)
-        own = 1.0 / (tl.sum(e_head, axis=1) + tl.sum(e_tail, axis=1))
         tl.store(own_ptr + rows, own, mask=row_ok)
-        tl.store(soft_ptr + head_offsets, (e_head * own[:, None]).to(soft_ptr.dtype.element_ty), mask=head_mask)
-        tl.store(soft_ptr + tail_offsets, (e_tail * own[:, None]).to(soft_ptr.dtype.element_ty), mask=tail_mask)
-        shift = tl.maximum(tl.max(head, axis=1), tl.max(tail, axis=1))
-        e_head, e_tail = approx_exp2((head - shift[:, None]) * LOG2E), approx_exp2((tail - shift[:, None]) * LOG2E)
-        total = tl.sum(e_head, axis=1) + tl.sum(e_tail, axis=1)
         tl.store(stats_ptr + 2 * rows, shift, mask=row_ok)
         tl.store(stats_ptr + 2 * rows + 1, total, mask=row_ok)
+        tl.store(soft_ptr + head_offsets, (e_z_head * own[:, None]).to(soft_ptr.dtype.element_ty), mask=head_mask)
         p_head += tl.where(row_ok[:, None], e_head / total[:, None], 0.0)
-        p_tail += tl.where(row_ok[:, None], e_tail / total[:, None], 0.0)
+        if TAIL > 0:
+            tl.store(soft_ptr + tail_offsets, (e_z_tail * own[:, None]).to(soft_ptr.dtype.element_ty), mask=tail_mask)
+            p_tail += tl.where(row_ok[:, None], e_tail / total[:, None], 0.0)
     sums_ptr += block_index * C
     cols = tl.arange(0, HEAD)
     tl.store(sums_ptr + cols, tl.sum(p_head, axis=0), mask=cols < C)
-    cols = HEAD + tl.arange(0, TAIL)
-    tl.store(sums_ptr + cols, tl.sum(p_tail, axis=0), mask=cols < C)
+    if TAIL > 0:
+        cols = HEAD + tl.arange(0, TAIL)
+        tl.store(sums_ptr + cols, tl.sum(p_tail, axis=0), mask=cols < C)
 
 
 @triton.jit
@@ -213,7 +221,11 @@ def route_backward_kernel(
 
     1 - y_own is taken as the sum of the other y, never as a difference from 1: exactly 0 with one cluster,
     where y_own, an approximate division of e by e, need not be exactly 1 (a nonzero gradient came out that way
-    on the GPU: PTX div.full.f32), and accurate wherever the router is sure (y_own near 1)."""
+    on the GPU: PTX div.full.f32), and accurate wherever the router is sure (y_own near 1).
+
+    Each tile's y, p, G and own column are loaded here, not in a helper: one that took these pointers and returned
+    all four read as writing through them to torch's analysis of user Triton kernels (torch 2.14), so Inductor
+    copied the logits and y before every call (0.19 ms at 32K, H200)."""
     b, r, first, end, block_index = block_of_program(T, R, n_blocks, block, parts)
     inverse_tau = 1.0 / tl.load(tau_ptr)
     grad_sums = grad_sums_ptr + block_index * C
@@ -223,26 +235,26 @@ def route_backward_kernel(
         shift = tl.load(stats_ptr + 2 * rows, mask=row_ok, other=0.0)
         total = tl.load(stats_ptr + 2 * rows + 1, mask=row_ok, other=1.0)
         cluster = tl.load(cluster_ptr + rows, mask=row_ok, other=0)
-        # Each tile's y, p, G and whether a column is the token's own, loaded here: a helper that took these pointers
-        # and returned all six values read as writing through them to torch's analysis of user Triton kernels (its
-        # answer on torch 2.14), so Inductor copied the logits and y before every call (0.19 ms at 32K, H200).
-        head_cols, head_offsets, head_mask = tile(rows, row_ok, W, 0, HEAD)
-        tail_cols, tail_offsets, tail_mask = tile(rows, row_ok, W, HEAD, TAIL)
-        y_head = tl.load(soft_ptr + head_offsets, mask=head_mask, other=0.0).to(tl.float32)
-        y_tail = tl.load(soft_ptr + tail_offsets, mask=tail_mask, other=0.0).to(tl.float32)
-        p_head = probabilities(logits_ptr, head_offsets, head_mask, head_cols, C, shift, total)
-        p_tail = probabilities(logits_ptr, tail_offsets, tail_mask, tail_cols, C, shift, total)
-        g_head = tl.load(grad_sums + head_cols, mask=head_cols < C, other=0.0)[None, :]
-        g_tail = tl.load(grad_sums + tail_cols, mask=tail_cols < C, other=0.0)[None, :]
-        own_head, own_tail = head_cols[None, :] == cluster[:, None], tail_cols[None, :] == cluster[:, None]
-        # sum_{c != c_t} y_c = 1 - y_own
-        others = (tl.sum(tl.where(own_head, 0.0, y_head), axis=1) + tl.sum(tl.where(own_tail, 0.0, y_tail), axis=1))[:, None]
         scale = (tl.load(grad_own_ptr + rows, mask=row_ok, other=0.0) * own * inverse_tau)[:, None]
-        p_dot_g = (tl.sum(p_head * g_head, axis=1) + tl.sum(p_tail * g_tail, axis=1))[:, None]
-        grad_head = scale * tl.where(own_head, others, -y_head) + p_head * (g_head - p_dot_g)
-        grad_tail = scale * tl.where(own_tail, others, -y_tail) + p_tail * (g_tail - p_dot_g)
+        head_cols, head_offsets, head_mask = tile(rows, row_ok, W, 0, HEAD)
+        y_head = tl.load(soft_ptr + head_offsets, mask=head_mask, other=0.0).to(tl.float32)
+        p_head = probabilities(logits_ptr, head_offsets, head_mask, head_cols, C, shift, total)
+        g_head = tl.load(grad_sums + head_cols, mask=head_cols < C, other=0.0)[None, :]
+        own_head = head_cols[None, :] == cluster[:, None]
+        others = tl.sum(tl.where(own_head, 0.0, y_head), axis=1)  # sum_{c != c_t} y_c = 1 - y_own
+        p_dot_g = tl.sum(p_head * g_head, axis=1)
+        if TAIL > 0:
+            tail_cols, tail_offsets, tail_mask = tile(rows, row_ok, W, HEAD, TAIL)
+            y_tail = tl.load(soft_ptr + tail_offsets, mask=tail_mask, other=0.0).to(tl.float32)
+            p_tail = probabilities(logits_ptr, tail_offsets, tail_mask, tail_cols, C, shift, total)
+            g_tail = tl.load(grad_sums + tail_cols, mask=tail_cols < C, other=0.0)[None, :]
+            own_tail = tail_cols[None, :] == cluster[:, None]
+            others += tl.sum(tl.where(own_tail, 0.0, y_tail), axis=1)
+            p_dot_g += tl.sum(p_tail * g_tail, axis=1)
+            grad_tail = scale * tl.where(own_tail, others[:, None], -y_tail) + p_tail * (g_tail - p_dot_g[:, None])
+            tl.store(grad_ptr + tail_offsets, grad_tail.to(grad_ptr.dtype.element_ty), mask=tail_mask)
+        grad_head = scale * tl.where(own_head, others[:, None], -y_head) + p_head * (g_head - p_dot_g[:, None])
         tl.store(grad_ptr + head_offsets, grad_head.to(grad_ptr.dtype.element_ty), mask=head_mask)
-        tl.store(grad_ptr + tail_offsets, grad_tail.to(grad_ptr.dtype.element_ty), mask=tail_mask)
 
 
 def draw_seed(device: torch.device) -> torch.Tensor:
@@ -257,10 +269,13 @@ def column_block(C: int) -> int:
 
 
 def column_tiles(W: int) -> dict[str, int]:
-    """The route kernels' column tiles for rows of W: BLOCK_C = `column_block(W)` (the noise's layout), a head of
-    half of it and a tail of the next power of two >= the rest (route_kernel's comment)."""
+    """The route kernels' tiles for rows of W: BLOCK_C = `column_block(W)` (the noise's layout), and a head of half of
+    it and a tail of the next power of two >= the rest where the head holds >= 128 lanes and the tail saves some;
+    otherwise one tile (TAIL = 0). Kernels alone (H200, stop 31): two tiles took 292 against 366 us forward at W = 192,
+    and were slower at W = 48 and 96 (199 against 178 us forward, 125 against 79 backward at 48)."""
     block = column_block(W)
-    return dict(BLOCK_C=block, HEAD=block // 2, TAIL=triton.next_power_of_2(W - block // 2))
+    head, tail = block // 2, triton.next_power_of_2(W - block // 2)
+    return dict(BLOCK_C=block, HEAD=head, TAIL=tail) if head >= 128 and tail < head else dict(BLOCK_C=block, HEAD=block, TAIL=0)
 
 
 def padded_width(C: int) -> int:
