@@ -278,7 +278,8 @@ def test_fused_supernodes_equal_position_order(T, C, block, router, dtype, monke
             own = straight_through(y)
             k_in, v_in = k.to(dtype), v.to(dtype)
             if fused:
-                values = layer.sorted_supernode_values(to_sorted(k_in), to_sorted(v_in), to_sorted(own), order, counts, starts)
+                values = layer.sorted_supernode_values(to_sorted(k_in), to_sorted(v_in), to_sorted(own), order,
+                                                       cluster.gather(-1, order), counts, starts)
             else:
                 values = to_sorted(gated(layer.supernode_values(k_in, v_in, cluster, own), own))
         grads = torch.autograd.grad((values.float() * weight).sum(), (k, v, y, layer.supernode_query.weight, layer.gate))

@@ -18,7 +18,8 @@ is sca's `prefix_supernodes` / `read_supernodes`, which the CPU path runs and te
 
 Arrays: k, v (B, H, T, D) in sorted order, contiguous; weights w (B, R, T) fp32 (the tokens' own gates, R = H or
 1 routing rows), blocks (B, R, T) int32 (the block of each sorted token's position), starts and counts (B, R, C)
-int32 (each cluster's segment). Outputs (B, H, S, C8, D) in k's dtype, C8 = C padded to 8 (the padding clusters
+int32 (each cluster's segment), and for the prefix's backward alone clusters (B, R, T) int32 (each sorted token's
+cluster). Outputs (B, H, S, C8, D) in k's dtype, C8 = C padded to 8 (the padding clusters
 are empty), and W (B, H, S, C8) fp32. The masks are exact in any dtype; w rides in the products' dtype,
 which is exact for the straight-through gates, whose forward value is 1; fp32 inputs use IEEE products.
 """
@@ -229,9 +230,9 @@ def launch_options(kernel: str, x: torch.Tensor, C8: int, B: int, H: int) -> tup
 # Opaque custom ops, as fused_mixing's (Inductor's code generation for user-defined Triton kernels failed there).
 @torch.library.custom_op("attnbench::supernode_prefix_means", mutates_args=())
 def prefix_means(k: torch.Tensor, v: torch.Tensor, weights: torch.Tensor, blocks: torch.Tensor, starts: torch.Tensor,
-                 counts: torch.Tensor, steps: int, padded_clusters: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                 counts: torch.Tensor, clusters: torch.Tensor, steps: int, padded_clusters: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """n, m (B, H, S, C8, D) and W (B, H, S, C8) fp32 for S = `steps`, C8 = `padded_clusters` (module docstring)."""
-    n, m, total = prefix_means_fake(k, v, weights, blocks, starts, counts, steps, padded_clusters)
+    n, m, total = prefix_means_fake(k, v, weights, blocks, starts, counts, clusters, steps, padded_clusters)
     B, H, T, D = k.shape
     if steps > 0:
         grid, options = launch_options("prefix", k, padded_clusters, B, H)
@@ -242,7 +243,7 @@ def prefix_means(k: torch.Tensor, v: torch.Tensor, weights: torch.Tensor, blocks
 
 
 @prefix_means.register_fake
-def prefix_means_fake(k, v, weights, blocks, starts, counts, steps, padded_clusters):
+def prefix_means_fake(k, v, weights, blocks, starts, counts, clusters, steps, padded_clusters):
     B, H, T, D = k.shape
     n, m = (k.new_empty(B, H, steps, padded_clusters, D) for _ in range(2))
     return n, m, k.new_empty(B, H, steps, padded_clusters, dtype=torch.float32)
@@ -254,13 +255,13 @@ def per_routing_row(grad: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
 
 
 def setup_prefix_context(ctx, inputs, output):
-    ctx.save_for_backward(*inputs[:6], *output)  # k, v, weights, blocks, starts, counts; n, m, total
+    ctx.save_for_backward(*inputs[:4], inputs[6], *output)  # k, v, weights, blocks, clusters; n, m, total
 
 
 def prefix_backward(ctx, grad_n, grad_m, _grad_total):
     """A token in block i collects sum_{j >= i} of dA and dW (module docstring): suffix sums over the steps of every
     (step, cluster) row, then one gather per token, in PyTorch (which Inductor fuses when compiled)."""
-    k, v, weights, blocks, starts, counts, n, m, total = ctx.saved_tensors
+    k, v, weights, blocks, clusters, n, m, total = ctx.saved_tensors
     B, H, S, C8, D = n.shape
     inverse = (1.0 / torch.where(total > 0, total, 1.0)).unsqueeze(-1)  # (B, H, S, C8, 1)
     grad_a_k = (torch.zeros_like(m, dtype=torch.float32) if grad_m is None else grad_m.float()) * inverse
@@ -269,16 +270,13 @@ def prefix_backward(ctx, grad_n, grad_m, _grad_total):
     rows = torch.cat([grad_a_k, grad_a_v, grad_total], dim=-1)  # (B, H, S, C8, 2 D + 1)
     # Suffix sums, and a zero step S for the tokens of the last block, which no step holds.
     rows = torch.nn.functional.pad(rows.flip(2).cumsum(2).flip(2), (0, 0, 0, 0, 0, 1)).flatten(2, 3)
-    ends = (starts + counts).long()  # (B, R, C): segments in cluster order, so a token's cluster is the count of ends <= it
-    sorted_index = torch.arange(k.shape[2], device=k.device).expand(*ends.shape[:2], -1).contiguous()
-    cluster = torch.searchsorted(ends.contiguous(), sorted_index, right=True)  # (B, R, T)
-    slot = (blocks.long() * C8 + cluster).unsqueeze(-1).expand(B, H, -1, 2 * D + 1)
+    slot = (blocks.long() * C8 + clusters.long()).unsqueeze(-1).expand(B, H, -1, 2 * D + 1)
     token_rows = rows.gather(2, slot)  # (B, H, T, 2 D + 1)
     sums_k, sums_v, sums_w = token_rows.split([D, D, 1], dim=-1)
     w = weights.unsqueeze(-1)  # (B, R, T, 1)
     grad_k, grad_v = (sums_k * w).to(k.dtype), (sums_v * w).to(v.dtype)
     grad_w = sums_w.squeeze(-1) + (k.float() * sums_k).sum(-1) + (v.float() * sums_v).sum(-1)  # (B, H, T)
-    return grad_k, grad_v, per_routing_row(grad_w, weights), None, None, None, None, None
+    return grad_k, grad_v, per_routing_row(grad_w, weights), None, None, None, None, None, None
 
 
 prefix_means.register_autograd(prefix_backward, setup_context=setup_prefix_context)

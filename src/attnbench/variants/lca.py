@@ -162,19 +162,20 @@ def cluster_attention_flex(q, k, v, cluster, gate, C, scale, sorted_values=None)
     """The CUDA path (eager on CPU, forward only): sorted order, FlexAttention over each segment, back to positions.
 
     One sort, one gather per tensor in, one out (by the inverse permutation); the gates ride on v and o.
-    sorted_values(k, v, gate, order, counts, starts), all in sorted order, gives the values the attention reads in
-    place of gated(v, gate) (sca's v' with its supernodes, which need the sorted k and v).
+    sorted_values(k, v, gate, order, cluster, counts, starts), all in sorted order, gives the values the attention reads
+    in place of gated(v, gate) (sca's v' with its supernodes, which need the sorted k and v).
     """
     B, H, T, D = q.shape
     order, inverse, counts, starts = sort_by_cluster(cluster, C)
-    lo = starts.gather(-1, cluster).gather(-1, order)  # (B, R, T): in sorted order, where each entry's segment begins
+    sorted_cluster = cluster.gather(-1, order)  # (B, R, T)
+    lo = starts.gather(-1, sorted_cluster)  # (B, R, T): in sorted order, where each entry's segment begins
     to_sorted, to_positions = (i.unsqueeze(-1).expand(B, H, T, D) for i in (order, inverse))
     if sorted_values is None:
         q, k, v_gated = (Permute.apply(t, to_sorted, to_positions) for t in (q, k, gated(v, gate)))  # (B, H, T, D), sorted
     else:
         q, k, v = (Permute.apply(t, to_sorted, to_positions) for t in (q, k, v))
         gate_sorted = None if gate is None else gate.gather(2, order.unsqueeze(-1))
-        v_gated = sorted_values(k, v, gate_sorted, order, counts, starts)
+        v_gated = sorted_values(k, v, gate_sorted, order, sorted_cluster, counts, starts)
     out = flex_band_attention(q, k, v_gated, lo, scale)
     return gated(Permute.apply(out, to_positions, to_sorted), gate)
 

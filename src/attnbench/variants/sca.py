@@ -215,14 +215,14 @@ class SuperClusterAttention(LearnedClusterAttention):
         z = self.mix(n, m, total, fused=v.is_cuda)
         return self.add_to_values(v, read_supernodes(z, slots, own))
 
-    def sorted_supernode_values(self, k, v, own, order, counts, starts):
-        """The gated v' the attention reads, in lca's sorted order, by fused_supernodes' kernels: k, v (B, H, T, D) and
-        own gates (B, R, T, 1) or None, sorted; order, counts, starts from `sort_by_cluster`."""
+    def sorted_supernode_values(self, k, v, own, order, cluster, counts, starts):
+        """The gated v' the attention reads, in lca's sorted order, by fused_supernodes' kernels: k, v (B, H, T, D),
+        own gates (B, R, T, 1) or None and cluster ids (B, R, T), sorted; order, counts, starts from `sort_by_cluster`."""
         steps, padded = (v.shape[-2] - 1) // self.block, self.clusters + -self.clusters % 8
         blocks = order // self.block  # (B, R, T): the block of each sorted token's position
         weights = torch.ones_like(blocks, dtype=torch.float32) if own is None else own.squeeze(-1).float()
         segments = (blocks.int(), starts.int(), counts.int())
-        n, m, total = fused_supernodes.prefix_means(k, v, weights, *segments, steps, padded)  # (B, H, S, C8, D)
+        n, m, total = fused_supernodes.prefix_means(k, v, weights, *segments, cluster.int(), steps, padded)  # (B, H, S, C8, D)
         z = self.mix(n, m, total, fused=True)
         return fused_supernodes.read_values(v, z, weights, self.gate.float(), *segments)
 
