@@ -223,12 +223,18 @@ def route_backward_kernel(
     where y_own, an approximate division of e by e, need not be exactly 1 (a nonzero gradient came out that way
     on the GPU: PTX div.full.f32), and accurate wherever the router is sure (y_own near 1).
 
-    Each tile's y, p, G and own column are loaded here, not in a helper: one that took these pointers and returned
-    all four read as writing through them to torch's analysis of user Triton kernels (torch 2.14), so Inductor
+    Each tile's y, p, G and own column are loaded in this kernel, not in a helper: one that took these pointers and
+    returned all four read as writing through them to torch's analysis of user Triton kernels (torch 2.14), so Inductor
     copied the logits and y before every call (0.19 ms at 32K, H200)."""
     b, r, first, end, block_index = block_of_program(T, R, n_blocks, block, parts)
     inverse_tau = 1.0 / tl.load(tau_ptr)
+    # G of this program's block, loaded once: the same for every token of it.
     grad_sums = grad_sums_ptr + block_index * C
+    head_cols = tl.arange(0, HEAD)
+    g_head = tl.load(grad_sums + head_cols, mask=head_cols < C, other=0.0)[None, :]
+    if TAIL > 0:
+        tail_cols = HEAD + tl.arange(0, TAIL)
+        g_tail = tl.load(grad_sums + tail_cols, mask=tail_cols < C, other=0.0)[None, :]
     for start in range(first, end, ROWS):
         rows, row_ok = token_rows(start, end, b, r, T, R, ROWS)
         own = tl.load(own_ptr + rows, mask=row_ok, other=0.0)
@@ -239,7 +245,6 @@ def route_backward_kernel(
         head_cols, head_offsets, head_mask = tile(rows, row_ok, W, 0, HEAD)
         y_head = tl.load(soft_ptr + head_offsets, mask=head_mask, other=0.0).to(tl.float32)
         p_head = probabilities(logits_ptr, head_offsets, head_mask, head_cols, C, shift, total)
-        g_head = tl.load(grad_sums + head_cols, mask=head_cols < C, other=0.0)[None, :]
         own_head = head_cols[None, :] == cluster[:, None]
         others = tl.sum(tl.where(own_head, 0.0, y_head), axis=1)  # sum_{c != c_t} y_c = 1 - y_own
         p_dot_g = tl.sum(p_head * g_head, axis=1)
@@ -247,7 +252,6 @@ def route_backward_kernel(
             tail_cols, tail_offsets, tail_mask = tile(rows, row_ok, W, HEAD, TAIL)
             y_tail = tl.load(soft_ptr + tail_offsets, mask=tail_mask, other=0.0).to(tl.float32)
             p_tail = probabilities(logits_ptr, tail_offsets, tail_mask, tail_cols, C, shift, total)
-            g_tail = tl.load(grad_sums + tail_cols, mask=tail_cols < C, other=0.0)[None, :]
             own_tail = tail_cols[None, :] == cluster[:, None]
             others += tl.sum(tl.where(own_tail, 0.0, y_tail), axis=1)
             p_dot_g += tl.sum(p_tail * g_tail, axis=1)
