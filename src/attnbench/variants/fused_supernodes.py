@@ -267,15 +267,17 @@ def prefix_backward(ctx, grad_n, grad_m, _grad_total):
     grad_a_k = (torch.zeros_like(m, dtype=torch.float32) if grad_m is None else grad_m.float()) * inverse
     grad_a_v = (torch.zeros_like(n, dtype=torch.float32) if grad_n is None else grad_n.float()) * inverse
     grad_total = -((grad_a_v * n.float()).sum(-1, keepdim=True) + (grad_a_k * m.float()).sum(-1, keepdim=True))
-    rows = torch.cat([grad_a_k, grad_a_v, grad_total], dim=-1)  # (B, H, S, C8, 2 D + 1)
-    # Suffix sums, and a zero step S for the tokens of the last block, which no step holds.
-    rows = torch.nn.functional.pad(rows.flip(2).cumsum(2).flip(2), (0, 0, 0, 0, 0, 1)).flatten(2, 3)
-    slot = (blocks.long() * C8 + clusters.long()).unsqueeze(-1).expand(B, H, -1, 2 * D + 1)
-    token_rows = rows.gather(2, slot)  # (B, H, T, 2 D + 1)
-    sums_k, sums_v, sums_w = token_rows.split([D, D, 1], dim=-1)
+    # Suffix sums, and a zero step S for the tokens of the last block, which no step holds. The k and v rows (2 D wide)
+    # apart from the weights' (1 wide): rows of 2 D + 1 fp32 values are misaligned for vector loads and stores.
+    def suffix_sums(rows):  # (B, H, S, C8, E) -> (B, H, (S + 1) C8, E)
+        return torch.nn.functional.pad(rows.flip(2).cumsum(2).flip(2), (0, 0, 0, 0, 0, 1)).flatten(2, 3)
+
+    slot = blocks.long() * C8 + clusters.long()  # (B, R, T)
+    sums_k, sums_v = suffix_sums(torch.cat([grad_a_k, grad_a_v], dim=-1)).gather(2, slot.unsqueeze(-1).expand(B, H, -1, 2 * D)).split(D, dim=-1)
+    sums_w = suffix_sums(grad_total).squeeze(-1).gather(2, slot.expand(B, H, -1))  # (B, H, T)
     w = weights.unsqueeze(-1)  # (B, R, T, 1)
     grad_k, grad_v = (sums_k * w).to(k.dtype), (sums_v * w).to(v.dtype)
-    grad_w = sums_w.squeeze(-1) + (k.float() * sums_k).sum(-1) + (v.float() * sums_v).sum(-1)  # (B, H, T)
+    grad_w = sums_w + (k.float() * sums_k).sum(-1) + (v.float() * sums_v).sum(-1)  # (B, H, T)
     return grad_k, grad_v, per_routing_row(grad_w, weights), None, None, None, None, None, None
 
 
