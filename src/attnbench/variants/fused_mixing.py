@@ -9,8 +9,9 @@ the mask folded into one more feature 1.85 ms (reports/benchmarks/NVIDIA-H200.md
 (L, L) tensor is stored, the forward keeps each row's log-sum-exp for the backward. A problem of at most 128
 supernodes (T <= 16K) runs its whole backward in one program, which holds all its keys.
 
-Layout: q, k, v (P, L, D) contiguous, P = the problems; keys (P, L) int8, 1 where the supernode is a key; every
-row needs at least one key (the caller's `mix` guarantees it). Products run in the inputs' dtype with fp32
+Layout: q, k, v (P, L, D) contiguous, P = the problems; keys (P, L) int8, 1 where the supernode is a key. A problem
+without keys gives zero rows and passes no gradient (what sca's `mix` defines for a step without non-empty
+supernodes), so the caller needs no masking pass of its own over the output and its gradient. Products run in the inputs' dtype with fp32
 accumulation (bf16 under autocast, as sdpa would); fp32 inputs use IEEE products, not TF32.
 """
 
@@ -85,7 +86,8 @@ def forward_kernel(Q, K, V, KEYS, O, LSE, L, D, scale,
         row_sum = row_sum * shrink + tl.sum(e, 1)
         acc = acc * shrink[:, None] + dot(e.to(v.dtype), v, IEEE)
         row_max = new_max
-    store_tile(O, acc / row_sum[:, None], p, start_m, L, D, BLOCK, BLOCK_D)
+    # No key: acc and row_sum are 0, the output 0, and the log-sum-exp -inf, so the backward's probabilities are 0.
+    store_tile(O, acc / tl.where(row_sum > 0, row_sum, 1.0)[:, None], p, start_m, L, D, BLOCK, BLOCK_D)
     rows = start_m + tl.arange(0, BLOCK)
     tl.store(LSE + p * L + rows, row_max + tl.log(row_sum), mask=rows < L)
 

@@ -165,7 +165,8 @@ class SuperClusterAttention(LearnedClusterAttention):
 
         One fused sdpa call over the B x H x S steps (its boolean mask: the non-empty supernodes are the keys), so no
         (C, C) score or probability tensor is stored; with `fused` (CUDA tensors, Triton present) fused_mixing's
-        kernels instead, in autocast's dtype as sdpa would run. A step without keys attends to all (finite) and is zeroed.
+        kernels instead, in autocast's dtype as sdpa would run. A step without keys gives zeros (for sdpa it attends to all,
+        finite, and is zeroed).
         """
         # Padded to whole multiples of 8 clusters (empty, so never keys): under bf16 autocast unaligned (C, C)
         # problems run on slow kernels (cuBLAS's align-1 GEMMs took 119 us each at T = 8K, C = 91, on the H100).
@@ -175,16 +176,16 @@ class SuperClusterAttention(LearnedClusterAttention):
         if S == 0:  # T <= b: no step is read. sdpa's memory-efficient backward fails on an empty batch; the empty u
             return u[..., :C, :]  # is the empty z, and W_u still gets its (zero) gradient, as in the reference
         nonempty = (total > 0).unsqueeze(-2)  # (B, R, S, 1, C8): the supernodes that can be keys
-        has_keys = nonempty.any(dim=-1, keepdim=True)  # (B, R, S, 1, 1)
-        keys = (nonempty | ~has_keys).expand(B, H, S, 1, n.shape[-2])
-        if fused and fused_mixing is not None:
+        if fused and fused_mixing is not None:  # its kernels give a step without keys zeros, and no gradient
             where = n.device.type
             dtype = torch.get_autocast_dtype(where) if torch.is_autocast_enabled(where) else n.dtype
             problems = (a.flatten(0, 2).to(dtype) for a in (u, m, n))  # (B H S, C8, D)
-            z, _ = fused_mixing.masked_mixing(*problems, keys.flatten(0, 3).to(torch.int8), self.scale)
-            z = z.unflatten(0, (B, H, S))
-        else:
-            z = F.scaled_dot_product_attention(*(a.flatten(1, 2) for a in (u, m, n, keys)), scale=self.scale).unflatten(1, (H, S))
+            keys = nonempty.expand(B, H, S, 1, n.shape[-2]).flatten(0, 3).to(torch.int8)
+            z, _ = fused_mixing.masked_mixing(*problems, keys, self.scale)
+            return z.unflatten(0, (B, H, S))[..., :C, :]
+        has_keys = nonempty.any(dim=-1, keepdim=True)  # (B, R, S, 1, 1)
+        keys = (nonempty | ~has_keys).expand(B, H, S, 1, n.shape[-2])
+        z = F.scaled_dot_product_attention(*(a.flatten(1, 2) for a in (u, m, n, keys)), scale=self.scale).unflatten(1, (H, S))
         return torch.where(has_keys, z, 0.0)[..., :C, :]
 
     def add_to_values(self, v: torch.Tensor, extra: torch.Tensor) -> torch.Tensor:
