@@ -174,7 +174,7 @@ def cluster_attention_flex(q, k, v, cluster, gate, C, scale, sorted_values=None)
         q, k, v_gated = (Permute.apply(t, to_sorted, to_positions) for t in (q, k, gated(v, gate)))  # (B, H, T, D), sorted
     else:
         q, k, v = (Permute.apply(t, to_sorted, to_positions) for t in (q, k, v))
-        gate_sorted = None if gate is None else gate.gather(2, order.unsqueeze(-1))
+        gate_sorted = None if gate is None else Permute.apply(gate, order.unsqueeze(-1), inverse.unsqueeze(-1))
         v_gated = sorted_values(k, v, gate_sorted, order, sorted_cluster, counts, starts)
     out = flex_band_attention(q, k, v_gated, lo, scale)
     return gated(Permute.apply(out, to_positions, to_sorted), gate)
