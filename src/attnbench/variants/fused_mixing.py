@@ -11,8 +11,8 @@ supernodes (T <= 16K) runs its whole backward in one program, which holds all it
 
 Layout: q, k, v (P, L, D) contiguous, P = the problems; keys (P, L) int8, 1 where the supernode is a key. A problem
 without keys gives zero rows and passes no gradient (what sca's `mix` defines for a step without non-empty
-supernodes), so the caller needs no masking pass of its own over the output and its gradient. Products run in the inputs' dtype with fp32
-accumulation (bf16 under autocast, as sdpa would); fp32 inputs use IEEE products, not TF32.
+supernodes), so the caller needs no masking pass of its own over the output and its gradient. Products run in the
+inputs' dtype with fp32 accumulation (bf16 under autocast, as sdpa would); fp32 inputs use IEEE products, not TF32.
 """
 
 from __future__ import annotations

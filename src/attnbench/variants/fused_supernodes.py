@@ -273,7 +273,8 @@ def prefix_backward(ctx, grad_n, grad_m, _grad_total):
         return torch.nn.functional.pad(rows.flip(2).cumsum(2).flip(2), (0, 0, 0, 0, 0, 1)).flatten(2, 3)
 
     slot = blocks.long() * C8 + clusters.long()  # (B, R, T)
-    sums_k, sums_v = suffix_sums(torch.cat([grad_a_k, grad_a_v], dim=-1)).gather(2, slot.unsqueeze(-1).expand(B, H, -1, 2 * D)).split(D, dim=-1)
+    sums_kv = suffix_sums(torch.cat([grad_a_k, grad_a_v], dim=-1)).gather(2, slot.unsqueeze(-1).expand(B, H, -1, 2 * D))
+    sums_k, sums_v = sums_kv.split(D, dim=-1)  # (B, H, T, D) each
     sums_w = suffix_sums(grad_total).squeeze(-1).gather(2, slot.expand(B, H, -1))  # (B, H, T)
     w = weights.unsqueeze(-1)  # (B, R, T, 1)
     grad_k, grad_v = (sums_k * w).to(k.dtype), (sums_v * w).to(v.dtype)

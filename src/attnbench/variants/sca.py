@@ -165,8 +165,8 @@ class SuperClusterAttention(LearnedClusterAttention):
 
         One fused sdpa call over the B x H x S steps (its boolean mask: the non-empty supernodes are the keys), so no
         (C, C) score or probability tensor is stored; with `fused` (CUDA tensors, Triton present) fused_mixing's
-        kernels instead, in autocast's dtype as sdpa would run. A step without keys gives zeros (for sdpa it attends to all,
-        finite, and is zeroed).
+        kernels instead, in autocast's dtype as sdpa would run. A step without keys gives zeros (for sdpa it attends to
+        all, finite, and is zeroed).
         """
         # Padded to whole multiples of 8 clusters (empty, so never keys): under bf16 autocast unaligned (C, C)
         # problems run on slow kernels (cuBLAS's align-1 GEMMs took 119 us each at T = 8K, C = 91, on the H100).
