@@ -196,12 +196,12 @@ def route_kernel(
         if TAIL > 0:
             tl.store(soft_ptr + tail_offsets, (e_z_tail * own[:, None]).to(soft_ptr.dtype.element_ty), mask=tail_mask)
             p_tail += tl.where(row_ok[:, None], e_tail / total[:, None], 0.0)
-    sums_ptr += block_index * C
+    sums = sums_ptr + block_index * C  # this block's row of P
     cols = tl.arange(0, HEAD)
-    tl.store(sums_ptr + cols, tl.sum(p_head, axis=0), mask=cols < C)
+    tl.store(sums + cols, tl.sum(p_head, axis=0), mask=cols < C)
     if TAIL > 0:
         cols = HEAD + tl.arange(0, TAIL)
-        tl.store(sums_ptr + cols, tl.sum(p_tail, axis=0), mask=cols < C)
+        tl.store(sums + cols, tl.sum(p_tail, axis=0), mask=cols < C)
 
 
 @triton.jit
