@@ -1,11 +1,11 @@
-"""lca's own cases: the mha limit, long segments, the Flex path, the router learning, the balance loss, options."""
+"""lca's own cases: the mha limit, long segments, the sorted path, the router learning, the balance loss, options."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from attnbench.variants import build_attention
-from tests.test_variants import FP32_RTOL, assert_equals_mha, assert_flex_forward_equals_reference, assert_prefix_unchanged, future_changed, rel_err, run_layer
+from tests.test_variants import FP32_RTOL, assert_equals_mha, assert_sorted_forward_equals_reference, assert_prefix_unchanged, future_changed, rel_err, run_layer
 
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 
@@ -55,9 +55,9 @@ def test_long_segments_match_reference_and_stay_causal(clusters, router, mode):
 @pytest.mark.parametrize("mode", ["train", "eval"])
 @pytest.mark.parametrize("router", ROUTERS)
 @pytest.mark.parametrize("T,clusters", [(1, 1), (37, 3), (300, 1), (300, 4), (300, 17)], ids=str)
-def test_flex_path_equals_reference(T, clusters, router, mode):
+def test_sorted_path_equals_reference(T, clusters, router, mode):
     H, D = 2, 8
-    assert_flex_forward_equals_reference(lca_layer(T, H, D, clusters=clusters, router=router).train(mode == "train"), B=2)
+    assert_sorted_forward_equals_reference(lca_layer(T, H, D, clusters=clusters, router=router).train(mode == "train"), B=2)
 
 
 def train_on_uniform_attention(name, target, prepare=None, steps=200, lr=3e-2, seed=0, **options):

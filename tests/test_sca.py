@@ -1,4 +1,4 @@
-"""sca's own cases: the supernode path switched on (non-zero gate), the lca and mha limits, the Flex path,
+"""sca's own cases: the supernode path switched on (non-zero gate), the lca and mha limits, the sorted path,
 the non-causal seed form, options.
 
 The shared tests (tests/test_variants.py) build sca with its defaults, so with the gate at 0, where the
@@ -10,7 +10,7 @@ import torch
 
 from attnbench.model import ByteLM, ModelConfig
 from attnbench.variants import build_attention
-from tests.test_variants import FP32_RTOL, assert_equals_mha, assert_flex_forward_equals_reference, assert_prefix_unchanged, future_changed, rel_err, run_layer
+from tests.test_variants import FP32_RTOL, assert_equals_mha, assert_sorted_forward_equals_reference, assert_prefix_unchanged, future_changed, rel_err, run_layer
 
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 
@@ -128,9 +128,9 @@ def test_gate_zero_is_lca(path, router, mode):
 @pytest.mark.parametrize("mode", ["train", "eval"])
 @pytest.mark.parametrize("router", ROUTERS)
 @pytest.mark.parametrize("T,clusters,block", [(1, 1, 16), (37, 3, 16), (300, 17, 8)], ids=str)
-def test_flex_path_equals_reference(T, clusters, block, router, mode):
+def test_sorted_path_equals_reference(T, clusters, block, router, mode):
     H, D = 2, 8
-    assert_flex_forward_equals_reference(sca_layer(T, H, D, clusters=clusters, block=block, router=router).train(mode == "train"), B=2)
+    assert_sorted_forward_equals_reference(sca_layer(T, H, D, clusters=clusters, block=block, router=router).train(mode == "train"), B=2)
 
 
 NON_CAUSAL = {

@@ -71,8 +71,8 @@ def assert_prefix_unchanged(run_a, run_b, t: int, label: str) -> None:
     assert torch.equal(grads_a["input"][:, : t + 1], grads_b["input"][:, : t + 1]), f"{label}: gradient leak"
 
 
-def assert_flex_forward_equals_reference(layer, B: int) -> None:
-    """A routing layer's Flex path (eager on CPU: forward only, no backward there) equals its reference
+def assert_sorted_forward_equals_reference(layer, B: int) -> None:
+    """A routing layer's sorted path (eager Flex on CPU: forward only, no backward there) equals its reference
     on random q, k, v and x, both drawing the same routing noise."""
     H, D, T = layer.n_heads, layer.head_dim, layer.seq_len
     x = torch.randn(B, T, H * D)
@@ -81,7 +81,7 @@ def assert_flex_forward_equals_reference(layer, B: int) -> None:
         torch.manual_seed(1)
         expected = layer.reference(q, k, v, x)
         torch.manual_seed(1)
-        assert rel_err(layer.flex(q, k, v, x), expected) < FP32_RTOL
+        assert rel_err(layer.sorted_attention(q, k, v, x), expected) < FP32_RTOL
 
 
 def assert_equals_mha(layer, path: str, label: str, B: int = 2) -> None:

@@ -21,8 +21,10 @@ Paths:
 - reference: the formula with the dense T x T mask;
 - efficient, CPU: stable sort by (cluster, position) (a counting sort, `sort_by_cluster`), each cluster's segment
   padded to whole chunks, `chunked_segment_attention` (ca.py), scatter back;
-- efficient, CUDA: the same sort, then FlexAttention with the segment mask
-  segment_start[i] <= j <= i in sorted order (flex.py), tile lists in O(T / 128).
+- efficient, CUDA: the same sort, then attention over the band segment_start[i] <= j <= i in sorted order by
+  fused_band's Triton kernels (64-row tiles, each over exactly its rows' keys), or by FlexAttention with that
+  band's block mask (flex.py, tile lists in O(T / 128)) where Triton is absent; on CPU the eager Flex forward,
+  for tests.
 Inside a cluster a_s[c_t] = a_s[c_s], so the efficient paths need one gate per
 token, a_t[c_t] = 1 + (y_t[c_t] - sg(y_t[c_t])), never the C-wide gates.
 
@@ -63,10 +65,10 @@ from .ca import chunked_segment_attention
 from .flex import flex_band_attention
 from .routing import balance_from_block_sums, balance_loss, block_counts, gumbel_noise, own_gate, route, straight_through, straight_through_gates
 
-fused_routing = None  # the Triton kernels, for CUDA tensors only
+fused_band = fused_routing = None  # the Triton kernels, for CUDA tensors only
 if torch.cuda.is_available():  # importing Triton and Inductor costs ~1.7 s, in every stage process on a CPU machine too
-    try:  # Triton comes with CUDA builds of torch; without it lca routes in plain PyTorch
-        from . import fused_routing
+    try:  # Triton comes with CUDA builds of torch; without it lca routes in plain PyTorch and attends by Flex
+        from . import fused_band, fused_routing
     except ImportError:
         pass
 
@@ -158,8 +160,8 @@ class Permute(torch.autograd.Function):
         return grad.gather(2, inverse), None, None
 
 
-def cluster_attention_flex(q, k, v, cluster, gate, C, scale, sorted_values=None):
-    """The CUDA path (eager on CPU, forward only): sorted order, FlexAttention over each segment, back to positions.
+def cluster_attention_sorted(q, k, v, cluster, gate, C, scale, sorted_values=None):
+    """The CUDA path (eager Flex on CPU, forward only): sorted order, band attention over each segment, back to positions.
 
     One sort, one gather per tensor in, one out (by the inverse permutation); the gates ride on v and o.
     sorted_values(k, v, gate, order, cluster, counts, starts), all in sorted order, gives the values the attention reads
@@ -176,7 +178,11 @@ def cluster_attention_flex(q, k, v, cluster, gate, C, scale, sorted_values=None)
         q, k, v = (Permute.apply(t, to_sorted, to_positions) for t in (q, k, v))
         gate_sorted = None if gate is None else Permute.apply(gate, order.unsqueeze(-1), inverse.unsqueeze(-1))
         v_gated = sorted_values(k, v, gate_sorted, order, sorted_cluster, counts, starts)
-    out = flex_band_attention(q, k, v_gated, lo, scale)
+    if q.is_cuda and fused_band is not None:
+        hi = (starts + counts).gather(-1, sorted_cluster)  # (B, R, T): where each entry's segment ends
+        out = fused_band.band_attention(q, k, v_gated, lo.int(), hi.int(), scale)
+    else:
+        out = flex_band_attention(q, k, v_gated, lo, scale)
     return gated(Permute.apply(out, to_positions, to_sorted), gate)
 
 
@@ -261,7 +267,7 @@ class LearnedClusterAttention(Attention):
         return cluster_attention_reference(q, k, v, cluster, straight_through_gates(cluster, soft, self.clusters), self.scale)
 
     def efficient(self, q, k, v, x):
-        return self.flex(q, k, v, x) if q.is_cuda else self.chunked(q, k, v, x)
+        return self.sorted_attention(q, k, v, x) if q.is_cuda else self.chunked(q, k, v, x)
 
     def routed_values(self, k, v, x):
         """What both efficient paths attend with: cluster ids (B, R, T), own gates a_t[c_t] (B, R, T, 1) or None,
@@ -273,9 +279,9 @@ class LearnedClusterAttention(Attention):
         cluster, own, v = self.routed_values(k, v, x)
         return cluster_attention_chunked(q, k, v, cluster, own, self.clusters, self.scale, pow2_block(q.shape[-2]))
 
-    def flex(self, q, k, v, x):
+    def sorted_attention(self, q, k, v, x):
         cluster, own, v = self.routed_values(k, v, x)
-        return cluster_attention_flex(q, k, v, cluster, own, self.clusters, self.scale)
+        return cluster_attention_sorted(q, k, v, cluster, own, self.clusters, self.scale)
 
     def stats(self) -> dict[str, float]:
         if self.last_clusters is None:

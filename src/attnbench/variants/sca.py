@@ -26,7 +26,7 @@ Paths (both call the router once per forward):
 - efficient, CUDA: the same states computed in lca's sorted order, where each cluster is one
   segment, by fused_supernodes' Triton kernels (per-segment masked products, no atomics), the
   mixing by fused_mixing's, the read and the gated v' in one more of fused_supernodes' kernels,
-  then lca's Flex attention over v'.
+  then lca's band attention (fused_band's kernels) over v'.
 
 Choices where the spec is open:
 - membership is weighted by the token's own straight-through gate a_s[c_s] (lca's formula
@@ -79,7 +79,7 @@ from pydantic import Field
 from torch import nn
 
 from .base import PositiveAutoInt, masked_softmax_attention, pow2_block
-from .lca import LearnedClusterAttention, LearnedClusterOptions, cluster_attention_flex, cluster_attention_reference
+from .lca import LearnedClusterAttention, LearnedClusterOptions, cluster_attention_sorted, cluster_attention_reference
 from .routing import block_cluster_slots, own_gate, straight_through_gates
 
 fused_mixing = fused_supernodes = None  # the Triton kernels of the mixing and of the supernode states, for CUDA tensors only
@@ -241,11 +241,11 @@ class SuperClusterAttention(LearnedClusterAttention):
         cluster, own, v = super().routed_values(k, v, x)
         return cluster, own, self.supernode_values(k, v, cluster, own)
 
-    def flex(self, q, k, v, x):
+    def sorted_attention(self, q, k, v, x):
         if fused_supernodes is None or not q.is_cuda:
-            return super().flex(q, k, v, x)
+            return super().sorted_attention(q, k, v, x)
         cluster, own = self.route_own(x)
-        return cluster_attention_flex(q, k, v, cluster, own, self.clusters, self.scale, self.sorted_supernode_values)
+        return cluster_attention_sorted(q, k, v, cluster, own, self.clusters, self.scale, self.sorted_supernode_values)
 
     # Non-causal form (tests and profiles only).
 

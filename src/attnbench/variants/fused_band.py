@@ -1,0 +1,214 @@
+"""Softmax attention over a band of keys, query i over keys lo[i] <= j <= i, as Triton kernels (CUDA).
+
+lca's and sca's segments in (cluster, position) sorted order are such bands (lo[i] = the start of i's cluster
+segment, hi[i] = its end), and `flex.flex_band_attention` is the same computation by FlexAttention. Flex lists key
+tiles per 128-row sparse block, aligned to the 128 grid, and computes every listed tile whole: with segments of
+~sqrt(T) tokens (~90 at 8K, ~180 at 32K) a query tile then reaches back to the start of the first segment it holds,
+rounded down to 128. Here a program owns 64 query rows (forward, dq) or 64 keys (dk, dv) and loops over exactly the
+keys lo[first row] .. last row (or the queries first key .. hi[last key] - 1), from any row, not a multiple of a tile:
+about 1.6x (32K) and 1.8x (8K) fewer query-key pairs than Flex's tiles on balanced random clusters (counted).
+
+The forward stores each row's log-sum-exp (base 2); the backward is flash-style, dq per query tile (which also
+stores delta = rowsum(do * o)) and then dk, dv per key tile. Every row holds its own key, so no row is empty.
+
+Arrays: q, k, v (B, H, T, D) contiguous; lo and hi (B|1, H|1, T) int32, non-decreasing along T, a dimension of
+size 1 shared (stride 0). Products run in the inputs' dtype with fp32 accumulation; fp32 inputs use IEEE products.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .fused_mixing import NEG, dot
+
+LOG2E = tl.constexpr(1.4426950408889634)
+# Query rows and keys per program and per loop step, warps and pipeline stages: the fastest of nine settings each on
+# lca's sorted segments (H200, do_bench, bf16, 65,536 tokens, stop 33; reports/benchmarks/NVIDIA-H200-stop33-probes.log).
+# Forward 64 x 32: 0.099 / 0.119 ms at 8K / 32K (64 x 64: 0.115 / 0.131; 32-row and 128-row tiles 0.13-0.23). Backward
+# (dq, then dk and dv) 64 x 64, 3 stages: 0.342 / 0.392 ms (32 x 64: 0.330 / 0.399; 8 warps 0.61-0.76).
+TILES = {"forward": dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=3),
+         "backward": dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3)}
+
+
+@triton.jit
+def rows_of(X, bh, T, rows, ok, dims, D):
+    """Rows `rows` of (bh)'s (T, D) slice of X, zero where not ok or past D."""
+    return tl.load(X + (bh * T + rows)[:, None] * D + dims[None, :], mask=ok[:, None] & (dims < D)[None, :], other=0.0)
+
+
+@triton.jit
+def store_rows(X, value, bh, T, rows, ok, dims, D):
+    tl.store(X + (bh * T + rows)[:, None] * D + dims[None, :], value.to(X.dtype.element_ty), mask=ok[:, None] & (dims < D)[None, :])
+
+
+@triton.jit
+def band_offset(bh, H, stride_b, stride_h):
+    """Where (bh)'s row of lo (or hi) starts: broadcast dimensions have stride 0."""
+    return bh // H * stride_b + bh % H * stride_h
+
+
+@triton.jit
+def in_band(lo, rows, cols):
+    """(rows, keys) pairs with lo[row] <= key <= row."""
+    return (lo[:, None] <= cols[None, :]) & (cols[None, :] <= rows[:, None])
+
+
+@triton.jit
+def forward_kernel(Q, K, V, LO, O, LSE, T, H, D, stride_b, stride_h, scale,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr):
+    bh = tl.program_id(1).to(tl.int64)
+    first = tl.program_id(0) * BLOCK_M
+    rows, dims = first + tl.arange(0, BLOCK_M), tl.arange(0, BLOCK_D)
+    row_ok = rows < T
+    lo_row = LO + band_offset(bh, H, stride_b, stride_h)
+    lo = tl.load(lo_row + rows, mask=row_ok, other=T)  # padding rows: no key
+    q = rows_of(Q, bh, T, rows, row_ok, dims, D)
+    scale2 = scale * LOG2E  # scores in base 2: exp2 is one instruction
+    row_max = tl.full([BLOCK_M], NEG, tl.float32)
+    row_sum = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for start in range(tl.load(lo_row + first), tl.minimum(first + BLOCK_M, T), BLOCK_N):  # lo[first] is the least
+        cols = start + tl.arange(0, BLOCK_N)
+        k = rows_of(K, bh, T, cols, cols < T, dims, D)
+        v = rows_of(V, bh, T, cols, cols < T, dims, D)
+        s = tl.where(in_band(lo, rows, cols), dot(q, tl.trans(k), IEEE) * scale2, float("-inf"))
+        new_max = tl.maximum(row_max, tl.max(s, 1))
+        e = tl.exp2(s - new_max[:, None])
+        shrink = tl.exp2(row_max - new_max)
+        row_sum = row_sum * shrink + tl.sum(e, 1)
+        acc = acc * shrink[:, None] + dot(e.to(v.dtype), v, IEEE)
+        row_max = new_max
+    store_rows(O, acc / tl.where(row_sum > 0, row_sum, 1.0)[:, None], bh, T, rows, row_ok, dims, D)
+    tl.store(LSE + bh * T + rows, row_max + tl.log2(row_sum), mask=row_ok)
+
+
+@triton.jit
+def dq_kernel(Q, K, V, LO, O, LSE, DO, DQ, DELTA, T, H, D, stride_b, stride_h, scale,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr):
+    bh = tl.program_id(1).to(tl.int64)
+    first = tl.program_id(0) * BLOCK_M
+    rows, dims = first + tl.arange(0, BLOCK_M), tl.arange(0, BLOCK_D)
+    row_ok = rows < T
+    lo_row = LO + band_offset(bh, H, stride_b, stride_h)
+    lo = tl.load(lo_row + rows, mask=row_ok, other=T)
+    q = rows_of(Q, bh, T, rows, row_ok, dims, D)
+    do = rows_of(DO, bh, T, rows, row_ok, dims, D)
+    delta = tl.sum(do.to(tl.float32) * rows_of(O, bh, T, rows, row_ok, dims, D).to(tl.float32), 1)
+    tl.store(DELTA + bh * T + rows, delta, mask=row_ok)  # for dkdv_kernel, launched after this one
+    lse = tl.load(LSE + bh * T + rows, mask=row_ok, other=0.0)
+    scale2 = scale * LOG2E
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for start in range(tl.load(lo_row + first), tl.minimum(first + BLOCK_M, T), BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        k = rows_of(K, bh, T, cols, cols < T, dims, D)
+        v = rows_of(V, bh, T, cols, cols < T, dims, D)
+        prob = tl.where(in_band(lo, rows, cols), tl.exp2(dot(q, tl.trans(k), IEEE) * scale2 - lse[:, None]), 0.0)
+        grad_scores = prob * (dot(do, tl.trans(v), IEEE) - delta[:, None])
+        dq += dot(grad_scores.to(k.dtype), k, IEEE)
+    store_rows(DQ, dq * scale, bh, T, rows, row_ok, dims, D)
+
+
+@triton.jit
+def dkdv_kernel(Q, K, V, LO, HI, LSE, DO, DELTA, DK, DV, T, H, D, stride_b, stride_h, scale,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr):
+    bh = tl.program_id(1).to(tl.int64)
+    first = tl.program_id(0) * BLOCK_N
+    cols, dims = first + tl.arange(0, BLOCK_N), tl.arange(0, BLOCK_D)
+    col_ok = cols < T
+    offset = band_offset(bh, H, stride_b, stride_h)
+    k = rows_of(K, bh, T, cols, col_ok, dims, D)
+    v = rows_of(V, bh, T, cols, col_ok, dims, D)
+    scale2 = scale * LOG2E
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    # The queries that read these keys: from the first key on, up to the end of the last key's band (hi is
+    # non-decreasing).
+    for start in range(first, tl.load(HI + offset + tl.minimum(first + BLOCK_N, T) - 1), BLOCK_M):
+        rows = start + tl.arange(0, BLOCK_M)
+        row_ok = rows < T
+        lo = tl.load(LO + offset + rows, mask=row_ok, other=T)
+        q = rows_of(Q, bh, T, rows, row_ok, dims, D)
+        do = rows_of(DO, bh, T, rows, row_ok, dims, D)
+        lse = tl.load(LSE + bh * T + rows, mask=row_ok, other=0.0)
+        delta = tl.load(DELTA + bh * T + rows, mask=row_ok, other=0.0)
+        # Transposed, (keys, rows), so dk and dv accumulate without transposing the products' results.
+        pair_ok = tl.trans(in_band(lo, rows, cols))
+        prob_t = tl.where(pair_ok, tl.exp2(dot(k, tl.trans(q), IEEE) * scale2 - lse[None, :]), 0.0)
+        dv += dot(prob_t.to(do.dtype), do, IEEE)
+        grad_scores_t = prob_t * (dot(v, tl.trans(do), IEEE) - delta[None, :])
+        dk += dot(grad_scores_t.to(q.dtype), q, IEEE)
+    store_rows(DK, dk * scale, bh, T, cols, col_ok, dims, D)
+    store_rows(DV, dv, bh, T, cols, col_ok, dims, D)
+
+
+def launch(kernel: str, q: torch.Tensor, lo: torch.Tensor) -> tuple[dict, torch.Tensor, int, int]:
+    """The kernel's options, lo broadcast to (B, H, T) int32 (stride 0 where shared) and its batch and head strides."""
+    B, H, T, D = q.shape
+    assert q.numel() < 2**31, f"{q.numel()} elements: the band kernels index rows in int32"
+    options = dict(TILES[kernel], BLOCK_D=max(16, triton.next_power_of_2(D)), IEEE=q.dtype == torch.float32)
+    band = lo.expand(B, H, T)
+    return options, band, band.stride(0), band.stride(1)
+
+
+# Opaque custom ops, as fused_mixing's.
+@torch.library.custom_op("attnbench::band_attention", mutates_args=())
+def band_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
+                           scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """o (B, H, T, D) in q's dtype and the rows' log-sum-exp in base 2 (B, H, T) fp32; hi is for the backward."""
+    q, k, v, lo = (t.contiguous() for t in (q, k, v, lo))
+    o, lse = band_attention_forward_fake(q, k, v, lo, hi, scale)
+    B, H, T, D = q.shape
+    options, band, stride_b, stride_h = launch("forward", q, lo)
+    forward_kernel[(triton.cdiv(T, options["BLOCK_M"]), B * H)](q, k, v, band, o, lse, T, H, D, stride_b, stride_h,
+                                                                scale, **options)
+    return o, lse
+
+
+@band_attention_forward.register_fake
+def band_attention_forward_fake(q, k, v, lo, hi, scale):
+    return torch.empty_like(q), torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
+
+
+@torch.library.custom_op("attnbench::band_attention_backward", mutates_args=())
+def band_attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, o: torch.Tensor,
+                            lse: torch.Tensor, grad_o: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    grad_o = grad_o.contiguous()
+    dq, dk, dv = band_attention_backward_fake(q, k, v, lo, hi, o, lse, grad_o, scale)
+    B, H, T, D = q.shape
+    delta = torch.empty_like(lse)
+    options, band, stride_b, stride_h = launch("backward", q, lo)
+    ends = hi.expand(B, H, T)
+    assert ends.stride() == band.stride(), f"lo {tuple(lo.shape)} and hi {tuple(hi.shape)}: the same shape, contiguous"
+    dq_kernel[(triton.cdiv(T, options["BLOCK_M"]), B * H)](q, k, v, band, o, lse, grad_o, dq, delta, T, H, D,
+                                                           stride_b, stride_h, scale, **options)
+    dkdv_kernel[(triton.cdiv(T, options["BLOCK_N"]), B * H)](q, k, v, band, ends, lse, grad_o, delta, dk, dv, T, H, D,
+                                                             stride_b, stride_h, scale, **options)
+    return dq, dk, dv
+
+
+@band_attention_backward.register_fake
+def band_attention_backward_fake(q, k, v, lo, hi, o, lse, grad_o, scale):
+    return tuple(torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
+
+
+def setup_context(ctx, inputs, output):
+    q, k, v, lo, hi, scale = inputs
+    o, lse = output
+    ctx.save_for_backward(*(t.contiguous() for t in (q, k, v, lo, hi)), o, lse)
+    ctx.scale = scale
+
+
+def backward(ctx, grad_o, _grad_lse):
+    q, k, v, lo, hi, o, lse = ctx.saved_tensors
+    return *band_attention_backward(q, k, v, lo, hi, o, lse, grad_o, ctx.scale), None, None, None
+
+
+band_attention_forward.register_autograd(backward, setup_context=setup_context)
+
+
+def band_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, scale: float) -> torch.Tensor:
+    """Softmax attention of query i over keys lo[i] <= j <= i: q, k, v (B, H, T, D); lo, hi (B|1, H|1, T) int32 of
+    one shape, hi[j] = 1 + the last query whose band holds key j (the end of j's segment), both non-decreasing."""
+    return band_attention_forward(q, k, v, lo, hi, scale)[0]

@@ -1,0 +1,56 @@
+"""fused_band's Triton kernels against the defining formula: attention of query i over keys lo[i] <= j <= i."""
+
+import pytest
+import torch
+
+from tests.test_lca import triton_device
+from tests.test_variants import FP32_RTOL
+
+
+def segment_bands(B, R, T, C, generator):
+    """lo, hi (B, R, T) int32 of random clusters in sorted order: each position's segment start and end."""
+    from attnbench.variants.lca import sort_by_cluster
+
+    cluster = torch.randint(0, C, (B, R, T), generator=generator)
+    cluster[..., : T // 2] = torch.where(cluster[..., : T // 2] < C // 2, 0, cluster[..., : T // 2])  # one long segment
+    order, _, counts, starts = sort_by_cluster(cluster, C)
+    sorted_cluster = cluster.gather(-1, order)
+    return starts.gather(-1, sorted_cluster).int(), (starts + counts).gather(-1, sorted_cluster).int()
+
+
+def band_reference(q, k, v, lo, scale):
+    T = q.shape[-2]
+    positions = torch.arange(T, device=q.device)
+    allowed = (lo.unsqueeze(-1) <= positions) & (positions <= positions.unsqueeze(-1))  # (B|1, R|1, T, T)
+    scores = (q.float() @ k.float().transpose(-2, -1)) * scale
+    return scores.masked_fill(~allowed, float("-inf")).softmax(dim=-1) @ v.float()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("B, H, R, T, C", [(2, 2, 2, 1, 1), (1, 2, 1, 37, 3), (2, 2, 2, 200, 9), (1, 3, 3, 300, 17), (2, 2, 1, 130, 1)], ids=str)
+def test_band_attention_equals_reference(B, H, R, T, C, dtype):
+    """Output and the gradients of q, k and v: bands per head (R = H) and shared (R = 1), a segment longer than two
+    64-row tiles, T not a multiple of a tile, T = 1, and one band over everything (C = 1: causal attention)."""
+    device = triton_device()
+    from attnbench.variants import fused_band
+
+    generator = torch.Generator().manual_seed(T)
+    D = 64 if device == "cuda" else 16  # the interpreter is slow
+    lo, hi = (t.to(device) for t in segment_bands(B, R, T, C, generator))
+    q, k, v = (torch.randn(B, H, T, D, generator=generator).to(device).requires_grad_(True) for _ in range(3))
+    weight = torch.randn(B, H, T, D, generator=generator).to(device)
+    scale = D**-0.5
+
+    def run(attend):
+        out = attend(q.to(dtype), k.to(dtype), v.to(dtype), lo, scale).float()
+        return out, *torch.autograd.grad((out * weight).sum(), (q, k, v))
+
+    got = run(lambda *args: fused_band.band_attention(*args[:4], hi, args[4]))
+    expected = run(lambda q, k, v, lo, scale: band_reference(q, k, v, lo, scale))
+    # bf16: the kernels round the probabilities to bf16 for their products, the reference keeps them in fp32.
+    tol = FP32_RTOL if dtype == torch.float32 else 2e-2
+    for name, a, b in zip(["output", "grad q", "grad k", "grad v"], got, expected):
+        # Relative to a norm of at least 1: at T = 1 q's gradient is exactly 0, the kernels' rounding ~1e-7.
+        err = ((a - b).norm() / b.norm().clamp_min(1.0)).item()
+        assert err < tol, f"{name}: error {err:.2e} of the reference's norm"
