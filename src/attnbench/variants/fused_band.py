@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 from .fused_mixing import NEG, dot
+from .fused_supernodes import store_token_tile as store_rows, token_tile as rows_of
 
 LOG2E = tl.constexpr(1.4426950408889634)
 # Query rows and keys per program and per loop step, warps and pipeline stages: the fastest of nine settings each on
@@ -30,17 +31,6 @@ LOG2E = tl.constexpr(1.4426950408889634)
 # (dq, then dk and dv) 64 x 64, 3 stages: 0.342 / 0.392 ms (32 x 64: 0.330 / 0.399; 8 warps 0.61-0.76).
 TILES = {"forward": dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=3),
          "backward": dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3)}
-
-
-@triton.jit
-def rows_of(X, bh, T, rows, ok, dims, D):
-    """Rows `rows` of (bh)'s (T, D) slice of X, zero where not ok or past D."""
-    return tl.load(X + (bh * T + rows)[:, None] * D + dims[None, :], mask=ok[:, None] & (dims < D)[None, :], other=0.0)
-
-
-@triton.jit
-def store_rows(X, value, bh, T, rows, ok, dims, D):
-    tl.store(X + (bh * T + rows)[:, None] * D + dims[None, :], value.to(X.dtype.element_ty), mask=ok[:, None] & (dims < D)[None, :])
 
 
 @triton.jit
@@ -56,20 +46,28 @@ def in_band(lo, rows, cols):
 
 
 @triton.jit
-def forward_kernel(Q, K, V, LO, O, LSE, T, H, D, stride_b, stride_h, scale,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr):
+def query_tile(Q, LO, T, H, D, stride_b, stride_h, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """This program's (batch row, head) bh, its rows (and which are real), head dims, the rows' lo (T for padding
+    rows: no key), q, and the keys any of its rows reads: lo[first row] (the least) up to the last row."""
     bh = tl.program_id(1).to(tl.int64)
     first = tl.program_id(0) * BLOCK_M
     rows, dims = first + tl.arange(0, BLOCK_M), tl.arange(0, BLOCK_D)
     row_ok = rows < T
     lo_row = LO + band_offset(bh, H, stride_b, stride_h)
-    lo = tl.load(lo_row + rows, mask=row_ok, other=T)  # padding rows: no key
+    lo = tl.load(lo_row + rows, mask=row_ok, other=T)
     q = rows_of(Q, bh, T, rows, row_ok, dims, D)
+    return bh, rows, row_ok, dims, lo, q, tl.load(lo_row + first), tl.minimum(first + BLOCK_M, T)
+
+
+@triton.jit
+def forward_kernel(Q, K, V, LO, O, LSE, T, H, D, stride_b, stride_h, scale,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr):
+    bh, rows, row_ok, dims, lo, q, key_start, key_end = query_tile(Q, LO, T, H, D, stride_b, stride_h, BLOCK_M, BLOCK_D)
     scale2 = scale * LOG2E  # scores in base 2: exp2 is one instruction
     row_max = tl.full([BLOCK_M], NEG, tl.float32)
     row_sum = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for start in range(tl.load(lo_row + first), tl.minimum(first + BLOCK_M, T), BLOCK_N):  # lo[first] is the least
+    for start in range(key_start, key_end, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
         k = rows_of(K, bh, T, cols, cols < T, dims, D)
         v = rows_of(V, bh, T, cols, cols < T, dims, D)
@@ -87,20 +85,14 @@ def forward_kernel(Q, K, V, LO, O, LSE, T, H, D, stride_b, stride_h, scale,
 @triton.jit
 def dq_kernel(Q, K, V, LO, O, LSE, DO, DQ, DELTA, T, H, D, stride_b, stride_h, scale,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr):
-    bh = tl.program_id(1).to(tl.int64)
-    first = tl.program_id(0) * BLOCK_M
-    rows, dims = first + tl.arange(0, BLOCK_M), tl.arange(0, BLOCK_D)
-    row_ok = rows < T
-    lo_row = LO + band_offset(bh, H, stride_b, stride_h)
-    lo = tl.load(lo_row + rows, mask=row_ok, other=T)
-    q = rows_of(Q, bh, T, rows, row_ok, dims, D)
+    bh, rows, row_ok, dims, lo, q, key_start, key_end = query_tile(Q, LO, T, H, D, stride_b, stride_h, BLOCK_M, BLOCK_D)
     do = rows_of(DO, bh, T, rows, row_ok, dims, D)
     delta = tl.sum(do.to(tl.float32) * rows_of(O, bh, T, rows, row_ok, dims, D).to(tl.float32), 1)
     tl.store(DELTA + bh * T + rows, delta, mask=row_ok)  # for dkdv_kernel, launched after this one
     lse = tl.load(LSE + bh * T + rows, mask=row_ok, other=0.0)
     scale2 = scale * LOG2E
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for start in range(tl.load(lo_row + first), tl.minimum(first + BLOCK_M, T), BLOCK_N):
+    for start in range(key_start, key_end, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
         k = rows_of(K, bh, T, cols, cols < T, dims, D)
         v = rows_of(V, bh, T, cols, cols < T, dims, D)
