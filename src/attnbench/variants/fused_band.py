@@ -139,6 +139,7 @@ def launch(kernel: str, q: torch.Tensor, lo: torch.Tensor) -> tuple[dict, torch.
     """The kernel's options, lo broadcast to (B, H, T) int32 (stride 0 where shared) and its batch and head strides."""
     B, H, T, D = q.shape
     assert q.numel() < 2**31, f"{q.numel()} elements: the band kernels index rows in int32"
+    assert B * H < 2**16, f"batch x heads = {B * H}: the band kernels' grid holds at most 65,535 in its second dimension"
     options = dict(TILES[kernel], BLOCK_D=max(16, triton.next_power_of_2(D)), IEEE=q.dtype == torch.float32)
     band = lo.expand(B, H, T)
     return options, band, band.stride(0), band.stride(1)
