@@ -25,12 +25,14 @@ from .fused_mixing import NEG, dot
 from .fused_supernodes import store_token_tile as store_rows, token_tile as rows_of
 
 LOG2E = tl.constexpr(1.4426950408889634)
-# Query rows and keys per program and per loop step, warps and pipeline stages: the fastest of nine settings each on
-# lca's sorted segments (H200, do_bench, bf16, 65,536 tokens, stop 33; reports/benchmarks/NVIDIA-H200-stop33-probes.log).
-# Forward 64 x 32: 0.099 / 0.119 ms at 8K / 32K (64 x 64: 0.115 / 0.131; 32-row and 128-row tiles 0.13-0.23). Backward
-# (dq, then dk and dv) 64 x 64, 3 stages: 0.342 / 0.392 ms (32 x 64: 0.330 / 0.399; 8 warps 0.61-0.76).
+# Query rows and keys per program and per loop step, warps and pipeline stages: the fastest of seven to nine settings
+# each on lca's sorted segments (H200, do_bench, bf16, 65,536 tokens, stop 33; reports/benchmarks/NVIDIA-H200-stop33-probes.log),
+# at 8K / 32K. Forward 64 x 32: 99 / 119 us (64 x 64: 115 / 131; 32- and 128-row tiles 130-230). dq 64 x 32: 121 / 134
+# (64 x 64: 135 / 149; 32- or 128-row tiles 153-215). dk, dv with 32-row steps over 64 keys: 154 / 182 (64 x 64: 204 /
+# 235; 16 x 64: 152 / 185; 64 x 32 and 32 x 32: 211-283); 8 warps were the slowest settings of every kernel.
 TILES = {"forward": dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=3),
-         "backward": dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3)}
+         "dq": dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=3),
+         "dkdv": dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=3)}
 
 
 @triton.jit
@@ -171,11 +173,12 @@ def band_attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, l
     dq, dk, dv = band_attention_backward_fake(q, k, v, lo, hi, o, lse, grad_o, scale)
     B, H, T, D = q.shape
     delta = torch.empty_like(lse)
-    options, band, stride_b, stride_h = launch("backward", q, lo)
-    ends = hi.expand(B, H, T)
-    assert ends.stride() == band.stride(), f"lo {tuple(lo.shape)} and hi {tuple(hi.shape)}: the same shape, contiguous"
+    options, band, stride_b, stride_h = launch("dq", q, lo)
     dq_kernel[(triton.cdiv(T, options["BLOCK_M"]), B * H)](q, k, v, band, o, lse, grad_o, dq, delta, T, H, D,
                                                            stride_b, stride_h, scale, **options)
+    options, band, stride_b, stride_h = launch("dkdv", q, lo)
+    ends = hi.expand(B, H, T)
+    assert ends.stride() == band.stride(), f"lo {tuple(lo.shape)} and hi {tuple(hi.shape)}: the same shape, contiguous"
     dkdv_kernel[(triton.cdiv(T, options["BLOCK_N"]), B * H)](q, k, v, band, ends, lse, grad_o, delta, dk, dv, T, H, D,
                                                              stride_b, stride_h, scale, **options)
     return dq, dk, dv
