@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from attnbench.variants.base import masked_softmax_attention
 from tests.test_lca import triton_device
 from tests.test_variants import FP32_RTOL
 
@@ -19,11 +20,9 @@ def segment_bands(B, R, T, C, generator):
 
 
 def band_reference(q, k, v, lo, scale):
-    T = q.shape[-2]
-    positions = torch.arange(T, device=q.device)
+    positions = torch.arange(q.shape[-2], device=q.device)
     allowed = (lo.unsqueeze(-1) <= positions) & (positions <= positions.unsqueeze(-1))  # (B|1, R|1, T, T)
-    scores = (q.float() @ k.float().transpose(-2, -1)) * scale
-    return scores.masked_fill(~allowed, float("-inf")).softmax(dim=-1) @ v.float()
+    return masked_softmax_attention(q.float(), k.float(), v.float(), allowed, scale)
 
 
 @pytest.mark.gpu

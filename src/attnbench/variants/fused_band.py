@@ -21,10 +21,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .fused_mixing import NEG, dot
+from .fused_mixing import LOG2E, NEG, dot, online_softmax_step
 from .fused_supernodes import store_token_tile as store_rows, token_tile as rows_of
 
-LOG2E = tl.constexpr(1.4426950408889634)
 # Query rows and keys per program and per loop step, warps and pipeline stages: the fastest of seven to nine settings
 # each on lca's sorted segments (H200, do_bench, bf16, 65,536 tokens, stop 33; reports/benchmarks/NVIDIA-H200-stop33-probes.log),
 # at 8K / 32K. Forward 64 x 32: 99 / 119 us (64 x 64: 115 / 131; 32- and 128-row tiles 130-230). dq 64 x 32: 121 / 134
@@ -74,12 +73,7 @@ def forward_kernel(Q, K, V, LO, O, LSE, T, H, D, stride_b, stride_h, scale,
         k = rows_of(K, bh, T, cols, cols < T, dims, D)
         v = rows_of(V, bh, T, cols, cols < T, dims, D)
         s = tl.where(in_band(lo, rows, cols), dot(q, tl.trans(k), IEEE) * scale2, float("-inf"))
-        new_max = tl.maximum(row_max, tl.max(s, 1))
-        e = tl.exp2(s - new_max[:, None])
-        shrink = tl.exp2(row_max - new_max)
-        row_sum = row_sum * shrink + tl.sum(e, 1)
-        acc = acc * shrink[:, None] + dot(e.to(v.dtype), v, IEEE)
-        row_max = new_max
+        row_max, row_sum, acc = online_softmax_step(s, v, row_max, row_sum, acc, IEEE)
     store_rows(O, acc / tl.where(row_sum > 0, row_sum, 1.0)[:, None], bh, T, rows, row_ok, dims, D)
     tl.store(LSE + bh * T + rows, row_max + tl.log2(row_sum), mask=row_ok)
 

@@ -32,6 +32,7 @@ WHOLE_KEYS = 128
 WHOLE_OPTIONS = {"BLOCK": 16, "num_warps": 4}
 INTERPRET = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")  # Triton's CPU interpreter: tests without a GPU
 NEG = tl.constexpr(-1.0e30)  # the running maximum's start: finite, so a tile whose keys are all masked adds 0, not NaN
+LOG2E = tl.constexpr(1.4426950408889634)  # the forwards take scores in base 2: exp2 is one instruction
 
 
 @triton.jit
@@ -41,6 +42,16 @@ def dot(a, b, IEEE: tl.constexpr):
     if IEEE:
         return tl.dot(a, b, input_precision="ieee")
     return tl.dot(a, b)
+
+
+@triton.jit
+def online_softmax_step(scores, v, row_max, row_sum, acc, IEEE: tl.constexpr):
+    """One key tile of a flash forward, scores (rows, keys) in base 2 and -inf where masked: the rows' running
+    maximum, sum of exponentials and output accumulator, carried over the tile."""
+    new_max = tl.maximum(row_max, tl.max(scores, 1))
+    e = tl.exp2(scores - new_max[:, None])
+    shrink = tl.exp2(row_max - new_max)
+    return new_max, row_sum * shrink + tl.sum(e, 1), acc * shrink[:, None] + dot(e.to(v.dtype), v, IEEE)
 
 
 @triton.jit
@@ -78,18 +89,14 @@ def forward_kernel(Q, K, V, KEYS, O, LSE, L, D, scale,
     for start_n in range(0, L, BLOCK):
         k = load_tile(K, p, start_n, L, D, BLOCK, BLOCK_D)
         v = load_tile(V, p, start_n, L, D, BLOCK, BLOCK_D)
-        s = dot(q, tl.trans(k), IEEE) * scale
+        s = dot(q, tl.trans(k), IEEE) * (scale * LOG2E)
         s = tl.where(key_bits(KEYS, p, start_n, L, BLOCK)[None, :], s, float("-inf"))
-        new_max = tl.maximum(row_max, tl.max(s, 1))
-        e = tl.exp(s - new_max[:, None])
-        shrink = tl.exp(row_max - new_max)
-        row_sum = row_sum * shrink + tl.sum(e, 1)
-        acc = acc * shrink[:, None] + dot(e.to(v.dtype), v, IEEE)
-        row_max = new_max
+        row_max, row_sum, acc = online_softmax_step(s, v, row_max, row_sum, acc, IEEE)
     # No key: acc and row_sum are 0, the output 0, and the log-sum-exp -inf, so the backward's probabilities are 0.
     store_tile(O, acc / tl.where(row_sum > 0, row_sum, 1.0)[:, None], p, start_m, L, D, BLOCK, BLOCK_D)
     rows = start_m + tl.arange(0, BLOCK)
-    tl.store(LSE + p * L + rows, row_max + tl.log(row_sum), mask=rows < L)
+    # The log-sum-exp in natural base, as the backward reads it.
+    tl.store(LSE + p * L + rows, (row_max + tl.log2(row_sum)) / LOG2E, mask=rows < L)
 
 
 @triton.jit
