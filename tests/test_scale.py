@@ -249,7 +249,7 @@ def test_snakemake_plans_train_with_nproc_gpus_under_the_slurm_profile(tmp_path)
     (ws / "local-profile" / "config.yaml").write_text(yaml.safe_dump({k: v for k, v in profile.items() if k != "executor"}))
 
     plan = run([sys.executable, "-m", "snakemake", "-n", "--cores", "all", "--resources", "gpu=2", "--profile", "local-profile"], ws)
-    assert job_counts(plan) == {"fetch": 1, "prepare": 1, "train": 4, "evaluate": 4, "profile": 4, "report": 1, "all": 1}
+    assert job_counts(plan) == {"fetch": 1, "prepare": 1, "sources": 4, "train": 4, "evaluate": 4, "profile": 4, "report": 1, "all": 1}
     resources = {rule: [set(r.split(", ")) for r in lines] for rule, lines in rule_resources(plan).items()}
     for r in resources["train"]:
         assert {"gpu=2", "tasks_per_gpu=0", "cpus_per_gpu=8", "runtime=720", "slurm_partition=YOUR_PARTITION"} <= r, r
@@ -275,7 +275,7 @@ def test_snakemake_on_two_fake_gpus_runs_two_trainings_at_a_time_on_distinct_dev
     MlflowClient(tracking_uri=mlflow_server).create_experiment("scale/fake-gpus")
     targets = [f"results/tiny/variants/{v}/model.pt" for v in FOUR_VARIANTS]
     out = run_env([sys.executable, "-m", "snakemake", *targets, "--cores", "4", "--resources", "gpu=2"], ws, fake_gpus)
-    assert job_counts(out) == {"train": 4}, out
+    assert job_counts(out) == {"sources": 4, "train": 4}, out
 
     jobs = []
     for variant in FOUR_VARIANTS:

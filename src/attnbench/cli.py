@@ -35,6 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
         p = stage(name, help, variant=True)
         p.add_argument("--data", type=Path, help="prepared data folder (default: results/<run>/data/prepared)")
         p.add_argument("--out", type=Path, help="the variant's folder (default: results/<run>/variants/<variant>)")
+    p = stage("sources", "the files one variant runs, with their digests (sources.json)", variant=True)
+    p.add_argument("--out", type=Path, help="the variant's folder (default: results/<run>/variants/<variant>)")
     p = stage("profile", "time and memory of one variant against T", variant=True)
     p.add_argument("--out", type=Path, help="the variant's folder (default: results/<run>/variants/<variant>)")
     p = stage("report", "compare all variants: markdown + figures")
@@ -104,7 +106,12 @@ def run(args: argparse.Namespace) -> None:
     else:
         params.variant_options(args.variant)  # a clear error for a variant this params file does not configure
         out = args.out or results / "variants" / args.variant
-        if args.stage == "train":
+        if args.stage == "sources":
+            from .sources import write_manifest
+
+            manifest = write_manifest(args.variant, out / "sources.json")
+            logging.info("%d files of %s -> %s", len(manifest["files"]), args.variant, out / "sources.json")
+        elif args.stage == "train":
             from .train import main as train_main
 
             train_main(params, args.variant, args.data or prepared, out)

@@ -288,6 +288,8 @@ def main(params: Params, variant: str, data_dir: Path, out_dir: Path, argv: list
             tracker.log_metrics({k: summary[k] for k in ("val_bpb_final", "tokens_per_s", "train_seconds")})
             tracker.log_artifact(out_dir / "train.json")
             tracker.log_artifact(out_dir / "curve.csv")
+            if (out_dir / "sources.json").exists():  # the pipeline's sources stage: the code this run trained with
+                tracker.log_artifact(out_dir / "sources.json")
             tracker.set_tags({"model_path": str((out_dir / "model.pt").resolve())})
     log.info(
         "train %s: %d steps, %.2fM tokens, val %.4f bpb, %.0f tok/s, %.1fs",

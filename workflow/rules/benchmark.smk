@@ -4,6 +4,8 @@ BENCHMARKS = f"reports/benchmarks/{PARAMS.run.name}"
 
 
 rule benchmark:
+    input:
+        code=stage_sources("benchmark"),
     output:
         directory(BENCHMARKS),
     log:

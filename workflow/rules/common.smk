@@ -1,6 +1,7 @@
 import json
 
 from attnbench.config import load_params
+from attnbench.sources import stage_sources, variant_sources
 
 # Presets are complete params files: the last --configfile wins whole (Snakemake's own
 # config merge would union the variant lists). Validated before any job starts.

@@ -1,4 +1,6 @@
 rule fetch:
+    input:
+        code=stage_sources("fetch"),
     output:
         corpus=f"{RESULTS}/data/corpus.bin",
     log:
@@ -11,6 +13,7 @@ rule fetch:
 
 rule prepare:
     input:
+        code=stage_sources("prepare"),
         corpus=rules.fetch.output.corpus,
     output:
         train=f"{RESULTS}/data/prepared/train.bin",

@@ -3,6 +3,7 @@ REPORT = f"reports/{PARAMS.run.name}"
 
 rule report:
     input:
+        code=stage_sources("report"),
         curves=expand(rules.train.output.curve, variant=VARIANTS),
         summaries=expand(rules.train.output.summary, variant=VARIANTS),
         metrics=expand(rules.evaluate.output.metrics, variant=VARIANTS),

@@ -3,8 +3,24 @@ VARIANT_OUT = f"{RESULTS}/variants/{{wildcards.variant}}"  # the same folder, as
 PREPARED = f"{RESULTS}/data/prepared"
 
 
+rule sources:
+    input:
+        # Only this variant's own modules: the manifest changes, and its stages re-run, when they change.
+        code=stage_sources("sources"),
+        variant_code=lambda wildcards: variant_sources(wildcards.variant),
+    output:
+        manifest=f"{VARIANT_DIR}/sources.json",
+    log:
+        f"{LOGS}/sources-{{variant}}.log",
+    localrule: True  # milliseconds of work: never a cluster job
+    shell:
+        f"{stage('sources')} --variant {{wildcards.variant}} --out {VARIANT_OUT} 2>&1 | tee {{log}}"
+
+
 rule train:
     input:
+        code=stage_sources("train"),
+        sources=rules.sources.output.manifest,
         train=rules.prepare.output.train,
         val=rules.prepare.output.val,
         manifest=rules.prepare.output.manifest,
@@ -28,6 +44,8 @@ rule train:
 
 rule evaluate:
     input:
+        code=stage_sources("evaluate"),
+        sources=rules.sources.output.manifest,
         model=rules.train.output.model,
         test=rules.prepare.output.test,
         manifest=rules.prepare.output.manifest,
@@ -44,6 +62,9 @@ rule evaluate:
 
 
 rule profile:
+    input:
+        code=stage_sources("profile"),
+        sources=rules.sources.output.manifest,
     output:
         table=f"{VARIANT_DIR}/profile.csv",
         summary=f"{VARIANT_DIR}/profile.json",

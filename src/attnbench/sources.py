@@ -1,0 +1,106 @@
+"""The package's source files each stage runs: the code dependencies both orchestrators declare.
+
+A stage runs its module (`STAGE_MODULES`) and every module of the package that one imports, followed through every
+`import` statement anywhere in a file (inside functions and under `if` too, as lca's CUDA-only kernels are imported).
+The variant registry (variants/__init__.py) is listed but its imports are not followed: a stage runs one variant, not
+all seven. The modules one variant runs (its file and what it imports) are `variant_sources`; the `sources` stage
+writes them out with their digests (sources.json), and train, evaluate and profile depend on that file. So those
+stages re-run when, and only when, their own variant's code changed, under DVC too, whose `foreach` stages cannot
+list different files per variant. The GPU benchmark runs every variant, so it follows the registry.
+
+Paths are relative to the project root, where both orchestrators run (the package lives in its src/attnbench,
+installed editable); the manifest digests the files at those paths. cli.py, which only parses the command line and
+calls a stage, is left out: editing it re-runs nothing.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+from .files import file_digest, write_json
+
+PACKAGE = "attnbench"
+PACKAGE_DIR = Path(__file__).resolve().parent
+ROOT = PACKAGE_DIR.parents[1]
+REGISTRY_MODULE = f"{PACKAGE}.variants"
+STAGE_MODULES = {
+    "fetch": ["data", "sample"],  # sample: the default corpus, data the package ships
+    "prepare": ["data"],
+    "sources": ["sources"],
+    "train": ["train"],
+    "evaluate": ["evaluate"],
+    "profile": ["profile"],
+    "report": ["report"],
+    "benchmark": ["benchmark"],
+}
+
+
+def module_path(module: str) -> Path | None:
+    """The file of a module of the package (or the folder of data it ships), None for a module outside it."""
+    parts = module.split(".")
+    if parts[0] != PACKAGE:
+        return None
+    base = PACKAGE_DIR.joinpath(*parts[1:])
+    for path in (base.with_suffix(".py"), base / "__init__.py", base):
+        if path.exists():
+            return path
+    return None
+
+
+def imported_modules(module: str, path: Path) -> set[str]:
+    """The package's modules that `path` (module `module`) imports, by absolute or relative name."""
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            anchor = package.split(".")[: len(package.split(".")) - node.level + 1] if node.level else []
+            base = ".".join(anchor + ([node.module] if node.module else []))
+            # `from .x import y`: y is a module of package x, or a name defined in module x
+            found.update(f"{base}.{alias.name}" if module_path(f"{base}.{alias.name}") else base for alias in node.names)
+    return {name for name in found if module_path(name) is not None}
+
+
+def closure(modules: list[str], follow_registry: bool = False) -> list[str]:
+    """Repository-relative paths of `modules` and every module of the package they import, sorted."""
+    seen: set[str] = set()
+    stack = list(modules)
+    while stack:
+        module = stack.pop()
+        if module in seen:
+            continue
+        seen.add(module)
+        path = module_path(module)
+        if path is None:
+            raise ValueError(f"{module}: not a module of {PACKAGE} (under {PACKAGE_DIR})")
+        if path.suffix == ".py" and (module != REGISTRY_MODULE or follow_registry):
+            stack.extend(imported_modules(module, path) - seen)
+    paths = (module_path(module) for module in seen)
+    files = (file for path in paths for file in ([path] if path.is_file() else sorted(path.iterdir())) if file.is_file())
+    return sorted(file.relative_to(ROOT).as_posix() for file in files)
+
+
+def stage_sources(stage: str) -> list[str]:
+    """The files stage `stage` runs, except the modules of its variant (`variant_sources`)."""
+    if stage not in STAGE_MODULES:
+        raise ValueError(f"stage {stage!r}: not one of {', '.join(STAGE_MODULES)}")
+    return closure([f"{PACKAGE}.{name}" for name in STAGE_MODULES[stage]], follow_registry=stage == "benchmark")
+
+
+def variant_sources(variant: str) -> list[str]:
+    """The files variant `variant` runs: its module and the package's modules it imports."""
+    from .variants import REGISTRY
+
+    if variant not in REGISTRY:
+        raise ValueError(f"variant {variant!r}: not one of {', '.join(REGISTRY)}")
+    return closure([REGISTRY[variant].__module__])
+
+
+def write_manifest(variant: str, out: Path) -> dict:
+    """sources.json: each file `variant_sources` lists, with the sha256 of that path under the working directory
+    (the project root); written atomically."""
+    manifest = {"variant": variant, "files": {path: file_digest(path) for path in variant_sources(variant)}}
+    write_json(out, manifest)
+    return manifest

@@ -1,0 +1,48 @@
+"""The code each stage runs, as the orchestrators declare it: import closures and the variants' manifests."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from attnbench.files import read_json
+from attnbench.sources import ROOT, stage_sources, variant_sources, write_manifest
+
+
+def test_a_variant_runs_what_it_imports_and_nothing_of_the_others():
+    # lca imports its Triton kernels only under `if torch.cuda.is_available()`; sca imports lca.
+    assert {"src/attnbench/variants/lca.py", "src/attnbench/variants/fused_band.py", "src/attnbench/variants/routing.py"} <= set(variant_sources("lca"))
+    assert {"src/attnbench/variants/lca.py", "src/attnbench/variants/fused_supernodes.py"} <= set(variant_sources("sca"))
+    assert "src/attnbench/variants/sca.py" not in variant_sources("lca")
+    assert variant_sources("mha") == ["src/attnbench/variants/base.py", "src/attnbench/variants/mha.py"]
+
+
+def test_a_stage_runs_its_modules_but_not_every_variant():
+    train = stage_sources("train")
+    assert {"src/attnbench/train.py", "src/attnbench/model.py", "src/attnbench/config.py", "src/attnbench/variants/__init__.py"} <= set(train)
+    assert not any(path.endswith(("/mha.py", "/lca.py")) for path in train)  # the registry's imports are not followed
+    assert "src/attnbench/variants/sca.py" in stage_sources("benchmark")  # which runs every variant
+    assert "src/attnbench/sample/gcide-sample.txt.gz" in stage_sources("fetch")  # the default corpus it copies
+    assert all((ROOT / path).is_file() for path in train)
+
+
+def test_unknown_stage_or_variant_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"stage 'fit': not one of fetch, prepare"):
+        stage_sources("fit")
+    with pytest.raises(ValueError, match=r"variant 'gpt': not one of mha, la"):
+        variant_sources("gpt")
+
+
+def test_manifest_digests_the_files_and_changes_with_them(tmp_path, monkeypatch):
+    shutil.copytree(ROOT / "src", tmp_path / "src", ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.chdir(tmp_path)  # the project root, as the orchestrators run the stage
+    out = tmp_path / "results" / "sources.json"
+    first = write_manifest("la", out)
+    assert read_json(out) == first and sorted(first["files"]) == variant_sources("la")
+    assert write_manifest("la", out) == first  # same code, same manifest: nothing after it re-runs
+    other = write_manifest("mha", tmp_path / "mha.json")
+    (tmp_path / "src" / "attnbench" / "variants" / "la.py").write_text("# an edit\n", "utf-8")
+    changed = write_manifest("la", out)["files"]
+    assert {path for path in changed if changed[path] != first["files"][path]} == {"src/attnbench/variants/la.py"}
+    assert write_manifest("mha", tmp_path / "mha.json") == other
