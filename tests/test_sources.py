@@ -46,3 +46,10 @@ def test_manifest_digests_the_files_and_changes_with_them(tmp_path, monkeypatch)
     changed = write_manifest("la", out)["files"]
     assert {path for path in changed if changed[path] != first["files"][path]} == {"src/attnbench/variants/la.py"}
     assert write_manifest("mha", tmp_path / "mha.json") == other
+
+
+def test_manifest_outside_the_project_root_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"src/attnbench/variants/base.py: not under .*; run the sources stage in the project root"):
+        write_manifest("mha", tmp_path / "sources.json")
+    assert not (tmp_path / "sources.json").exists()

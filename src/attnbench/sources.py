@@ -37,15 +37,16 @@ STAGE_MODULES = {
 
 
 def module_path(module: str) -> Path | None:
-    """The file of a module of the package (or the folder of data it ships), None for a module outside it."""
+    """The file of a module of the package (or a folder of data it ships, one without Python files), None for a
+    module outside it."""
     parts = module.split(".")
     if parts[0] != PACKAGE:
         return None
     base = PACKAGE_DIR.joinpath(*parts[1:])
-    for path in (base.with_suffix(".py"), base / "__init__.py", base):
-        if path.exists():
+    for path in (base.with_suffix(".py"), base / "__init__.py"):
+        if path.is_file():
             return path
-    return None
+    return base if base.is_dir() and not any(base.glob("*.py")) else None
 
 
 def imported_modules(module: str, path: Path) -> set[str]:
@@ -101,6 +102,9 @@ def variant_sources(variant: str) -> list[str]:
 def write_manifest(variant: str, out: Path) -> dict:
     """sources.json: each file `variant_sources` lists, with the sha256 of that path under the working directory
     (the project root); written atomically."""
-    manifest = {"variant": variant, "files": {path: file_digest(path) for path in variant_sources(variant)}}
+    files = variant_sources(variant)
+    if missing := [path for path in files if not Path(path).is_file()]:
+        raise FileNotFoundError(f"{missing[0]}: not under {Path.cwd()}; run the sources stage in the project root")
+    manifest = {"variant": variant, "files": {path: file_digest(path) for path in files}}
     write_json(out, manifest)
     return manifest
