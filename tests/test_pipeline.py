@@ -89,9 +89,9 @@ def test_stages_declare_the_code_they_run():
         assert declared == expected, f"{name}: missing {expected - declared}, extra {declared - expected}"
 
 
-def edit_code(ws: Path, variant: str) -> None:
-    """A change to one variant's own file (a comment: the manifest digests the text)."""
-    path = ws / "src" / "attnbench" / "variants" / f"{variant}.py"
+def edit_code(ws: Path, module: str) -> None:
+    """A change to one module of the variants package (a comment: the manifest digests the text)."""
+    path = ws / "src" / "attnbench" / "variants" / f"{module}.py"
     path.write_text(path.read_text() + "\n# an edit\n")
 
 
@@ -154,6 +154,9 @@ def test_snakemake_runs_the_dag_then_only_what_a_change_touches(tmp_path):
     edit_code(ws, "la")
     planned = job_counts(run([sys.executable, "-m", "snakemake", "-n", "--cores", "2"], ws))
     assert planned == {"sources": 1, "train": 1, "evaluate": 1, "profile": 1, "report": 1, "all": 1}, planned
+    run([sys.executable, "-m", "snakemake", "--cores", "2"], ws)
+    edit_code(ws, "__init__")  # the registry, where a new variant is one line: no other variant re-runs
+    assert "Nothing to be done" in run([sys.executable, "-m", "snakemake", "-n", "--cores", "2"], ws)
 
     # Every stage and variant left one finished MLflow run, with the training curve as step-wise metrics.
     from mlflow.tracking import MlflowClient
@@ -162,7 +165,7 @@ def test_snakemake_runs_the_dag_then_only_what_a_change_touches(tmp_path):
     experiment = client.get_experiment_by_name("attnbench/tiny")
     runs = client.search_runs([experiment.experiment_id])
     names = sorted(r.info.run_name for r in runs)
-    assert names.count("train-la") == 2 and names.count("train-mha") == 1
+    assert names.count("train-la") == 3 and names.count("train-mha") == 1  # la: its option, then its code changed
     assert {"fetch", "prepare", "report", "evaluate-mha", "profile-mha", "evaluate-la", "profile-la"} <= set(names)
     assert all(r.info.status == "FINISHED" for r in runs)
     train_run = next(r for r in runs if r.info.run_name == "train-mha")
@@ -192,3 +195,9 @@ def test_dvc_repro_runs_the_dag_then_only_what_a_change_touches(tmp_path):
     edit_code(ws, "la")
     ran = set(re.findall(r"Running stage '([^']+)'", run(["dvc", "repro"], ws)))
     assert ran == {"sources@mha", "sources@la", "train@la", "evaluate@la", "profile@la", "report"}, ran
+    edit_code(ws, "__init__")  # the registry, where a new variant is one line: no other variant re-runs
+    manifest = ws / "results" / "tiny" / "variants" / "mha" / "sources.json"
+    stamp = manifest.stat().st_mtime_ns
+    ran = set(re.findall(r"Running stage '([^']+)'", run(["dvc", "repro"], ws)))
+    assert ran == {"sources@mha", "sources@la"}, ran
+    assert manifest.stat().st_mtime_ns == stamp  # unchanged, so not written: Snakemake sees no newer input either

@@ -109,8 +109,9 @@ def run(args: argparse.Namespace) -> None:
         if args.stage == "sources":
             from .sources import write_manifest
 
-            manifest = write_manifest(args.variant, out / "sources.json")
-            logging.info("%d files of %s -> %s", len(manifest["files"]), args.variant, out / "sources.json")
+            manifest, written = write_manifest(args.variant, out / "sources.json")
+            state = "->" if written else "unchanged in"
+            logging.info("%d files of %s %s %s", len(manifest["files"]), args.variant, state, out / "sources.json")
         elif args.stage == "train":
             from .train import main as train_main
 

@@ -2,11 +2,12 @@
 
 A stage runs its module (`STAGE_MODULES`) and every module of the package that one imports, followed through every
 `import` statement anywhere in a file (inside functions and under `if` too, as lca's CUDA-only kernels are imported).
-The variant registry (variants/__init__.py) is listed but its imports are not followed: a stage runs one variant, not
-all seven. The modules one variant runs (its file and what it imports) are `variant_sources`; the `sources` stage
-writes them out with their digests (sources.json), and train, evaluate and profile depend on that file. So those
-stages re-run when, and only when, their own variant's code changed, under DVC too, whose `foreach` stages cannot
-list different files per variant. The GPU benchmark runs every variant, so it follows the registry.
+The variant registry (variants/__init__.py) is neither listed nor followed: a stage runs one variant, not all seven,
+and adding a variant there must not re-run the others (a name mapped to another class changes that variant's files,
+so its stages re-run). The modules one variant runs (its file and what it imports) are `variant_sources`; the
+`sources` stage writes them out with their digests (sources.json), and train, evaluate and profile depend on that
+file. So those stages re-run when, and only when, their own variant's code changed, under DVC too, whose `foreach`
+stages cannot list different files per variant. The GPU benchmark runs every variant, so it follows the registry.
 
 Paths are relative to the project root, where both orchestrators run (the package lives in its src/attnbench,
 installed editable); the manifest digests the files at those paths. cli.py, which only parses the command line and
@@ -18,7 +19,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-from .files import file_digest, write_json
+from .files import file_digest, read_json, write_json
 
 PACKAGE = "attnbench"
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -78,7 +79,7 @@ def closure(modules: list[str], follow_registry: bool = False) -> list[str]:
             raise ValueError(f"{module}: not a module of {PACKAGE} (under {PACKAGE_DIR})")
         if path.suffix == ".py" and (module != REGISTRY_MODULE or follow_registry):
             stack.extend(imported_modules(module, path) - seen)
-    paths = (module_path(module) for module in seen)
+    paths = (module_path(module) for module in seen if module != REGISTRY_MODULE or follow_registry)
     files = (file for path in paths for file in ([path] if path.is_file() else sorted(path.iterdir())) if file.is_file())
     return sorted(file.relative_to(ROOT).as_posix() for file in files)
 
@@ -99,12 +100,15 @@ def variant_sources(variant: str) -> list[str]:
     return closure([REGISTRY[variant].__module__])
 
 
-def write_manifest(variant: str, out: Path) -> dict:
+def write_manifest(variant: str, out: Path) -> tuple[dict, bool]:
     """sources.json: each file `variant_sources` lists, with the sha256 of that path under the working directory
-    (the project root); written atomically."""
+    (the project root); written atomically, and only if it changed, so that its time stamp moves only with the code
+    (Snakemake re-runs what follows a newer file). Returns the manifest and whether it was written."""
     files = variant_sources(variant)
     if missing := [path for path in files if not Path(path).is_file()]:
         raise FileNotFoundError(f"{missing[0]}: not under {Path.cwd()}; run the sources stage in the project root")
     manifest = {"variant": variant, "files": {path: file_digest(path) for path in files}}
+    if Path(out).is_file() and read_json(out) == manifest:
+        return manifest, False
     write_json(out, manifest)
-    return manifest
+    return manifest, True
