@@ -67,19 +67,18 @@ def imported_modules(module: str, path: Path) -> set[str]:
 
 def closure(modules: list[str], follow_registry: bool = False) -> list[str]:
     """Repository-relative paths of `modules` and every module of the package they import, sorted."""
-    seen: set[str] = set()
+    seen: dict[str, Path] = {}  # module -> its file or data folder
     stack = list(modules)
     while stack:
         module = stack.pop()
         if module in seen:
             continue
-        seen.add(module)
-        path = module_path(module)
+        path = seen[module] = module_path(module)
         if path is None:
             raise ValueError(f"{module}: not a module of {PACKAGE} (under {PACKAGE_DIR})")
         if path.suffix == ".py" and (module != REGISTRY_MODULE or follow_registry):
-            stack.extend(imported_modules(module, path) - seen)
-    paths = (module_path(module) for module in seen if module != REGISTRY_MODULE or follow_registry)
+            stack.extend(imported_modules(module, path) - seen.keys())
+    paths = (path for module, path in seen.items() if module != REGISTRY_MODULE or follow_registry)
     files = (file for path in paths for file in ([path] if path.is_file() else sorted(path.iterdir())) if file.is_file())
     return sorted(file.relative_to(ROOT).as_posix() for file in files)
 

@@ -131,14 +131,17 @@ def dkdv_kernel(Q, K, V, LO, HI, LSE, DO, DELTA, DK, DV, T, H, D, stride_b, stri
     store_rows(DV, dv, bh, T, cols, col_ok, dims, D)
 
 
-def launch(kernel: str, q: torch.Tensor, lo: torch.Tensor) -> tuple[dict, torch.Tensor, int, int]:
-    """The kernel's options, lo broadcast to (B, H, T) int32 (stride 0 where shared) and its batch and head strides."""
+def broadcast_band(q: torch.Tensor, lo: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+    """lo broadcast to (B, H, T) int32 (stride 0 where shared) and its batch and head strides, once per op call."""
     B, H, T, D = q.shape
     assert q.numel() < 2**31, f"{q.numel()} elements: the band kernels index rows in int32"
     assert B * H < 2**16, f"batch x heads = {B * H}: the band kernels' grid holds at most 65,535 in its second dimension"
-    options = dict(TILES[kernel], BLOCK_D=max(16, triton.next_power_of_2(D)), IEEE=q.dtype == torch.float32)
     band = lo.expand(B, H, T)
-    return options, band, band.stride(0), band.stride(1)
+    return band, band.stride(0), band.stride(1)
+
+
+def kernel_options(kernel: str, q: torch.Tensor) -> dict:
+    return dict(TILES[kernel], BLOCK_D=max(16, triton.next_power_of_2(q.shape[-1])), IEEE=q.dtype == torch.float32)
 
 
 # Opaque custom ops, as fused_mixing's.
@@ -149,7 +152,8 @@ def band_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lo
     q, k, v, lo = (t.contiguous() for t in (q, k, v, lo))
     o, lse = band_attention_forward_fake(q, k, v, lo, hi, scale)
     B, H, T, D = q.shape
-    options, band, stride_b, stride_h = launch("forward", q, lo)
+    band, stride_b, stride_h = broadcast_band(q, lo)
+    options = kernel_options("forward", q)
     forward_kernel[(triton.cdiv(T, options["BLOCK_M"]), B * H)](q, k, v, band, o, lse, T, H, D, stride_b, stride_h,
                                                                 scale, **options)
     return o, lse
@@ -167,10 +171,11 @@ def band_attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, l
     dq, dk, dv = band_attention_backward_fake(q, k, v, lo, hi, o, lse, grad_o, scale)
     B, H, T, D = q.shape
     delta = torch.empty_like(lse)
-    options, band, stride_b, stride_h = launch("dq", q, lo)
+    band, stride_b, stride_h = broadcast_band(q, lo)
+    options = kernel_options("dq", q)
     dq_kernel[(triton.cdiv(T, options["BLOCK_M"]), B * H)](q, k, v, band, o, lse, grad_o, dq, delta, T, H, D,
                                                            stride_b, stride_h, scale, **options)
-    options, band, stride_b, stride_h = launch("dkdv", q, lo)
+    options = kernel_options("dkdv", q)
     ends = hi.expand(B, H, T)
     assert ends.stride() == band.stride(), f"lo {tuple(lo.shape)} and hi {tuple(hi.shape)}: the same shape, contiguous"
     dkdv_kernel[(triton.cdiv(T, options["BLOCK_N"]), B * H)](q, k, v, band, ends, lse, grad_o, delta, dk, dv, T, H, D,
