@@ -37,8 +37,9 @@ from .fused_mixing import dot
 #   2 or 4 warps: 138-6216 / 144-4650 us (stop 28). The pass that re-read every token per tile of steps took 146 / 209.
 # - read_values_backward 64 x 32: 107 / 105 us inside sca's step; the probe's timings of its settings were too noisy
 #   to rank (stop 28). Logs: reports/benchmarks/NVIDIA-H200-stop26-supernodes-probe.log, -stop28-probes.log.
-TILES = {"prefix": dict(BLOCK_S=32, BLOCK_L=32), "read_values": dict(BLOCK_L=32), "read_values_backward": dict(BLOCK_S=64, BLOCK_L=32)}
+TILES = {"prefix": dict(BLOCK_S=32, BLOCK_L=32), "suffix_sums": dict(BLOCK_C=8, STAGES=3), "read_values": dict(BLOCK_L=32), "read_values_backward": dict(BLOCK_S=64, BLOCK_L=32)}
 NUM_WARPS = 4
+SUMS_DTYPE = torch.float32  # the suffix sums' dtype for 16-bit gradients
 
 
 @triton.jit
@@ -217,6 +218,40 @@ def read_values_backward_kernel(G, V, Z, W, GATE, BLOCKS, STARTS, COUNTS, DV, DZ
         acc = tl.zeros([BLOCK_S, BLOCK_D], tl.float32)
 
 
+@triton.jit
+def suffix_sums_kernel(DN, DM, N, M, TOTAL, SUMS_KV, SUMS_W, S, C8, D,
+                       BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, STAGES: tl.constexpr):
+    """One (batch row, head) and BLOCK_C clusters: from the last step to the first, the sums over the steps j' >= j of
+    dA = (dm, dn) / W and dW = -(dn . n + dm . m) / W, stored at step j; step S (the last block's tokens) stores 0."""
+    bh = tl.program_id(1).to(tl.int64)
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    dims = tl.arange(0, BLOCK_D)
+    c_ok = c < C8
+    ok = c_ok[:, None] & (dims < D)[None, :]
+    acc_k = tl.zeros([BLOCK_C, BLOCK_D], tl.float32)
+    acc_v = tl.zeros([BLOCK_C, BLOCK_D], tl.float32)
+    acc_w = tl.zeros([BLOCK_C], tl.float32)
+    for i in tl.range(0, S + 1, num_stages=STAGES):  # the rows' loads do not depend on the sums: prefetched
+        j = S - i
+        rows = (bh * S + j) * C8 + c  # (B, H, S, C8) row of step j; step S has no row and adds 0
+        row_ok = c_ok & (j < S)
+        total = tl.load(TOTAL + rows, mask=row_ok, other=0.0)
+        inverse = 1.0 / tl.where(total > 0, total, 1.0)
+        tile = rows[:, None] * D + dims[None, :]
+        tile_ok = ok & (j < S)
+        dn = tl.load(DN + tile, mask=tile_ok, other=0.0).to(tl.float32) * inverse[:, None]
+        dm = tl.load(DM + tile, mask=tile_ok, other=0.0).to(tl.float32) * inverse[:, None]
+        n = tl.load(N + tile, mask=tile_ok, other=0.0).to(tl.float32)
+        m = tl.load(M + tile, mask=tile_ok, other=0.0).to(tl.float32)
+        acc_k += dm
+        acc_v += dn
+        acc_w -= tl.sum(dn * n + dm * m, 1)
+        out = (bh * (S + 1) + j) * C8 + c  # (B, H, S + 1, C8)
+        tl.store(SUMS_KV + out[:, None] * (2 * D) + dims[None, :], acc_k.to(SUMS_KV.dtype.element_ty), mask=ok)
+        tl.store(SUMS_KV + out[:, None] * (2 * D) + D + dims[None, :], acc_v.to(SUMS_KV.dtype.element_ty), mask=ok)
+        tl.store(SUMS_W + out, acc_w, mask=c_ok)
+
+
 def launch_options(kernel: str, x: torch.Tensor, C8: int, B: int, H: int) -> tuple[tuple[int], dict]:
     """The grid, one program per (batch row, head, padded cluster), and the kernel's tiles."""
     D = x.shape[-1]
@@ -258,27 +293,41 @@ def setup_prefix_context(ctx, inputs, output):
     ctx.save_for_backward(*inputs[:4], inputs[6], *output)  # k, v, weights, blocks, clusters; n, m, total
 
 
+@torch.library.custom_op("attnbench::supernode_suffix_sums", mutates_args=())
+def suffix_sums(grad_n: torch.Tensor, grad_m: torch.Tensor, n: torch.Tensor, m: torch.Tensor,
+                total: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For every step j <= S and cluster c, the sums over the steps j' >= j (none for j = S) of dA = (dm, dn) / W,
+    (B, H, (S + 1) C8, 2 D) in SUMS_DTYPE (fp32 for fp32 gradients), and of dW = -(dn . n + dm . m) / W,
+    (B, H, (S + 1) C8) fp32: grad_n, grad_m, n, m (B, H, S, C8, D), W = total (B, H, S, C8)."""
+    sums_kv, sums_w = suffix_sums_fake(grad_n, grad_m, n, m, total)
+    B, H, S, C8, D = n.shape
+    options = dict(TILES["suffix_sums"], BLOCK_D=max(16, triton.next_power_of_2(D)), num_warps=NUM_WARPS)
+    grid = (triton.cdiv(C8, options["BLOCK_C"]), B * H)
+    suffix_sums_kernel[grid](*(t.contiguous() for t in (grad_n, grad_m, n, m, total)), sums_kv, sums_w, S, C8, D, **options)
+    return sums_kv, sums_w
+
+
+@suffix_sums.register_fake
+def suffix_sums_fake(grad_n, grad_m, n, m, total):
+    B, H, S, C8, D = n.shape
+    dtype = torch.float32 if grad_n.dtype == torch.float32 else SUMS_DTYPE
+    return (torch.empty(B, H, (S + 1) * C8, 2 * D, dtype=dtype, device=n.device),
+            torch.empty(B, H, (S + 1) * C8, dtype=torch.float32, device=n.device))
+
+
 def prefix_backward(ctx, grad_n, grad_m, _grad_total):
-    """A token in block i collects sum_{j >= i} of dA and dW (module docstring): suffix sums over the steps of every
-    (step, cluster) row, then one gather per token, in PyTorch (which Inductor fuses when compiled)."""
+    """A token in block i collects sum_{j >= i} of dA and dW (module docstring): `suffix_sums` over the steps of every
+    (step, cluster) row, then one gather per token in PyTorch, which Inductor fuses with the sum of k's and v's
+    gradients from their other paths when compiled."""
     k, v, weights, blocks, clusters, n, m, total = ctx.saved_tensors
     B, H, S, C8, D = n.shape
-    inverse = (1.0 / torch.where(total > 0, total, 1.0)).unsqueeze(-1)  # (B, H, S, C8, 1)
-    grad_a_k = (torch.zeros_like(m, dtype=torch.float32) if grad_m is None else grad_m.float()) * inverse
-    grad_a_v = (torch.zeros_like(n, dtype=torch.float32) if grad_n is None else grad_n.float()) * inverse
-    grad_total = -((grad_a_v * n.float()).sum(-1, keepdim=True) + (grad_a_k * m.float()).sum(-1, keepdim=True))
-    # Suffix sums, and a zero step S for the tokens of the last block, which no step holds. The k and v rows (2 D wide)
-    # apart from the weights' (1 wide): rows of 2 D + 1 fp32 values are misaligned for vector loads and stores.
-    def suffix_sums(rows):  # (B, H, S, C8, E) -> (B, H, (S + 1) C8, E)
-        return torch.nn.functional.pad(rows.flip(2).cumsum(2).flip(2), (0, 0, 0, 0, 0, 1)).flatten(2, 3)
-
+    grad_n, grad_m = (torch.zeros_like(x) if g is None else g for g, x in ((grad_n, n), (grad_m, m)))
+    sums_kv, sums_w = suffix_sums(grad_n, grad_m, n, m, total)
     slot = blocks.long() * C8 + clusters.long()  # (B, R, T)
-    sums_kv = suffix_sums(torch.cat([grad_a_k, grad_a_v], dim=-1)).gather(2, slot.unsqueeze(-1).expand(B, H, -1, 2 * D))
-    sums_k, sums_v = sums_kv.split(D, dim=-1)  # (B, H, T, D) each
-    sums_w = suffix_sums(grad_total).squeeze(-1).gather(2, slot.expand(B, H, -1))  # (B, H, T)
+    sums_k, sums_v = sums_kv.gather(2, slot.unsqueeze(-1).expand(B, H, -1, 2 * D)).float().split(D, dim=-1)  # (B, H, T, D)
     w = weights.unsqueeze(-1)  # (B, R, T, 1)
     grad_k, grad_v = (sums_k * w).to(k.dtype), (sums_v * w).to(v.dtype)
-    grad_w = sums_w + (k.float() * sums_k).sum(-1) + (v.float() * sums_v).sum(-1)  # (B, H, T)
+    grad_w = sums_w.gather(2, slot.expand(B, H, -1)) + (k.float() * sums_k).sum(-1) + (v.float() * sums_v).sum(-1)  # (B, H, T)
     return grad_k, grad_v, per_routing_row(grad_w, weights), None, None, None, None, None, None
 
 
