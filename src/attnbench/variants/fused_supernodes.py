@@ -7,7 +7,9 @@ cluster), with no atomics and no (T, C) tensor:
 - `prefix_means`: n^(j) = A^(j) / W^(j), A^(j) = sum w_s v_s and W^(j) = sum w_s over the segment's tokens in
   blocks <= j (the same for m with k), for every step j < S: one (steps x tokens) 0/1 matrix times the tokens'
   (w v, w k) per tile. In its backward a token in block i collects sum_{j >= i} dA^(j) and sum_{j >= i} dW^(j),
-  dA = dn / W, dW = -(dn . n + dm . m) / W: suffix sums over the steps and a gather, in PyTorch.
+  dA = dn / W, dW = -(dn . n + dm . m) / W: suffix sums over the steps in one more kernel (`suffix_sums`, a
+  program per (batch row, head, 8 clusters) walking the steps from the last), then a gather per token in PyTorch,
+  which Inductor fuses with the sum of k's and v's gradients from their other paths.
 - `read_values`: the values the attention reads, w_t v'_t with v'_t = v_t + gate w_t z^(i - 1)[c_t] for token t in
   block i (sca's `read_supernodes` and `add_to_values`, then lca's gating), in one pass that never stores the
   read z as a (T, D) tensor. Its backward gives dv per token and dz^(j)[c], the sum of the read's gradients over
@@ -37,9 +39,10 @@ from .fused_mixing import dot
 #   2 or 4 warps: 138-6216 / 144-4650 us (stop 28). The pass that re-read every token per tile of steps took 146 / 209.
 # - read_values_backward 64 x 32: 107 / 105 us inside sca's step; the probe's timings of its settings were too noisy
 #   to rank (stop 28). Logs: reports/benchmarks/NVIDIA-H200-stop26-supernodes-probe.log, -stop28-probes.log.
+# - suffix_sums, 8 clusters per program, 3 stages: 85 / 110 us at 8K with bf16 / fp32 sums, 115 us at 32K (fp32);
+#   4, 8 or 16 clusters, 2 to 4 stages, 2 or 4 warps: 81-136 / 108-129 us at 8K (stop 36, -stop36-probes.log).
 TILES = {"prefix": dict(BLOCK_S=32, BLOCK_L=32), "suffix_sums": dict(BLOCK_C=8, STAGES=3), "read_values": dict(BLOCK_L=32), "read_values_backward": dict(BLOCK_S=64, BLOCK_L=32)}
 NUM_WARPS = 4
-SUMS_DTYPE = torch.float32  # the suffix sums' dtype for 16-bit gradients
 
 
 @triton.jit
@@ -297,8 +300,10 @@ def setup_prefix_context(ctx, inputs, output):
 def suffix_sums(grad_n: torch.Tensor, grad_m: torch.Tensor, n: torch.Tensor, m: torch.Tensor,
                 total: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """For every step j <= S and cluster c, the sums over the steps j' >= j (none for j = S) of dA = (dm, dn) / W,
-    (B, H, (S + 1) C8, 2 D) in SUMS_DTYPE (fp32 for fp32 gradients), and of dW = -(dn . n + dm . m) / W,
-    (B, H, (S + 1) C8) fp32: grad_n, grad_m, n, m (B, H, S, C8, D), W = total (B, H, S, C8)."""
+    (B, H, (S + 1) C8, 2 D), and of dW = -(dn . n + dm . m) / W, (B, H, (S + 1) C8) fp32: grad_n, grad_m, n, m
+    (B, H, S, C8, D), W = total (B, H, S, C8). The sums accumulate in fp32; dA's are stored in the gradients' dtype:
+    in bf16 they are rounded as finely as dn and dm themselves, and the gathers that read them move half the bytes
+    (H200, sca's step at 8K: 2.42 ms against 2.50 with fp32 sums, stop 36)."""
     sums_kv, sums_w = suffix_sums_fake(grad_n, grad_m, n, m, total)
     B, H, S, C8, D = n.shape
     options = dict(TILES["suffix_sums"], BLOCK_D=max(16, triton.next_power_of_2(D)), num_warps=NUM_WARPS)
@@ -310,8 +315,7 @@ def suffix_sums(grad_n: torch.Tensor, grad_m: torch.Tensor, n: torch.Tensor, m: 
 @suffix_sums.register_fake
 def suffix_sums_fake(grad_n, grad_m, n, m, total):
     B, H, S, C8, D = n.shape
-    dtype = torch.float32 if grad_n.dtype == torch.float32 else SUMS_DTYPE
-    return (torch.empty(B, H, (S + 1) * C8, 2 * D, dtype=dtype, device=n.device),
+    return (torch.empty(B, H, (S + 1) * C8, 2 * D, dtype=grad_n.dtype, device=n.device),
             torch.empty(B, H, (S + 1) * C8, dtype=torch.float32, device=n.device))
 
 
