@@ -9,7 +9,13 @@ the mask folded into one more feature 1.85 ms (reports/benchmarks/NVIDIA-H200.md
 (L, L) tensor is stored, the forward keeps each row's log-sum-exp for the backward. A problem of at most 128
 supernodes (T <= 16K) runs its whole backward in one program, which holds all its keys.
 
-Layout: q, k, v (P, L, D) contiguous, P = the problems; keys (P, L) int8, 1 where the supernode is a key. A problem
+The queries are the supernodes' own states through W_u, u = n W_u^T, keys m and values n: the kernels form u per
+tile of rows from n, and the backward forms n's gradient through u (du W_u) with its gradient as a value, so no
+(P, L, D) tensor of u or of its gradient's product is written and read again (a GEMM each way and an add, about
+0.08 ms of sca's step at 8K on the H200 as cuBLAS and Inductor kernels). W_u's own gradient, du^T n, is one GEMM
+over all problems, from du.
+
+Layout: n, m (P, L, D) contiguous, P = the problems; W_u (D, D); keys (P, L) int8, 1 where the supernode is a key. A problem
 without keys gives zero rows and passes no gradient (what sca's `mix` defines for a step without non-empty
 supernodes), so the caller needs no masking pass of its own over the output and its gradient. Products run in the
 inputs' dtype with fp32 accumulation (bf16 under autocast, as sdpa would); fp32 inputs use IEEE products, not TF32.
@@ -78,17 +84,31 @@ def key_bits(KEYS, p, start, L, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def forward_kernel(Q, K, V, KEYS, O, LSE, L, D, scale,
+def load_weight(WU, D, BLOCK_D: tl.constexpr):
+    """W_u (D, D), zero past D."""
+    dims = tl.arange(0, BLOCK_D)
+    mask = (dims < D)[:, None] & (dims < D)[None, :]
+    return tl.load(WU + dims[:, None] * D + dims[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
+def query_tile(N, w, p, start, L, D, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr):
+    """The queries u = W_u n of rows start .. start + BLOCK, rounded to n's dtype as F.linear's output would be."""
+    return dot(load_tile(N, p, start, L, D, BLOCK, BLOCK_D), tl.trans(w), IEEE).to(N.dtype.element_ty)
+
+
+@triton.jit
+def forward_kernel(N, M, WU, KEYS, O, LSE, L, D, scale,
                    BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr):
     p = tl.program_id(0).to(tl.int64)
     start_m = tl.program_id(1) * BLOCK
-    q = load_tile(Q, p, start_m, L, D, BLOCK, BLOCK_D)
+    q = query_tile(N, load_weight(WU, D, BLOCK_D), p, start_m, L, D, BLOCK, BLOCK_D, IEEE)
     row_max = tl.full([BLOCK], NEG, tl.float32)
     row_sum = tl.zeros([BLOCK], tl.float32)
     acc = tl.zeros([BLOCK, BLOCK_D], tl.float32)
     for start_n in range(0, L, BLOCK):
-        k = load_tile(K, p, start_n, L, D, BLOCK, BLOCK_D)
-        v = load_tile(V, p, start_n, L, D, BLOCK, BLOCK_D)
+        k = load_tile(M, p, start_n, L, D, BLOCK, BLOCK_D)
+        v = load_tile(N, p, start_n, L, D, BLOCK, BLOCK_D)
         s = dot(q, tl.trans(k), IEEE) * (scale * LOG2E)
         s = tl.where(key_bits(KEYS, p, start_n, L, BLOCK)[None, :], s, float("-inf"))
         row_max, row_sum, acc = online_softmax_step(s, v, row_max, row_sum, acc, IEEE)
@@ -100,14 +120,23 @@ def forward_kernel(Q, K, V, KEYS, O, LSE, L, D, scale,
 
 
 @triton.jit
-def row_tile(Q, O, LSE, DO, p, start_m, L, D, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
-    """What the backward needs of rows start_m .. start_m + BLOCK: q, do, delta = rowsum(do * o), the log-sum-exp."""
+def row_tile(N, w, O, LSE, DO, p, start_m, L, D, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr):
+    """What the backward needs of rows start_m .. start_m + BLOCK: q = u, do, delta = rowsum(do * o), the log-sum-exp."""
     rows = start_m + tl.arange(0, BLOCK)
-    q = load_tile(Q, p, start_m, L, D, BLOCK, BLOCK_D)
+    q = query_tile(N, w, p, start_m, L, D, BLOCK, BLOCK_D, IEEE)
     do = load_tile(DO, p, start_m, L, D, BLOCK, BLOCK_D)
     delta = tl.sum(do.to(tl.float32) * load_tile(O, p, start_m, L, D, BLOCK, BLOCK_D).to(tl.float32), 1)
     lse = tl.load(LSE + p * L + rows, mask=rows < L, other=0.0)
     return q, do, delta, lse
+
+
+@triton.jit
+def store_query_gradient(DU, DN, dq, w, p, start_m, L, D, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr):
+    """Stores du (rounded to its dtype, W_u's gradient is formed from it) and n's gradient through the queries,
+    du W_u, into DN, where the keys' pass adds the values' part."""
+    du = dq.to(DU.dtype.element_ty)
+    store_tile(DU, du, p, start_m, L, D, BLOCK, BLOCK_D)
+    store_tile(DN, dot(du, w, IEEE), p, start_m, L, D, BLOCK, BLOCK_D)
 
 
 @triton.jit
@@ -118,119 +147,127 @@ def probs_and_ds(q, k, v, do, delta, lse, pair_ok, scale, IEEE: tl.constexpr):
 
 
 @triton.jit
-def dq_kernel(Q, K, V, KEYS, O, LSE, DO, DQ, L, D, scale,
+def dq_kernel(N, M, WU, KEYS, O, LSE, DO, DU, DN, L, D, scale,
               BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr):
     p = tl.program_id(0).to(tl.int64)
     start_m = tl.program_id(1) * BLOCK
-    q, do, delta, lse = row_tile(Q, O, LSE, DO, p, start_m, L, D, BLOCK, BLOCK_D)
+    w = load_weight(WU, D, BLOCK_D)
+    q, do, delta, lse = row_tile(N, w, O, LSE, DO, p, start_m, L, D, BLOCK, BLOCK_D, IEEE)
     dq = tl.zeros([BLOCK, BLOCK_D], tl.float32)
     for start_n in range(0, L, BLOCK):
-        k = load_tile(K, p, start_n, L, D, BLOCK, BLOCK_D)
-        v = load_tile(V, p, start_n, L, D, BLOCK, BLOCK_D)
+        k = load_tile(M, p, start_n, L, D, BLOCK, BLOCK_D)
+        v = load_tile(N, p, start_n, L, D, BLOCK, BLOCK_D)
         _, ds = probs_and_ds(q, k, v, do, delta, lse, key_bits(KEYS, p, start_n, L, BLOCK)[None, :], scale, IEEE)
         dq += dot(ds.to(k.dtype), k, IEEE)
-    store_tile(DQ, dq * scale, p, start_m, L, D, BLOCK, BLOCK_D)
+    store_query_gradient(DU, DN, dq * scale, w, p, start_m, L, D, BLOCK, BLOCK_D, IEEE)
 
 
 @triton.jit
-def dkdv_kernel(Q, K, V, KEYS, O, LSE, DO, DK, DV, L, D, scale,
+def dkdv_kernel(N, M, WU, KEYS, O, LSE, DO, DN, DM, L, D, scale,
                 BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr):
+    """After dq_kernel: dm, and dn = the queries' part that dq_kernel stored in DN + the values' part."""
     p = tl.program_id(0).to(tl.int64)
     start_n = tl.program_id(1) * BLOCK
-    k = load_tile(K, p, start_n, L, D, BLOCK, BLOCK_D)
-    v = load_tile(V, p, start_n, L, D, BLOCK, BLOCK_D)
+    w = load_weight(WU, D, BLOCK_D)
+    k = load_tile(M, p, start_n, L, D, BLOCK, BLOCK_D)
+    v = load_tile(N, p, start_n, L, D, BLOCK, BLOCK_D)
     key = key_bits(KEYS, p, start_n, L, BLOCK)
     dk = tl.zeros([BLOCK, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK, BLOCK_D], tl.float32)
     for start_m in range(0, L, BLOCK):
         rows = start_m + tl.arange(0, BLOCK)
-        q, do, delta, lse = row_tile(Q, O, LSE, DO, p, start_m, L, D, BLOCK, BLOCK_D)
+        q, do, delta, lse = row_tile(N, w, O, LSE, DO, p, start_m, L, D, BLOCK, BLOCK_D, IEEE)
         s_t = dot(k, tl.trans(q), IEEE) * scale  # (keys, rows)
         prob_t = tl.where(key[:, None] & (rows < L)[None, :], tl.exp(s_t - lse[None, :]), 0.0)
         dv += dot(prob_t.to(do.dtype), do, IEEE)
         ds_t = prob_t * (dot(v, tl.trans(do), IEEE) - delta[None, :])
         dk += dot(ds_t.to(q.dtype), q, IEEE)
-    store_tile(DK, dk * scale, p, start_n, L, D, BLOCK, BLOCK_D)
-    store_tile(DV, dv, p, start_n, L, D, BLOCK, BLOCK_D)
+    store_tile(DM, dk * scale, p, start_n, L, D, BLOCK, BLOCK_D)
+    store_tile(DN, dv + load_tile(DN, p, start_n, L, D, BLOCK, BLOCK_D).to(tl.float32), p, start_n, L, D, BLOCK, BLOCK_D)
 
 
 @triton.jit
-def whole_backward_kernel(Q, K, V, KEYS, O, LSE, DO, DQ, DK, DV, L, D, scale,
+def whole_backward_kernel(N, M, WU, KEYS, O, LSE, DO, DU, DN, DM, L, D, scale,
                           BLOCK: tl.constexpr, BLOCK_KEYS: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr):
-    """dq, dk and dv of one whole problem, L <= BLOCK_KEYS: every key is in this program, so each row tile's dq is
-    complete where it is formed, and q, k, v, o and do are read once (dq_kernel and dkdv_kernel read them twice)."""
+    """du, dn and dm of one whole problem, L <= BLOCK_KEYS: every key is in this program, so each row tile's du is
+    complete where it is formed, and n, m, o and do are read once (dq_kernel and dkdv_kernel read them twice)."""
     p = tl.program_id(0).to(tl.int64)
-    k = load_tile(K, p, 0, L, D, BLOCK_KEYS, BLOCK_D)
-    v = load_tile(V, p, 0, L, D, BLOCK_KEYS, BLOCK_D)
+    w = load_weight(WU, D, BLOCK_D)
+    k = load_tile(M, p, 0, L, D, BLOCK_KEYS, BLOCK_D)
+    v = load_tile(N, p, 0, L, D, BLOCK_KEYS, BLOCK_D)
     key = key_bits(KEYS, p, 0, L, BLOCK_KEYS)
     dk = tl.zeros([BLOCK_KEYS, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_KEYS, BLOCK_D], tl.float32)
     for start_m in range(0, L, BLOCK):
         rows = start_m + tl.arange(0, BLOCK)
-        q, do, delta, lse = row_tile(Q, O, LSE, DO, p, start_m, L, D, BLOCK, BLOCK_D)
+        q, do, delta, lse = row_tile(N, w, O, LSE, DO, p, start_m, L, D, BLOCK, BLOCK_D, IEEE)
         prob, ds = probs_and_ds(q, k, v, do, delta, lse, key[None, :] & (rows < L)[:, None], scale, IEEE)
         dv += dot(tl.trans(prob.to(do.dtype)), do, IEEE)
-        store_tile(DQ, dot(ds.to(k.dtype), k, IEEE) * scale, p, start_m, L, D, BLOCK, BLOCK_D)
+        store_query_gradient(DU, DN, dot(ds.to(k.dtype), k, IEEE) * scale, w, p, start_m, L, D, BLOCK, BLOCK_D, IEEE)
         dk += dot(tl.trans(ds.to(q.dtype)), q, IEEE)
-    store_tile(DK, dk * scale, p, 0, L, D, BLOCK_KEYS, BLOCK_D)
-    store_tile(DV, dv, p, 0, L, D, BLOCK_KEYS, BLOCK_D)
+    store_tile(DM, dk * scale, p, 0, L, D, BLOCK_KEYS, BLOCK_D)
+    tl.debug_barrier()  # the row tiles' stores to DN, by other threads of this program, before they are read
+    store_tile(DN, dv + load_tile(DN, p, 0, L, D, BLOCK_KEYS, BLOCK_D).to(tl.float32), p, 0, L, D, BLOCK_KEYS, BLOCK_D)
 
 
-def launch_options(q: torch.Tensor) -> dict:
-    P, L, D = q.shape
-    return dict(BLOCK=BLOCK, BLOCK_D=max(16, triton.next_power_of_2(D)), IEEE=q.dtype == torch.float32, num_warps=NUM_WARPS)
+def launch_options(n: torch.Tensor) -> dict:
+    P, L, D = n.shape
+    return dict(BLOCK=BLOCK, BLOCK_D=max(16, triton.next_power_of_2(D)), IEEE=n.dtype == torch.float32, num_warps=NUM_WARPS)
 
 
 # Opaque custom ops: Inductor calls them as they are and Triton's own launcher compiles the kernels, as in eager
 # mode. As `triton_op`s, Inductor's code generation for user-defined Triton kernels failed on them (stop 22, call 6).
-@torch.library.custom_op("attnbench::masked_mixing", mutates_args=())
-def masked_mixing(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """softmax(q k^T * scale, over the keys marked) v per problem: q, k, v (P, L, D), keys (P, L) int8 ->
-    o (P, L, D) in q's dtype and the rows' log-sum-exp (P, L) fp32."""
-    q, k, v, keys = (t.contiguous() for t in (q, k, v, keys))
-    o, lse = masked_mixing_fake(q, k, v, keys, scale)
-    P, L, D = q.shape
-    forward_kernel[(P, triton.cdiv(L, BLOCK))](q, k, v, keys, o, lse, L, D, scale, **launch_options(q))
-    return o, lse
+@torch.library.custom_op("attnbench::supernode_mixing", mutates_args=())
+def supernode_mixing(n: torch.Tensor, m: torch.Tensor, weight: torch.Tensor, keys: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """softmax(u m^T * scale, over the keys marked) n per problem, u = n W_u^T: n, m (P, L, D), W_u (D, D) in n's
+    dtype, keys (P, L) int8 -> z (P, L, D) in n's dtype and the rows' log-sum-exp (P, L) fp32."""
+    n, m, weight, keys = (t.contiguous() for t in (n, m, weight, keys))
+    z, lse = supernode_mixing_fake(n, m, weight, keys, scale)
+    P, L, D = n.shape
+    forward_kernel[(P, triton.cdiv(L, BLOCK))](n, m, weight, keys, z, lse, L, D, scale, **launch_options(n))
+    return z, lse
 
 
-@masked_mixing.register_fake
-def masked_mixing_fake(q, k, v, keys, scale):
-    P, L, D = q.shape
-    return torch.empty(P, L, D, dtype=q.dtype, device=q.device), torch.empty(P, L, dtype=torch.float32, device=q.device)
+@supernode_mixing.register_fake
+def supernode_mixing_fake(n, m, weight, keys, scale):
+    P, L, D = n.shape
+    return torch.empty(P, L, D, dtype=n.dtype, device=n.device), torch.empty(P, L, dtype=torch.float32, device=n.device)
 
 
-@torch.library.custom_op("attnbench::masked_mixing_backward", mutates_args=())
-def masked_mixing_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: torch.Tensor, o: torch.Tensor,
-                           lse: torch.Tensor, grad_o: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    grad_o = grad_o.contiguous()
-    P, L, D = q.shape
-    dq, dk, dv = masked_mixing_backward_fake(q, k, v, keys, o, lse, grad_o, scale)
+@torch.library.custom_op("attnbench::supernode_mixing_backward", mutates_args=())
+def supernode_mixing_backward(n: torch.Tensor, m: torch.Tensor, weight: torch.Tensor, keys: torch.Tensor, z: torch.Tensor,
+                              lse: torch.Tensor, grad_z: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The gradients of n (through the queries and the values), of m, and of the queries u, all (P, L, D)."""
+    grad_z = grad_z.contiguous()
+    P, L, D = n.shape
+    grad_n, grad_m, grad_u = (torch.empty_like(n) for _ in range(3))
     if L <= WHOLE_KEYS:
-        whole_backward_kernel[(P,)](q, k, v, keys, o, lse, grad_o, dq, dk, dv, L, D, scale,
-                                    BLOCK_KEYS=max(16, triton.next_power_of_2(L)), **launch_options(q) | WHOLE_OPTIONS)
-        return dq, dk, dv
+        whole_backward_kernel[(P,)](n, m, weight, keys, z, lse, grad_z, grad_u, grad_n, grad_m, L, D, scale,
+                                    BLOCK_KEYS=max(16, triton.next_power_of_2(L)), **launch_options(n) | WHOLE_OPTIONS)
+        return grad_n, grad_m, grad_u
     grid = (P, triton.cdiv(L, BLOCK))
-    dq_kernel[grid](q, k, v, keys, o, lse, grad_o, dq, L, D, scale, **launch_options(q))
-    dkdv_kernel[grid](q, k, v, keys, o, lse, grad_o, dk, dv, L, D, scale, **launch_options(q))
-    return dq, dk, dv
+    dq_kernel[grid](n, m, weight, keys, z, lse, grad_z, grad_u, grad_n, L, D, scale, **launch_options(n))
+    dkdv_kernel[grid](n, m, weight, keys, z, lse, grad_z, grad_n, grad_m, L, D, scale, **launch_options(n))
+    return grad_n, grad_m, grad_u
 
 
-@masked_mixing_backward.register_fake
-def masked_mixing_backward_fake(q, k, v, keys, o, lse, grad_o, scale):
-    return tuple(torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
+@supernode_mixing_backward.register_fake
+def supernode_mixing_backward_fake(n, m, weight, keys, z, lse, grad_z, scale):
+    return tuple(torch.empty_like(n) for _ in range(3))
 
 
 def setup_context(ctx, inputs, output):
-    q, k, v, keys, scale = inputs
-    o, lse = output
-    ctx.save_for_backward(q.contiguous(), k.contiguous(), v.contiguous(), keys.contiguous(), o, lse)
+    n, m, weight, keys, scale = inputs
+    z, lse = output
+    ctx.save_for_backward(n.contiguous(), m.contiguous(), weight.contiguous(), keys.contiguous(), z, lse)
     ctx.scale = scale
 
 
-def backward(ctx, grad_o, _grad_lse):
-    q, k, v, keys, o, lse = ctx.saved_tensors
-    return *masked_mixing_backward(q, k, v, keys, o, lse, grad_o, ctx.scale), None, None
+def backward(ctx, grad_z, _grad_lse):
+    n, m, weight, keys, z, lse = ctx.saved_tensors
+    grad_n, grad_m, grad_u = supernode_mixing_backward(n, m, weight, keys, z, lse, grad_z, ctx.scale)
+    grad_weight = grad_u.flatten(0, 1).T @ n.flatten(0, 1)  # (D, D): u = n W_u^T
+    return grad_n, grad_m, grad_weight, None, None
 
 
-masked_mixing.register_autograd(backward, setup_context=setup_context)
+supernode_mixing.register_autograd(backward, setup_context=setup_context)

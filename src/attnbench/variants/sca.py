@@ -172,17 +172,18 @@ class SuperClusterAttention(LearnedClusterAttention):
         # problems run on slow kernels (cuBLAS's align-1 GEMMs took 119 us each at T = 8K, C = 91, on the H100).
         B, H, S, C, D = n.shape
         n, m, total = F.pad(n, (0, 0, 0, -C % 8)), F.pad(m, (0, 0, 0, -C % 8)), F.pad(total, (0, -C % 8))
-        u = F.linear(n, self.supernode_query.weight.to(n.dtype))  # (B, H, S, C8, D)
-        if S == 0:  # T <= b: no step is read. sdpa's memory-efficient backward fails on an empty batch; the empty u
-            return u[..., :C, :]  # is the empty z, and W_u still gets its (zero) gradient, as in the reference
+        weight = self.supernode_query.weight
+        if S == 0:  # T <= b: no step is read. sdpa's memory-efficient backward fails on an empty batch; the empty
+            return F.linear(n, weight.to(n.dtype))[..., :C, :]  # u is the empty z, and W_u gets its (zero) gradient
         nonempty = (total > 0).unsqueeze(-2)  # (B, R, S, 1, C8): the supernodes that can be keys
-        if fused and fused_mixing is not None:  # its kernels give a step without keys zeros, and no gradient
+        if fused and fused_mixing is not None:  # its kernels form u themselves; a step without keys gives zeros
             where = n.device.type
             dtype = torch.get_autocast_dtype(where) if torch.is_autocast_enabled(where) else n.dtype
-            problems = (a.flatten(0, 2).to(dtype) for a in (u, m, n))  # (B H S, C8, D)
+            problems = (a.flatten(0, 2).to(dtype) for a in (n, m))  # (B H S, C8, D)
             keys = nonempty.expand(B, H, S, 1, n.shape[-2]).flatten(0, 3).to(torch.int8)
-            z, _ = fused_mixing.masked_mixing(*problems, keys, self.scale)
+            z, _ = fused_mixing.supernode_mixing(*problems, weight.to(dtype), keys, self.scale)
             return z.unflatten(0, (B, H, S))[..., :C, :]
+        u = F.linear(n, weight.to(n.dtype))  # (B, H, S, C8, D)
         has_keys = nonempty.any(dim=-1, keepdim=True)  # (B, R, S, 1, 1)
         keys = (nonempty | ~has_keys).expand(B, H, S, 1, n.shape[-2])
         z = F.scaled_dot_product_attention(*(a.flatten(1, 2) for a in (u, m, n, keys)), scale=self.scale).unflatten(1, (H, S))
