@@ -33,9 +33,11 @@ BLOCK = 64  # query rows per forward / dq program, keys per dk-dv program, and t
 NUM_WARPS = 4
 # Problems of at most WHOLE_KEYS supernodes (C <= 128: T <= 16K) run their backward as one program each
 # (whole_backward_kernel), with these settings: at sca's 8K shape (4,032 problems of 96) on the H200 it took
-# 266 us against 330 for dq_kernel + dkdv_kernel; 64-row tiles or 8 warps were slower (299-402 us).
+# 266 us against 330 for dq_kernel + dkdv_kernel (stop 27). Since it forms the queries from n, 32-row tiles without
+# pipelining took 311 us against 324 for 16-row tiles with 3 stages, the fastest of 12 settings (16 or 32 rows, 4 or 8
+# warps, 1-3 stages: 311-521 us; stop 36, reports/benchmarks/NVIDIA-H200-stop36-probes.log).
 WHOLE_KEYS = 128
-WHOLE_OPTIONS = {"BLOCK": 16, "num_warps": 4}
+WHOLE_OPTIONS = {"BLOCK": 32, "num_warps": 4, "num_stages": 1}
 INTERPRET = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")  # Triton's CPU interpreter: tests without a GPU
 NEG = tl.constexpr(-1.0e30)  # the running maximum's start: finite, so a tile whose keys are all masked adds 0, not NaN
 LOG2E = tl.constexpr(1.4426950408889634)  # the forwards take scores in base 2: exp2 is one instruction
