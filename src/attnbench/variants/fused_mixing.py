@@ -9,16 +9,16 @@ the mask folded into one more feature 1.85 ms (reports/benchmarks/NVIDIA-H200.md
 (L, L) tensor is stored, the forward keeps each row's log-sum-exp for the backward. A problem of at most 128
 supernodes (T <= 16K) runs its whole backward in one program, which holds all its keys.
 
-The queries are the supernodes' own states through W_u, u = n W_u^T, keys m and values n: the kernels form u per
-tile of rows from n, and the backward forms n's gradient through u (du W_u) with its gradient as a value, so no
-(P, L, D) tensor of u or of its gradient's product is written and read again (a GEMM each way and an add, about
-0.08 ms of sca's step at 8K on the H200 as cuBLAS and Inductor kernels). W_u's own gradient, du^T n, is one GEMM
-over all problems, from du.
+The queries are the supernodes' own states through W_u, u = n W_u^T, with keys m and values n. The kernels form u
+per tile of rows from n, and the backward adds n's gradient through the queries (du W_u) to its gradient as a value,
+so neither u nor du W_u is a (P, L, D) tensor written and read again (in sca's step at 8K on the H200 they had cost
+a GEMM each way and an add, about 0.09 ms). W_u's own gradient, du^T n, is one GEMM over all problems, from du.
 
-Layout: n, m (P, L, D) contiguous, P = the problems; W_u (D, D); keys (P, L) int8, 1 where the supernode is a key. A problem
-without keys gives zero rows and passes no gradient (what sca's `mix` defines for a step without non-empty
-supernodes), so the caller needs no masking pass of its own over the output and its gradient. Products run in the
-inputs' dtype with fp32 accumulation (bf16 under autocast, as sdpa would); fp32 inputs use IEEE products, not TF32.
+Layout: n, m (P, L, D) contiguous, P = the problems; W_u (D, D); keys (P, L) int8, 1 where the supernode is a key.
+A problem without keys gives zero rows and passes no gradient (what sca's `mix` defines for a step without
+non-empty supernodes), so the caller needs no masking pass of its own over the output and its gradient. Products
+run in the inputs' dtype with fp32 accumulation (bf16 under autocast, as sdpa would); fp32 inputs use IEEE
+products, not TF32.
 """
 
 from __future__ import annotations
