@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .fused_mixing import LOG2E, NEG, dot, online_softmax_step
+from .fused_mixing import LOG2E, NEG, dot, dot_options, online_softmax_step
 from .fused_supernodes import store_token_tile as store_rows, token_tile as rows_of
 
 # Query rows and keys per program and per loop step, warps and pipeline stages: the fastest of seven to nine settings
@@ -141,7 +141,7 @@ def broadcast_band(q: torch.Tensor, lo: torch.Tensor) -> tuple[torch.Tensor, int
 
 
 def kernel_options(kernel: str, q: torch.Tensor) -> dict:
-    return dict(TILES[kernel], BLOCK_D=max(16, triton.next_power_of_2(q.shape[-1])), IEEE=q.dtype == torch.float32)
+    return dict(TILES[kernel], **dot_options(q))
 
 
 # Opaque custom ops, as fused_mixing's.

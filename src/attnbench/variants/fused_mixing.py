@@ -212,9 +212,19 @@ def whole_backward_kernel(N, M, WU, KEYS, O, LSE, DO, DU, DN, DM, L, D, scale,
     store_tile(DN, dv + load_tile(DN, p, 0, L, D, BLOCK_KEYS, BLOCK_D).to(tl.float32), p, 0, L, D, BLOCK_KEYS, BLOCK_D)
 
 
+def dot_tile(size: int) -> int:
+    """Rows or columns of a tile that `dot` multiplies: a power of two, at least 16 (tl.dot's least)."""
+    return max(16, triton.next_power_of_2(size))
+
+
+def dot_options(x: torch.Tensor) -> dict:
+    """The kernels' head-dimension tile for x's last dimension, and IEEE products for fp32 x (not TF32). Shared by
+    this module's, fused_supernodes' and fused_band's kernels."""
+    return dict(BLOCK_D=dot_tile(x.shape[-1]), IEEE=x.dtype == torch.float32)
+
+
 def launch_options(n: torch.Tensor) -> dict:
-    P, L, D = n.shape
-    return dict(BLOCK=BLOCK, BLOCK_D=max(16, triton.next_power_of_2(D)), IEEE=n.dtype == torch.float32, num_warps=NUM_WARPS)
+    return dict(BLOCK=BLOCK, num_warps=NUM_WARPS, **dot_options(n))
 
 
 # Opaque custom ops: Inductor calls them as they are and Triton's own launcher compiles the kernels, as in eager
@@ -245,7 +255,7 @@ def supernode_mixing_backward(n: torch.Tensor, m: torch.Tensor, weight: torch.Te
     grad_n, grad_m, grad_u = (torch.empty_like(n) for _ in range(3))
     if L <= WHOLE_KEYS:
         whole_backward_kernel[(P,)](n, m, weight, keys, z, lse, grad_z, grad_u, grad_n, grad_m, L, D, scale,
-                                    BLOCK_KEYS=max(16, triton.next_power_of_2(L)), **launch_options(n) | WHOLE_OPTIONS)
+                                    BLOCK_KEYS=dot_tile(L), **launch_options(n) | WHOLE_OPTIONS)
         return grad_n, grad_m, grad_u
     grid = (P, triton.cdiv(L, BLOCK))
     dq_kernel[grid](n, m, weight, keys, z, lse, grad_z, grad_u, grad_n, L, D, scale, **launch_options(n))

@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .fused_mixing import dot
+from .fused_mixing import dot, dot_options, dot_tile
 
 # Steps and tokens per tile, per kernel, 4 warps (H200, do_bench, each kernel alone at sca's 8K / 32K shapes):
 # - prefix 32 x 32: 131 / 130 us in one pass over the tokens; the other settings of 32 to 128 steps, 16 to 64 tokens,
@@ -257,11 +257,10 @@ def suffix_sums_kernel(DN, DM, N, M, TOTAL, SUMS_KV, SUMS_W, S, C8, D,
 
 def launch_options(kernel: str, x: torch.Tensor, C8: int, B: int, H: int) -> tuple[tuple[int], dict]:
     """The grid, one program per (batch row, head, padded cluster), and the kernel's tiles."""
-    D = x.shape[-1]
     assert x.numel() < 2**31, f"{x.numel()} elements: the supernode kernels index in int32 within a row"
-    options = dict(TILES[kernel], BLOCK_D=max(16, triton.next_power_of_2(D)), num_warps=NUM_WARPS)
-    if "BLOCK_S" in options:  # the kernels with products over step tiles: IEEE products for fp32 inputs
-        options["IEEE"] = x.dtype == torch.float32
+    options = dict(TILES[kernel], num_warps=NUM_WARPS, **dot_options(x))
+    if "BLOCK_S" not in options:  # only the kernels with products over step tiles take IEEE
+        del options["IEEE"]
     return (B * H * C8,), options
 
 
@@ -306,7 +305,7 @@ def suffix_sums(grad_n: torch.Tensor, grad_m: torch.Tensor, n: torch.Tensor, m: 
     (H200, sca's step at 8K: 2.42 ms against 2.50 with fp32 sums, stop 36)."""
     sums_kv, sums_w = suffix_sums_fake(grad_n, grad_m, n, m, total)
     B, H, S, C8, D = n.shape
-    options = dict(TILES["suffix_sums"], BLOCK_D=max(16, triton.next_power_of_2(D)), num_warps=NUM_WARPS)
+    options = dict(TILES["suffix_sums"], BLOCK_D=dot_tile(D), num_warps=NUM_WARPS)
     grid = (triton.cdiv(C8, options["BLOCK_C"]), B * H)
     suffix_sums_kernel[grid](*(t.contiguous() for t in (grad_n, grad_m, n, m, total)), sums_kv, sums_w, S, C8, D, **options)
     return sums_kv, sums_w
