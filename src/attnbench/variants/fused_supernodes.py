@@ -327,7 +327,8 @@ def prefix_backward(ctx, grad_n, grad_m, _grad_total):
     grad_n, grad_m = (torch.zeros_like(x) if g is None else g for g, x in ((grad_n, n), (grad_m, m)))
     sums_kv, sums_w = suffix_sums(grad_n, grad_m, n, m, total)
     slot = blocks.long() * C8 + clusters.long()  # (B, R, T)
-    sums_k, sums_v = sums_kv.gather(2, slot.unsqueeze(-1).expand(B, H, -1, 2 * D)).float().split(D, dim=-1)  # (B, H, T, D)
+    # (B, H, T, D) each, in the sums' dtype: the products with the fp32 w and k.float() promote them exactly
+    sums_k, sums_v = sums_kv.gather(2, slot.unsqueeze(-1).expand(B, H, -1, 2 * D)).split(D, dim=-1)
     w = weights.unsqueeze(-1)  # (B, R, T, 1)
     grad_k, grad_v = (sums_k * w).to(k.dtype), (sums_v * w).to(v.dtype)
     grad_w = sums_w.gather(2, slot.expand(B, H, -1)) + (k.float() * sums_k).sum(-1) + (v.float() * sums_v).sum(-1)  # (B, H, T)
