@@ -37,6 +37,8 @@ NUM_WARPS = 4
 # pipelining took 311 us against 324 for 16-row tiles with 3 stages, the fastest of 12 settings (16 or 32 rows, 4 or 8
 # warps, 1-3 stages: 311-521 us; stop 36, reports/benchmarks/NVIDIA-H200-stop36-probes.log).
 WHOLE_KEYS = 128
+# The forward's rows per program and keys per loop step.
+FORWARD_OPTIONS = {"BLOCK": BLOCK, "BLOCK_N": BLOCK}
 WHOLE_OPTIONS = {"BLOCK": 32, "num_warps": 4, "num_stages": 1}
 INTERPRET = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")  # Triton's CPU interpreter: tests without a GPU
 NEG = tl.constexpr(-1.0e30)  # the running maximum's start: finite, so a tile whose keys are all masked adds 0, not NaN
@@ -101,18 +103,19 @@ def query_tile(N, w, p, start, L, D, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
 
 @triton.jit
 def forward_kernel(N, M, WU, KEYS, O, LSE, L, D, scale,
-                   BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr):
+                   BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr):
+    """Rows start_m .. start_m + BLOCK of problem p over its keys in tiles of BLOCK_N."""
     p = tl.program_id(0).to(tl.int64)
     start_m = tl.program_id(1) * BLOCK
     q = query_tile(N, load_weight(WU, D, BLOCK_D), p, start_m, L, D, BLOCK, BLOCK_D, IEEE)
     row_max = tl.full([BLOCK], NEG, tl.float32)
     row_sum = tl.zeros([BLOCK], tl.float32)
     acc = tl.zeros([BLOCK, BLOCK_D], tl.float32)
-    for start_n in range(0, L, BLOCK):
-        k = load_tile(M, p, start_n, L, D, BLOCK, BLOCK_D)
-        v = load_tile(N, p, start_n, L, D, BLOCK, BLOCK_D)
+    for start_n in range(0, L, BLOCK_N):
+        k = load_tile(M, p, start_n, L, D, BLOCK_N, BLOCK_D)
+        v = load_tile(N, p, start_n, L, D, BLOCK_N, BLOCK_D)
         s = dot(q, tl.trans(k), IEEE) * (scale * LOG2E)
-        s = tl.where(key_bits(KEYS, p, start_n, L, BLOCK)[None, :], s, float("-inf"))
+        s = tl.where(key_bits(KEYS, p, start_n, L, BLOCK_N)[None, :], s, float("-inf"))
         row_max, row_sum, acc = online_softmax_step(s, v, row_max, row_sum, acc, IEEE)
     # No key: acc and row_sum are 0, the output 0, and the log-sum-exp -inf, so the backward's probabilities are 0.
     store_tile(O, acc / tl.where(row_sum > 0, row_sum, 1.0)[:, None], p, start_m, L, D, BLOCK, BLOCK_D)
@@ -236,7 +239,8 @@ def supernode_mixing(n: torch.Tensor, m: torch.Tensor, weight: torch.Tensor, key
     n, m, weight, keys = (t.contiguous() for t in (n, m, weight, keys))
     z, lse = supernode_mixing_fake(n, m, weight, keys, scale)
     P, L, D = n.shape
-    forward_kernel[(P, triton.cdiv(L, BLOCK))](n, m, weight, keys, z, lse, L, D, scale, **launch_options(n))
+    options = launch_options(n) | FORWARD_OPTIONS
+    forward_kernel[(P, triton.cdiv(L, options["BLOCK"]))](n, m, weight, keys, z, lse, L, D, scale, **options)
     return z, lse
 
 
