@@ -183,38 +183,18 @@ def test_bad_options_are_refused(options, message):
         build_attention("lca", 16, 2, 32, options)
 
 
-SORT_CASES = [(1, 1), (5, 3), (64, 2), (65, 7), (300, 17), (1000, 32), (700, 182)]
+@pytest.mark.parametrize("T, C", [(1, 1), (5, 3), (64, 2), (65, 7), (300, 17), (1000, 32)])
+def test_counting_sort_is_the_stable_sort(T, C):
+    """sort_by_cluster against torch.sort(stable=True): T below, at and past whole counting-sort blocks."""
+    from attnbench.variants.lca import sort_by_cluster
 
-
-def assert_stable_sort(sort, cluster, C):
-    """sort(cluster, C) against torch.sort(stable=True), on cluster's device."""
-    order, inverse, counts, starts = sort(cluster, C)
-    T = cluster.shape[-1]
+    torch.manual_seed(T)
+    cluster = torch.randint(0, C, (2, 3, T))
+    order, inverse, counts, starts = sort_by_cluster(cluster, C)
     assert torch.equal(order, torch.sort(cluster, dim=-1, stable=True).indices)
-    assert torch.equal(inverse.gather(-1, order), torch.arange(T, device=cluster.device).expand_as(order))
+    assert torch.equal(inverse.gather(-1, order), torch.arange(T).expand_as(order))
     assert torch.equal(counts, F.one_hot(cluster, C).sum(dim=-2))
     assert torch.equal(starts, counts.cumsum(dim=-1) - counts)
-
-
-@pytest.mark.parametrize("T, C", SORT_CASES, ids=str)
-def test_counting_sort_is_the_stable_sort(T, C):
-    """The plain counting sort: T below, at and past whole counting-sort blocks."""
-    from attnbench.variants.lca import counting_sort
-
-    torch.manual_seed(T)
-    assert_stable_sort(counting_sort, torch.randint(0, C, (2, 3, T)), C)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("T, C", SORT_CASES, ids=str)
-def test_fused_sort_is_the_stable_sort(T, C):
-    """fused_sort's kernels, on ids laid out (B, R, T) and as the routing gives them, a transposed (B, T, R)."""
-    device = triton_device()
-    from attnbench.variants import fused_sort
-
-    torch.manual_seed(T)
-    assert_stable_sort(fused_sort.sort_by_cluster, torch.randint(0, C, (2, 3, T), device=device), C)
-    assert_stable_sort(fused_sort.sort_by_cluster, torch.randint(0, C, (2, T, 3), device=device).transpose(1, 2), C)
 
 
 def test_permute_backward_is_the_inverse_gather():

@@ -19,10 +19,10 @@ alike.
 
 Paths:
 - reference: the formula with the dense T x T mask;
-- efficient, CPU: stable sort by (cluster, position) (a counting sort, `counting_sort`), each cluster's segment
+- efficient, CPU: stable sort by (cluster, position) (a counting sort, `sort_by_cluster`), each cluster's segment
   padded to whole chunks, `chunked_segment_attention` (ca.py), scatter back;
-- efficient, CUDA: the same sort (fused_sort's Triton kernels), then attention over the band
-  segment_start[i] <= j <= i in sorted order by fused_band's Triton kernels (64-row tiles, each over exactly its rows' keys), or by FlexAttention with that
+- efficient, CUDA: the same sort, then attention over the band segment_start[i] <= j <= i in sorted order by
+  fused_band's Triton kernels (64-row tiles, each over exactly its rows' keys), or by FlexAttention with that
   band's block mask (flex.py, tile lists in O(T / 128)) where Triton is absent; on CPU the eager Flex forward,
   for tests.
 Inside a cluster a_s[c_t] = a_s[c_s], so the efficient paths need one gate per
@@ -65,10 +65,10 @@ from .ca import chunked_segment_attention
 from .flex import flex_band_attention
 from .routing import balance_from_block_sums, balance_loss, block_counts, gumbel_noise, own_gate, route, straight_through, straight_through_gates
 
-fused_band = fused_routing = fused_sort = None  # the Triton kernels, for CUDA tensors only
+fused_band = fused_routing = None  # the Triton kernels, for CUDA tensors only
 if torch.cuda.is_available():  # importing Triton and Inductor costs ~1.7 s, in every stage process on a CPU machine too
-    try:  # Triton comes with CUDA builds of torch; without it lca routes and sorts in plain PyTorch and attends by Flex
-        from . import fused_band, fused_routing, fused_sort
+    try:  # Triton comes with CUDA builds of torch; without it lca routes in plain PyTorch and attends by Flex
+        from . import fused_band, fused_routing
     except ImportError:
         pass
 
@@ -91,13 +91,6 @@ SORT_BLOCK = 64
 
 
 def sort_by_cluster(cluster: torch.Tensor, C: int):
-    """`counting_sort` of ids (B, R, T), by fused_sort's Triton kernels on CUDA."""
-    if cluster.is_cuda and fused_sort is not None:
-        return fused_sort.sort_by_cluster(cluster, C)
-    return counting_sort(cluster, C)
-
-
-def counting_sort(cluster: torch.Tensor, C: int):
     """Stable sort of positions by cluster id (..., T) as a counting sort: a token's sorted index is its cluster's
     start + the tokens of its cluster in earlier blocks + those before it in its own block. Pointwise work, small
     scans and one scatter, which Inductor fuses, where a comparison sort (`torch.sort`) is an opaque multi-pass
