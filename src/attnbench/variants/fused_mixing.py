@@ -5,7 +5,7 @@ over the L supernodes of that step whose mask bit is set (the non-empty ones). A
 problems of 96 x 96 with D = 64, about 33 GFLOP fwd+bwd in all, yet sdpa's memory-efficient kernel (the only
 one taking a boolean mask) took 1.25 ms fwd+bwd on the H200, FlexAttention 1.39 ms and the fused kernels with
 the mask folded into one more feature 1.85 ms (reports/benchmarks/NVIDIA-H200.md, stop 22). Here a program owns
-64 query rows (forward, dq) or 64 keys (dk, dv) of one problem and loops over the rest of it, flash-style: no
+a tile of query rows (forward, dq) or of keys (dk, dv) of one problem and loops over the rest of it, flash-style: no
 (L, L) tensor is stored, the forward keeps each row's log-sum-exp for the backward. A problem of at most 128
 supernodes (T <= 16K) runs its whole backward in one program, which holds all its keys.
 
@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-BLOCK = 64  # query rows per forward / dq program, keys per dk-dv program, and the tile of every loop
+BLOCK = 64  # query rows per dq program, keys per dk-dv program, and the tile of their loops
 NUM_WARPS = 4
 # Problems of at most WHOLE_KEYS supernodes (C <= 128: T <= 16K) run their backward as one program each
 # (whole_backward_kernel), with these settings: at sca's 8K shape (4,032 problems of 96) on the H200 it took
@@ -37,8 +37,9 @@ NUM_WARPS = 4
 # pipelining took 311 us against 324 for 16-row tiles with 3 stages, the fastest of 12 settings (16 or 32 rows, 4 or 8
 # warps, 1-3 stages: 311-521 us; stop 36, reports/benchmarks/NVIDIA-H200-stop36-probes.log).
 WHOLE_KEYS = 128
-# The forward's rows per program and keys per loop step.
-FORWARD_OPTIONS = {"BLOCK": BLOCK, "BLOCK_N": BLOCK}
+# The forward's rows per program and keys per loop step: at sca's 8K shape on the H200 128 rows over 32-key tiles, 8 warps,
+# took 100 us against 120 for 64 x 64 with 4 warps, the fastest of 34 settings (stop 37, NVIDIA-H200-stop37-probes.log).
+FORWARD_OPTIONS = {"BLOCK": 128, "BLOCK_N": 32, "num_warps": 8, "num_stages": 3}
 WHOLE_OPTIONS = {"BLOCK": 32, "num_warps": 4, "num_stages": 1}
 INTERPRET = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")  # Triton's CPU interpreter: tests without a GPU
 NEG = tl.constexpr(-1.0e30)  # the running maximum's start: finite, so a tile whose keys are all masked adds 0, not NaN
