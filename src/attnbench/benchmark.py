@@ -128,9 +128,10 @@ def attention_step(variant: str, T: int, batch: int, heads: int, head_dim: int, 
         for t in inputs:
             torch._dynamo.mark_static_address(t)
 
-    def forward(q, k, v, x, grad):  # the output too, so that it is made as a layer's is
+    def forward(q, k, v, x, grad):
+        # The output too, so that it is made as a layer's is; detached, or its gradient (none) would be made as zeros.
         out = layer.efficient(q, k, v, x)
-        return out, OutputGradient.apply(out, grad)
+        return out.detach(), OutputGradient.apply(out, grad)
 
     forward = forward if mode_options is None else torch.compile(
         forward, dynamic=False, options={**mode_options, **layer.compile_options})  # static T
