@@ -91,25 +91,3 @@ def test_an_unknown_variant_is_refused_before_any_work(tmp_path):
     with pytest.raises(ConfigError, match=r"unknown 'mhaa'; allowed: sdpa, sdpa-flash, mha, la, ca, lca, cka, fastcka, sca"):
         benchmark.main(parse_params({}), tmp_path, [2048], 65536, 8, 64, 1, 1, variants=["mhaa", "sca"], parts=("attention",))
     assert list(tmp_path.iterdir()) == []
-
-
-def test_output_gradient_hands_the_output_its_fixed_gradient():
-    """The attention step's scalar loss: its backward gives the layer's output exactly `grad`, eager and compiled,
-    and the compiled forward still returns the output."""
-    import torch
-
-    from attnbench.benchmark import OutputGradient
-
-    def forward(x, grad):
-        out = x.sin() * 2
-        return out, OutputGradient.apply(out, grad)
-
-    x = torch.randn(3, 5, requires_grad=True)
-    grad = torch.randn(3, 5)
-    (expected,) = torch.autograd.grad((x.sin() * 2 * grad).sum(), x)
-    for run in (forward, torch.compile(forward, backend="aot_eager")):
-        x.grad = None
-        out, loss = run(x, grad)
-        assert torch.equal(out, x.sin() * 2) and loss.item() == 0.0
-        loss.backward()
-        assert torch.allclose(x.grad, expected)

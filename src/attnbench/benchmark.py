@@ -89,30 +89,13 @@ def zero_grads(tensors) -> None:
         t.grad = None
 
 
-class OutputGradient(torch.autograd.Function):
-    """A scalar whose backward hands `out` the fixed gradient `grad`, a tensor saved by the forward. The attention
-    step differentiates it (its gradient is one element) rather than calling out.backward(grad): CUDA graphs copy
-    every gradient a backward graph is given into their own buffer each replay, 64 MiB at 65,536 tokens (0.035 ms per
-    step on the H200, stop 37), where a layer inside a training graph is handed its output's gradient in place."""
-
-    @staticmethod
-    def forward(ctx, out, grad):
-        ctx.save_for_backward(grad)
-        return out.new_zeros((), dtype=torch.float32)
-
-    @staticmethod
-    def backward(ctx, _):
-        (grad,) = ctx.saved_tensors
-        return grad, None
-
-
 def attention_step(variant: str, T: int, batch: int, heads: int, head_dim: int, options, mode: str) -> Callable[[], None]:
     """fwd+bwd of one variant's efficient path (or a REFERENCES row) on random bf16 inputs, in `mode` (COMPILE_MODES)."""
     d_model = heads * head_dim
     q, k, v = (torch.randn(batch, heads, T, head_dim, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
     x = torch.randn(batch, T, d_model, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     grad = torch.randn(batch, heads, T, head_dim, device="cuda", dtype=torch.bfloat16)
-    inputs = (q, k, v, x, grad)
+    inputs = (q, k, v, x)
     if variant in REFERENCES:
 
         def step():
@@ -124,24 +107,19 @@ def attention_step(variant: str, T: int, batch: int, heads: int, head_dim: int, 
     mode_options = COMPILE_MODES[mode]
     if mode == "graphs":
         # The inputs stay put from step to step, as a layer's inputs do inside a training graph: without this the
-        # graphs copy q, k, v, x and grad into their own buffers every step (5 x 64 MiB at 65,536 tokens).
+        # graphs copy q, k, v and x into their own buffers every step (4 x 64 MiB at 65,536 tokens).
         for t in inputs:
             torch._dynamo.mark_static_address(t)
-
-    def forward(q, k, v, x, grad):
-        # The output too, so that it is made as a layer's is; detached, or its gradient (none) would be made as zeros.
-        out = layer.efficient(q, k, v, x)
-        return out.detach(), OutputGradient.apply(out, grad)
-
-    forward = forward if mode_options is None else torch.compile(
-        forward, dynamic=False, options={**mode_options, **layer.compile_options})  # static T
+    efficient = layer.efficient if mode_options is None else torch.compile(
+        layer.efficient, dynamic=False, options={**mode_options, **layer.compile_options})  # static T
 
     def step():
         torch.compiler.cudagraph_mark_step_begin()  # a new step: graphs may reuse the last one's outputs
         zero_grads([*inputs, *layer.parameters()])
         with autocast(torch.device("cuda")):
-            _, loss = forward(*inputs)
-        torch.autograd.backward([loss, *([layer.aux_loss] if layer.aux_loss is not None else [])])
+            out = efficient(q, k, v, x)
+        aux = [layer.aux_loss] if layer.aux_loss is not None else []
+        torch.autograd.backward([out, *aux], [grad, *[None] * len(aux)])
 
     return step
 

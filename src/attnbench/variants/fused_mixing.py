@@ -37,10 +37,11 @@ NUM_WARPS = 4
 # pipelining took 311 us against 324 for 16-row tiles with 3 stages, the fastest of 12 settings (16 or 32 rows, 4 or 8
 # warps, 1-3 stages: 311-521 us; stop 36, reports/benchmarks/NVIDIA-H200-stop36-probes.log).
 WHOLE_KEYS = 128
-# The forward's rows per program and keys per loop step for problems of at most WHOLE_KEYS supernodes: at sca's 8K shape
-# on the H200 128 rows over 32-key tiles, 8 warps, took 100 us against 120 for 64 x 64 with 4 warps, the fastest of 34
-# settings (stop 37, NVIDIA-H200-stop37-probes.log). Larger problems keep 64 x 64: with 128 rows sca's step at 32K
-# (problems of 184) was 0.05 ms slower in one A/B pair; no other setting was measured there.
+# The forward's rows per program and keys per loop step for problems of 65 to WHOLE_KEYS supernodes, which one
+# program of 128 rows holds and one of 64 would not: at sca's 8K shape (96) on the H200 128 rows over 32-key tiles,
+# 8 warps, took 100 us against 120 for 64 x 64 with 4 warps, the fastest of 34 settings (stop 37,
+# NVIDIA-H200-stop37-probes.log). Other sizes keep 64 x 64: with 128 rows sca's step at 32K (problems of 184) was
+# 0.05 ms slower in one A/B pair; no other setting was measured there or below 65.
 FORWARD_OPTIONS = {"BLOCK": 128, "BLOCK_N": 32, "num_warps": 8, "num_stages": 3}
 WHOLE_OPTIONS = {"BLOCK": 32, "num_warps": 4, "num_stages": 1}
 INTERPRET = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")  # Triton's CPU interpreter: tests without a GPU
@@ -242,7 +243,7 @@ def supernode_mixing(n: torch.Tensor, m: torch.Tensor, weight: torch.Tensor, key
     n, m, weight, keys = (t.contiguous() for t in (n, m, weight, keys))
     z, lse = supernode_mixing_fake(n, m, weight, keys, scale)
     P, L, D = n.shape
-    options = launch_options(n) | (FORWARD_OPTIONS if L <= WHOLE_KEYS else {"BLOCK_N": BLOCK})
+    options = launch_options(n) | (FORWARD_OPTIONS if BLOCK < L <= WHOLE_KEYS else {"BLOCK_N": BLOCK})
     forward_kernel[(P, triton.cdiv(L, options["BLOCK"]))](n, m, weight, keys, z, lse, L, D, scale, **options)
     return z, lse
 
