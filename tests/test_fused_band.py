@@ -30,23 +30,26 @@ def band_reference(q, k, v, lo, scale):
 @pytest.mark.parametrize("B, H, R, T, C", [(2, 2, 2, 1, 1), (1, 2, 1, 37, 3), (2, 2, 2, 200, 9), (1, 3, 3, 300, 17), (2, 2, 1, 130, 1)], ids=str)
 def test_band_attention_equals_reference(B, H, R, T, C, dtype):
     """Output and the gradients of q, k and v: bands per head (R = H) and shared (R = 1), a segment longer than two
-    64-row tiles, T not a multiple of a tile, T = 1, and one band over everything (C = 1: causal attention)."""
+    64-row tiles, T not a multiple of a tile, T = 1, and one band over everything (C = 1: causal attention); the
+    queries and the output in an order of their own (random permutations `rows`), the keys and values sorted."""
     device = triton_device()
     from attnbench.variants import fused_band
 
     generator = torch.Generator().manual_seed(T)
     D = 64 if device == "cuda" else 16  # the interpreter is slow
     lo, hi = (t.to(device) for t in segment_bands(B, R, T, C, generator))
+    rows = torch.rand(B, R, T, generator=generator).argsort(dim=-1).to(device)  # sorted query i is q[..., rows[i], :]
     q, k, v = (torch.randn(B, H, T, D, generator=generator).to(device).requires_grad_(True) for _ in range(3))
     weight = torch.randn(B, H, T, D, generator=generator).to(device)
     scale = D**-0.5
+    to_sorted, to_own = (i.unsqueeze(-1).expand(B, H, T, D) for i in (rows, rows.argsort(dim=-1)))
 
     def run(attend):
         out = attend(q.to(dtype), k.to(dtype), v.to(dtype), lo, scale).float()
         return out, *torch.autograd.grad((out * weight).sum(), (q, k, v))
 
-    got = run(lambda q, k, v, lo, scale: fused_band.band_attention(q, k, v, lo, hi, scale))
-    expected = run(band_reference)
+    got = run(lambda q, k, v, lo, scale: fused_band.band_attention(q, k, v, lo, hi, rows.int(), scale))
+    expected = run(lambda q, k, v, lo, scale: band_reference(q.gather(2, to_sorted), k, v, lo, scale).gather(2, to_own))
     # bf16: the kernels round the probabilities to bf16 for their products, the reference keeps them in fp32.
     tol = FP32_RTOL if dtype == torch.float32 else 2e-2
     for name, a, b in zip(["output", "grad q", "grad k", "grad v"], got, expected):

@@ -8,11 +8,15 @@ rounded down to 128. Here a program owns 64 query rows (forward, dq) or 64 keys 
 keys lo[first row] .. last row (or the queries first key .. hi[last key] - 1), from any row, not a multiple of a tile:
 about 1.6x (32K) and 1.8x (8K) fewer query-key pairs than Flex's tiles on balanced random clusters (counted).
 
+The query side (q, o, do, dq) stays in the caller's order: sorted row i is row rows[i] of those arrays, which the
+kernels read and write by that index. lca's queries and outputs are in position order, so neither q and do nor o and
+dq are copied into and out of the sorted order (four passes over a (B, H, T, D) array per step).
+
 The forward stores each row's log-sum-exp (base 2); the backward is flash-style, dq per query tile (which also
 stores delta = rowsum(do * o)) and then dk, dv per key tile. Every row holds its own key, so no row is empty.
 
-Arrays: q, k, v (B, H, T, D) contiguous; lo and hi (B|1, H|1, T) int32, non-decreasing along T, a dimension of
-size 1 shared (stride 0). Products run in the inputs' dtype with fp32 accumulation; fp32 inputs use IEEE products.
+Arrays: q, k, v (B, H, T, D) contiguous; lo, hi and rows (B|1, H|1, T) int32 of one shape, lo and hi
+non-decreasing along T, rows a permutation of 0..T-1 along T, a dimension of size 1 shared (stride 0). Products run in the inputs' dtype with fp32 accumulation; fp32 inputs use IEEE products.
 """
 
 from __future__ import annotations
@@ -47,23 +51,25 @@ def in_band(lo, rows, cols):
 
 
 @triton.jit
-def query_tile(Q, LO, T, H, D, stride_b, stride_h, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-    """This program's (batch row, head) bh, its rows (and which are real), head dims, the rows' lo (T for padding
-    rows: no key), q, and the keys any of its rows reads: lo[first row] (the least) up to the last row."""
+def query_tile(Q, LO, ROWS, T, H, D, stride_b, stride_h, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """This program's (batch row, head) bh, its rows (and which are real), where they are in the query-side arrays,
+    head dims, the rows' lo (T for padding rows: no key), q, and the keys any of its rows reads: lo[first row] (the
+    least) up to the last row."""
     bh = tl.program_id(1).to(tl.int64)
     first = tl.program_id(0) * BLOCK_M
     rows, dims = first + tl.arange(0, BLOCK_M), tl.arange(0, BLOCK_D)
     row_ok = rows < T
-    lo_row = LO + band_offset(bh, H, stride_b, stride_h)
-    lo = tl.load(lo_row + rows, mask=row_ok, other=T)
-    q = rows_of(Q, bh, T, rows, row_ok, dims, D)
-    return bh, rows, row_ok, dims, lo, q, tl.load(lo_row + first), tl.minimum(first + BLOCK_M, T)
+    offset = band_offset(bh, H, stride_b, stride_h)
+    lo = tl.load(LO + offset + rows, mask=row_ok, other=T)
+    at = tl.load(ROWS + offset + rows, mask=row_ok, other=0)
+    q = rows_of(Q, bh, T, at, row_ok, dims, D)
+    return bh, rows, row_ok, at, dims, lo, q, tl.load(LO + offset + first), tl.minimum(first + BLOCK_M, T)
 
 
 @triton.jit
-def forward_kernel(Q, K, V, LO, O, LSE, T, H, D, stride_b, stride_h, scale,
+def forward_kernel(Q, K, V, LO, ROWS, O, LSE, T, H, D, stride_b, stride_h, scale,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr):
-    bh, rows, row_ok, dims, lo, q, key_start, key_end = query_tile(Q, LO, T, H, D, stride_b, stride_h, BLOCK_M, BLOCK_D)
+    bh, rows, row_ok, at, dims, lo, q, key_start, key_end = query_tile(Q, LO, ROWS, T, H, D, stride_b, stride_h, BLOCK_M, BLOCK_D)
     scale2 = scale * LOG2E  # scores in base 2: exp2 is one instruction
     row_max = tl.full([BLOCK_M], NEG, tl.float32)
     row_sum = tl.zeros([BLOCK_M], tl.float32)
@@ -74,16 +80,16 @@ def forward_kernel(Q, K, V, LO, O, LSE, T, H, D, stride_b, stride_h, scale,
         v = rows_of(V, bh, T, cols, cols < T, dims, D)
         s = tl.where(in_band(lo, rows, cols), dot(q, tl.trans(k), IEEE) * scale2, float("-inf"))
         row_max, row_sum, acc = online_softmax_step(s, v, row_max, row_sum, acc, IEEE)
-    store_rows(O, acc / tl.where(row_sum > 0, row_sum, 1.0)[:, None], bh, T, rows, row_ok, dims, D)
+    store_rows(O, acc / tl.where(row_sum > 0, row_sum, 1.0)[:, None], bh, T, at, row_ok, dims, D)
     tl.store(LSE + bh * T + rows, row_max + tl.log2(row_sum), mask=row_ok)
 
 
 @triton.jit
-def dq_kernel(Q, K, V, LO, O, LSE, DO, DQ, DELTA, T, H, D, stride_b, stride_h, scale,
+def dq_kernel(Q, K, V, LO, ROWS, O, LSE, DO, DQ, DELTA, T, H, D, stride_b, stride_h, scale,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr):
-    bh, rows, row_ok, dims, lo, q, key_start, key_end = query_tile(Q, LO, T, H, D, stride_b, stride_h, BLOCK_M, BLOCK_D)
-    do = rows_of(DO, bh, T, rows, row_ok, dims, D)
-    delta = tl.sum(do.to(tl.float32) * rows_of(O, bh, T, rows, row_ok, dims, D).to(tl.float32), 1)
+    bh, rows, row_ok, at, dims, lo, q, key_start, key_end = query_tile(Q, LO, ROWS, T, H, D, stride_b, stride_h, BLOCK_M, BLOCK_D)
+    do = rows_of(DO, bh, T, at, row_ok, dims, D)
+    delta = tl.sum(do.to(tl.float32) * rows_of(O, bh, T, at, row_ok, dims, D).to(tl.float32), 1)
     tl.store(DELTA + bh * T + rows, delta, mask=row_ok)  # for dkdv_kernel, launched after this one
     lse = tl.load(LSE + bh * T + rows, mask=row_ok, other=0.0)
     scale2 = scale * LOG2E
@@ -95,11 +101,11 @@ def dq_kernel(Q, K, V, LO, O, LSE, DO, DQ, DELTA, T, H, D, stride_b, stride_h, s
         prob = tl.where(in_band(lo, rows, cols), tl.exp2(dot(q, tl.trans(k), IEEE) * scale2 - lse[:, None]), 0.0)
         grad_scores = prob * (dot(do, tl.trans(v), IEEE) - delta[:, None])
         dq += dot(grad_scores.to(k.dtype), k, IEEE)
-    store_rows(DQ, dq * scale, bh, T, rows, row_ok, dims, D)
+    store_rows(DQ, dq * scale, bh, T, at, row_ok, dims, D)
 
 
 @triton.jit
-def dkdv_kernel(Q, K, V, LO, HI, LSE, DO, DELTA, DK, DV, T, H, D, stride_b, stride_h, scale,
+def dkdv_kernel(Q, K, V, LO, HI, ROWS, LSE, DO, DELTA, DK, DV, T, H, D, stride_b, stride_h, scale,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr):
     bh = tl.program_id(1).to(tl.int64)
     first = tl.program_id(0) * BLOCK_N
@@ -117,8 +123,9 @@ def dkdv_kernel(Q, K, V, LO, HI, LSE, DO, DELTA, DK, DV, T, H, D, stride_b, stri
         rows = start + tl.arange(0, BLOCK_M)
         row_ok = rows < T
         lo = tl.load(LO + offset + rows, mask=row_ok, other=T)
-        q = rows_of(Q, bh, T, rows, row_ok, dims, D)
-        do = rows_of(DO, bh, T, rows, row_ok, dims, D)
+        at = tl.load(ROWS + offset + rows, mask=row_ok, other=0)
+        q = rows_of(Q, bh, T, at, row_ok, dims, D)
+        do = rows_of(DO, bh, T, at, row_ok, dims, D)
         lse = tl.load(LSE + bh * T + rows, mask=row_ok, other=0.0)
         delta = tl.load(DELTA + bh * T + rows, mask=row_ok, other=0.0)
         # Transposed, (keys, rows), so dk and dv accumulate without transposing the products' results.
@@ -131,13 +138,15 @@ def dkdv_kernel(Q, K, V, LO, HI, LSE, DO, DELTA, DK, DV, T, H, D, stride_b, stri
     store_rows(DV, dv, bh, T, cols, col_ok, dims, D)
 
 
-def broadcast_band(q: torch.Tensor, lo: torch.Tensor) -> tuple[torch.Tensor, int, int]:
-    """lo broadcast to (B, H, T) int32 (stride 0 where shared) and its batch and head strides, once per op call."""
+def broadcast_bands(q: torch.Tensor, *bands: torch.Tensor) -> tuple[list[torch.Tensor], int, int]:
+    """lo, hi, rows (B|1, H|1, T) int32 broadcast to (B, H, T) (stride 0 where shared) and their batch and head
+    strides, one pair for all, once per op call."""
     B, H, T, D = q.shape
     assert q.numel() < 2**31, f"{q.numel()} elements: the band kernels index rows in int32"
     assert B * H < 2**16, f"batch x heads = {B * H}: the band kernels' grid holds at most 65,535 in its second dimension"
-    band = lo.expand(B, H, T)
-    return band, band.stride(0), band.stride(1)
+    assert len({(t.shape, t.stride()) for t in bands}) == 1, f"bands of shapes {[tuple(t.shape) for t in bands]}: one shape, contiguous"
+    broadcast = [t.expand(B, H, T) for t in bands]
+    return broadcast, broadcast[0].stride(0), broadcast[0].stride(1)
 
 
 def kernel_options(kernel: str, q: torch.Tensor) -> dict:
@@ -147,63 +156,65 @@ def kernel_options(kernel: str, q: torch.Tensor) -> dict:
 # Opaque custom ops, as fused_mixing's.
 @torch.library.custom_op("attnbench::band_attention", mutates_args=())
 def band_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
-                           scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """o (B, H, T, D) in q's dtype and the rows' log-sum-exp in base 2 (B, H, T) fp32; hi is for the backward."""
-    q, k, v, lo = (t.contiguous() for t in (q, k, v, lo))
-    o, lse = band_attention_forward_fake(q, k, v, lo, hi, scale)
+                           rows: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """o (B, H, T, D) in q's dtype, in q's order, and the sorted rows' log-sum-exp in base 2 (B, H, T) fp32; hi is for
+    the backward."""
+    q, k, v, lo, hi, rows = (t.contiguous() for t in (q, k, v, lo, hi, rows))
+    o, lse = band_attention_forward_fake(q, k, v, lo, hi, rows, scale)
     B, H, T, D = q.shape
-    band, stride_b, stride_h = broadcast_band(q, lo)
+    (band, at), stride_b, stride_h = broadcast_bands(q, lo, rows)
     options = kernel_options("forward", q)
-    forward_kernel[(triton.cdiv(T, options["BLOCK_M"]), B * H)](q, k, v, band, o, lse, T, H, D, stride_b, stride_h,
+    forward_kernel[(triton.cdiv(T, options["BLOCK_M"]), B * H)](q, k, v, band, at, o, lse, T, H, D, stride_b, stride_h,
                                                                 scale, **options)
     return o, lse
 
 
 @band_attention_forward.register_fake
-def band_attention_forward_fake(q, k, v, lo, hi, scale):
+def band_attention_forward_fake(q, k, v, lo, hi, rows, scale):
     return torch.empty_like(q), torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
 
 
 @torch.library.custom_op("attnbench::band_attention_backward", mutates_args=())
-def band_attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, o: torch.Tensor,
-                            lse: torch.Tensor, grad_o: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def band_attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, rows: torch.Tensor,
+                            o: torch.Tensor, lse: torch.Tensor, grad_o: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     grad_o = grad_o.contiguous()
-    dq, dk, dv = band_attention_backward_fake(q, k, v, lo, hi, o, lse, grad_o, scale)
+    dq, dk, dv = band_attention_backward_fake(q, k, v, lo, hi, rows, o, lse, grad_o, scale)
     B, H, T, D = q.shape
     delta = torch.empty_like(lse)
-    band, stride_b, stride_h = broadcast_band(q, lo)
+    (band, ends, at), stride_b, stride_h = broadcast_bands(q, lo, hi, rows)
     options = kernel_options("dq", q)
-    dq_kernel[(triton.cdiv(T, options["BLOCK_M"]), B * H)](q, k, v, band, o, lse, grad_o, dq, delta, T, H, D,
+    dq_kernel[(triton.cdiv(T, options["BLOCK_M"]), B * H)](q, k, v, band, at, o, lse, grad_o, dq, delta, T, H, D,
                                                            stride_b, stride_h, scale, **options)
     options = kernel_options("dkdv", q)
-    ends = hi.expand(B, H, T)
-    assert ends.stride() == band.stride(), f"lo {tuple(lo.shape)} and hi {tuple(hi.shape)}: the same shape, contiguous"
-    dkdv_kernel[(triton.cdiv(T, options["BLOCK_N"]), B * H)](q, k, v, band, ends, lse, grad_o, delta, dk, dv, T, H, D,
+    dkdv_kernel[(triton.cdiv(T, options["BLOCK_N"]), B * H)](q, k, v, band, ends, at, lse, grad_o, delta, dk, dv, T, H, D,
                                                              stride_b, stride_h, scale, **options)
     return dq, dk, dv
 
 
 @band_attention_backward.register_fake
-def band_attention_backward_fake(q, k, v, lo, hi, o, lse, grad_o, scale):
+def band_attention_backward_fake(q, k, v, lo, hi, rows, o, lse, grad_o, scale):
     return tuple(torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
 
 
 def setup_context(ctx, inputs, output):
-    q, k, v, lo, hi, scale = inputs
+    *arrays, scale = inputs
     o, lse = output
-    ctx.save_for_backward(*(t.contiguous() for t in (q, k, v, lo, hi)), o, lse)
+    ctx.save_for_backward(*(t.contiguous() for t in arrays), o, lse)
     ctx.scale = scale
 
 
 def backward(ctx, grad_o, _grad_lse):
-    q, k, v, lo, hi, o, lse = ctx.saved_tensors
-    return *band_attention_backward(q, k, v, lo, hi, o, lse, grad_o, ctx.scale), None, None, None
+    *arrays, o, lse = ctx.saved_tensors
+    return *band_attention_backward(*arrays, o, lse, grad_o, ctx.scale), None, None, None, None
 
 
 band_attention_forward.register_autograd(backward, setup_context=setup_context)
 
 
-def band_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, scale: float) -> torch.Tensor:
-    """Softmax attention of query i over keys lo[i] <= j <= i: q, k, v (B, H, T, D); lo, hi (B|1, H|1, T) int32 of
-    one shape, hi[j] = 1 + the last query whose band holds key j (the end of j's segment), both non-decreasing."""
-    return band_attention_forward(q, k, v, lo, hi, scale)[0]
+def band_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, rows: torch.Tensor,
+                   scale: float) -> torch.Tensor:
+    """Softmax attention of sorted query i over sorted keys lo[i] <= j <= i: k, v (B, H, T, D) in sorted order, q
+    (B, H, T, D) in its own, sorted query i being q[..., rows[i], :], and the output in q's order; lo, hi, rows
+    (B|1, H|1, T) int32 of one shape, hi[j] = 1 + the last query whose band holds key j (the end of j's segment),
+    lo and hi non-decreasing."""
+    return band_attention_forward(q, k, v, lo, hi, rows, scale)[0]

@@ -86,6 +86,24 @@ def gated(u: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
     return u if gate is None else (u * gate).to(u.dtype)
 
 
+class StraightThroughGate(torch.autograd.Function):
+    """u * gate for a gate (B, R, T, 1) whose forward value is exactly 1 (`routing.straight_through`): the forward
+    returns u itself, with no pass over it, and the backward hands u the gradient as it is and the gate
+    sum(u * grad) over D (and over the heads where R = 1). `gated` is the same product, made."""
+
+    @staticmethod
+    def forward(ctx, u, gate):
+        ctx.save_for_backward(u)
+        ctx.shared = gate.shape[1] == 1
+        return u.view_as(u)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (u,) = ctx.saved_tensors
+        grad_gate = (u.float() * grad.float()).sum(dim=-1, keepdim=True)  # (B, H, T, 1)
+        return grad, grad_gate.sum(dim=1, keepdim=True) if ctx.shared else grad_gate
+
+
 # Positions per counting-sort block: its within-block ranks compare b x b pairs, its counts are (T / b) x C.
 SORT_BLOCK = 64
 
@@ -163,7 +181,9 @@ class Permute(torch.autograd.Function):
 def cluster_attention_sorted(q, k, v, cluster, gate, C, scale, sorted_values=None):
     """The CUDA path (eager Flex on CPU, forward only): sorted order, band attention over each segment, back to positions.
 
-    One sort, one gather per tensor in, one out (by the inverse permutation); the gates ride on v and o.
+    One sort and one gather per key-side tensor in; fused_band's kernels read the queries and write the output in
+    position order by the sort's order, where Flex needs the queries gathered in and its output gathered out (by the
+    inverse permutation). The gates ride on v and o.
     sorted_values(k, v, gate, order, cluster, counts, starts), all in sorted order, gives the values the attention reads
     in place of gated(v, gate) (sca's v' with its supernodes, which need the sorted k and v).
     """
@@ -173,17 +193,18 @@ def cluster_attention_sorted(q, k, v, cluster, gate, C, scale, sorted_values=Non
     lo = starts.gather(-1, sorted_cluster)  # (B, R, T): in sorted order, where each entry's segment begins
     to_sorted, to_positions = (i.unsqueeze(-1).expand(B, H, T, D) for i in (order, inverse))
     if sorted_values is None:
-        q, k, v_gated = (Permute.apply(t, to_sorted, to_positions) for t in (q, k, gated(v, gate)))  # (B, H, T, D), sorted
+        k, v_gated = (Permute.apply(t, to_sorted, to_positions) for t in (k, gated(v, gate)))  # (B, H, T, D), sorted
     else:
-        q, k, v = (Permute.apply(t, to_sorted, to_positions) for t in (q, k, v))
+        k, v = (Permute.apply(t, to_sorted, to_positions) for t in (k, v))
         gate_sorted = None if gate is None else Permute.apply(gate, order.unsqueeze(-1), inverse.unsqueeze(-1))
         v_gated = sorted_values(k, v, gate_sorted, order, sorted_cluster, counts, starts)
     if q.is_cuda and fused_band is not None:
         hi = (starts + counts).gather(-1, sorted_cluster)  # (B, R, T): where each entry's segment ends
-        out = fused_band.band_attention(q, k, v_gated, lo.int(), hi.int(), scale)
+        out = fused_band.band_attention(q, k, v_gated, lo.int(), hi.int(), order.int(), scale)
     else:
-        out = flex_band_attention(q, k, v_gated, lo, scale)
-    return gated(Permute.apply(out, to_positions, to_sorted), gate)
+        q = Permute.apply(q, to_sorted, to_positions)
+        out = Permute.apply(flex_band_attention(q, k, v_gated, lo, scale), to_positions, to_sorted)
+    return out if gate is None else StraightThroughGate.apply(out, gate)
 
 
 class LearnedClusterAttention(Attention):
