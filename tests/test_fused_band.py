@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from attnbench.variants.base import masked_softmax_attention
+from attnbench.variants.routing import straight_through
 from tests.test_lca import triton_device
 from tests.test_variants import FP32_RTOL
 
@@ -31,7 +32,8 @@ def band_reference(q, k, v, lo, scale):
 def test_band_attention_equals_reference(B, H, R, T, C, dtype):
     """Output and the gradients of q, k and v: bands per head (R = H) and shared (R = 1), a segment longer than two
     64-row tiles, T not a multiple of a tile, T = 1, and one band over everything (C = 1: causal attention); the
-    queries and the output in an order of their own (random permutations `rows`), the keys and values sorted."""
+    queries and the output in an order of their own (random permutations `rows`), the keys and values sorted; and
+    the gradient of a straight-through gate on the output, one per head (R = H) or shared."""
     device = triton_device()
     from attnbench.variants import fused_band
 
@@ -40,19 +42,20 @@ def test_band_attention_equals_reference(B, H, R, T, C, dtype):
     lo, hi = (t.to(device) for t in segment_bands(B, R, T, C, generator))
     rows = torch.rand(B, R, T, generator=generator).argsort(dim=-1).to(device)  # sorted query i is q[..., rows[i], :]
     q, k, v = (torch.randn(B, H, T, D, generator=generator).to(device).requires_grad_(True) for _ in range(3))
+    y = torch.rand(B, R, T, 1, generator=generator).to(device).requires_grad_(True)
     weight = torch.randn(B, H, T, D, generator=generator).to(device)
     scale = D**-0.5
     to_sorted, to_own = (i.unsqueeze(-1).expand(B, H, T, D) for i in (rows, rows.argsort(dim=-1)))
 
     def run(attend):
-        out = attend(q.to(dtype), k.to(dtype), v.to(dtype), lo, scale).float()
-        return out, *torch.autograd.grad((out * weight).sum(), (q, k, v))
+        out = attend(q.to(dtype), k.to(dtype), v.to(dtype), lo, straight_through(y), scale).float()
+        return out, *torch.autograd.grad((out * weight).sum(), (q, k, v, y))
 
-    got = run(lambda q, k, v, lo, scale: fused_band.band_attention(q, k, v, lo, hi, rows.int(), scale))
-    expected = run(lambda q, k, v, lo, scale: band_reference(q.gather(2, to_sorted), k, v, lo, scale).gather(2, to_own))
+    got = run(lambda q, k, v, lo, gate, scale: fused_band.band_attention(q, k, v, lo, hi, rows.int(), scale, gate))
+    expected = run(lambda q, k, v, lo, gate, scale: band_reference(q.gather(2, to_sorted), k, v, lo, scale).gather(2, to_own) * gate)
     # bf16: the kernels round the probabilities to bf16 for their products, the reference keeps them in fp32.
     tol = FP32_RTOL if dtype == torch.float32 else 2e-2
-    for name, a, b in zip(["output", "grad q", "grad k", "grad v"], got, expected):
+    for name, a, b in zip(["output", "grad q", "grad k", "grad v", "grad gate"], got, expected):
         # Relative to a norm of at least 1: at T = 1 q's gradient is exactly 0, the kernels' rounding ~1e-7.
         err = ((a - b).norm() / b.norm().clamp_min(1.0)).item()
         assert err < tol, f"{name}: error {err:.2e} of the reference's norm"

@@ -213,24 +213,6 @@ def test_permute_backward_is_the_inverse_gather():
     assert torch.equal(grad_custom, grad_autograd)
 
 
-@pytest.mark.parametrize("R", [3, 1], ids=["per-head", "shared"])
-def test_straight_through_gate_is_the_product(R):
-    """The output's gate passes u through unmade and must give u and the router's scores autograd's gradients of
-    u * gate, with the gate one per head or shared by the heads."""
-    from attnbench.variants.lca import StraightThroughGate
-    from attnbench.variants.routing import straight_through
-
-    B, H, T, D = 2, 3, 17, 4
-    u = torch.randn(B, H, T, D, requires_grad=True)
-    y = torch.rand(B, R, T, 1, requires_grad=True)
-    weight = torch.randn(B, H, T, D)
-    custom = StraightThroughGate.apply(u, straight_through(y))
-    made = u * straight_through(y)
-    assert torch.equal(custom, made)
-    for a, b in zip(torch.autograd.grad((custom * weight).sum(), (u, y)), torch.autograd.grad((made * weight).sum(), (u, y))):
-        torch.testing.assert_close(a, b)
-
-
 def test_balance_loss_matches_its_definition():
     """C * mean_t sum_c F_t[c] p_t[c], F_t from the blocks before t's, written out with loops."""
     from attnbench.variants.routing import balance_loss

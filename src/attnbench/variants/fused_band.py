@@ -90,7 +90,7 @@ def dq_kernel(Q, K, V, LO, ROWS, O, LSE, DO, DQ, DELTA, T, H, D, stride_b, strid
     bh, rows, row_ok, at, dims, lo, q, key_start, key_end = query_tile(Q, LO, ROWS, T, H, D, stride_b, stride_h, BLOCK_M, BLOCK_D)
     do = rows_of(DO, bh, T, at, row_ok, dims, D)
     delta = tl.sum(do.to(tl.float32) * rows_of(O, bh, T, at, row_ok, dims, D).to(tl.float32), 1)
-    tl.store(DELTA + bh * T + rows, delta, mask=row_ok)  # for dkdv_kernel, launched after this one
+    tl.store(DELTA + bh * T + at, delta, mask=row_ok)  # in q's order: for dkdv_kernel (launched after) and the gate
     lse = tl.load(LSE + bh * T + rows, mask=row_ok, other=0.0)
     scale2 = scale * LOG2E
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -127,7 +127,7 @@ def dkdv_kernel(Q, K, V, LO, HI, ROWS, LSE, DO, DELTA, DK, DV, T, H, D, stride_b
         q = rows_of(Q, bh, T, at, row_ok, dims, D)
         do = rows_of(DO, bh, T, at, row_ok, dims, D)
         lse = tl.load(LSE + bh * T + rows, mask=row_ok, other=0.0)
-        delta = tl.load(DELTA + bh * T + rows, mask=row_ok, other=0.0)
+        delta = tl.load(DELTA + bh * T + at, mask=row_ok, other=0.0)
         # Transposed, (keys, rows), so dk and dv accumulate without transposing the products' results.
         pair_ok = tl.trans(in_band(lo, rows, cols))
         prob_t = tl.where(pair_ok, tl.exp2(dot(k, tl.trans(q), IEEE) * scale2 - lse[None, :]), 0.0)
@@ -156,11 +156,11 @@ def kernel_options(kernel: str, q: torch.Tensor) -> dict:
 # Opaque custom ops, as fused_mixing's.
 @torch.library.custom_op("attnbench::band_attention", mutates_args=())
 def band_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
-                           rows: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """o (B, H, T, D) in q's dtype, in q's order, and the sorted rows' log-sum-exp in base 2 (B, H, T) fp32; hi is for
-    the backward."""
+                           rows: torch.Tensor, gate: torch.Tensor | None, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """o (B, H, T, D) in q's dtype, in q's order, and the sorted rows' log-sum-exp in base 2 (B, H, T) fp32; hi and the
+    gate (whose forward value is 1) are for the backward."""
     q, k, v, lo, hi, rows = (t.contiguous() for t in (q, k, v, lo, hi, rows))
-    o, lse = band_attention_forward_fake(q, k, v, lo, hi, rows, scale)
+    o, lse = band_attention_forward_fake(q, k, v, lo, hi, rows, gate, scale)
     B, H, T, D = q.shape
     (band, at), stride_b, stride_h = broadcast_bands(q, lo, rows)
     options = kernel_options("forward", q)
@@ -170,17 +170,19 @@ def band_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lo
 
 
 @band_attention_forward.register_fake
-def band_attention_forward_fake(q, k, v, lo, hi, rows, scale):
+def band_attention_forward_fake(q, k, v, lo, hi, rows, gate, scale):
     return torch.empty_like(q), torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
 
 
 @torch.library.custom_op("attnbench::band_attention_backward", mutates_args=())
 def band_attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, rows: torch.Tensor,
-                            o: torch.Tensor, lse: torch.Tensor, grad_o: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                            o: torch.Tensor, lse: torch.Tensor, grad_o: torch.Tensor,
+                            scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dq, dk, dv and delta = sum(o * grad_o) over D (B, H, T) fp32 in q's order: the flash backward's row term, and
+    the gradient of a gate of value 1 on o."""
     grad_o = grad_o.contiguous()
-    dq, dk, dv = band_attention_backward_fake(q, k, v, lo, hi, rows, o, lse, grad_o, scale)
+    dq, dk, dv, delta = band_attention_backward_fake(q, k, v, lo, hi, rows, o, lse, grad_o, scale)
     B, H, T, D = q.shape
-    delta = torch.empty_like(lse)
     (band, ends, at), stride_b, stride_h = broadcast_bands(q, lo, hi, rows)
     options = kernel_options("dq", q)
     dq_kernel[(triton.cdiv(T, options["BLOCK_M"]), B * H)](q, k, v, band, at, o, lse, grad_o, dq, delta, T, H, D,
@@ -188,33 +190,40 @@ def band_attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, l
     options = kernel_options("dkdv", q)
     dkdv_kernel[(triton.cdiv(T, options["BLOCK_N"]), B * H)](q, k, v, band, ends, at, lse, grad_o, delta, dk, dv, T, H, D,
                                                              stride_b, stride_h, scale, **options)
-    return dq, dk, dv
+    return dq, dk, dv, delta
 
 
 @band_attention_backward.register_fake
 def band_attention_backward_fake(q, k, v, lo, hi, rows, o, lse, grad_o, scale):
-    return tuple(torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
+    return *(torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v)), torch.empty_like(lse)
 
 
 def setup_context(ctx, inputs, output):
-    *arrays, scale = inputs
+    *arrays, gate, scale = inputs
     o, lse = output
     ctx.save_for_backward(*(t.contiguous() for t in arrays), o, lse)
     ctx.scale = scale
+    ctx.gate_shape = None if gate is None else gate.shape
 
 
 def backward(ctx, grad_o, _grad_lse):
     *arrays, o, lse = ctx.saved_tensors
-    return *band_attention_backward(*arrays, o, lse, grad_o, ctx.scale), None, None, None, None
+    dq, dk, dv, delta = band_attention_backward(*arrays, o, lse, grad_o, ctx.scale)
+    grad_gate = None if ctx.gate_shape is None else delta.unsqueeze(-1).sum_to_size(ctx.gate_shape)  # over shared heads
+    return dq, dk, dv, None, None, None, grad_gate, None
 
 
 band_attention_forward.register_autograd(backward, setup_context=setup_context)
 
 
 def band_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, rows: torch.Tensor,
-                   scale: float) -> torch.Tensor:
+                   scale: float, gate: torch.Tensor | None = None) -> torch.Tensor:
     """Softmax attention of sorted query i over sorted keys lo[i] <= j <= i: k, v (B, H, T, D) in sorted order, q
     (B, H, T, D) in its own, sorted query i being q[..., rows[i], :], and the output in q's order; lo, hi, rows
     (B|1, H|1, T) int32 of one shape, hi[j] = 1 + the last query whose band holds key j (the end of j's segment),
-    lo and hi non-decreasing."""
-    return band_attention_forward(q, k, v, lo, hi, rows, scale)[0]
+    lo and hi non-decreasing.
+
+    gate (B, H|1, T, 1), in q's order, or None: a straight-through gate on the output whose forward value is exactly 1
+    (`routing.straight_through`), so the output o * gate is o, unmade; its gradient, sum(o * grad) over D, is the
+    backward's delta, which the dq kernel forms anyway."""
+    return band_attention_forward(q, k, v, lo, hi, rows, gate, scale)[0]

@@ -86,24 +86,6 @@ def gated(u: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
     return u if gate is None else (u * gate).to(u.dtype)
 
 
-class StraightThroughGate(torch.autograd.Function):
-    """u * gate for a gate (B, R, T, 1) whose forward value is exactly 1 (`routing.straight_through`): the forward
-    returns u itself, with no pass over it, and the backward hands u the gradient as it is and the gate
-    sum(u * grad) over D (and over the heads where R = 1). `gated` is the same product, made."""
-
-    @staticmethod
-    def forward(ctx, u, gate):
-        ctx.save_for_backward(u)
-        ctx.shared = gate.shape[1] == 1
-        return u.view_as(u)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (u,) = ctx.saved_tensors
-        grad_gate = (u.float() * grad.float()).sum(dim=-1, keepdim=True)  # (B, H, T, 1)
-        return grad, grad_gate.sum(dim=1, keepdim=True) if ctx.shared else grad_gate
-
-
 # Positions per counting-sort block: its within-block ranks compare b x b pairs, its counts are (T / b) x C.
 SORT_BLOCK = 64
 
@@ -200,11 +182,9 @@ def cluster_attention_sorted(q, k, v, cluster, gate, C, scale, sorted_values=Non
         v_gated = sorted_values(k, v, gate_sorted, order, sorted_cluster, counts, starts)
     if q.is_cuda and fused_band is not None:
         hi = (starts + counts).gather(-1, sorted_cluster)  # (B, R, T): where each entry's segment ends
-        out = fused_band.band_attention(q, k, v_gated, lo.int(), hi.int(), order.int(), scale)
-    else:
-        q = Permute.apply(q, to_sorted, to_positions)
-        out = Permute.apply(flex_band_attention(q, k, v_gated, lo, scale), to_positions, to_sorted)
-    return out if gate is None else StraightThroughGate.apply(out, gate)
+        return fused_band.band_attention(q, k, v_gated, lo.int(), hi.int(), order.int(), scale, gate)
+    q = Permute.apply(q, to_sorted, to_positions)
+    return gated(Permute.apply(flex_band_attention(q, k, v_gated, lo, scale), to_positions, to_sorted), gate)
 
 
 class LearnedClusterAttention(Attention):
