@@ -22,7 +22,8 @@ Paths:
 - efficient, CPU: stable sort by (cluster, position) (a counting sort, `sort_by_cluster`), each cluster's segment
   padded to whole chunks, `chunked_segment_attention` (ca.py), scatter back;
 - efficient, CUDA: the same sort, then attention over the band segment_start[i] <= j <= i in sorted order by
-  fused_band's Triton kernels (64-row tiles, each over exactly its rows' keys), or by FlexAttention with that
+  fused_band's Triton kernels (64-row tiles, each over exactly its rows' keys; they read the queries and write the
+  output in position order, and the output's gate gets its gradient from their backward), or by FlexAttention with that
   band's block mask (flex.py, tile lists in O(T / 128)) where Triton is absent; on CPU the eager Flex forward,
   for tests.
 Inside a cluster a_s[c_t] = a_s[c_s], so the efficient paths need one gate per
