@@ -16,7 +16,8 @@ The forward stores each row's log-sum-exp (base 2); the backward is flash-style,
 stores delta = rowsum(do * o)) and then dk, dv per key tile. Every row holds its own key, so no row is empty.
 
 Arrays: q, k, v (B, H, T, D) contiguous; lo, hi and rows (B|1, H|1, T) int32 of one shape, lo and hi
-non-decreasing along T, rows a permutation of 0..T-1 along T, a dimension of size 1 shared (stride 0). Products run in the inputs' dtype with fp32 accumulation; fp32 inputs use IEEE products.
+non-decreasing along T, rows a permutation of 0..T-1 along T, a dimension of size 1 shared (stride 0). Products run
+in the inputs' dtype with fp32 accumulation; fp32 inputs use IEEE products.
 """
 
 from __future__ import annotations
