@@ -227,4 +227,7 @@ def band_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lo: torch.
     gate (B, H|1, T, 1), in q's order, or None: a straight-through gate on the output whose forward value is exactly 1
     (`routing.straight_through`), so the output o * gate is o, unmade; its gradient, sum(o * grad) over D, is the
     backward's delta, which the dq kernel forms anyway."""
+    # Contiguous here, once: the model's q is a strided view of the qkv projection, which the op's body and the
+    # tensors it saves for the backward (their .contiguous() is then no copy) would otherwise each copy.
+    q, k, v, lo, hi, rows = (t.contiguous() for t in (q, k, v, lo, hi, rows))
     return band_attention_forward(q, k, v, lo, hi, rows, gate, scale)[0]
