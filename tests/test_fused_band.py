@@ -28,12 +28,15 @@ def band_reference(q, k, v, lo, scale):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("B, H, R, T, C", [(2, 2, 2, 1, 1), (1, 2, 1, 37, 3), (2, 2, 2, 200, 9), (1, 3, 3, 300, 17), (2, 2, 1, 130, 1)], ids=str)
-def test_band_attention_equals_reference(B, H, R, T, C, dtype):
+@pytest.mark.parametrize("B, H, R, T, C, layout", [(2, 2, 2, 1, 1, "model"), (1, 2, 1, 37, 3, "contiguous"), (2, 2, 2, 200, 9, "model"),
+                                                   (1, 3, 3, 300, 17, "contiguous"), (2, 2, 1, 130, 1, "model")], ids=str)
+def test_band_attention_equals_reference(B, H, R, T, C, layout, dtype):
     """Output and the gradients of q, k and v: bands per head (R = H) and shared (R = 1), a segment longer than two
     64-row tiles, T not a multiple of a tile, T = 1, and one band over everything (C = 1: causal attention); the
     queries and the output in an order of their own (random permutations `rows`), the keys and values sorted; and
-    the gradient of a straight-through gate on the output, one per head (R = H) or shared."""
+    the gradient of a straight-through gate on the output, one per head (R = H) or shared. Layout "model": q, k, v
+    views of one (B, T, 3, H, D) projection and the output read as (B, T, H * D) in place, as the model does, so that
+    q and the output's gradient reach the kernels strided; "contiguous": both contiguous (B, H, T, D)."""
     device = triton_device()
     from attnbench.variants import fused_band
 
@@ -41,21 +44,29 @@ def test_band_attention_equals_reference(B, H, R, T, C, dtype):
     D = 64 if device == "cuda" else 16  # the interpreter is slow
     lo, hi = (t.to(device) for t in segment_bands(B, R, T, C, generator))
     rows = torch.rand(B, R, T, generator=generator).argsort(dim=-1).to(device)  # sorted query i is q[..., rows[i], :]
-    q, k, v = (torch.randn(B, H, T, D, generator=generator).to(device).requires_grad_(True) for _ in range(3))
+    qkv = torch.randn(B, T, 3, H, D, generator=generator).to(device).requires_grad_(True)
     y = torch.rand(B, R, T, 1, generator=generator).to(device).requires_grad_(True)
-    weight = torch.randn(B, H, T, D, generator=generator).to(device)
+    weight = torch.randn(B, T, H * D, generator=generator).to(device)
     scale = D**-0.5
     to_sorted, to_own = (i.unsqueeze(-1).expand(B, H, T, D) for i in (rows, rows.argsort(dim=-1)))
 
     def run(attend):
-        out = attend(q.to(dtype), k.to(dtype), v.to(dtype), lo, straight_through(y), scale).float()
-        return out, *torch.autograd.grad((out * weight).sum(), (q, k, v, y))
+        if layout == "model":
+            q, k, v = qkv.to(dtype).permute(2, 0, 3, 1, 4)
+        else:
+            q, k, v = (t.to(dtype).contiguous() for t in qkv.permute(2, 0, 3, 1, 4))
+        out = attend(q, k, v, lo, straight_through(y), scale).float()
+        if layout == "model":
+            loss = (out.transpose(1, 2).reshape(B, T, H * D) * weight).sum()
+        else:
+            loss = (out * weight.view(B, T, H, D).transpose(1, 2).contiguous()).sum()
+        return out, *torch.autograd.grad(loss, (qkv, y))
 
     got = run(lambda q, k, v, lo, gate, scale: fused_band.band_attention(q, k, v, lo, hi, rows.int(), scale, gate))
     expected = run(lambda q, k, v, lo, gate, scale: band_reference(q.gather(2, to_sorted), k, v, lo, scale).gather(2, to_own) * gate)
     # bf16: the kernels round the probabilities to bf16 for their products, the reference keeps them in fp32.
     tol = FP32_RTOL if dtype == torch.float32 else 2e-2
-    for name, a, b in zip(["output", "grad q", "grad k", "grad v", "grad gate"], got, expected):
+    for name, a, b in zip(["output", "grad qkv", "grad gate"], got, expected):
         # Relative to a norm of at least 1: at T = 1 q's gradient is exactly 0, the kernels' rounding ~1e-7.
         err = ((a - b).norm() / b.norm().clamp_min(1.0)).item()
         assert err < tol, f"{name}: error {err:.2e} of the reference's norm"

@@ -10,14 +10,17 @@ about 1.6x (32K) and 1.8x (8K) fewer query-key pairs than Flex's tiles on balanc
 
 The query side (q, o, do, dq) stays in the caller's order: sorted row i is row rows[i] of those arrays, which the
 kernels read and write by that index. lca's queries and outputs are in position order, so neither q and do nor o and
-dq are copied into and out of the sorted order (four passes over a (B, H, T, D) array per step).
+dq are copied into and out of the sorted order (four passes over a (B, H, T, D) array per step). q and do may have any
+batch, head and row strides (head dims contiguous), and o is laid out (B, T, H, D): in the model q is a view of the
+qkv projection, o goes into the output projection as (B, T, H * D), and do comes back in that layout, so none of the
+three is copied to or from a contiguous (B, H, T, D).
 
 The forward stores each row's log-sum-exp (base 2); the backward is flash-style, dq per query tile (which also
 stores delta = rowsum(do * o)) and then dk, dv per key tile. Every row holds its own key, so no row is empty.
 
-Arrays: q, k, v (B, H, T, D) contiguous; lo, hi and rows (B|1, H|1, T) int32 of one shape, lo and hi
-non-decreasing along T, rows a permutation of 0..T-1 along T, a dimension of size 1 shared (stride 0). Products run
-in the inputs' dtype with fp32 accumulation; fp32 inputs use IEEE products.
+Arrays: q (B, H, T, D) with contiguous head dims, k, v (B, H, T, D) contiguous; lo, hi and rows (B|1, H|1, T) int32
+of one shape, lo and hi non-decreasing along T, rows a permutation of 0..T-1 along T, a dimension of size 1 shared
+(stride 0). Products run in the inputs' dtype with fp32 accumulation; fp32 inputs use IEEE products.
 """
 
 from __future__ import annotations
@@ -28,6 +31,16 @@ import triton.language as tl
 
 from .fused_mixing import LOG2E, NEG, dot, dot_options, online_softmax_step
 from .fused_supernodes import store_token_tile as store_rows, token_tile as rows_of
+
+
+def row_strides(t: torch.Tensor) -> tuple[int, int, int]:
+    """Batch, head and row strides of a (B, H, T, D) array, for the kernels' strided query side."""
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def rows_contiguous(t: torch.Tensor) -> torch.Tensor:
+    """t where its head dims are contiguous (what the query side needs), else a contiguous copy."""
+    return t if t.stride(-1) == 1 else t.contiguous()
 
 # Query rows and keys per program and per loop step, warps and pipeline stages: the fastest of seven to nine settings
 # each on lca's sorted segments (H200, do_bench, bf16, 65,536 tokens, stop 33; reports/benchmarks/NVIDIA-H200-stop33-probes.log),
@@ -40,9 +53,23 @@ TILES = {"forward": dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=3),
 
 
 @triton.jit
-def band_offset(bh, H, stride_b, stride_h):
-    """Where (bh)'s row of lo (or hi) starts: broadcast dimensions have stride 0."""
+def slice_offset(bh, H, stride_b, stride_h):
+    """Where (bh)'s slice starts in an array of these batch and head strides (0 where broadcast, as lo's may be)."""
     return bh // H * stride_b + bh % H * stride_h
+
+
+@triton.jit
+def strided_rows(X, bh, H, stride_b, stride_h, stride_t, index, ok, dims, D):
+    """Rows `index` of (bh)'s (T, D) slice of X of these strides (head dims contiguous), zero where not ok or past D."""
+    address = slice_offset(bh, H, stride_b, stride_h) + index[:, None] * stride_t + dims[None, :]
+    return tl.load(X + address, mask=ok[:, None] & (dims < D)[None, :], other=0.0)
+
+
+@triton.jit
+def store_strided_rows(X, value, bh, H, stride_b, stride_h, stride_t, index, ok, dims, D):
+    """value into rows `index` of (bh)'s (T, D) slice of X, in X's dtype (`strided_rows`'s store)."""
+    address = slice_offset(bh, H, stride_b, stride_h) + index[:, None] * stride_t + dims[None, :]
+    tl.store(X + address, value.to(X.dtype.element_ty), mask=ok[:, None] & (dims < D)[None, :])
 
 
 @triton.jit
@@ -52,7 +79,7 @@ def in_band(lo, rows, cols):
 
 
 @triton.jit
-def query_tile(Q, LO, ROWS, T, H, D, stride_b, stride_h, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+def query_tile(Q, q_sb, q_sh, q_st, LO, ROWS, T, H, D, stride_b, stride_h, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     """This program's (batch row, head) bh, its rows (and which are real), where they are in the query-side arrays,
     head dims, the rows' lo (T for padding rows: no key), q, and the keys any of its rows reads: lo[first row] (the
     least) up to the last row."""
@@ -60,17 +87,18 @@ def query_tile(Q, LO, ROWS, T, H, D, stride_b, stride_h, BLOCK_M: tl.constexpr, 
     first = tl.program_id(0) * BLOCK_M
     rows, dims = first + tl.arange(0, BLOCK_M), tl.arange(0, BLOCK_D)
     row_ok = rows < T
-    offset = band_offset(bh, H, stride_b, stride_h)
+    offset = slice_offset(bh, H, stride_b, stride_h)
     lo = tl.load(LO + offset + rows, mask=row_ok, other=T)
     at = tl.load(ROWS + offset + rows, mask=row_ok, other=0)
-    q = rows_of(Q, bh, T, at, row_ok, dims, D)
+    q = strided_rows(Q, bh, H, q_sb, q_sh, q_st, at, row_ok, dims, D)
     return bh, rows, row_ok, at, dims, lo, q, tl.load(LO + offset + first), tl.minimum(first + BLOCK_M, T)
 
 
 @triton.jit
-def forward_kernel(Q, K, V, LO, ROWS, O, LSE, T, H, D, stride_b, stride_h, scale,
+def forward_kernel(Q, K, V, LO, ROWS, O, LSE, T, H, D, stride_b, stride_h, q_sb, q_sh, q_st, o_sb, o_sh, o_st, scale,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr):
-    bh, rows, row_ok, at, dims, lo, q, key_start, key_end = query_tile(Q, LO, ROWS, T, H, D, stride_b, stride_h, BLOCK_M, BLOCK_D)
+    bh, rows, row_ok, at, dims, lo, q, key_start, key_end = query_tile(Q, q_sb, q_sh, q_st, LO, ROWS, T, H, D, stride_b, stride_h,
+                                                                       BLOCK_M, BLOCK_D)
     scale2 = scale * LOG2E  # scores in base 2: exp2 is one instruction
     row_max = tl.full([BLOCK_M], NEG, tl.float32)
     row_sum = tl.zeros([BLOCK_M], tl.float32)
@@ -81,16 +109,18 @@ def forward_kernel(Q, K, V, LO, ROWS, O, LSE, T, H, D, stride_b, stride_h, scale
         v = rows_of(V, bh, T, cols, cols < T, dims, D)
         s = tl.where(in_band(lo, rows, cols), dot(q, tl.trans(k), IEEE) * scale2, float("-inf"))
         row_max, row_sum, acc = online_softmax_step(s, v, row_max, row_sum, acc, IEEE)
-    store_rows(O, acc / tl.where(row_sum > 0, row_sum, 1.0)[:, None], bh, T, at, row_ok, dims, D)
+    store_strided_rows(O, acc / tl.where(row_sum > 0, row_sum, 1.0)[:, None], bh, H, o_sb, o_sh, o_st, at, row_ok, dims, D)
     tl.store(LSE + bh * T + rows, row_max + tl.log2(row_sum), mask=row_ok)
 
 
 @triton.jit
-def dq_kernel(Q, K, V, LO, ROWS, O, LSE, DO, DQ, DELTA, T, H, D, stride_b, stride_h, scale,
-              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr):
-    bh, rows, row_ok, at, dims, lo, q, key_start, key_end = query_tile(Q, LO, ROWS, T, H, D, stride_b, stride_h, BLOCK_M, BLOCK_D)
-    do = rows_of(DO, bh, T, at, row_ok, dims, D)
-    delta = tl.sum(do.to(tl.float32) * rows_of(O, bh, T, at, row_ok, dims, D).to(tl.float32), 1)
+def dq_kernel(Q, K, V, LO, ROWS, O, LSE, DO, DQ, DELTA, T, H, D, stride_b, stride_h, q_sb, q_sh, q_st, o_sb, o_sh, o_st,
+              do_sb, do_sh, do_st, scale, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr):
+    bh, rows, row_ok, at, dims, lo, q, key_start, key_end = query_tile(Q, q_sb, q_sh, q_st, LO, ROWS, T, H, D, stride_b, stride_h,
+                                                                       BLOCK_M, BLOCK_D)
+    do = strided_rows(DO, bh, H, do_sb, do_sh, do_st, at, row_ok, dims, D)
+    o = strided_rows(O, bh, H, o_sb, o_sh, o_st, at, row_ok, dims, D)
+    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
     tl.store(DELTA + bh * T + at, delta, mask=row_ok)  # in q's order: for dkdv_kernel (launched after) and the gate
     lse = tl.load(LSE + bh * T + rows, mask=row_ok, other=0.0)
     scale2 = scale * LOG2E
@@ -106,13 +136,13 @@ def dq_kernel(Q, K, V, LO, ROWS, O, LSE, DO, DQ, DELTA, T, H, D, stride_b, strid
 
 
 @triton.jit
-def dkdv_kernel(Q, K, V, LO, HI, ROWS, LSE, DO, DELTA, DK, DV, T, H, D, stride_b, stride_h, scale,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr):
+def dkdv_kernel(Q, K, V, LO, HI, ROWS, LSE, DO, DELTA, DK, DV, T, H, D, stride_b, stride_h, q_sb, q_sh, q_st, do_sb, do_sh,
+                do_st, scale, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr):
     bh = tl.program_id(1).to(tl.int64)
     first = tl.program_id(0) * BLOCK_N
     cols, dims = first + tl.arange(0, BLOCK_N), tl.arange(0, BLOCK_D)
     col_ok = cols < T
-    offset = band_offset(bh, H, stride_b, stride_h)
+    offset = slice_offset(bh, H, stride_b, stride_h)
     k = rows_of(K, bh, T, cols, col_ok, dims, D)
     v = rows_of(V, bh, T, cols, col_ok, dims, D)
     scale2 = scale * LOG2E
@@ -125,8 +155,8 @@ def dkdv_kernel(Q, K, V, LO, HI, ROWS, LSE, DO, DELTA, DK, DV, T, H, D, stride_b
         row_ok = rows < T
         lo = tl.load(LO + offset + rows, mask=row_ok, other=T)
         at = tl.load(ROWS + offset + rows, mask=row_ok, other=0)
-        q = rows_of(Q, bh, T, at, row_ok, dims, D)
-        do = rows_of(DO, bh, T, at, row_ok, dims, D)
+        q = strided_rows(Q, bh, H, q_sb, q_sh, q_st, at, row_ok, dims, D)
+        do = strided_rows(DO, bh, H, do_sb, do_sh, do_st, at, row_ok, dims, D)
         lse = tl.load(LSE + bh * T + rows, mask=row_ok, other=0.0)
         delta = tl.load(DELTA + bh * T + at, mask=row_ok, other=0.0)
         # Transposed, (keys, rows), so dk and dv accumulate without transposing the products' results.
@@ -143,7 +173,8 @@ def broadcast_bands(q: torch.Tensor, *bands: torch.Tensor) -> tuple[list[torch.T
     """lo, hi, rows (B|1, H|1, T) int32 broadcast to (B, H, T) (stride 0 where shared) and their batch and head
     strides, one pair for all, once per op call."""
     B, H, T, D = q.shape
-    assert q.numel() < 2**31, f"{q.numel()} elements: the band kernels index rows in int32"
+    extent = 1 + sum((n - 1) * stride for n, stride in zip(q.shape, q.stride()))  # elements that q's rows span
+    assert max(extent, q.numel()) < 2**31, f"{max(extent, q.numel())} elements: the band kernels index rows in int32"
     assert B * H < 2**16, f"batch x heads = {B * H}: the band kernels' grid holds at most 65,535 in its second dimension"
     assert len({(t.shape, t.stride()) for t in bands}) == 1, f"bands of shapes {[tuple(t.shape) for t in bands]}: one shape, contiguous"
     broadcast = [t.expand(B, H, T) for t in bands]
@@ -158,21 +189,22 @@ def kernel_options(kernel: str, q: torch.Tensor) -> dict:
 @torch.library.custom_op("attnbench::band_attention", mutates_args=())
 def band_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
                            rows: torch.Tensor, gate: torch.Tensor | None, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """o (B, H, T, D) in q's dtype, in q's order, and the sorted rows' log-sum-exp in base 2 (B, H, T) fp32; hi and the
-    gate (whose forward value is 1) are for the backward."""
-    q, k, v, lo, hi, rows = (t.contiguous() for t in (q, k, v, lo, hi, rows))
+    """o (B, H, T, D) in q's dtype, in q's order, laid out (B, T, H, D), and the sorted rows' log-sum-exp in base 2
+    (B, H, T) fp32; hi and the gate (whose forward value is 1) are for the backward."""
+    q, (k, v, lo, hi, rows) = rows_contiguous(q), (t.contiguous() for t in (k, v, lo, hi, rows))
     o, lse = band_attention_forward_fake(q, k, v, lo, hi, rows, gate, scale)
     B, H, T, D = q.shape
     (band, at), stride_b, stride_h = broadcast_bands(q, lo, rows)
     options = kernel_options("forward", q)
     forward_kernel[(triton.cdiv(T, options["BLOCK_M"]), B * H)](q, k, v, band, at, o, lse, T, H, D, stride_b, stride_h,
-                                                                scale, **options)
+                                                                *row_strides(q), *row_strides(o), scale, **options)
     return o, lse
 
 
 @band_attention_forward.register_fake
 def band_attention_forward_fake(q, k, v, lo, hi, rows, gate, scale):
-    return torch.empty_like(q), torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
+    B, H, T, D = q.shape
+    return q.new_empty(B, T, H, D).transpose(1, 2), torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
 
 
 @torch.library.custom_op("attnbench::band_attention_backward", mutates_args=())
@@ -181,28 +213,31 @@ def band_attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, l
                             scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """dq, dk, dv and delta = sum(o * grad_o) over D (B, H, T) fp32 in q's order: the flash backward's row term, and
     the gradient of a gate of value 1 on o."""
-    grad_o = grad_o.contiguous()
+    q, o, grad_o = (rows_contiguous(t) for t in (q, o, grad_o))
+    k, v, lo, hi, rows = (t.contiguous() for t in (k, v, lo, hi, rows))
     dq, dk, dv, delta = band_attention_backward_fake(q, k, v, lo, hi, rows, o, lse, grad_o, scale)
     B, H, T, D = q.shape
     (band, ends, at), stride_b, stride_h = broadcast_bands(q, lo, hi, rows)
     options = kernel_options("dq", q)
     dq_kernel[(triton.cdiv(T, options["BLOCK_M"]), B * H)](q, k, v, band, at, o, lse, grad_o, dq, delta, T, H, D,
-                                                           stride_b, stride_h, scale, **options)
+                                                           stride_b, stride_h, *row_strides(q), *row_strides(o),
+                                                           *row_strides(grad_o), scale, **options)
     options = kernel_options("dkdv", q)
     dkdv_kernel[(triton.cdiv(T, options["BLOCK_N"]), B * H)](q, k, v, band, ends, at, lse, grad_o, delta, dk, dv, T, H, D,
-                                                             stride_b, stride_h, scale, **options)
+                                                             stride_b, stride_h, *row_strides(q), *row_strides(grad_o),
+                                                             scale, **options)
     return dq, dk, dv, delta
 
 
 @band_attention_backward.register_fake
 def band_attention_backward_fake(q, k, v, lo, hi, rows, o, lse, grad_o, scale):
-    return *(torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v)), torch.empty_like(lse)
+    return *(t.new_empty(t.shape) for t in (q, k, v)), torch.empty_like(lse)
 
 
 def setup_context(ctx, inputs, output):
     *arrays, gate, scale = inputs
     o, lse = output
-    ctx.save_for_backward(*(t.contiguous() for t in arrays), o, lse)
+    ctx.save_for_backward(*arrays, o, lse)
     ctx.scale = scale
     ctx.gate_shape = None if gate is None else gate.shape
 
@@ -227,7 +262,6 @@ def band_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lo: torch.
     gate (B, H|1, T, 1), in q's order, or None: a straight-through gate on the output whose forward value is exactly 1
     (`routing.straight_through`), so the output o * gate is o, unmade; its gradient, sum(o * grad) over D, is the
     backward's delta, which the dq kernel forms anyway."""
-    # Contiguous here, once: the model's q is a strided view of the qkv projection, which the op's body and the
-    # tensors it saves for the backward (their .contiguous() is then no copy) would otherwise each copy.
-    q, k, v, lo, hi, rows = (t.contiguous() for t in (q, k, v, lo, hi, rows))
+    # Here, once, so that the tensors saved for the backward are those the op's body reads (no copy of its own).
+    q, (k, v, lo, hi, rows) = rows_contiguous(q), (t.contiguous() for t in (k, v, lo, hi, rows))
     return band_attention_forward(q, k, v, lo, hi, rows, gate, scale)[0]
