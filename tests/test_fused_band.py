@@ -51,14 +51,12 @@ def test_band_attention_equals_reference(B, H, R, T, C, layout, dtype):
     to_sorted, to_own = (i.unsqueeze(-1).expand(B, H, T, D) for i in (rows, rows.argsort(dim=-1)))
 
     def run(attend):
+        q, k, v = qkv.to(dtype).permute(2, 0, 3, 1, 4)
         if layout == "model":
-            q, k, v = qkv.to(dtype).permute(2, 0, 3, 1, 4)
-        else:
-            q, k, v = (t.to(dtype).contiguous() for t in qkv.permute(2, 0, 3, 1, 4))
-        out = attend(q, k, v, lo, straight_through(y), scale).float()
-        if layout == "model":
+            out = attend(q, k, v, lo, straight_through(y), scale).float()
             loss = (out.transpose(1, 2).reshape(B, T, H * D) * weight).sum()
         else:
+            out = attend(q.contiguous(), k.contiguous(), v.contiguous(), lo, straight_through(y), scale).float()
             loss = (out * weight.view(B, T, H, D).transpose(1, 2).contiguous()).sum()
         return out, *torch.autograd.grad(loss, (qkv, y))
 

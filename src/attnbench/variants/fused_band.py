@@ -34,7 +34,10 @@ from .fused_supernodes import store_token_tile as store_rows, token_tile as rows
 
 
 def row_strides(t: torch.Tensor) -> tuple[int, int, int]:
-    """Batch, head and row strides of a (B, H, T, D) array, for the kernels' strided query side."""
+    """Batch, head and row strides of a (B, H, T, D) array, for the kernels' strided query side, whose offsets within
+    a (batch row, head) slice are int32."""
+    extent = 1 + sum((n - 1) * stride for n, stride in zip(t.shape, t.stride()))  # elements that t's rows span
+    assert extent < 2**31, f"an array spanning {extent} elements: the band kernels index rows in int32"
     return t.stride(0), t.stride(1), t.stride(2)
 
 
@@ -173,8 +176,7 @@ def broadcast_bands(q: torch.Tensor, *bands: torch.Tensor) -> tuple[list[torch.T
     """lo, hi, rows (B|1, H|1, T) int32 broadcast to (B, H, T) (stride 0 where shared) and their batch and head
     strides, one pair for all, once per op call."""
     B, H, T, D = q.shape
-    extent = 1 + sum((n - 1) * stride for n, stride in zip(q.shape, q.stride()))  # elements that q's rows span
-    assert max(extent, q.numel()) < 2**31, f"{max(extent, q.numel())} elements: the band kernels index rows in int32"
+    assert q.numel() < 2**31, f"{q.numel()} elements: the band kernels index rows in int32"
     assert B * H < 2**16, f"batch x heads = {B * H}: the band kernels' grid holds at most 65,535 in its second dimension"
     assert len({(t.shape, t.stride()) for t in bands}) == 1, f"bands of shapes {[tuple(t.shape) for t in bands]}: one shape, contiguous"
     broadcast = [t.expand(B, H, T) for t in bands]
