@@ -25,7 +25,7 @@ def test_markdown_shows_ratios_to_sdpa_and_the_training_baseline():
     params = parse_params({"variants": {"mha": {}, "ca": {}}})
     training = [
         {"variant": "plain GPT (mha, flash)", "model": "d512 L8 H8", "batch": 64, "ms": 40.0, "mtok_per_s": 1.6, "mfu": 0.30,
-         "compiled": True, "status": "ok"},
+         "peak_gib": 12.34, "compiled": True, "status": "ok"},
         {"variant": "ca", "model": "d512 L8 H8", "batch": 64, "status": "oom"},
     ]
     text = markdown(attention_rows(), training, "H100", 65536, 8, 64, params)
@@ -33,7 +33,7 @@ def test_markdown_shows_ratios_to_sdpa_and_the_training_baseline():
     cells = [c.strip() for c in ca_row.strip("|").split("|")]
     # ca per token: 1/4 of sdpa's at 2K, sqrt(4)/4 / 4 = 1/8 at 8K, sqrt(16)/4 / 16 = 1/16 at 32K.
     assert cells[-3:] == ["1.50", "8.00", "16.00"], ca_row
-    assert "| plain GPT (mha, flash) | d512 L8 H8 | 40.0 | 1.600 | 30.0% | True |" in text
+    assert "| plain GPT (mha, flash) | d512 L8 H8 | 40.0 | 1.600 | 30.0% | 12.3 | True |" in text
     assert "| ca | d512 L8 H8 | oom" in text
 
 
@@ -41,7 +41,7 @@ def test_markdown_shows_only_the_parts_that_ran():
     params = parse_params({"variants": {"ca": {}}})
     attention_only = markdown(attention_rows(), [], "H100", 65536, 8, 64, params)
     assert "## Attention" in attention_only and "Training step" not in attention_only and "MFU" not in attention_only
-    training = [{"variant": "ca", "model": "d512 L8 H8", "batch": 64, "ms": 40.0, "mtok_per_s": 1.6, "mfu": 0.3, "compiled": True, "status": "ok"}]
+    training = [{"variant": "ca", "model": "d512 L8 H8", "batch": 64, "ms": 40.0, "mtok_per_s": 1.6, "mfu": 0.3, "peak_gib": 9.0, "compiled": True, "status": "ok"}]
     training_only = markdown([], training, "H100", 65536, 8, 64, params)
     assert "## Attention" not in training_only and f"{64 * params.model.seq_len:,} tokens per step" in training_only
 

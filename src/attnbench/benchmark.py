@@ -50,7 +50,7 @@ PLAIN_GPT = ("plain GPT (mha, flash)", "mha", {"kernels": ["flash"]})
 ATTENTION_FIELDS = ["kind", "variant", "mode", "T", "batch", "ms", "mtok_per_s", "peak_gib", "status"]
 # Attention modes: torch.compile's options for each (None: eager); `graphs` is its mode reduce-overhead.
 COMPILE_MODES = {"eager": None, "compiled": {}, "graphs": {"triton.cudagraphs": True}}
-TRAIN_FIELDS = ["kind", "variant", "model", "T", "batch", "ms", "mtok_per_s", "mfu", "compiled", "status"]
+TRAIN_FIELDS = ["kind", "variant", "model", "T", "batch", "ms", "mtok_per_s", "mfu", "peak_gib", "compiled", "status"]
 
 
 def device_name() -> str:
@@ -272,14 +272,16 @@ def attention_section(attention: list[dict], tokens: int, heads: int, head_dim: 
 
 def training_section(training: list[dict], seq_len: int) -> list[str]:
     lines = [f"## Training step of the whole model (T = {seq_len}, {training[0]['batch'] * seq_len:,} tokens per step, "
-             "bf16 autocast, fused AdamW)", "", "| variant | model | ms/step | Mtok/s | MFU | compiled |", "|---|---|---|---|---|---|"]
+             "bf16 autocast, fused AdamW)", "", "| variant | model | ms/step | Mtok/s | MFU | peak GiB | compiled |", "|---|---|---|---|---|---|---|"]
     for r in training:
         if r["status"] == "ok":
             mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "—"
-            lines.append(f"| {r['variant']} | {r['model']} | {r['ms']:.1f} | {r['mtok_per_s']:.3f} | {mfu} | {r['compiled']} |")
+            lines.append(f"| {r['variant']} | {r['model']} | {r['ms']:.1f} | {r['mtok_per_s']:.3f} | {mfu} | {r['peak_gib']:.1f} | {r['compiled']} |")
         else:
-            lines.append(f"| {r['variant']} | {r['model']} | {r['status'][:60]} | | | |")
-    return lines + ["", "MFU = (6 N + 6 L T d) x tokens/s / 989 TFLOP/s (dense bf16 peak), N = non-embedding parameters.", ""]
+            lines.append(f"| {r['variant']} | {r['model']} | {r['status'][:60]} | | | | |")
+    return lines + ["", "MFU = (6 N + 6 L T d) x tokens/s / 989 TFLOP/s (dense bf16 peak), N = non-embedding parameters. "
+                    "Peak GiB: the most memory allocated from building the model to the end of its timing (weights, optimizer state, "
+                    "activations).", ""]
 
 
 def markdown(attention: list[dict], training: list[dict], device: str, tokens: int, heads: int, head_dim: int, params: Params) -> str:
