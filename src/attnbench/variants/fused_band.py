@@ -45,6 +45,12 @@ def rows_contiguous(t: torch.Tensor) -> torch.Tensor:
     """t where its head dims are contiguous (what the query side needs), else a contiguous copy."""
     return t if t.stride(-1) == 1 else t.contiguous()
 
+
+def kernel_layouts(q, k, v, lo, hi, rows) -> tuple[torch.Tensor, ...]:
+    """The op's arrays in the layouts the kernels read: q with contiguous head dims, the rest contiguous (no copy
+    where they already are)."""
+    return rows_contiguous(q), *(t.contiguous() for t in (k, v, lo, hi, rows))
+
 # Query rows and keys per program and per loop step, warps and pipeline stages: the fastest of seven to nine settings
 # each on lca's sorted segments (H200, do_bench, bf16, 65,536 tokens, stop 33; reports/benchmarks/NVIDIA-H200-stop33-probes.log),
 # at 8K / 32K. Forward 64 x 32: 99 / 119 us (64 x 64: 115 / 131; 32- and 128-row tiles 130-230). dq 64 x 32: 121 / 134
@@ -193,7 +199,7 @@ def band_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lo
                            rows: torch.Tensor, gate: torch.Tensor | None, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """o (B, H, T, D) in q's dtype, in q's order, laid out (B, T, H, D), and the sorted rows' log-sum-exp in base 2
     (B, H, T) fp32; hi and the gate (whose forward value is 1) are for the backward."""
-    q, (k, v, lo, hi, rows) = rows_contiguous(q), (t.contiguous() for t in (k, v, lo, hi, rows))
+    q, k, v, lo, hi, rows = kernel_layouts(q, k, v, lo, hi, rows)
     o, lse = band_attention_forward_fake(q, k, v, lo, hi, rows, gate, scale)
     B, H, T, D = q.shape
     (band, at), stride_b, stride_h = broadcast_bands(q, lo, rows)
@@ -215,8 +221,8 @@ def band_attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, l
                             scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """dq, dk, dv and delta = sum(o * grad_o) over D (B, H, T) fp32 in q's order: the flash backward's row term, and
     the gradient of a gate of value 1 on o."""
-    q, o, grad_o = (rows_contiguous(t) for t in (q, o, grad_o))
-    k, v, lo, hi, rows = (t.contiguous() for t in (k, v, lo, hi, rows))
+    q, k, v, lo, hi, rows = kernel_layouts(q, k, v, lo, hi, rows)
+    o, grad_o = rows_contiguous(o), rows_contiguous(grad_o)
     dq, dk, dv, delta = band_attention_backward_fake(q, k, v, lo, hi, rows, o, lse, grad_o, scale)
     B, H, T, D = q.shape
     (band, ends, at), stride_b, stride_h = broadcast_bands(q, lo, hi, rows)
@@ -265,5 +271,5 @@ def band_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lo: torch.
     (`routing.straight_through`), so the output o * gate is o, unmade; its gradient, sum(o * grad) over D, is the
     backward's delta, which the dq kernel forms anyway."""
     # Here, once, so that the tensors saved for the backward are those the op's body reads (no copy of its own).
-    q, (k, v, lo, hi, rows) = rows_contiguous(q), (t.contiguous() for t in (k, v, lo, hi, rows))
+    q, k, v, lo, hi, rows = kernel_layouts(q, k, v, lo, hi, rows)
     return band_attention_forward(q, k, v, lo, hi, rows, gate, scale)[0]
