@@ -34,7 +34,7 @@ def test_band_attention_equals_reference(B, H, R, T, C, layout, dtype):
     """Output and the gradients of q, k and v: bands per head (R = H) and shared (R = 1), a segment longer than two
     64-row tiles, T not a multiple of a tile, T = 1, and one band over everything (C = 1: causal attention); the
     queries and the output in an order of their own (random permutations `rows`), the keys and values sorted; and
-    the gradient of a straight-through gate on the output, one per head (R = H) or shared. Layout "model": q, k, v
+    the gradients of straight-through gates on the output and on v, one per head (R = H) or shared. Layout "model": q, k, v
     views of one (B, T, 3, H, D) projection and the output read as (B, T, H * D) in place, as the model does, so that
     q and the output's gradient reach the kernels strided; "contiguous": both contiguous (B, H, T, D)."""
     device = triton_device()
@@ -45,7 +45,7 @@ def test_band_attention_equals_reference(B, H, R, T, C, layout, dtype):
     lo, hi = (t.to(device) for t in segment_bands(B, R, T, C, generator))
     rows = torch.rand(B, R, T, generator=generator).argsort(dim=-1).to(device)  # sorted query i is q[..., rows[i], :]
     qkv = torch.randn(B, T, 3, H, D, generator=generator).to(device).requires_grad_(True)
-    y = torch.rand(B, R, T, 1, generator=generator).to(device).requires_grad_(True)
+    y, y_value = (torch.rand(B, R, T, 1, generator=generator).to(device).requires_grad_(True) for _ in range(2))  # y_value sorted
     weight = torch.randn(B, T, H * D, generator=generator).to(device)
     scale = D**-0.5
     to_sorted, to_own = (i.unsqueeze(-1).expand(B, H, T, D) for i in (rows, rows.argsort(dim=-1)))
@@ -53,18 +53,19 @@ def test_band_attention_equals_reference(B, H, R, T, C, layout, dtype):
     def run(attend):
         q, k, v = qkv.to(dtype).permute(2, 0, 3, 1, 4)
         if layout == "model":
-            out = attend(q, k, v, lo, straight_through(y), scale).float()
+            out = attend(q, k, v, lo, straight_through(y), straight_through(y_value), scale).float()
             loss = (out.transpose(1, 2).reshape(B, T, H * D) * weight).sum()
         else:
-            out = attend(q.contiguous(), k.contiguous(), v.contiguous(), lo, straight_through(y), scale).float()
+            out = attend(q.contiguous(), k.contiguous(), v.contiguous(), lo, straight_through(y), straight_through(y_value), scale).float()
             loss = (out * weight.view(B, T, H, D).transpose(1, 2).contiguous()).sum()
-        return out, *torch.autograd.grad(loss, (qkv, y))
+        return out, *torch.autograd.grad(loss, (qkv, y, y_value))
 
-    got = run(lambda q, k, v, lo, gate, scale: fused_band.band_attention(q, k, v, lo, hi, rows.int(), scale, gate))
-    expected = run(lambda q, k, v, lo, gate, scale: band_reference(q.gather(2, to_sorted), k, v, lo, scale).gather(2, to_own) * gate)
+    got = run(lambda q, k, v, lo, gate, value_gate, scale: fused_band.band_attention(q, k, v, lo, hi, rows.int(), scale, gate, value_gate))
+    expected = run(lambda q, k, v, lo, gate, value_gate, scale:
+                   band_reference(q.gather(2, to_sorted), k, v * value_gate, lo, scale).gather(2, to_own) * gate)
     # bf16: the kernels round the probabilities to bf16 for their products, the reference keeps them in fp32.
     tol = FP32_RTOL if dtype == torch.float32 else 2e-2
-    for name, a, b in zip(["output", "grad qkv", "grad gate"], got, expected):
+    for name, a, b in zip(["output", "grad qkv", "grad gate", "grad value gate"], got, expected):
         # Relative to a norm of at least 1: at T = 1 q's gradient is exactly 0, the kernels' rounding ~1e-7.
         err = ((a - b).norm() / b.norm().clamp_min(1.0)).item()
         assert err < tol, f"{name}: error {err:.2e} of the reference's norm"

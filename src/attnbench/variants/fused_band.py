@@ -145,7 +145,7 @@ def dq_kernel(Q, K, V, LO, ROWS, O, LSE, DO, DQ, DELTA, T, H, D, stride_b, strid
 
 
 @triton.jit
-def dkdv_kernel(Q, K, V, LO, HI, ROWS, LSE, DO, DELTA, DK, DV, T, H, D, stride_b, stride_h, q_sb, q_sh, q_st, do_sb, do_sh,
+def dkdv_kernel(Q, K, V, LO, HI, ROWS, LSE, DO, DELTA, DK, DV, VALUE_DELTA, T, H, D, stride_b, stride_h, q_sb, q_sh, q_st, do_sb, do_sh,
                 do_st, scale, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr):
     bh = tl.program_id(1).to(tl.int64)
     first = tl.program_id(0) * BLOCK_N
@@ -176,6 +176,7 @@ def dkdv_kernel(Q, K, V, LO, HI, ROWS, LSE, DO, DELTA, DK, DV, T, H, D, stride_b
         dk += dot(grad_scores_t.to(q.dtype), q, IEEE)
     store_rows(DK, dk * scale, bh, T, cols, col_ok, dims, D)
     store_rows(DV, dv, bh, T, cols, col_ok, dims, D)
+    tl.store(VALUE_DELTA + bh * T + cols, tl.sum(dv * v.to(tl.float32), 1), mask=col_ok)  # the value gate's gradient
 
 
 def broadcast_bands(q: torch.Tensor, *bands: torch.Tensor) -> tuple[list[torch.Tensor], int, int]:
@@ -196,11 +197,12 @@ def kernel_options(kernel: str, q: torch.Tensor) -> dict:
 # Opaque custom ops, as fused_mixing's.
 @torch.library.custom_op("attnbench::band_attention", mutates_args=())
 def band_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
-                           rows: torch.Tensor, gate: torch.Tensor | None, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+                           rows: torch.Tensor, gate: torch.Tensor | None, value_gate: torch.Tensor | None,
+                           scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """o (B, H, T, D) in q's dtype, in q's order, laid out (B, T, H, D), and the sorted rows' log-sum-exp in base 2
-    (B, H, T) fp32; hi and the gate (whose forward value is 1) are for the backward."""
+    (B, H, T) fp32; hi and the gates (whose forward values are 1) are for the backward."""
     q, k, v, lo, hi, rows = kernel_layouts(q, k, v, lo, hi, rows)
-    o, lse = band_attention_forward_fake(q, k, v, lo, hi, rows, gate, scale)
+    o, lse = band_attention_forward_fake(q, k, v, lo, hi, rows, gate, value_gate, scale)
     B, H, T, D = q.shape
     (band, at), stride_b, stride_h = broadcast_bands(q, lo, rows)
     options = kernel_options("forward", q)
@@ -210,7 +212,7 @@ def band_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lo
 
 
 @band_attention_forward.register_fake
-def band_attention_forward_fake(q, k, v, lo, hi, rows, gate, scale):
+def band_attention_forward_fake(q, k, v, lo, hi, rows, gate, value_gate, scale):
     B, H, T, D = q.shape
     return q.new_empty(B, T, H, D).transpose(1, 2), torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
 
@@ -218,12 +220,13 @@ def band_attention_forward_fake(q, k, v, lo, hi, rows, gate, scale):
 @torch.library.custom_op("attnbench::band_attention_backward", mutates_args=())
 def band_attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, rows: torch.Tensor,
                             o: torch.Tensor, lse: torch.Tensor, grad_o: torch.Tensor,
-                            scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """dq, dk, dv and delta = sum(o * grad_o) over D (B, H, T) fp32 in q's order: the flash backward's row term, and
-    the gradient of a gate of value 1 on o."""
+                            scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dq, dk, dv; delta = sum(o * grad_o) over D (B, H, T) fp32 in q's order: the flash backward's row term, and
+    the gradient of a gate of value 1 on o; and sum(v * dv) over D (B, H, T) fp32 in sorted order: the gradient of a
+    gate of value 1 on v."""
     q, k, v, lo, hi, rows = kernel_layouts(q, k, v, lo, hi, rows)
     o, grad_o = rows_contiguous(o), rows_contiguous(grad_o)
-    dq, dk, dv, delta = band_attention_backward_fake(q, k, v, lo, hi, rows, o, lse, grad_o, scale)
+    dq, dk, dv, delta, value_delta = band_attention_backward_fake(q, k, v, lo, hi, rows, o, lse, grad_o, scale)
     B, H, T, D = q.shape
     (band, ends, at), stride_b, stride_h = broadcast_bands(q, lo, hi, rows)
     options = kernel_options("dq", q)
@@ -231,37 +234,38 @@ def band_attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, l
                                                            stride_b, stride_h, *row_strides(q), *row_strides(o),
                                                            *row_strides(grad_o), scale, **options)
     options = kernel_options("dkdv", q)
-    dkdv_kernel[(triton.cdiv(T, options["BLOCK_N"]), B * H)](q, k, v, band, ends, at, lse, grad_o, delta, dk, dv, T, H, D,
+    dkdv_kernel[(triton.cdiv(T, options["BLOCK_N"]), B * H)](q, k, v, band, ends, at, lse, grad_o, delta, dk, dv, value_delta, T, H, D,
                                                              stride_b, stride_h, *row_strides(q), *row_strides(grad_o),
                                                              scale, **options)
-    return dq, dk, dv, delta
+    return dq, dk, dv, delta, value_delta
 
 
 @band_attention_backward.register_fake
 def band_attention_backward_fake(q, k, v, lo, hi, rows, o, lse, grad_o, scale):
-    return *(t.new_empty(t.shape) for t in (q, k, v)), torch.empty_like(lse)
+    return *(t.new_empty(t.shape) for t in (q, k, v)), torch.empty_like(lse), torch.empty_like(lse)
 
 
 def setup_context(ctx, inputs, output):
-    *arrays, gate, scale = inputs
+    *arrays, gate, value_gate, scale = inputs
     o, lse = output
     ctx.save_for_backward(*arrays, o, lse)
     ctx.scale = scale
-    ctx.gate_shape = None if gate is None else gate.shape
+    ctx.gate_shapes = [None if g is None else g.shape for g in (gate, value_gate)]
 
 
 def backward(ctx, grad_o, _grad_lse):
     *arrays, o, lse = ctx.saved_tensors
-    dq, dk, dv, delta = band_attention_backward(*arrays, o, lse, grad_o, ctx.scale)
-    grad_gate = None if ctx.gate_shape is None else delta.unsqueeze(-1).sum_to_size(ctx.gate_shape)  # over shared heads
-    return dq, dk, dv, None, None, None, grad_gate, None
+    dq, dk, dv, delta, value_delta = band_attention_backward(*arrays, o, lse, grad_o, ctx.scale)
+    grad_gate, grad_value_gate = (None if shape is None else d.unsqueeze(-1).sum_to_size(shape)  # over shared heads
+                                  for d, shape in zip((delta, value_delta), ctx.gate_shapes))
+    return dq, dk, dv, None, None, None, grad_gate, grad_value_gate, None
 
 
 band_attention_forward.register_autograd(backward, setup_context=setup_context)
 
 
 def band_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, rows: torch.Tensor,
-                   scale: float, gate: torch.Tensor | None = None) -> torch.Tensor:
+                   scale: float, gate: torch.Tensor | None = None, value_gate: torch.Tensor | None = None) -> torch.Tensor:
     """Softmax attention of sorted query i over sorted keys lo[i] <= j <= i: k, v (B, H, T, D) in sorted order, q
     (B, H, T, D) in its own, sorted query i being q[..., rows[i], :], and the output in q's order; lo, hi, rows
     (B|1, H|1, T) int32 of one shape, hi[j] = 1 + the last query whose band holds key j (the end of j's segment),
@@ -269,7 +273,8 @@ def band_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lo: torch.
 
     gate (B, H|1, T, 1), in q's order, or None: a straight-through gate on the output whose forward value is exactly 1
     (`routing.straight_through`), so the output o * gate is o, unmade; its gradient, sum(o * grad) over D, is the
-    backward's delta, which the dq kernel forms anyway."""
+    backward's delta, which the dq kernel forms anyway. value_gate (B, H|1, T, 1), in sorted order, or None: the same
+    on v (the attention reads v, unmade); its gradient, sum(v * dv) over D, the dk, dv kernel forms from the dv it holds."""
     # Here, once, so that the tensors saved for the backward are those the op's body reads (no copy of its own).
     q, k, v, lo, hi, rows = kernel_layouts(q, k, v, lo, hi, rows)
-    return band_attention_forward(q, k, v, lo, hi, rows, gate, scale)[0]
+    return band_attention_forward(q, k, v, lo, hi, rows, gate, value_gate, scale)[0]

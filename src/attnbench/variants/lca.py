@@ -166,7 +166,8 @@ def cluster_attention_sorted(q, k, v, cluster, gate, C, scale, sorted_values=Non
 
     One sort and one gather per key-side tensor in; fused_band's kernels read the queries and write the output in
     position order by the sort's order, where Flex needs the queries gathered in and its output gathered out (by the
-    inverse permutation). The gates ride on v and o.
+    inverse permutation). The gates ride on v and o: fused_band takes both as inputs (their forward values are 1, so it
+    reads v and writes o unmade, and its backward forms their gradients); with Flex they are multiplied.
     sorted_values(k, v, gate, order, cluster, counts, starts), all in sorted order, gives the values the attention reads
     in place of gated(v, gate) (sca's v' with its supernodes, which need the sorted k and v).
     """
@@ -175,17 +176,18 @@ def cluster_attention_sorted(q, k, v, cluster, gate, C, scale, sorted_values=Non
     sorted_cluster = cluster.gather(-1, order)  # (B, R, T)
     lo = starts.gather(-1, sorted_cluster)  # (B, R, T): in sorted order, where each entry's segment begins
     to_sorted, to_positions = (i.unsqueeze(-1).expand(B, H, T, D) for i in (order, inverse))
-    if sorted_values is None:
-        k, v_gated = (Permute.apply(t, to_sorted, to_positions) for t in (k, gated(v, gate)))  # (B, H, T, D), sorted
-    else:
-        k, v = (Permute.apply(t, to_sorted, to_positions) for t in (k, v))
-        gate_sorted = None if gate is None else Permute.apply(gate, order.unsqueeze(-1), inverse.unsqueeze(-1))
-        v_gated = sorted_values(k, v, gate_sorted, order, sorted_cluster, counts, starts)
+    k, v = (Permute.apply(t, to_sorted, to_positions) for t in (k, v))  # (B, H, T, D), sorted
+    gate_sorted = None if gate is None else Permute.apply(gate, order.unsqueeze(-1), inverse.unsqueeze(-1))
+    if sorted_values is None:  # lca: v's gate is applied by the attention
+        values, value_gate = v, gate_sorted
+    else:  # sca: the supernodes' values, their gate applied
+        values, value_gate = sorted_values(k, v, gate_sorted, order, sorted_cluster, counts, starts), None
     if q.is_cuda and fused_band is not None:
         hi = (starts + counts).gather(-1, sorted_cluster)  # (B, R, T): where each entry's segment ends
-        return fused_band.band_attention(q, k, v_gated, lo.int(), hi.int(), order.int(), scale, gate)
+        return fused_band.band_attention(q, k, values, lo.int(), hi.int(), order.int(), scale, gate, value_gate)
     q = Permute.apply(q, to_sorted, to_positions)
-    return gated(Permute.apply(flex_band_attention(q, k, v_gated, lo, scale), to_positions, to_sorted), gate)
+    out = flex_band_attention(q, k, gated(values, value_gate), lo, scale)
+    return gated(Permute.apply(out, to_positions, to_sorted), gate)
 
 
 class LearnedClusterAttention(Attention):
