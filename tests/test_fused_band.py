@@ -28,13 +28,15 @@ def band_reference(q, k, v, lo, scale):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("value_gated", [True, False], ids=["value-gate", "no-value-gate"])
 @pytest.mark.parametrize("B, H, R, T, C, layout", [(2, 2, 2, 1, 1, "model"), (1, 2, 1, 37, 3, "contiguous"), (2, 2, 2, 200, 9, "model"),
                                                    (1, 3, 3, 300, 17, "contiguous"), (2, 2, 1, 130, 1, "model")], ids=str)
-def test_band_attention_equals_reference(B, H, R, T, C, layout, dtype):
+def test_band_attention_equals_reference(B, H, R, T, C, layout, value_gated, dtype):
     """Output and the gradients of q, k and v: bands per head (R = H) and shared (R = 1), a segment longer than two
     64-row tiles, T not a multiple of a tile, T = 1, and one band over everything (C = 1: causal attention); the
     queries and the output in an order of their own (random permutations `rows`), the keys and values sorted; and
-    the gradients of straight-through gates on the output and on v, one per head (R = H) or shared. Layout "model": q, k, v
+    the gradients of straight-through gates on the output and (where value_gated; lca's, not sca's) on v, one per
+    head (R = H) or shared. Layout "model": q, k, v
     views of one (B, T, 3, H, D) projection and the output read as (B, T, H * D) in place, as the model does, so that
     q and the output's gradient reach the kernels strided; "contiguous": both contiguous (B, H, T, D)."""
     device = triton_device()
@@ -52,17 +54,18 @@ def test_band_attention_equals_reference(B, H, R, T, C, layout, dtype):
 
     def run(attend):
         q, k, v = qkv.to(dtype).permute(2, 0, 3, 1, 4)
+        value_gate = straight_through(y_value) if value_gated else None
         if layout == "model":
-            out = attend(q, k, v, lo, straight_through(y), straight_through(y_value), scale).float()
+            out = attend(q, k, v, lo, straight_through(y), value_gate, scale).float()
             loss = (out.transpose(1, 2).reshape(B, T, H * D) * weight).sum()
         else:
-            out = attend(q.contiguous(), k.contiguous(), v.contiguous(), lo, straight_through(y), straight_through(y_value), scale).float()
+            out = attend(q.contiguous(), k.contiguous(), v.contiguous(), lo, straight_through(y), value_gate, scale).float()
             loss = (out * weight.view(B, T, H, D).transpose(1, 2).contiguous()).sum()
-        return out, *torch.autograd.grad(loss, (qkv, y, y_value))
+        return out, *torch.autograd.grad(loss, (qkv, y, y_value) if value_gated else (qkv, y))
 
     got = run(lambda q, k, v, lo, gate, value_gate, scale: fused_band.band_attention(q, k, v, lo, hi, rows.int(), scale, gate, value_gate))
     expected = run(lambda q, k, v, lo, gate, value_gate, scale:
-                   band_reference(q.gather(2, to_sorted), k, v * value_gate, lo, scale).gather(2, to_own) * gate)
+                   band_reference(q.gather(2, to_sorted), k, v if value_gate is None else v * value_gate, lo, scale).gather(2, to_own) * gate)
     # bf16: the kernels round the probabilities to bf16 for their products, the reference keeps them in fp32.
     tol = FP32_RTOL if dtype == torch.float32 else 2e-2
     for name, a, b in zip(["output", "grad qkv", "grad gate", "grad value gate"], got, expected):

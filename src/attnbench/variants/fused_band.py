@@ -146,7 +146,8 @@ def dq_kernel(Q, K, V, LO, ROWS, O, LSE, DO, DQ, DELTA, T, H, D, stride_b, strid
 
 @triton.jit
 def dkdv_kernel(Q, K, V, LO, HI, ROWS, LSE, DO, DELTA, DK, DV, VALUE_DELTA, T, H, D, stride_b, stride_h, q_sb, q_sh, q_st, do_sb, do_sh,
-                do_st, scale, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr):
+                do_st, scale, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr,
+                VALUE_GATE: tl.constexpr):
     bh = tl.program_id(1).to(tl.int64)
     first = tl.program_id(0) * BLOCK_N
     cols, dims = first + tl.arange(0, BLOCK_N), tl.arange(0, BLOCK_D)
@@ -176,7 +177,9 @@ def dkdv_kernel(Q, K, V, LO, HI, ROWS, LSE, DO, DELTA, DK, DV, VALUE_DELTA, T, H
         dk += dot(grad_scores_t.to(q.dtype), q, IEEE)
     store_rows(DK, dk * scale, bh, T, cols, col_ok, dims, D)
     store_rows(DV, dv, bh, T, cols, col_ok, dims, D)
-    tl.store(VALUE_DELTA + bh * T + cols, tl.sum(dv * v.to(tl.float32), 1), mask=col_ok)  # the value gate's gradient
+    if VALUE_GATE:  # its gradient; v read again, as keeping it live through the loop for this slowed the kernel
+        v = rows_of(V, bh, T, cols, col_ok, dims, D)
+        tl.store(VALUE_DELTA + bh * T + cols, tl.sum(dv * v.to(tl.float32), 1), mask=col_ok)
 
 
 def broadcast_bands(q: torch.Tensor, *bands: torch.Tensor) -> tuple[list[torch.Tensor], int, int]:
@@ -219,14 +222,14 @@ def band_attention_forward_fake(q, k, v, lo, hi, rows, gate, value_gate, scale):
 
 @torch.library.custom_op("attnbench::band_attention_backward", mutates_args=())
 def band_attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, rows: torch.Tensor,
-                            o: torch.Tensor, lse: torch.Tensor, grad_o: torch.Tensor,
-                            scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                            o: torch.Tensor, lse: torch.Tensor, grad_o: torch.Tensor, scale: float,
+                            value_gate: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """dq, dk, dv; delta = sum(o * grad_o) over D (B, H, T) fp32 in q's order: the flash backward's row term, and
-    the gradient of a gate of value 1 on o; and sum(v * dv) over D (B, H, T) fp32 in sorted order: the gradient of a
-    gate of value 1 on v."""
+    the gradient of a gate of value 1 on o; and where value_gate, sum(v * dv) over D (B, H, T) fp32 in sorted order:
+    the gradient of a gate of value 1 on v (else an empty tensor)."""
     q, k, v, lo, hi, rows = kernel_layouts(q, k, v, lo, hi, rows)
     o, grad_o = rows_contiguous(o), rows_contiguous(grad_o)
-    dq, dk, dv, delta, value_delta = band_attention_backward_fake(q, k, v, lo, hi, rows, o, lse, grad_o, scale)
+    dq, dk, dv, delta, value_delta = band_attention_backward_fake(q, k, v, lo, hi, rows, o, lse, grad_o, scale, value_gate)
     B, H, T, D = q.shape
     (band, ends, at), stride_b, stride_h = broadcast_bands(q, lo, hi, rows)
     options = kernel_options("dq", q)
@@ -236,13 +239,13 @@ def band_attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, l
     options = kernel_options("dkdv", q)
     dkdv_kernel[(triton.cdiv(T, options["BLOCK_N"]), B * H)](q, k, v, band, ends, at, lse, grad_o, delta, dk, dv, value_delta, T, H, D,
                                                              stride_b, stride_h, *row_strides(q), *row_strides(grad_o),
-                                                             scale, **options)
+                                                             scale, VALUE_GATE=value_gate, **options)
     return dq, dk, dv, delta, value_delta
 
 
 @band_attention_backward.register_fake
-def band_attention_backward_fake(q, k, v, lo, hi, rows, o, lse, grad_o, scale):
-    return *(t.new_empty(t.shape) for t in (q, k, v)), torch.empty_like(lse), torch.empty_like(lse)
+def band_attention_backward_fake(q, k, v, lo, hi, rows, o, lse, grad_o, scale, value_gate):
+    return *(t.new_empty(t.shape) for t in (q, k, v)), torch.empty_like(lse), lse.new_empty(lse.shape if value_gate else 0)
 
 
 def setup_context(ctx, inputs, output):
@@ -255,7 +258,8 @@ def setup_context(ctx, inputs, output):
 
 def backward(ctx, grad_o, _grad_lse):
     *arrays, o, lse = ctx.saved_tensors
-    dq, dk, dv, delta, value_delta = band_attention_backward(*arrays, o, lse, grad_o, ctx.scale)
+    value_gated = ctx.gate_shapes[1] is not None
+    dq, dk, dv, delta, value_delta = band_attention_backward(*arrays, o, lse, grad_o, ctx.scale, value_gated)
     grad_gate, grad_value_gate = (None if shape is None else d.unsqueeze(-1).sum_to_size(shape)  # over shared heads
                                   for d, shape in zip((delta, value_delta), ctx.gate_shapes))
     return dq, dk, dv, None, None, None, grad_gate, grad_value_gate, None
