@@ -216,3 +216,18 @@ def test_importing_the_model_leaves_flex_attention_unimported():
     code = "import sys, attnbench.model; print('torch.nn.attention.flex_attention' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_profile_measures_the_same_memory_on_every_run(variant, tmp_path):
+    """The profile stage's memory is the bytes saved for the backward, which for lca and sca depend on their random
+    clusters: two runs of one params file give the same bytes at every point (the profile's seed)."""
+    from attnbench import profile as profile_mod
+    from tests.tiny import write_params
+
+    _, params = write_params(tmp_path, {"profile": {"seq_lens": [16, 256], "tokens_per_step": 512}, "variants": {variant: {}}})
+    runs = []
+    for _ in range(2):
+        rows, _ = profile_mod.profile(params, variant)
+        runs.append([(r["scope"], r["T"], r["memory_bytes"]) for r in rows])
+    assert runs[0] == runs[1]

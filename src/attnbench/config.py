@@ -122,6 +122,7 @@ class ProfileConfig(Strict):
     warmup: int = Field(1, ge=0)
     repeats: int = Field(3, gt=0)
     whole_model: bool = True
+    seed: int = Field(0, description="torch's seed before each point: lca's and sca's saved activations depend on their random clusters")
 
     @field_validator("seq_lens")
     @classmethod

@@ -5,7 +5,9 @@ takes time ~ T^(a-1) per step; the fitted exponents are slopes of log(time
 per sequence) and log(memory per sequence) against log T, comparable with the
 spec's "compute vs T" and "memory vs T" columns. Memory is the CUDA peak above
 the inputs on GPU; on CPU, where torch keeps no allocator statistics, it is
-the bytes of activations saved for backward (the part of memory that grows with T).
+the peak of the bytes autograd holds saved for backward (the part of memory that
+grows with T). torch is seeded before each point (`profile.seed`), so that lca's
+and sca's clusters, on which their saved bytes depend, are the same on every run.
 A point that runs out of memory is recorded as `oom` and the rest still run.
 """
 
@@ -16,6 +18,7 @@ import dataclasses
 import logging
 import statistics
 import time
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 
@@ -39,27 +42,37 @@ def _sync(device: torch.device) -> None:
 
 
 class SavedActivations:
-    """Counts the distinct bytes autograd saves for backward inside the context."""
+    """The peak of the bytes autograd holds saved for backward inside the context: each storage counted once, while
+    a tensor saved on it is alive. (Keyed by address alone, a storage saved for a node that is then dropped, and a
+    later one the allocator puts at its address, would count as one, by chance.)"""
 
     def __init__(self):
-        self.storages: dict[int, int] = {}
+        self.holders: dict[int, int] = {}  # storage address -> saved tensors alive on it
+        self.held = 0
+        self.bytes = 0
 
     def __enter__(self):
         def pack(t: torch.Tensor):
             storage = t.untyped_storage()
-            self.storages[storage.data_ptr()] = storage.nbytes()
+            address, size = storage.data_ptr(), storage.nbytes()
+            if self.holders.get(address, 0) == 0:
+                self.held += size
+                self.bytes = max(self.bytes, self.held)
+            self.holders[address] = self.holders.get(address, 0) + 1
+            weakref.finalize(t, self._release, address, size)
             return t
 
         self._hooks = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
         self._hooks.__enter__()
         return self
 
+    def _release(self, address: int, size: int) -> None:
+        self.holders[address] -= 1
+        if self.holders[address] == 0:
+            self.held -= size
+
     def __exit__(self, *exc):
         self._hooks.__exit__(*exc)
-
-    @property
-    def bytes(self) -> int:
-        return sum(self.storages.values())
 
 
 def measure(step: Callable[[], None], device: torch.device, warmup: int, repeats: int) -> tuple[float, int, str]:
@@ -132,6 +145,7 @@ def profile(params: Params, variant: str) -> tuple[list[dict], dict]:
         for T in cfg.seq_lens:
             batch = max(1, cfg.tokens_per_step // T)
             row = {"variant": variant, "scope": scope, "T": T, "batch": batch}
+            torch.manual_seed(cfg.seed)  # the same weights, inputs and clusters on every run: reproducible memory
             try:
                 seconds, memory, method = measure(build(params, variant, T, batch, device), device, cfg.warmup, cfg.repeats)
                 row.update(seconds=seconds, tokens_per_s=batch * T / seconds, memory_bytes=memory, memory_method=method, status="ok")
