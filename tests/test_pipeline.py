@@ -120,9 +120,13 @@ def workspace(tmp_path: Path, overrides: dict | None = None) -> Path:
     return tmp_path
 
 
-def set_option(params: Path, variant: str, key: str, value) -> None:
+def set_param(params: Path, *keys: str, value) -> None:
+    """params[keys[0]][keys[1]]... = value in the params file."""
     raw = yaml.safe_load(params.read_text())
-    raw["variants"][variant][key] = value
+    node = raw
+    for key in keys[:-1]:
+        node = node[key]
+    node[keys[-1]] = value
     params.write_text(yaml.safe_dump(raw, sort_keys=False))
 
 
@@ -147,11 +151,15 @@ def test_snakemake_runs_the_dag_then_only_what_a_change_touches(tmp_path):
     assert "Nothing to be done" in run([sys.executable, "-m", "snakemake", "--cores", "2"], ws)
 
     # A changed option is planned, not run (the code change below runs the same stages; each run costs CI time).
-    set_option(ws / "params.yaml", "la", "chunk", 8)
+    set_param(ws / "params.yaml", "variants", "la", "chunk", value=8)
     planned = job_counts(run([sys.executable, "-m", "snakemake", "-n", "--cores", "2"], ws))
     assert planned == {"train": 1, "evaluate": 1, "profile": 1, "report": 1, "all": 1}, planned
-    set_option(ws / "params.yaml", "la", "chunk", "auto")  # the value it had: nothing to re-run
+    set_param(ws / "params.yaml", "variants", "la", "chunk", value="auto")  # the value it had: nothing to re-run
     assert "Nothing to be done" in run([sys.executable, "-m", "snakemake", "-n", "--cores", "2"], ws)
+    set_param(ws / "params.yaml", "train", "device", value="cpu")  # the profile measures on train.device, though it reads no trained model
+    planned = job_counts(run([sys.executable, "-m", "snakemake", "-n", "--cores", "2"], ws))
+    assert planned == {"train": 2, "evaluate": 2, "profile": 2, "report": 1, "all": 1}, planned
+    set_param(ws / "params.yaml", "train", "device", value="auto")
     edit_code(ws, "la")
     planned = job_counts(run([sys.executable, "-m", "snakemake", "-n", "--cores", "2"], ws))
     assert planned == {"sources": 1, "train": 1, "evaluate": 1, "profile": 1, "report": 1, "all": 1}, planned
@@ -188,11 +196,15 @@ def test_dvc_repro_runs_the_dag_then_only_what_a_change_touches(tmp_path):
     assert pending == ["workflow/benchmark/dvc.yaml:benchmark"], pending
 
     # A changed option is planned, not run (the code change below runs the same stages; each run costs CI time).
-    set_option(ws / "params.yaml", "la", "chunk", 8)
+    set_param(ws / "params.yaml", "variants", "la", "chunk", value=8)
     status = run(["dvc", "status", "dvc.yaml"], ws)
     assert "train@la" in status and "profile@la" in status and "@mha" not in status, status
-    set_option(ws / "params.yaml", "la", "chunk", "auto")  # the value it had: nothing to re-run
+    set_param(ws / "params.yaml", "variants", "la", "chunk", value="auto")  # the value it had: nothing to re-run
     assert "up to date" in run(["dvc", "status", "dvc.yaml"], ws)
+    set_param(ws / "params.yaml", "train", "device", value="cpu")  # the profile measures on train.device, though it reads no trained model
+    status = run(["dvc", "status", "dvc.yaml"], ws)
+    assert "profile@la" in status and "profile@mha" in status, status
+    set_param(ws / "params.yaml", "train", "device", value="auto")
     # Every variant's manifest is written again, but only la's changed: mha's stages do not re-run.
     edit_code(ws, "la")
     ran = set(re.findall(r"Running stage '([^']+)'", run(["dvc", "repro"], ws)))

@@ -75,6 +75,7 @@ rule profile:
     params:
         model=section("model"),
         profile=section("profile"),
+        device=section("train", "device"),  # where it measures
         options=section("variants", "{variant}"),
     shell:
         f"{stage('profile')} --variant {{wildcards.variant}} --out {VARIANT_OUT} 2>&1 | tee {{log}}"
