@@ -232,13 +232,14 @@ def band_attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, l
     dq, dk, dv, delta, value_delta = band_attention_backward_fake(q, k, v, lo, hi, rows, o, lse, grad_o, scale, value_gate)
     B, H, T, D = q.shape
     (band, ends, at), stride_b, stride_h = broadcast_bands(q, lo, hi, rows)
+    q_strides, do_strides = row_strides(q), row_strides(grad_o)  # both kernels read q and do
     options = kernel_options("dq", q)
     dq_kernel[(triton.cdiv(T, options["BLOCK_M"]), B * H)](q, k, v, band, at, o, lse, grad_o, dq, delta, T, H, D,
-                                                           stride_b, stride_h, *row_strides(q), *row_strides(o),
-                                                           *row_strides(grad_o), scale, **options)
+                                                           stride_b, stride_h, *q_strides, *row_strides(o),
+                                                           *do_strides, scale, **options)
     options = kernel_options("dkdv", q)
     dkdv_kernel[(triton.cdiv(T, options["BLOCK_N"]), B * H)](q, k, v, band, ends, at, lse, grad_o, delta, dk, dv, value_delta, T, H, D,
-                                                             stride_b, stride_h, *row_strides(q), *row_strides(grad_o),
+                                                             stride_b, stride_h, *q_strides, *do_strides,
                                                              scale, VALUE_GATE=value_gate, **options)
     return dq, dk, dv, delta, value_delta
 
