@@ -1,11 +1,13 @@
 """Fault injection: what the stages do when killed, fed damaged files, diverging or out of memory.
 
-23 faults injected in 10 tests (19 cases); kill -9 always hits a real `python -m attnbench` subprocess.
+24 faults injected in 11 tests (20 cases); kill -9 always hits a real `python -m attnbench` subprocess.
 
   fault (count)                                   expected outcome                              test
   kill -9 of train (3): after the checkpoint of   each re-run resumes from the last complete     1
     step 10, mid-write of a checkpoint, after     checkpoint; final model.pt, val_bpb_final,
     the checkpoint of step 25 (one folder)        curve equal to an uninterrupted run; no *.tmp
+  SIGTERM of train after the checkpoint of        exit 143, one stderr line; MLflow run KILLED;  1b
+    step 10 (1)                                   checkpoint kept; no model.pt, no *.tmp
   damaged checkpoint.pt (7): truncated, last      ignored with a warning, training starts from   2
     byte missing, empty, random bytes, zeroed     step 0 and ends equal to an uninterrupted run
     tail; zeroed block inside a tensor (caught
@@ -22,10 +24,11 @@
     variant or seq_len (2), a checkpoint or bare  ValueError naming the difference / saying
     state_dict (2)                                it is not a save_model file
 
-Outcomes: 23 handled as expected. Two were bugs this suite found and train.load_checkpoint now handles:
-a checkpoint damaged inside a tensor resumed silently from corrupted weights (torch.load does not check
-the CRC-32 stored in the zip; load_checkpoint now runs testzip first), and a loadable non-dict raised
-AttributeError instead of being ignored.
+Outcomes: 24 handled as expected. Three were bugs this suite found: a checkpoint damaged inside a tensor
+resumed silently from corrupted weights (torch.load does not check the CRC-32 stored in the zip;
+load_checkpoint now runs testzip first), a loadable non-dict raised AttributeError instead of being
+ignored, and a SIGTERM ended a stage where it stood, leaving its MLflow run RUNNING (the CLI now raises it
+as an interrupt).
 
 Covered elsewhere, not repeated: truncated or altered downloads and archives (tests/test_data.py), bad
 params (tests/test_config.py), a checkpoint of another configuration and the in-process resume
@@ -33,7 +36,7 @@ params (tests/test_config.py), a checkpoint of another configuration and the in-
 
 Subprocesses run with OMP_NUM_THREADS=1 and MKL_NUM_THREADS=1 (the in-process reference run with
 torch.set_num_threads(1)), so CPU results are bitwise equal across processes. Each subprocess spends
-~7-9 s importing torch and mlflow, so the file runs 7 of them and does everything else in-process.
+~7-9 s importing torch and mlflow, so the file runs 8 of them and does everything else in-process.
 """
 
 from __future__ import annotations
@@ -303,6 +306,35 @@ def test_train_killed_at_three_points_resumes_to_the_uninterrupted_result(prepar
     log = Stage(tmp_path, "train4", *command).finish()
     assert resumed_from(kept, log)
     assert_same_training(out, tmp_path / "reference")
+
+
+# ---------------------------------------------------------------- 1b. SIGTERM of train
+
+
+def test_train_terminated_ends_its_mlflow_run_killed_and_keeps_its_checkpoint(prepared, tmp_path, mlflow_store):
+    """Fault: SIGTERM (what `timeout`, Slurm's time limit and a cancelled job send) to a real
+    `python -m attnbench train` after its checkpoint of step 10.
+    Expected: exit status 143 with one stderr line saying it was interrupted, its MLflow run `train-mha` ended
+    KILLED (before the CLI turned SIGTERM into an exception, the process died where it stood and the run stayed
+    RUNNING), the checkpoint kept for a re-run, no model.pt and no temporary file."""
+    out = tmp_path / "mha"
+    stage = Stage(tmp_path, "train", "train", "--params", "params.yaml", "--variant", "mha", "--data", str(prepared[2]), "--out", str(out))
+    reached = checkpoint_at_least(out, 10)
+    deadline = time.monotonic() + 240
+    while not reached():
+        assert stage.proc.poll() is None, f"train ended (rc {stage.proc.returncode}) before step 10:\n{stage.stderr}"
+        assert time.monotonic() < deadline, "no checkpoint of step 10 in 240 s"
+        time.sleep(POLL)
+    stage.proc.terminate()
+    assert stage.wait() == 128 + signal.SIGTERM, stage.stderr
+    assert stage.stderr.splitlines()[-1] == "attnbench train: interrupted (SIGTERM); no partial output was kept"
+    assert "Traceback" not in stage.stderr
+
+    client = MlflowClient(tracking_uri=mlflow_store)
+    found = client.search_runs([client.get_experiment_by_name(prepared[1].experiment).experiment_id])
+    assert [(r.info.run_name, r.info.status) for r in found] == [("train-mha", "KILLED")]
+    assert torch.load(out / train_mod.CHECKPOINT, weights_only=True)["step"] >= 10
+    assert not (out / "model.pt").exists() and temporaries(tmp_path) == []
 
 
 # ---------------------------------------------------------------- 2. torn or garbage checkpoint

@@ -103,7 +103,8 @@ def _experiment_id(client, name: str, uri: str) -> str:
 
 @contextlib.contextmanager
 def stage_run(params: Params, stage: str, variant: str | None = None) -> Iterator[Tracker]:
-    """Open an MLflow run for `stage` (and `variant`); it ends FINISHED, or FAILED if the body raises."""
+    """Open an MLflow run for `stage` (and `variant`); it ends FINISHED, KILLED if the body is interrupted (SIGINT,
+    SIGTERM through the CLI), or FAILED if it raises anything else."""
     from mlflow.tracking import MlflowClient
 
     uri = tracking_uri(params)
@@ -118,9 +119,9 @@ def stage_run(params: Params, stage: str, variant: str | None = None) -> Iterato
     tracker = Tracker(uri, run.info.run_id)
     try:
         yield tracker
-    except BaseException:
+    except BaseException as err:
         with _store_lock(uri):
-            client.set_terminated(run.info.run_id, status="FAILED")
+            client.set_terminated(run.info.run_id, status="KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
         raise
     with _store_lock(uri):
         client.set_terminated(run.info.run_id, status="FINISHED")
