@@ -8,6 +8,7 @@ import math
 import pytest
 
 from attnbench import data
+from attnbench.config import ConfigError
 from attnbench.files import write_json
 from attnbench.profile import FIELDS, fit_exponent
 from attnbench.report import report, unigram_bpb
@@ -88,3 +89,19 @@ def test_unigram_bpb_of_a_two_byte_corpus(tmp_path):
     data.prepare(tmp_path / "corpus.bin", tmp_path / "prepared", 10**6, split)
     # Two equally frequent bytes, add-one smoothing over 256: a little above 1 bit.
     assert unigram_bpb(tmp_path / "prepared") == pytest.approx(-math.log2(201 / 656), rel=1e-9)
+
+
+def test_report_of_a_subset_names_the_variants_left_out(tmp_path, monkeypatch):
+    """A report of the runs that finished (report --variants): only those in the table, the others named on the page."""
+    monkeypatch.chdir(tmp_path)
+    _, params = write_params(tmp_path, {"variants": {v: {} for v in [*FIXTURE, "ca"]}})
+    data.fetch(params.data, tmp_path / "corpus.bin", tmp_path / "download")
+    data.prepare(tmp_path / "corpus.bin", tmp_path / "prepared", params.data.max_bytes, params.data.splits)
+    write_variant(tmp_path / "variants" / "mha", "mha", *FIXTURE["mha"])  # la's and ca's stages never finished
+
+    result = report(params, tmp_path / "variants", tmp_path / "prepared", tmp_path / "out", subset=["mha"])
+
+    assert [r["variant"] for r in result["variants"]] == ["mha"]
+    assert "Not in this report: la, ca (of the params file's 3 variants)." in (tmp_path / "out" / "comparison.md").read_text()
+    with pytest.raises(ConfigError, match="'cka' is not in this params file's variants; present: mha, la, ca"):
+        report(params, tmp_path / "variants", tmp_path / "prepared", tmp_path / "out2", subset=["mha", "cka"])

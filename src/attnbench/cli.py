@@ -53,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--variants-dir", type=Path, help="the variants' folders (default: results/<run>/variants)")
     p.add_argument("--data", type=Path, help="default: results/<run>/data/prepared")
     p.add_argument("--out", type=Path, help="default: reports/<run>")
+    p.add_argument("--variants", nargs="+", help="a subset of the params file's variants (default: all), for a report of the "
+                   "runs that finished; the page names the ones left out")
     p = stage("import-runs", "copy this params file's MLflow runs from another store (a GPU machine's) into the configured one")
     p.add_argument("--from", dest="source", required=True, help="tracking URI of the source store, e.g. sqlite:///gpu/mlflow.db")
     p = stage("benchmark", "GPU only: attention kernels and training steps of every variant vs T, against fused sdpa")
@@ -112,7 +114,8 @@ def run(args: argparse.Namespace) -> None:
     elif args.stage == "report":
         from .report import main as report_main
 
-        report_main(params, args.variants_dir or results / "variants", args.data or prepared, args.out or Path("reports") / params.run.name)
+        report_main(params, args.variants_dir or results / "variants", args.data or prepared, args.out or Path("reports") / params.run.name,
+                    args.variants)
     else:
         params.variant_options(args.variant)  # a clear error for a variant this params file does not configure
         out = args.out or results / "variants" / args.variant

@@ -113,9 +113,20 @@ def _markdown_table(df: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-def report(params: Params, variants_dir: Path, data_dir: Path, out_dir: Path) -> dict:
-    """Write comparison.md and figures/ under `out_dir`; return the summary table as records."""
-    variants = list(params.variants)
+def chosen_variants(params: Params, subset: list[str] | None) -> tuple[list[str], list[str]]:
+    """The params file's variants in the report (all, or those in `subset`) and those left out; a clear error for a
+    name in `subset` that the params file does not configure."""
+    for name in subset or []:
+        params.variant_options(name)
+    variants = [v for v in params.variants if not subset or v in subset]
+    return variants, [v for v in params.variants if v not in variants]
+
+
+def report(params: Params, variants_dir: Path, data_dir: Path, out_dir: Path, subset: list[str] | None = None) -> dict:
+    """Write comparison.md and figures/ under `out_dir`; return the summary table as records.
+
+    `subset`: some of the params file's variants, for a report of the runs that finished; the page names the rest."""
+    variants, left_out = chosen_variants(params, subset)
     summary, curves, profiles = collect(variants_dir, variants)
     baseline = unigram_bpb(data_dir)
     out_dir = Path(out_dir)
@@ -138,6 +149,7 @@ def report(params: Params, variants_dir: Path, data_dir: Path, out_dir: Path) ->
         "",
         _markdown_table(summary),
         "",
+        *([f"Not in this report: {', '.join(left_out)} (of the params file's {len(params.variants)} variants).", ""] if left_out else []),
         "Exponents are log-log slopes against T of time and memory per sequence over the profile's lengths "
         f"({', '.join(map(str, params.profile.seq_lens))}); profiled on {read_json(Path(variants_dir) / variants[0] / 'profile.json')['device']}. "
         "CPU timings are for trends only; absolute speeds count on a GPU.",
@@ -150,11 +162,12 @@ def report(params: Params, variants_dir: Path, data_dir: Path, out_dir: Path) ->
     return {"variants": summary.to_dict(orient="records"), "unigram_bpb": baseline}
 
 
-def main(params: Params, variants_dir: Path, data_dir: Path, out_dir: Path) -> dict:
+def main(params: Params, variants_dir: Path, data_dir: Path, out_dir: Path, subset: list[str] | None = None) -> dict:
     from .tracking import stage_run
 
+    chosen_variants(params, subset)  # before the MLflow run: a name that is not configured leaves no failed run
     with stage_run(params, "report") as tracker:
-        result = report(params, variants_dir, data_dir, out_dir)
+        result = report(params, variants_dir, data_dir, out_dir, subset)
         tracker.log_metrics({"unigram_bpb": result["unigram_bpb"]} | {f"test_bpb.{r['variant']}": r["test bpb"] for r in result["variants"]})
         for path in sorted(Path(out_dir).rglob("*")):
             if path.is_file():
