@@ -40,6 +40,32 @@ def test_kernel_fla_is_refused_where_fla_is_absent(monkeypatch):
     assert la.LinearAttentionOptions(kernel="fla").kernel == "fla"
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_feature_map_keeps_relative_precision_far_below_zero(dtype):
+    """phi(u) = exp(u) for u <= 0, u + 1 above, within the dtype's rounding everywhere (elu(u) + 1 rounds to 0 below
+    u = -7 in bf16, -17 in fp32)."""
+    u = torch.linspace(-60, 4, 257).to(dtype)
+    x = u.double()
+    exact = torch.where(x > 0, x + 1, torch.exp(x.clamp(max=0)))
+    phi = feature_map(u)
+    assert phi.dtype == dtype
+    assert ((phi.double() - exact).abs() <= torch.finfo(dtype).eps * exact).all()
+
+
+def test_a_query_far_below_zero_in_bf16_gets_a_gradient_of_the_size_of_v():
+    """A query with every component at -8, its features formed in bf16 as fla's path forms them: out_t still averages
+    v, and the gradient of q_t stays of v's size. With phi = elu(u) + 1 in bf16 its features were 0, the normaliser
+    eps, and the gradient of q_t 27,776 against 0.058 now (v's largest entry: 4.09)."""
+    torch.manual_seed(0)
+    q, k, v = torch.randn(3, 1, 1, 64, 16).unbind(0)
+    q[..., 40, :] = -8.0
+    q = q.bfloat16().requires_grad_(True)
+    out = chunked_linear_attention(feature_map(q).float(), feature_map(k.bfloat16()).float(), v, chunk=16, eps=1e-6)
+    out[..., 40, :].sum().backward()
+    assert out[..., 40, :].abs().max() <= v[..., :41, :].abs().max()
+    assert q.grad.float().abs().max() < 10 * v.abs().max()
+
+
 def test_prefix_sum_is_the_cumulative_sum():
     u = torch.randn(2, 3, 77, 5)
     for chunk in (1, 16, 64, 128):

@@ -47,7 +47,13 @@ class LinearAttentionOptions(VariantOptions):
 
 
 def feature_map(u: torch.Tensor) -> torch.Tensor:
-    return F.elu(u) + 1
+    """phi(u) = elu(u) + 1, as exp(u) for u <= 0 plus u for u > 0, in fp32, returned in u's dtype.
+
+    Evaluated as elu(u) + 1, phi rounds to exactly 0 where elu(u) is within the spacing of -1: below u = -7 in bf16
+    (fla's inputs under autocast), below -17 in fp32. Its gradient, exp(u), does not: a query whose features all
+    round to 0 has its normaliser fall to eps, and its gradient grows by 1/eps."""
+    x = u.float()
+    return (torch.exp(x.clamp(max=0)) + x.clamp(min=0)).to(u.dtype)
 
 
 def sum_of_chunks_before(per_chunk: torch.Tensor) -> torch.Tensor:
