@@ -50,6 +50,7 @@ def test_feature_map_keeps_relative_precision_far_below_zero(dtype):
     phi = feature_map(u)
     assert phi.dtype == dtype
     assert ((phi.double() - exact).abs() <= torch.finfo(dtype).eps * exact).all()
+    assert torch.autograd.gradcheck(feature_map, x[::8].detach().requires_grad_(True)), "its own backward"
 
 
 def test_a_query_far_below_zero_in_bf16_gets_a_gradient_of_the_size_of_v():

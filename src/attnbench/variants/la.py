@@ -46,14 +46,29 @@ class LinearAttentionOptions(VariantOptions):
         return kernel
 
 
-def feature_map(u: torch.Tensor) -> torch.Tensor:
-    """phi(u) = elu(u) + 1, as exp(u) for u <= 0 plus u for u > 0, in fp32, returned in u's dtype.
+class FeatureMap(torch.autograd.Function):
+    """phi(u) = elu(u) + 1, as exp(u) for u <= 0 plus u above, in fp32 at least, returned in u's dtype.
 
     Evaluated as elu(u) + 1, phi rounds to exactly 0 where elu(u) is within the spacing of -1: below u = -7 in bf16
     (fla's inputs under autocast), below -17 in fp32. Its gradient, exp(u), does not: a query whose features all
-    round to 0 has its normaliser fall to eps, and its gradient grows by 1/eps."""
-    x = u.float()
-    return (torch.exp(x.clamp(max=0)) + x.clamp(min=0)).to(u.dtype)
+    round to 0 has its normaliser fall to eps, and its gradient grows by 1/eps. phi'(u) = min(phi, 1), so the
+    backward keeps phi alone (the composed form would keep two fp32 tensors more)."""
+
+    @staticmethod
+    def forward(ctx, u: torch.Tensor) -> torch.Tensor:
+        x = u.to(torch.promote_types(u.dtype, torch.float32))
+        phi = (torch.exp(x.clamp(max=0)) + x.clamp(min=0)).to(u.dtype)
+        ctx.save_for_backward(phi)
+        return phi
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        (phi,) = ctx.saved_tensors
+        return grad * phi.clamp(max=1)
+
+
+def feature_map(u: torch.Tensor) -> torch.Tensor:
+    return FeatureMap.apply(u)
 
 
 def sum_of_chunks_before(per_chunk: torch.Tensor) -> torch.Tensor:
