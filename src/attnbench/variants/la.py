@@ -52,7 +52,7 @@ class FeatureMap(torch.autograd.Function):
     Evaluated as elu(u) + 1, phi rounds to exactly 0 where elu(u) is within the spacing of -1: below u = -7 in bf16
     (fla's inputs under autocast), below -17 in fp32. Its gradient, exp(u), does not: a query whose features all
     round to 0 has its normaliser fall to eps, and its gradient grows by 1/eps. phi'(u) = min(phi, 1), so the
-    backward keeps phi alone (the composed form would keep two fp32 tensors more)."""
+    backward keeps phi alone, as elu kept its input (the composed form also kept exp(u), in fp32)."""
 
     @staticmethod
     def forward(ctx, u: torch.Tensor) -> torch.Tensor:
