@@ -115,6 +115,26 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_checkpoint(tiny, tmp_
     assert not (tmp_path / "mha" / "model.pt").exists()
 
 
+def test_each_log_point_records_its_windows_largest_gradient_norm(tiny, tmp_path, monkeypatch):
+    """grad_norm_max at a log point is the largest pre-clipping gradient norm of the steps since the last one."""
+    params, prepared = tiny()
+    norms, real_clip = [], torch.nn.utils.clip_grad_norm_
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda *args, **kw: norms.append(real_clip(*args, **kw)) or norms[-1])
+    logged = {}
+
+    class Recorder:
+        def log_params(self, params):
+            pass
+
+        def log_metrics(self, metrics, step=None):
+            logged[step] = metrics
+
+    train_mod.train(params, "mha", prepared, tmp_path / "mha", Recorder())
+    assert sorted(logged) == [2, 4, 6, 8, 10, 12] and len(norms) == 12
+    for step, metrics in logged.items():
+        assert metrics["grad_norm_max"] == max(float(n) for n in norms[step - 2 : step])
+
+
 def test_token_budget_sets_the_steps(tiny, tmp_path):
     params, prepared = tiny({"train": {"steps": None, "tokens": 8 * 4 * 32, "eval_every": 100}})
     summary = train_mod.train(params, "mha", prepared, tmp_path / "mha")

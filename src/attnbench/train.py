@@ -177,6 +177,7 @@ def train(params: Params, variant: str, data_dir: Path, out_dir: Path, tracker=N
     model.train()
     bad_step = torch.tensor(-1, device=device)  # first step with a non-finite loss or gradient, found without a host sync
     loss_sum = torch.zeros((), device=device)
+    grad_norm_max = torch.zeros((), device=device)  # the window's largest gradient norm before clipping: where a divergence shows first
     window_start, window_steps = time.perf_counter(), 0
     for step in range(start, steps):
         lr = lr_at(step, steps, cfg)
@@ -193,6 +194,7 @@ def train(params: Params, variant: str, data_dir: Path, out_dir: Path, tracker=N
                 (model.with_aux_loss(loss) / len(shard)).backward()
             loss_sum += loss.detach() / len(shard)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        grad_norm_max = torch.maximum(grad_norm_max, grad_norm)
         finite = torch.isfinite(loss.detach()) & torch.isfinite(grad_norm)
         # `step` as a Python scalar: a tensor made from it on the GPU is a copy that waits for the queue (a host sync).
         bad_step = torch.where((bad_step < 0) & ~finite, step, bad_step)
@@ -216,8 +218,9 @@ def train(params: Params, variant: str, data_dir: Path, out_dir: Path, tracker=N
             tokens_per_s = window_steps * tokens_per_step / seconds
             rates.append(tokens_per_s)
             if rank == 0:  # the one writer; the other ranks wait at the barrier below
-                log.info("step %d/%d  loss %.4f  lr %.2e  %.0f tok/s", done, steps, train_loss, lr, tokens_per_s)
-                metrics = {"train_loss": train_loss, "lr": lr, "tokens_per_s": tokens_per_s}
+                largest_grad_norm = grad_norm_max.item()
+                log.info("step %d/%d  loss %.4f  grad norm max %.3g  lr %.2e  %.0f tok/s", done, steps, train_loss, largest_grad_norm, lr, tokens_per_s)
+                metrics = {"train_loss": train_loss, "grad_norm_max": largest_grad_norm, "lr": lr, "tokens_per_s": tokens_per_s}
                 if at_eval:
                     metrics["val_bpb"] = bits_per_byte(model, val_data, cfg.batch_size, val_tokens)["bpb"]
                     metrics.update({f"attn.{k}": v for k, v in _mean_stats(model).items()})
@@ -230,6 +233,7 @@ def train(params: Params, variant: str, data_dir: Path, out_dir: Path, tracker=N
                     save_checkpoint(ckpt_path, model, optimizer, done, {"fingerprint": key, "curve": curve, "elapsed_s": elapsed, "rates": rates})
             distributed.barrier()
             loss_sum.zero_()
+            grad_norm_max.zero_()
             window_start, window_steps = time.perf_counter(), 0
 
     if rank != 0:
