@@ -170,6 +170,36 @@ def test_two_gloo_processes_under_torchrun_train_the_weights_of_one_and_log_one_
     assert not (tmp_path / "mlflow.db").exists(), "logged to the local store instead"
 
 
+def test_sigterm_to_a_torchrun_train_stage_ends_it_as_one_process_ends(tmp_path, monkeypatch):
+    """SIGTERM (what Slurm sends at a job's time limit) to a train stage whose train.nproc 2 runs torchrun in-process:
+    torchrun's agent takes the signal with its own handler and stops the workers; the stage then exits 143 with the
+    line a one-process stage prints, where it reported the agent's SignalException as an error (exit 1). The
+    workers' own ends are not asserted: a worker blocked in a collective may be killed by the agent instead."""
+    monkeypatch.chdir(tmp_path)
+    train = {"steps": 400, "batch_size": 4, "grad_accum": 2, "eval_every": 5, "checkpoint_every": 5, "log_every": 5,
+             "device": "cpu", "nproc": 2}
+    _, params = write_params(tmp_path, {"train": train})
+    prepare(tmp_path, params)
+    env = {**CLEAN_ENV, "ATTNBENCH_GPU_SLOTS_DIR": str(tmp_path / "slots")}
+    stderr = tmp_path / "stderr.log"
+    with open(stderr, "w") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "attnbench", "train", "--params", "params.yaml", "--variant", "mha",
+                                 "--data", "prepared", "--out", "two"], cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=err)
+    try:
+        deadline = time.monotonic() + 240
+        while not (tmp_path / "two" / train_mod.CHECKPOINT).exists():  # the workers are training
+            assert proc.poll() is None and time.monotonic() < deadline, stderr.read_text()
+            time.sleep(0.05)
+        proc.terminate()
+        assert proc.wait(120) == 128 + signal.SIGTERM, stderr.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert stderr.read_text().splitlines()[-1] == "attnbench train: interrupted (SIGTERM); no partial output was kept"
+    assert (tmp_path / "two" / train_mod.CHECKPOINT).exists() and not (tmp_path / "two" / "model.pt").exists()
+
+
 # --- 2. GPU slots ---------------------------------------------------------------------------
 
 

@@ -14,15 +14,7 @@ import signal
 import sys
 from pathlib import Path
 
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (a timeout, Slurm's time limit, a cancelled job), raised where the stage stands: it unwinds as on
-    Ctrl-C, removing its temporary files and ending its MLflow run KILLED, where the default action would end the
-    process on the spot and leave the run RUNNING."""
-
-
-def _raise_terminated(signum, frame):
-    raise Terminated
+from .signals import Terminated, sigterm_raises
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -148,9 +140,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s attnbench {args.stage}: %(message)s", datefmt="%H:%M:%S", force=True)
     for noisy in ("mlflow", "alembic", "urllib3", "filelock", "git"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    default_sigterm = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
-        run(args)
+        with sigterm_raises():
+            run(args)
     except KeyboardInterrupt as err:
         signum = signal.SIGTERM if isinstance(err, Terminated) else signal.SIGINT
         print(f"attnbench {args.stage}: interrupted ({signum.name}); no partial output was kept", file=sys.stderr)
@@ -161,6 +153,4 @@ def main(argv: list[str] | None = None) -> int:
         message = " ".join(str(err).split()) or type(err).__name__
         print(f"attnbench {args.stage}: error: {message} (ATTNBENCH_DEBUG=1 shows the traceback)", file=sys.stderr)
         return 2 if type(err).__name__ == "ConfigError" else 1
-    finally:
-        signal.signal(signal.SIGTERM, default_sigterm)
     return 0

@@ -15,12 +15,15 @@ import contextlib
 import logging
 import os
 import shlex
+import signal
 from collections.abc import Iterator
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
+
+from .signals import Terminated
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +44,7 @@ def launch(nproc: int, argv: list[str]) -> None:
     (`torch.distributed.run`, as `python -m torch.distributed.run --standalone --nproc-per-node=nproc
     -m attnbench <argv>` would); return when they are done, raise if one fails. The torchrun agent
     forwards SIGINT and SIGTERM to the workers."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main as torchrun
 
@@ -53,6 +57,8 @@ def launch(nproc: int, argv: list[str]) -> None:
         os.environ["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // nproc))
     try:
         torchrun(args)
+    except SignalException as err:  # the agent's own handler took our SIGTERM or SIGINT and has stopped the workers
+        raise (Terminated() if err.sigval == signal.SIGTERM else KeyboardInterrupt()) from None
     except ChildFailedError as err:
         failed = ", ".join(f"rank {rank} exit code {failure.exitcode}" for rank, failure in sorted(err.failures.items()))
         raise RuntimeError(f"{len(err.failures)} of {nproc} data-parallel processes failed ({failed}); their errors are above") from None
