@@ -22,7 +22,6 @@ import importlib.util
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from pydantic import Field, field_validator
 
 from .base import Attention, PositiveAutoInt, VariantOptions, causal_mask, from_blocks, to_blocks
