@@ -109,8 +109,8 @@ class Stage:
         assert self.wait() == 0, f"{self.name} failed:\n{self.stderr}"
         return self.stderr
 
-    def kill_when(self, reached: Callable[[], bool], timeout: float = 240) -> None:
-        """SIGKILL as soon as `reached()`; fails if the process ends on its own first."""
+    def wait_for(self, reached: Callable[[], bool], timeout: float = 240) -> None:
+        """Return as soon as `reached()`; fails if the process ends on its own first."""
         deadline = time.monotonic() + timeout
         while not reached():
             if self.proc.poll() is not None:
@@ -119,6 +119,10 @@ class Stage:
                 self.proc.kill()
                 raise AssertionError(f"{self.name}: kill point not reached in {timeout} s")
             time.sleep(POLL)
+
+    def kill_when(self, reached: Callable[[], bool], timeout: float = 240) -> None:
+        """SIGKILL as soon as `reached()`; fails if the process ends on its own first."""
+        self.wait_for(reached, timeout)
         self.sigkill()
 
     def sigkill(self) -> None:
@@ -319,12 +323,7 @@ def test_train_terminated_ends_its_mlflow_run_killed_and_keeps_its_checkpoint(pr
     RUNNING), the checkpoint kept for a re-run, no model.pt and no temporary file."""
     out = tmp_path / "mha"
     stage = Stage(tmp_path, "train", "train", "--params", "params.yaml", "--variant", "mha", "--data", str(prepared[2]), "--out", str(out))
-    reached = checkpoint_at_least(out, 10)
-    deadline = time.monotonic() + 240
-    while not reached():
-        assert stage.proc.poll() is None, f"train ended (rc {stage.proc.returncode}) before step 10:\n{stage.stderr}"
-        assert time.monotonic() < deadline, "no checkpoint of step 10 in 240 s"
-        time.sleep(POLL)
+    stage.wait_for(checkpoint_at_least(out, 10))
     stage.proc.terminate()
     assert stage.wait() == 128 + signal.SIGTERM, stage.stderr
     assert stage.stderr.splitlines()[-1] == "attnbench train: interrupted (SIGTERM); no partial output was kept"
