@@ -19,6 +19,7 @@ import logging
 import statistics
 import time
 import weakref
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
@@ -47,7 +48,7 @@ class SavedActivations:
     later one the allocator puts at its address, would count as one, by chance.)"""
 
     def __init__(self):
-        self.holders: dict[int, int] = {}  # storage address -> saved tensors alive on it
+        self.holders: Counter[int] = Counter()  # storage address -> saved tensors alive on it
         self.held = 0
         self.bytes = 0
 
@@ -55,10 +56,10 @@ class SavedActivations:
         def pack(t: torch.Tensor):
             storage = t.untyped_storage()
             address, size = storage.data_ptr(), storage.nbytes()
-            if self.holders.get(address, 0) == 0:
+            if self.holders[address] == 0:
                 self.held += size
                 self.bytes = max(self.bytes, self.held)
-            self.holders[address] = self.holders.get(address, 0) + 1
+            self.holders[address] += 1
             weakref.finalize(t, self._release, address, size)
             return t
 
