@@ -53,6 +53,32 @@ def test_feature_map_keeps_relative_precision_far_below_zero(dtype):
     assert torch.autograd.gradcheck(feature_map, x[::8].detach().requires_grad_(True)), "its own backward"
 
 
+def every_finite_value(dtype: torch.dtype, device: str) -> torch.Tensor:
+    bits = torch.arange(-2**15, 2**15, dtype=torch.int32, device=device).to(torch.int16)
+    values = bits.view(dtype)
+    return values[torch.isfinite(values)]
+
+
+def check_half_precision_map_is_fp32_rounded(device: str):
+    for dtype in (torch.bfloat16, torch.float16):
+        u = every_finite_value(dtype, device)
+        in_fp32 = feature_map(u.float()).to(dtype)
+        with torch.autocast(device, dtype=dtype):  # as training calls it; CUDA's autocast runs exp in fp32
+            phi = feature_map(u)
+        assert torch.equal(phi.view(torch.int16), in_fp32.view(torch.int16)), dtype
+
+
+def test_feature_map_in_bf16_and_fp16_is_the_fp32_map_rounded_for_every_value():
+    """Computed in the input's own 16-bit dtype, phi is bitwise fp32's phi rounded to that dtype, at every value."""
+    check_half_precision_map_is_fp32_rounded("cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_feature_map_in_bf16_and_fp16_is_the_fp32_map_rounded_for_every_value():
+    check_half_precision_map_is_fp32_rounded("cuda")
+
+
 def test_a_query_far_below_zero_in_bf16_gets_a_gradient_of_the_size_of_v():
     """A query with every component at -8, its features formed in bf16 as fla's path forms them: out_t still averages
     v, and the gradient of q_t stays of v's size. With phi = elu(u) + 1 in bf16 its features were 0, the normaliser
@@ -84,8 +110,8 @@ def test_cpu_tensors_take_the_pytorch_form_whatever_the_kernel(monkeypatch):
 @pytest.mark.skipif(not (torch.cuda.is_available() and la.FLA_INSTALLED), reason="needs a CUDA device and flash-linear-attention")
 @pytest.mark.parametrize("T", [1, 77, 1000])
 def test_gpu_fla_equals_the_pytorch_chunked_form(T):
-    """fla's kernels (bf16 in, as training feeds them) against the fp32 chunked form: outputs and the
-    gradients of q, k, v, within bf16 rounding."""
+    """fla's kernels (bf16 in, under autocast, as training feeds them) against the fp32 chunked form: outputs and
+    the gradients of q, k, v, within bf16 rounding."""
     B, H, D = 2, 4, 64
     torch.manual_seed(0)
     q, k, v = (torch.randn(B, H, T, D, device="cuda") for _ in range(3))
@@ -93,7 +119,8 @@ def test_gpu_fla_equals_the_pytorch_chunked_form(T):
 
     def run(fn, dtype):
         inputs = [t.to(dtype).requires_grad_(True) for t in (q, k, v)]
-        out = fn(feature_map(inputs[0]), feature_map(inputs[1]), inputs[2])
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            out = fn(feature_map(inputs[0]), feature_map(inputs[1]), inputs[2])
         out.float().backward(grad)
         return [out, *(t.grad for t in inputs)]
 
