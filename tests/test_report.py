@@ -5,13 +5,14 @@ from __future__ import annotations
 import csv
 import math
 
+import pandas as pd
 import pytest
 
 from attnbench import data
 from attnbench.config import ConfigError
 from attnbench.files import write_json
 from attnbench.profile import FIELDS, fit_exponent
-from attnbench.report import report, unigram_bpb
+from attnbench.report import SUMMARY_FORMATS, markdown_table, report, unigram_bpb
 from tests.tiny import write_params
 
 FIXTURE = {
@@ -64,7 +65,7 @@ def test_report_from_fixture_metrics(tmp_path, monkeypatch):
     rows = {line.split("|")[1].strip(): line for line in text.splitlines() if line.startswith("| ") and "variant" not in line}
     assert set(rows) == set(FIXTURE)
     assert "| 2.250 |" in rows["mha"] and "| 2.750 |" in rows["la"], "test bpb missing from the table"
-    assert "| 2.000 |" in rows["mha"] and "| 1.000 |" in rows["la"], "fitted time exponents missing from the table"
+    assert "| 2.00 |" in rows["mha"] and "| 1.00 |" in rows["la"], "fitted time exponents missing from the table"
     assert "Best variant: **mha** at 2.250 bpb" in text
     assert f"**{unigram_bpb(tmp_path / 'prepared'):.3f} bpb**" in text
     for name in ("learning_curves", "bpb_vs_throughput", "time_vs_T", "memory_vs_T"):
@@ -105,3 +106,10 @@ def test_report_of_a_subset_names_the_variants_left_out(tmp_path, monkeypatch):
     assert "Not in this report: la, ca (of the params file's 3 variants)." in (tmp_path / "out" / "comparison.md").read_text()
     with pytest.raises(ConfigError, match="'cka' is not in this params file's variants; present: mha, la, ca"):
         report(params, tmp_path / "variants", tmp_path / "prepared", tmp_path / "out2", subset=["mha", "cka"])
+
+
+def test_each_column_keeps_one_format_at_every_magnitude():
+    table = pd.DataFrame([{"variant": "ca", "train tok/s": 950.4, "MFU %": 30.71, "attn MiB @ max T": 970.63, "test bpb": 1.7019},
+                          {"variant": "mha", "train tok/s": 536168.2, "MFU %": None, "attn MiB @ max T": 1161.21, "test bpb": 1.9}])
+    rows = markdown_table(table, SUMMARY_FORMATS).splitlines()[2:]
+    assert rows == ["| ca | 950 | 30.7 | 970.6 | 1.702 |", "| mha | 536,168 | — | 1,161.2 | 1.900 |"]

@@ -100,16 +100,22 @@ def figures(summary: pd.DataFrame, curves: pd.DataFrame, profiles: pd.DataFrame,
     return list(paths.values())
 
 
-def _markdown_table(df: pd.DataFrame) -> str:
-    def fmt(x):
+# One format per column, so a column reads alike at every magnitude.
+SUMMARY_FORMATS = {
+    "params (M)": "{:.3f}", "test bpb": "{:.3f}", "val bpb (end)": "{:.3f}", "train tok/s": "{:,.0f}", "MFU %": "{:.1f}",
+    "attn tok/s @ max T": "{:,.0f}", "attn MiB @ max T": "{:,.1f}",
+    "time exp (attn)": "{:.2f}", "memory exp (attn)": "{:.2f}", "time exp (model)": "{:.2f}",
+}
+
+
+def markdown_table(df: pd.DataFrame, formats: dict[str, str]) -> str:
+    def fmt(x, column):
         if x is None or (isinstance(x, float) and np.isnan(x)):
             return "—"
-        if isinstance(x, float):
-            return f"{x:,.0f}" if abs(x) >= 1000 else f"{x:.3f}"
-        return str(x)
+        return formats[column].format(x) if column in formats else str(x)
 
     lines = ["| " + " | ".join(df.columns) + " |", "|" + "---|" * len(df.columns)]
-    lines += ["| " + " | ".join(fmt(x) for x in row) + " |" for row in df.itertuples(index=False)]
+    lines += ["| " + " | ".join(fmt(x, c) for x, c in zip(row, df.columns)) + " |" for row in df.itertuples(index=False)]
     return "\n".join(lines)
 
 
@@ -147,7 +153,7 @@ def report(params: Params, variants_dir: Path, data_dir: Path, out_dir: Path, su
         f"Unigram byte model of this corpus (train-split frequencies on the test split): **{baseline:.3f} bpb**. "
         f"Best variant: **{best['variant']}** at {best['test bpb']:.3f} bpb.",
         "",
-        _markdown_table(summary),
+        markdown_table(summary, SUMMARY_FORMATS),
         "",
         *([f"Not in this report: {', '.join(left_out)} (of the params file's {len(params.variants)} variants).", ""] if left_out else []),
         "Exponents are log-log slopes against T of time and memory per sequence over the profile's lengths "
