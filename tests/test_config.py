@@ -141,6 +141,8 @@ BAD = [
     ("steps-and-tokens", "train.tokens", 1000, ["train", "exactly one of train.steps and train.tokens", "steps=150", "tokens=1000"]),
     ("neither-steps-nor-tokens", "train.steps", DELETE, ["train", "exactly one of train.steps and train.tokens"]),
     ("bad-device", "train.device", "tpu", ["train.device = 'tpu'", "'auto', 'cpu' or 'cuda'"]),
+    ("threads-zero", "train.threads", 0, ["train.threads = 0", "integer >= 1 or 'auto'"]),
+    ("threads-str", "train.threads", "all", ["train.threads = 'all'", "integer >= 1 or 'auto'"]),
     ("seq-lens-decreasing", "profile.seq_lens", [64, 32], ["profile.seq_lens = [64, 32]", "strictly increasing"]),
     ("seq-lens-repeated", "profile.seq_lens", [64, 64], ["profile.seq_lens = [64, 64]", "strictly increasing"]),
     ("seq-lens-not-positive", "profile.seq_lens", [0, 64], ["profile.seq_lens = [0, 64]", "positive"]),

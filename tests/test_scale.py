@@ -288,6 +288,38 @@ def test_snakemake_plans_train_with_nproc_gpus_under_the_slurm_profile(tmp_path)
     assert not any(i.startswith("gres=") for lines in resources.values() for r in lines for i in r), "gres with gpu: the plugin refuses"
 
 
+def job_threads(dry_run: str) -> dict[str, set[int]]:
+    """rule -> the thread counts of its jobs in a dry run (rules that declare none are left out)."""
+    out: dict[str, set[int]] = {}
+    for block in re.split(r"^(?:local)?rule ", dry_run, flags=re.M)[1:]:
+        found = re.search(r"^\s+threads: (\d+)$", block, re.M)
+        if found:
+            out.setdefault(block.split(":")[0], set()).add(int(found.group(1)))
+    return out
+
+
+@pytest.mark.parametrize("gpus, cores, threads, expected", [
+    (None, 2, "auto", 2),  # CPU jobs one at a time with every core, as dvc repro runs them
+    ("2", 8, "auto", 4),   # a share per GPU: two jobs side by side
+    ("2", 8, 3, 3),
+])
+def test_snakemake_gives_train_evaluate_and_profile_jobs_their_cpu_threads(tmp_path, gpus, cores, threads, expected):
+    ws = workspace(tmp_path, {"train": {"threads": threads}})
+    env = CLEAN_ENV | ({"ATTNBENCH_GPUS": gpus} if gpus else {})
+    plan = run_env([sys.executable, "-m", "snakemake", "-n", "--forceall", "--cores", str(cores)], ws, env)
+    assert job_threads(plan) == {"train": {expected}, "evaluate": {expected}, "profile": {expected}}
+
+
+@pytest.mark.parametrize("setting, granted, expected", [("auto", "1", 1), (2, "1", 2), ("auto", None, None)])
+def test_a_stage_computes_with_train_threads_whatever_the_front_end_grants(tmp_path, setting, granted, expected):
+    """Snakemake hands a job its threads as OMP_NUM_THREADS; dvc repro hands none. auto takes the grant, or every
+    core of the process's affinity without one; a number is used as it is."""
+    write_params(tmp_path, {"train": {"threads": setting}})
+    env = {k: v for k, v in CLEAN_ENV.items() if k != "OMP_NUM_THREADS"} | ({"OMP_NUM_THREADS": granted} if granted else {})
+    run_env([sys.executable, "-m", "attnbench", "profile", "--params", "params.yaml", "--variant", "mha", "--out", "out"], tmp_path, env)
+    assert read_json(tmp_path / "out" / "profile.json")["cpu_threads"] == (expected or len(os.sched_getaffinity(0)))
+
+
 SLOT_LINE = re.compile(r"^(\d\d:\d\d:\d\d) attnbench train: gpu slot\(s\) (\d+) -> CUDA_VISIBLE_DEVICES=(\d+)$", re.M)
 FREE_LINE = re.compile(r"^(\d\d:\d\d:\d\d) attnbench train: gpu slot\(s\) (\d+) released", re.M)
 

@@ -101,8 +101,18 @@ class TrainConfig(Strict):
     checkpoint_every: int = Field(100, gt=0)
     log_every: int = Field(10, gt=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: int | Literal["auto"] = Field(
+        "auto", description="CPU threads of each train, evaluate and profile job (split among train.nproc processes); auto = "
+        "every core the job may use: the orchestrator's grant (OMP_NUM_THREADS), else the process's CPU affinity")
     compile: bool = False
     nproc: int = Field(1, gt=0, description="data-parallel training processes, one per GPU: > 1 runs train under torchrun (DDP)")
+
+    @field_validator("threads", mode="before")
+    @classmethod
+    def _threads(cls, v: object) -> object:
+        if v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
+            return v
+        raise ValueError("must be an integer >= 1 or 'auto'")
 
     @model_validator(mode="after")
     def _one_budget(self):

@@ -39,11 +39,11 @@ def needs_launch(nproc: int) -> bool:
     return nproc > 1 and not under_torchrun()
 
 
-def launch(nproc: int, argv: list[str]) -> None:
+def launch(nproc: int, argv: list[str], threads: int) -> None:
     """Run `python -m attnbench <argv>` as `nproc` workers on this machine with torchrun, in this process
     (`torch.distributed.run`, as `python -m torch.distributed.run --standalone --nproc-per-node=nproc
     -m attnbench <argv>` would); return when they are done, raise if one fails. The torchrun agent
-    forwards SIGINT and SIGTERM to the workers."""
+    forwards SIGINT and SIGTERM to the workers. The workers split the job's `threads` CPU threads."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main as torchrun
@@ -52,9 +52,8 @@ def launch(nproc: int, argv: list[str]) -> None:
         raise RuntimeError("train.nproc > 1 runs from the CLI (`python -m attnbench train ...`) or under torchrun")
     args = ["--standalone", f"--nproc-per-node={nproc}", "-m", "attnbench", *argv]
     log.info("launching %d data-parallel processes: torchrun %s", nproc, shlex.join(args))
-    threads = os.environ.get("OMP_NUM_THREADS")
-    if threads is None:  # CPU threads per worker (torchrun's own default is 1)
-        os.environ["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // nproc))
+    granted = os.environ.get("OMP_NUM_THREADS")
+    os.environ["OMP_NUM_THREADS"] = str(threads)  # the job's: each worker takes its share (runtime.use_cpu_threads); torchrun's default is 1
     try:
         torchrun(args)
     except SignalException as err:  # the agent's own handler took our SIGTERM or SIGINT and has stopped the workers
@@ -63,8 +62,10 @@ def launch(nproc: int, argv: list[str]) -> None:
         failed = ", ".join(f"rank {rank} exit code {failure.exitcode}" for rank, failure in sorted(err.failures.items()))
         raise RuntimeError(f"{len(err.failures)} of {nproc} data-parallel processes failed ({failed}); their errors are above") from None
     finally:
-        if threads is None:
+        if granted is None:
             os.environ.pop("OMP_NUM_THREADS", None)
+        else:
+            os.environ["OMP_NUM_THREADS"] = granted
 
 
 @contextlib.contextmanager

@@ -20,7 +20,7 @@ from .config import Params
 from .data import load_split
 from .files import write_json
 from .model import ByteLM, load_model
-from .runtime import autocast, resolve_device
+from .runtime import autocast, resolve_device, use_cpu_threads
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +79,7 @@ def evaluate(params: Params, variant: str, data_dir: Path, model_path: Path) -> 
 def main(params: Params, variant: str, data_dir: Path, out_dir: Path) -> dict:
     from .tracking import stage_run
 
+    use_cpu_threads(params.train.threads)
     with stage_run(params, "evaluate", variant) as tracker:
         tracker.log_params({"variant": variant, "evaluate": params.evaluate.model_dump()})
         metrics = evaluate(params, variant, data_dir, out_dir / "model.pt")

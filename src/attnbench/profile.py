@@ -29,7 +29,7 @@ import torch
 from .config import Params
 from .files import atomic_path, write_json
 from .model import ByteLM
-from .runtime import autocast, resolve_device
+from .runtime import autocast, resolve_device, use_cpu_threads
 from .variants import build_attention
 
 log = logging.getLogger(__name__)
@@ -164,12 +164,13 @@ def profile(params: Params, variant: str) -> tuple[list[dict], dict]:
         Ts = [r["T"] for r in ok]
         exponents[f"{scope}_time_exponent"] = fit_exponent(Ts, [r["seconds"] / r["batch"] for r in ok])
         exponents[f"{scope}_memory_exponent"] = fit_exponent(Ts, [r["memory_bytes"] / r["batch"] for r in ok])
-    return rows, {"variant": variant, "device": str(device), **exponents}
+    return rows, {"variant": variant, "device": str(device), "cpu_threads": torch.get_num_threads(), **exponents}
 
 
 def main(params: Params, variant: str, out_dir: Path) -> dict:
     from .tracking import stage_run
 
+    use_cpu_threads(params.train.threads)
     with stage_run(params, "profile", variant) as tracker:
         tracker.log_params({"variant": variant, "profile": params.profile.model_dump(), "model": params.model.model_dump(),
                             "variant_options": params.variant_options(variant)})

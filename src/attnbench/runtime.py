@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
 
@@ -17,6 +18,23 @@ def resolve_device(name: str) -> torch.device:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     return torch.device(name)
+
+
+def job_cpu_threads(setting: int | str) -> int:
+    """The CPU threads of one stage job (train.threads): the setting, or for auto every core the job may use: the
+    orchestrator's grant in OMP_NUM_THREADS (Snakemake sets it to the job's threads), else this process's affinity."""
+    if setting != "auto":
+        return int(setting)
+    granted = os.environ.get("OMP_NUM_THREADS", "")
+    return int(granted) if granted.isdigit() and int(granted) > 0 else len(os.sched_getaffinity(0))
+
+
+def use_cpu_threads(setting: int | str) -> int:
+    """Give torch this process's share of the job's CPU threads (torchrun's LOCAL_WORLD_SIZE processes split them),
+    so that a stage computes with the same threads under either front end; return the share."""
+    share = max(1, job_cpu_threads(setting) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    torch.set_num_threads(share)
+    return share
 
 
 def autocast(device: torch.device):

@@ -36,7 +36,7 @@ from .evaluate import bits_per_byte
 from .files import atomic_path, read_json, write_json
 from .gpu_slots import gpu_slots
 from .model import ByteLM, save_model
-from .runtime import autocast, peak_flops, resolve_device
+from .runtime import autocast, job_cpu_threads, peak_flops, resolve_device, use_cpu_threads
 
 log = logging.getLogger(__name__)
 
@@ -252,6 +252,7 @@ def train(params: Params, variant: str, data_dir: Path, out_dir: Path, tracker=N
         "params_non_embedding": n_params,
         "device": device.type if world == 1 else f"{device.type} x{world}",
         "nproc": world,
+        "cpu_threads": torch.get_num_threads(),  # per process: CPU timings depend on it
     }
     save_model(model, out_dir / "model.pt")
     with atomic_path(out_dir / "curve.csv") as tmp, open(tmp, "w", newline="") as f:
@@ -276,10 +277,11 @@ def main(params: Params, variant: str, data_dir: Path, out_dir: Path, argv: list
     runs this same command (`argv`, default sys.argv[1:]) as nproc torchrun workers and waits for them."""
     nproc = params.train.nproc
     gpus = 0 if params.train.device == "cpu" else nproc  # GPU slots: one per process (none for CPU training)
+    use_cpu_threads(params.train.threads)
     if distributed.needs_launch(nproc):
         distributed.shard(params.train.grad_accum, params.train.batch_size, 0, nproc)  # a bad nproc fails here, once
         with gpu_slots(gpus):  # held here for all the workers, which inherit CUDA_VISIBLE_DEVICES
-            distributed.launch(nproc, sys.argv[1:] if argv is None else argv)
+            distributed.launch(nproc, sys.argv[1:] if argv is None else argv, job_cpu_threads(params.train.threads))
         return read_json(Path(out_dir) / "train.json")
 
     with gpu_slots(gpus), distributed.process_group(resolve_device(params.train.device)):

@@ -1,6 +1,9 @@
 import json
 
+from snakemake.exceptions import WorkflowError
+
 from attnbench.config import load_params
+from attnbench.gpu_slots import visible_gpus
 from attnbench.sources import stage_sources, variant_sources
 
 # Presets are complete params files: the last --configfile wins whole (Snakemake's own
@@ -15,6 +18,24 @@ RESULTS = str(PARAMS.results_dir)
 VARIANTS = list(PARAMS.variants)
 LOGS = f"logs/{PARAMS.run.name}"
 CLI = f"python -m attnbench {{stage}} --params {PARAMS_FILE}"
+
+
+def job_threads():
+    """CPU threads of each train, evaluate and profile job: train.threads, handed to the job as OMP_NUM_THREADS.
+    auto: --cores shared equally by this host's GPUs, or all of them without one, so that CPU jobs run one at a
+    time with every core, as under dvc repro, and no CPU timing is taken beside another job.
+    """
+    if PARAMS.train.threads != "auto":
+        return PARAMS.train.threads
+    # A cluster executor without --cores has no total: one thread (set train.threads to ask for more).
+    try:
+        cores = workflow.cores
+    except WorkflowError:
+        return 1
+    return max(1, cores // max(1, len(visible_gpus())))
+
+
+JOB_THREADS = job_threads()
 
 
 wildcard_constraints:

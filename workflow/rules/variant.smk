@@ -30,6 +30,7 @@ rule train:
         summary=f"{VARIANT_DIR}/train.json",
     log:
         f"{LOGS}/train-{{variant}}.log",
+    threads: JOB_THREADS
     resources:
         # train.nproc data-parallel processes, one GPU each (the stage picks free ones: gpu_slots.py).
         gpu=PARAMS.train.nproc,
@@ -53,10 +54,12 @@ rule evaluate:
         metrics=f"{VARIANT_DIR}/eval.json",
     log:
         f"{LOGS}/evaluate-{{variant}}.log",
+    threads: JOB_THREADS
     resources:
         gpu=1,
     params:
         evaluate=section("evaluate"),
+        threads=section("train", "threads"),
     shell:
         f"{stage('evaluate')} --variant {{wildcards.variant}} --data {PREPARED} --out {VARIANT_OUT} 2>&1 | tee {{log}}"
 
@@ -70,12 +73,14 @@ rule profile:
         summary=f"{VARIANT_DIR}/profile.json",
     log:
         f"{LOGS}/profile-{{variant}}.log",
+    threads: JOB_THREADS
     resources:
         gpu=1,
     params:
         model=section("model"),
         profile=section("profile"),
         device=section("train", "device"),  # where it measures
+        threads=section("train", "threads"),  # with what
         options=section("variants", "{variant}"),
     shell:
         f"{stage('profile')} --variant {{wildcards.variant}} --out {VARIANT_OUT} 2>&1 | tee {{log}}"
