@@ -28,6 +28,7 @@ from attnbench import data, distributed, train as train_mod
 from attnbench.config import load_params, parse_params
 from attnbench.files import read_json
 from attnbench.gpu_slots import gpu_slots
+from attnbench.runtime import use_cpu_threads
 from tests.test_pipeline import ENV, job_counts, run, workspace
 from tests.tiny import REPO, TINY, merge, write_params
 
@@ -310,14 +311,32 @@ def test_snakemake_gives_train_evaluate_and_profile_jobs_their_cpu_threads(tmp_p
     assert job_threads(plan) == {"train": {expected}, "evaluate": {expected}, "profile": {expected}}
 
 
-@pytest.mark.parametrize("setting, granted, expected", [("auto", "1", 1), (2, "1", 2), ("auto", None, None)])
-def test_a_stage_computes_with_train_threads_whatever_the_front_end_grants(tmp_path, setting, granted, expected):
-    """Snakemake hands a job its threads as OMP_NUM_THREADS; dvc repro hands none. auto takes the grant, or every
-    core of the process's affinity without one; a number is used as it is."""
-    write_params(tmp_path, {"train": {"threads": setting}})
-    env = {k: v for k, v in CLEAN_ENV.items() if k != "OMP_NUM_THREADS"} | ({"OMP_NUM_THREADS": granted} if granted else {})
-    run_env([sys.executable, "-m", "attnbench", "profile", "--params", "params.yaml", "--variant", "mha", "--out", "out"], tmp_path, env)
-    assert read_json(tmp_path / "out" / "profile.json")["cpu_threads"] == (expected or len(os.sched_getaffinity(0)))
+@pytest.mark.parametrize("setting, granted, workers, expected", [
+    ("auto", "1", None, 1),     # Snakemake's grant
+    (2, "1", None, 2),          # a number wins over the grant
+    ("auto", None, None, None),  # dvc repro: no grant, every core of the affinity
+    (4, None, "2", 2),          # torchrun's workers split the job's threads
+])
+def test_a_stage_takes_train_threads_or_the_grant_or_its_cores(monkeypatch, setting, granted, workers, expected):
+    for name, value in (("OMP_NUM_THREADS", granted), ("LOCAL_WORLD_SIZE", workers)):
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, value)
+    before = torch.get_num_threads()
+    try:
+        assert use_cpu_threads(setting) == torch.get_num_threads() == (expected or len(os.sched_getaffinity(0)))
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_the_profile_stage_computes_on_the_threads_snakemake_grants(tmp_path):
+    """Snakemake hands a job its threads as OMP_NUM_THREADS (dvc repro hands none): the stage takes them with
+    train.threads auto, and records them."""
+    write_params(tmp_path, {"profile": {"seq_lens": [8, 16], "whole_model": False, "warmup": 0, "repeats": 1}})
+    run_env([sys.executable, "-m", "attnbench", "profile", "--params", "params.yaml", "--variant", "mha", "--out", "out"],
+            tmp_path, CLEAN_ENV | {"OMP_NUM_THREADS": "1"})
+    assert read_json(tmp_path / "out" / "profile.json")["cpu_threads"] == 1
 
 
 SLOT_LINE = re.compile(r"^(\d\d:\d\d:\d\d) attnbench train: gpu slot\(s\) (\d+) -> CUDA_VISIBLE_DEVICES=(\d+)$", re.M)
