@@ -1,4 +1,4 @@
-"""Device choice and precision: bf16 autocast on CUDA, plain fp32 on CPU."""
+"""Device choice, precision (bf16 autocast on CUDA, plain fp32 on CPU), CPU threads and peak FLOP/s."""
 
 from __future__ import annotations
 
