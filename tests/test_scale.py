@@ -261,11 +261,11 @@ def test_gpu_slots_stand_aside_without_gpus_under_slurm_and_in_torchrun_workers(
 # --- 3. Snakemake: gpu resources, the Slurm profile, a run on fake GPUs ----------------------
 
 
-def rule_resources(dry_run: str) -> dict[str, set[str]]:
-    """rule -> the set of its jobs' `resources:` lines in a dry run."""
+def job_field(dry_run: str, field: str) -> dict[str, set[str]]:
+    """rule -> the set of its jobs' `field:` lines in a dry run ("" for a job without one)."""
     out: dict[str, set[str]] = {}
     for block in re.split(r"^(?:local)?rule ", dry_run, flags=re.M)[1:]:
-        found = re.search(r"^\s+resources: (.*)$", block, re.M)
+        found = re.search(rf"^\s+{field}: (.*)$", block, re.M)
         out.setdefault(block.split(":")[0], set()).add(found.group(1) if found else "")
     return out
 
@@ -281,22 +281,12 @@ def test_snakemake_plans_train_with_nproc_gpus_under_the_slurm_profile(tmp_path)
 
     plan = run([sys.executable, "-m", "snakemake", "-n", "--cores", "all", "--resources", "gpu=2", "--profile", "local-profile"], ws)
     assert job_counts(plan) == {"fetch": 1, "prepare": 1, "sources": 4, "train": 4, "evaluate": 4, "profile": 4, "report": 1, "all": 1}
-    resources = {rule: [set(r.split(", ")) for r in lines] for rule, lines in rule_resources(plan).items()}
+    resources = {rule: [set(r.split(", ")) for r in lines] for rule, lines in job_field(plan, "resources").items()}
     for r in resources["train"]:
         assert {"gpu=2", "tasks_per_gpu=0", "cpus_per_gpu=8", "runtime=720", "slurm_partition=YOUR_PARTITION"} <= r, r
     for r in resources["evaluate"] + resources["profile"]:
         assert {"gpu=1", "tasks_per_gpu=0"} <= r, r
     assert not any(i.startswith("gres=") for lines in resources.values() for r in lines for i in r), "gres with gpu: the plugin refuses"
-
-
-def job_threads(dry_run: str) -> dict[str, set[int]]:
-    """rule -> the thread counts of its jobs in a dry run (rules that declare none are left out)."""
-    out: dict[str, set[int]] = {}
-    for block in re.split(r"^(?:local)?rule ", dry_run, flags=re.M)[1:]:
-        found = re.search(r"^\s+threads: (\d+)$", block, re.M)
-        if found:
-            out.setdefault(block.split(":")[0], set()).add(int(found.group(1)))
-    return out
 
 
 @pytest.mark.parametrize("gpus, cores, threads, expected", [
@@ -308,7 +298,8 @@ def test_snakemake_gives_train_evaluate_and_profile_jobs_their_cpu_threads(tmp_p
     ws = workspace(tmp_path, {"train": {"threads": threads}})
     env = CLEAN_ENV | ({"ATTNBENCH_GPUS": gpus} if gpus else {})
     plan = run_env([sys.executable, "-m", "snakemake", "-n", "--forceall", "--cores", str(cores)], ws, env)
-    assert job_threads(plan) == {"train": {expected}, "evaluate": {expected}, "profile": {expected}}
+    declared = {rule: counts for rule, counts in job_field(plan, "threads").items() if counts != {""}}
+    assert declared == {"train": {str(expected)}, "evaluate": {str(expected)}, "profile": {str(expected)}}
 
 
 @pytest.mark.parametrize("setting, granted, workers, expected", [
