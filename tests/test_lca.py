@@ -52,12 +52,15 @@ def test_long_segments_match_reference_and_stay_causal(clusters, router, mode):
     assert_prefix_unchanged((out_a, grads_a), changed, t, f"lca C={clusters}")
 
 
-@pytest.mark.parametrize("mode", ["train", "eval"])
+@pytest.mark.parametrize("mode", ["train", "eval", "sampled"])
 @pytest.mark.parametrize("router", ROUTERS)
 @pytest.mark.parametrize("T,clusters", [(1, 1), (37, 3), (300, 1), (300, 4), (300, 17)], ids=str)
 def test_sorted_path_equals_reference(T, clusters, router, mode):
+    """"sampled": evaluation with training's routing noise (`sample_in_eval`)."""
     H, D = 2, 8
-    assert_sorted_forward_equals_reference(lca_layer(T, H, D, clusters=clusters, router=router).train(mode == "train"), B=2)
+    layer = lca_layer(T, H, D, clusters=clusters, router=router).train(mode == "train")
+    layer.sample_in_eval = mode == "sampled"
+    assert_sorted_forward_equals_reference(layer, B=2)
 
 
 def train_on_uniform_attention(name, target, prepare=None, steps=200, lr=3e-2, seed=0, **options):
@@ -142,9 +145,63 @@ def test_tau_anneals_geometrically_and_aux_loss_is_training_only():
         assert layer.tau.item() == pytest.approx(tau)
     layer(torch.randn(1, 16, 16))
     assert layer.aux_loss is not None and layer.aux_loss.requires_grad
+    assert set(layer.stats()) == {"max_cluster_frac", "empty_clusters", "pair_frac", "tau"}
     layer.eval()(torch.randn(1, 16, 16))
     assert layer.aux_loss is None
-    assert set(layer.stats()) == {"max_cluster_frac", "empty_clusters", "pair_frac", "tau"}
+    assert set(layer.stats()) == {"max_cluster_frac", "empty_clusters", "pair_frac"}
+
+
+@pytest.mark.parametrize("name", ["lca", "sca"])
+def test_sampled_routing_in_evaluation_draws_as_training_does(name):
+    """`sample_in_eval`: evaluation routes by training's draw (same seed, same clusters), not by the argmax, and
+    sets no balance loss; without it evaluation takes the argmax of the logits."""
+    layer = lca_layer(64, 2, 8, name=name, clusters=4).eval()
+    x = torch.randn(2, 64, 16)
+    layer(x)
+    argmax = layer.last_clusters
+    assert torch.equal(argmax, layer.router_logits(x).argmax(-1).transpose(1, 2))
+    layer.sample_in_eval = True
+    torch.manual_seed(1)
+    out = layer(x)
+    sampled = layer.last_clusters
+    assert layer.aux_loss is None
+    torch.manual_seed(1)
+    trained = layer.train()(x)
+    assert torch.equal(sampled, layer.last_clusters) and torch.equal(out, trained)
+    assert not torch.equal(sampled, argmax)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("name", ["lca", "sca"])
+def test_gpu_sampled_evaluation_equals_the_reference(name):
+    """Evaluation with sampled routing on CUDA (torch's noise, not the fused routing's, and the band kernels given
+    own gates outside training): the efficient path equals the reference under the same draw, in fp32."""
+    T, H, D = 300, 2, 64
+    layer = lca_layer(T, H, D, name=name, clusters=4).cuda().eval()
+    layer.sample_in_eval = True
+    if name == "sca":
+        layer.gate.data.fill_(0.5)  # the supernodes' share of v', 0 at initialisation
+    x = torch.randn(2, T, H * D, device="cuda")
+    outs, clusters = [], []
+    with torch.no_grad():
+        for path in ("reference", "efficient"):
+            layer.path = path
+            torch.manual_seed(1)
+            outs.append(layer(x))
+            clusters.append(layer.last_clusters)
+    assert torch.equal(*clusters)
+    assert rel_err(outs[1], outs[0]) < FP32_RTOL, f"{name}: rel err {rel_err(outs[1], outs[0]):.2e}"
+
+
+def test_a_model_samples_its_routing_only_inside_sampled_routing():
+    from attnbench.model import ByteLM, ModelConfig
+
+    model = ByteLM(ModelConfig("lca", d_model=16, n_layers=2, n_heads=2, seq_len=32)).eval()
+    assert model.noisy_routing and not ByteLM(ModelConfig("mha", d_model=16, n_layers=1, n_heads=2, seq_len=32)).noisy_routing
+    with model.sampled_routing():
+        assert all(attn.sample_in_eval for attn in model.attention_layers)
+    assert not any(attn.sample_in_eval for attn in model.attention_layers)
 
 
 def test_annealing_tau_does_not_recompile_the_router():

@@ -75,6 +75,26 @@ def test_report_from_fixture_metrics(tmp_path, monkeypatch):
     assert [r["variant"] for r in result["variants"]] == list(FIXTURE)
 
 
+def test_sampled_routing_variants_get_both_readings_in_their_own_table(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _, params = write_params(tmp_path, {"variants": {"la": None, "lca": {}}})
+    data.fetch(params.data, tmp_path / "corpus.bin", tmp_path / "download")
+    data.prepare(tmp_path / "corpus.bin", tmp_path / "prepared", params.data.max_bytes, params.data.splits)
+    write_variant(tmp_path / "variants" / "mha", "mha", *FIXTURE["mha"])
+    write_variant(tmp_path / "variants" / "lca", "lca", 3.205, 2000.0, 1.0)
+    write_json(tmp_path / "variants" / "lca" / "eval.json", {
+        "variant": "lca", "test_bpb": 3.205, "test_tokens": 999, "test_bpb_sampled": 3.0225,
+        "routing": {"argmax": {"max_cluster_frac": 0.1765, "empty_clusters": 5.105, "pair_frac": 0.085},
+                    "sampled": {"max_cluster_frac": 0.0913, "empty_clusters": 0.065, "pair_frac": 0.045}}})
+
+    report(params, tmp_path / "variants", tmp_path / "prepared", tmp_path / "out")
+
+    text = (tmp_path / "out" / "comparison.md").read_text()
+    assert "| lca | 3.205 | 3.022 | 17.6 | 9.1 | 5.11 | 0.07 |" in text
+    assert "lca routes tokens by sampling in training" in text and f"seed {params.train.seed}" in text
+    assert text.count("| mha |") == 1, "mha does not sample its routing: no row of its own in the routing table"
+
+
 def test_report_names_a_missing_variant_output(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     _, params = write_params(tmp_path, {"variants": {v: {} for v in FIXTURE}})

@@ -135,6 +135,34 @@ def test_each_log_point_records_its_windows_largest_gradient_norm(tiny, tmp_path
         assert metrics["grad_norm_max"] == max(float(n) for n in norms[step - 2 : step])
 
 
+def test_routing_stats_are_the_training_batchs_and_the_val_pass_is_logged_apart(tiny, tmp_path, monkeypatch):
+    """attn.* at an eval point are the last training batch's routing, read before the val pass routes anew
+    (argmax, no noise); the val pass's own, averaged over its bytes, are val_attn.*."""
+    params, prepared = tiny({"variants": {"lca": {}}})
+    logged, before_val, val_stats = {}, [], []
+    real_bits_per_byte = train_mod.bits_per_byte
+
+    def recording(model, *args, **kwargs):
+        before_val.append(model.attention_stats())
+        result = real_bits_per_byte(model, *args, **kwargs)
+        val_stats.append(result["attention"])
+        return result
+
+    class Recorder:
+        def log_params(self, params):
+            pass
+
+        def log_metrics(self, metrics, step=None):
+            logged[step] = metrics
+
+    monkeypatch.setattr(train_mod, "bits_per_byte", recording)
+    train_mod.train(params, "lca", prepared, tmp_path / "lca", Recorder())
+    assert len(before_val) == 3 and "tau" in before_val[0] and "tau" not in val_stats[0]
+    for stats, val, step in zip(before_val, val_stats, [4, 8, 12]):
+        assert {k[len("attn."):]: v for k, v in logged[step].items() if k.startswith("attn.")} == stats
+        assert {k[len("val_attn."):]: v for k, v in logged[step].items() if k.startswith("val_attn.")} == val
+
+
 def test_token_budget_sets_the_steps(tiny, tmp_path):
     params, prepared = tiny({"train": {"steps": None, "tokens": 8 * 4 * 32, "eval_every": 100}})
     summary = train_mod.train(params, "mha", prepared, tmp_path / "mha")
@@ -148,6 +176,21 @@ def test_evaluate_scores_every_test_byte_once(tiny, tmp_path):
     metrics = evaluate(params, "mha", prepared, tmp_path / "mha" / "model.pt")
     assert metrics["test_tokens"] == n_test - 1
     assert 0 < metrics["test_bpb"] < 8
+
+
+def test_evaluate_scores_noisy_routing_by_the_argmax_and_as_trained(tiny, tmp_path):
+    """lca: test_bpb is the spec's argmax routing; test_bpb_sampled routes by training's draw, seeded, so it
+    repeats; both give their cluster statistics. mha has neither."""
+    params, prepared = tiny({"variants": {"lca": {}}})
+    for variant in ("lca", "mha"):
+        train_mod.train(params, variant, prepared, tmp_path / variant)
+    first, again = (evaluate(params, "lca", prepared, tmp_path / "lca" / "model.pt") for _ in range(2))
+    assert first["test_bpb_sampled"] == again["test_bpb_sampled"] and first["test_bpb"] == again["test_bpb"]
+    assert first["test_bpb_sampled"] != first["test_bpb"]
+    assert set(first["routing"]) == {"argmax", "sampled"}
+    assert set(first["routing"]["sampled"]) == {"max_cluster_frac", "empty_clusters", "pair_frac"}
+    plain = evaluate(params, "mha", prepared, tmp_path / "mha" / "model.pt")
+    assert "test_bpb_sampled" not in plain and "routing" not in plain
 
 
 def test_window_starts_cover_the_split_and_subsample_evenly():

@@ -36,13 +36,15 @@ def window_starts(n_bytes: int, seq_len: int, max_tokens: int | None = None) -> 
 
 @torch.no_grad()
 def bits_per_byte(model: ByteLM, data: np.ndarray, batch_size: int, max_tokens: int | None = None, progress: bool = False) -> dict:
-    """Mean cross-entropy in bits per byte over the windows of `data`; returns bpb and the bytes scored."""
+    """Mean cross-entropy in bits per byte over the windows of `data`; returns bpb, the bytes scored and the
+    attention layers' diagnostics (`ByteLM.attention_stats`, e.g. cluster sizes) averaged over the bytes."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     seq_len = model.cfg.seq_len
     starts = window_starts(len(data), seq_len, max_tokens).tolist()  # python ints: results stay plain floats (checkpoints load weights-only)
     total_nats, total_tokens = 0.0, 0
+    stat_sums: dict[str, float] = {}
     t0 = last_report = time.perf_counter()
     # Full-length windows batch together; the one short tail window goes alone.
     full = [s for s in starts if s + seq_len + 1 <= len(data)]
@@ -57,6 +59,8 @@ def bits_per_byte(model: ByteLM, data: np.ndarray, batch_size: int, max_tokens: 
         n = window.shape[0] * length
         total_nats += loss.item() * n
         total_tokens += int(n)
+        for key, value in model.attention_stats().items():
+            stat_sums[key] = stat_sums.get(key, 0.0) + value * n
         if progress and time.perf_counter() - last_report > 10:
             last_report = time.perf_counter()
             log.info("evaluate: %d/%d batches, %.4f bpb so far", i + 1, len(batches), total_nats / total_tokens / math.log(2))
@@ -65,6 +69,7 @@ def bits_per_byte(model: ByteLM, data: np.ndarray, batch_size: int, max_tokens: 
         "bpb": total_nats / max(total_tokens, 1) / math.log(2),
         "tokens": total_tokens,
         "seconds": time.perf_counter() - t0,
+        "attention": {key: total / max(total_tokens, 1) for key, total in stat_sums.items()},
     }
 
 
@@ -72,8 +77,19 @@ def evaluate(params: Params, variant: str, data_dir: Path, model_path: Path) -> 
     device = resolve_device(params.train.device)
     model = load_model(model_path, device, expected=params.model_for(variant))
     test = load_split(data_dir, "test")
-    result = bits_per_byte(model, test, params.evaluate.batch_size, params.evaluate.max_tokens, progress=True)
-    return {"variant": variant, "test_bpb": result["bpb"], "test_tokens": result["tokens"], "seconds": result["seconds"], "device": str(device)}
+    batch_size, max_tokens = params.evaluate.batch_size, params.evaluate.max_tokens
+    result = bits_per_byte(model, test, batch_size, max_tokens, progress=True)
+    metrics = {"variant": variant, "test_bpb": result["bpb"], "test_tokens": result["tokens"], "seconds": result["seconds"], "device": str(device)}
+    if model.noisy_routing:  # test_bpb is the spec's argmax routing; also score the model as it trained
+        torch.manual_seed(params.train.seed)
+        with model.sampled_routing():
+            sampled = bits_per_byte(model, test, batch_size, max_tokens, progress=True)
+        metrics |= {
+            "test_bpb_sampled": sampled["bpb"],
+            "routing": {"argmax": result["attention"], "sampled": sampled["attention"]},
+            "seconds": result["seconds"] + sampled["seconds"],
+        }
+    return metrics
 
 
 def main(params: Params, variant: str, data_dir: Path, out_dir: Path) -> dict:
@@ -84,7 +100,9 @@ def main(params: Params, variant: str, data_dir: Path, out_dir: Path) -> dict:
         tracker.log_params({"variant": variant, "evaluate": params.evaluate.model_dump()})
         metrics = evaluate(params, variant, data_dir, out_dir / "model.pt")
         write_json(out_dir / "eval.json", metrics)
-        tracker.log_metrics({"test_bpb": metrics["test_bpb"], "test_tokens": metrics["test_tokens"]})
+        routing = {f"routing.{mode}.{k}": v for mode, stats in metrics.get("routing", {}).items() for k, v in stats.items()}
+        tracker.log_metrics({k: metrics[k] for k in ("test_bpb", "test_bpb_sampled", "test_tokens") if k in metrics} | routing)
         tracker.log_artifact(out_dir / "eval.json")
-    log.info("evaluate %s: test %.4f bpb over %d bytes in %.1fs", variant, metrics["test_bpb"], metrics["test_tokens"], metrics["seconds"])
+    sampled = f" (sampled routing {metrics['test_bpb_sampled']:.4f})" if "test_bpb_sampled" in metrics else ""
+    log.info("evaluate %s: test %.4f bpb%s over %d bytes in %.1fs", variant, metrics["test_bpb"], sampled, metrics["test_tokens"], metrics["seconds"])
     return metrics

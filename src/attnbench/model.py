@@ -10,6 +10,8 @@ comparison of attention mechanisms.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -103,6 +105,28 @@ class ByteLM(nn.Module):
     def set_progress(self, fraction: float) -> None:
         for attn in self.attention_layers:
             attn.set_progress(fraction)
+
+    @property
+    def noisy_routing(self) -> bool:
+        """Whether an attention layer routes by sampling in training (lca, sca), so evaluation has two readings."""
+        return any(attn.noisy_routing for attn in self.attention_layers)
+
+    @contextmanager
+    def sampled_routing(self) -> Iterator[None]:
+        """Evaluation that routes as training does, with noise (torch's generator; no balance loss)."""
+        for attn in self.attention_layers:
+            attn.sample_in_eval = True
+        try:
+            yield
+        finally:
+            for attn in self.attention_layers:
+                attn.sample_in_eval = False
+
+    def attention_stats(self) -> dict[str, float]:
+        """The attention layers' diagnostics of the last forward (cluster sizes, ...), averaged over the layers."""
+        per_layer = [attn.stats() for attn in self.attention_layers]
+        keys = sorted(set().union(*per_layer))
+        return {k: sum(s[k] for s in per_layer if k in s) / sum(k in s for s in per_layer) for k in keys}
 
     def aux_loss(self) -> torch.Tensor | None:
         """Sum of the auxiliary losses the attention layers set in the last forward, or None."""

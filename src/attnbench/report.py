@@ -61,6 +61,27 @@ def collect(variants_dir: Path, variants: list[str]) -> tuple[pd.DataFrame, pd.D
     return pd.DataFrame(summary), pd.concat(curves, ignore_index=True), pd.concat(profiles, ignore_index=True)
 
 
+def routing_summary(variants_dir: Path, variants: list[str]) -> pd.DataFrame:
+    """For the variants that route by sampling in training (eval.json has test_bpb_sampled): test bpb and cluster
+    sizes with the spec's argmax routing and with training's sampled routing."""
+    rows = []
+    for v in variants:
+        evaluation = read_json(Path(variants_dir) / v / "eval.json")
+        if "test_bpb_sampled" not in evaluation:
+            continue
+        argmax, sampled = evaluation["routing"]["argmax"], evaluation["routing"]["sampled"]
+        rows.append({
+            "variant": v,
+            "test bpb (argmax)": evaluation["test_bpb"],
+            "test bpb (sampled)": evaluation["test_bpb_sampled"],
+            "largest cluster % (argmax)": 100 * argmax["max_cluster_frac"],
+            "largest cluster % (sampled)": 100 * sampled["max_cluster_frac"],
+            "empty clusters (argmax)": argmax["empty_clusters"],
+            "empty clusters (sampled)": sampled["empty_clusters"],
+        })
+    return pd.DataFrame(rows)
+
+
 def _save(fig, path: Path) -> None:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
@@ -106,6 +127,10 @@ SUMMARY_FORMATS = {
     "attn tok/s @ max T": "{:,.0f}", "attn MiB @ max T": "{:,.1f}",
     "time exp (attn)": "{:.2f}", "memory exp (attn)": "{:.2f}", "time exp (model)": "{:.2f}",
 }
+ROUTING_FORMATS = {
+    "test bpb (argmax)": "{:.3f}", "test bpb (sampled)": "{:.3f}", "largest cluster % (argmax)": "{:.1f}",
+    "largest cluster % (sampled)": "{:.1f}", "empty clusters (argmax)": "{:.2f}", "empty clusters (sampled)": "{:.2f}",
+}
 
 
 def markdown_table(df: pd.DataFrame, formats: dict[str, str]) -> str:
@@ -117,6 +142,20 @@ def markdown_table(df: pd.DataFrame, formats: dict[str, str]) -> str:
     lines = ["| " + " | ".join(df.columns) + " |", "|" + "---|" * len(df.columns)]
     lines += ["| " + " | ".join(fmt(x, c) for x, c in zip(row, df.columns)) + " |" for row in df.itertuples(index=False)]
     return "\n".join(lines)
+
+
+def routing_section(routing: pd.DataFrame, seed: int) -> list[str]:
+    """The lines on the sampled-routing variants: why their test bpb has two readings, and both (none if none)."""
+    if routing.empty:
+        return []
+    return [
+        f"{', '.join(routing['variant'])} route{'s' if len(routing) == 1 else ''} tokens by sampling in training: argmax(r + g) with Gumbel noise g draws "
+        "the cluster from softmax(r), whatever tau. The table's test bpb is the spec's evaluation, the noiseless argmax "
+        f"of r; scored as they trained (noise from seed {seed}, a code length a decoder that shares the seed attains):",
+        "",
+        markdown_table(routing, ROUTING_FORMATS),
+        "",
+    ]
 
 
 def chosen_variants(params: Params, subset: list[str] | None) -> tuple[list[str], list[str]]:
@@ -160,6 +199,7 @@ def report(params: Params, variants_dir: Path, data_dir: Path, out_dir: Path, su
         f"({', '.join(map(str, params.profile.seq_lens))}); profiled on {read_json(Path(variants_dir) / variants[0] / 'profile.json')['device']}. "
         "CPU timings are for trends only; absolute speeds count on a GPU.",
         "",
+        *routing_section(routing_summary(variants_dir, variants), params.train.seed),
     ]
     for path in figure_paths:
         text += [f"## {FIGURES[path.stem]}", "", f"![{path.stem}](figures/{path.name})", ""]

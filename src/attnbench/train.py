@@ -222,8 +222,11 @@ def train(params: Params, variant: str, data_dir: Path, out_dir: Path, tracker=N
                 log.info("step %d/%d  loss %.4f  grad norm max %.3g  lr %.2e  %.0f tok/s", done, steps, train_loss, largest_grad_norm, lr, tokens_per_s)
                 metrics = {"train_loss": train_loss, "grad_norm_max": largest_grad_norm, "lr": lr, "tokens_per_s": tokens_per_s}
                 if at_eval:
-                    metrics["val_bpb"] = bits_per_byte(model, val_data, cfg.batch_size, val_tokens)["bpb"]
-                    metrics.update({f"attn.{k}": v for k, v in _mean_stats(model).items()})
+                    # The last training micro-batch's routing, read before the val pass routes anew (without noise).
+                    metrics.update({f"attn.{k}": v for k, v in model.attention_stats().items()})
+                    val = bits_per_byte(model, val_data, cfg.batch_size, val_tokens)
+                    metrics["val_bpb"] = val["bpb"]
+                    metrics.update({f"val_attn.{k}": v for k, v in val["attention"].items()})
                     curve.append({"step": done, "tokens": done * tokens_per_step, "lr": lr, "train_loss": train_loss,
                                   "val_bpb": metrics["val_bpb"], "tokens_per_s": tokens_per_s, "elapsed_s": elapsed})
                     log.info("step %d/%d  val %.4f bpb", done, steps, metrics["val_bpb"])
@@ -263,13 +266,6 @@ def train(params: Params, variant: str, data_dir: Path, out_dir: Path, tracker=N
     # Finished: the next run of this stage (new code, say) must train afresh, not "resume" at the end.
     ckpt_path.unlink(missing_ok=True)
     return summary
-
-
-def _mean_stats(model: ByteLM) -> dict[str, float]:
-    """Per-layer attention diagnostics (e.g. cluster sizes) averaged over layers."""
-    per_layer = [attn.stats() for attn in model.attention_layers]
-    keys = set().union(*per_layer)
-    return {k: float(np.mean([s[k] for s in per_layer if k in s])) for k in sorted(keys)}
 
 
 def main(params: Params, variant: str, data_dir: Path, out_dir: Path, argv: list[str] | None = None) -> dict | None:

@@ -74,11 +74,18 @@ class Attention(nn.Module):
         self.path: Path = "efficient"
         # Set by forward in variants that add a training loss (lca's balance loss).
         self.aux_loss: torch.Tensor | None = None
+        self.sample_in_eval = False
 
     @property
     def causal(self) -> bool:
         """False only for modules that may see the future (sca's seed form); the language model refuses them."""
         return True
+
+    @property
+    def noisy_routing(self) -> bool:
+        """True where training routes tokens by sampling (lca's Gumbel noise). Evaluation routes without noise unless
+        `sample_in_eval` is set (ByteLM.sampled_routing), which scores the model as it was trained."""
+        return False
 
     @property
     def scale(self) -> float:
