@@ -145,7 +145,8 @@ def import_runs(params: Params, source_uri: str) -> int:
         experiment_id = _experiment_id(client, params.experiment, uri)
         done = {r.data.tags["attnbench.source_run"] for r in client.search_runs([experiment_id], "tags.`attnbench.source_run` != ''", max_results=50_000)}
     added = 0
-    for run in source.search_runs([source_experiment.experiment_id], max_results=50_000):
+    runs = source.search_runs([source_experiment.experiment_id], max_results=50_000)
+    for run in runs:
         if run.info.run_id in done:
             continue
         tags = [RunTag(k, v) for k, v in run.data.tags.items() if not k.startswith("mlflow.")] + [RunTag("attnbench.source_run", run.info.run_id)]
@@ -157,5 +158,5 @@ def import_runs(params: Params, source_uri: str) -> int:
                 client.log_batch(new.info.run_id, metrics=metrics[start : start + 1000])
             client.set_terminated(new.info.run_id, status=run.info.status, end_time=run.info.end_time)
         added += 1
-    log.info("imported %d runs of %r from %s into %s", added, params.experiment, source_uri, uri)
+    log.info("imported %d of the %d runs of %r in %s into %s (the others were there already)", added, len(runs), params.experiment, source_uri, uri)
     return added
