@@ -48,6 +48,19 @@ def interrupt_at(monkeypatch, step):
     return real_get_batch
 
 
+class Recorder:
+    """A stand-in for the stage's MLflow tracker: keeps each log point's metrics in `logged` by step."""
+
+    def __init__(self, logged: dict):
+        self.logged = logged
+
+    def log_params(self, params):
+        pass
+
+    def log_metrics(self, metrics, step=None):
+        self.logged[step] = metrics
+
+
 def test_train_writes_its_outputs_and_learns(tiny, tmp_path):
     params, prepared = tiny()
     summary = train_mod.train(params, "mha", prepared, tmp_path / "mha")
@@ -121,15 +134,7 @@ def test_each_log_point_records_its_windows_largest_gradient_norm(tiny, tmp_path
     norms, real_clip = [], torch.nn.utils.clip_grad_norm_
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda *args, **kw: norms.append(real_clip(*args, **kw)) or norms[-1])
     logged = {}
-
-    class Recorder:
-        def log_params(self, params):
-            pass
-
-        def log_metrics(self, metrics, step=None):
-            logged[step] = metrics
-
-    train_mod.train(params, "mha", prepared, tmp_path / "mha", Recorder())
+    train_mod.train(params, "mha", prepared, tmp_path / "mha", Recorder(logged))
     assert sorted(logged) == [2, 4, 6, 8, 10, 12] and len(norms) == 12
     for step, metrics in logged.items():
         assert metrics["grad_norm_max"] == max(float(n) for n in norms[step - 2 : step])
@@ -148,15 +153,8 @@ def test_routing_stats_are_the_training_batchs_and_the_val_pass_is_logged_apart(
         val_stats.append(result["attention"])
         return result
 
-    class Recorder:
-        def log_params(self, params):
-            pass
-
-        def log_metrics(self, metrics, step=None):
-            logged[step] = metrics
-
     monkeypatch.setattr(train_mod, "bits_per_byte", recording)
-    train_mod.train(params, "lca", prepared, tmp_path / "lca", Recorder())
+    train_mod.train(params, "lca", prepared, tmp_path / "lca", Recorder(logged))
     assert len(before_val) == 3 and "tau" in before_val[0] and "tau" not in val_stats[0]
     for stats, val, step in zip(before_val, val_stats, [4, 8, 12]):
         assert {k[len("attn."):]: v for k, v in logged[step].items() if k.startswith("attn.")} == stats
