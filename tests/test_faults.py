@@ -86,10 +86,10 @@ class Stage:
 
     started: list[Stage] = []  # for the teardown of a failed test: none may outlive it
 
-    def __init__(self, cwd: Path, name: str, *args: str):
+    def __init__(self, cwd: Path, name: str, *args: str, env: dict[str, str] = ENV):
         self.name, self.log = name, cwd / f"{name}.log"
         with open(self.log, "w") as err:
-            self.proc = subprocess.Popen([sys.executable, "-m", "attnbench", *args], cwd=cwd, env=ENV,
+            self.proc = subprocess.Popen([sys.executable, "-m", "attnbench", *args], cwd=cwd, env=env,
                                          stdout=subprocess.DEVNULL, stderr=err)
         Stage.started.append(self)
 

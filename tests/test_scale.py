@@ -29,6 +29,7 @@ from attnbench.config import load_params, parse_params
 from attnbench.files import read_json
 from attnbench.gpu_slots import gpu_slots
 from attnbench.runtime import use_cpu_threads
+from tests.test_faults import Stage, no_stage_outlives_its_test  # noqa: F401 (autouse: no Stage outlives a failed test)
 from tests.test_pipeline import ENV, job_counts, run, workspace
 from tests.tiny import REPO, TINY, merge, write_params
 
@@ -182,22 +183,11 @@ def test_sigterm_to_a_torchrun_train_stage_ends_it_as_one_process_ends(tmp_path,
     _, params = write_params(tmp_path, {"train": train})
     prepare(tmp_path, params)
     env = {**CLEAN_ENV, "ATTNBENCH_GPU_SLOTS_DIR": str(tmp_path / "slots")}
-    stderr = tmp_path / "stderr.log"
-    with open(stderr, "w") as err:
-        proc = subprocess.Popen([sys.executable, "-m", "attnbench", "train", "--params", "params.yaml", "--variant", "mha",
-                                 "--data", "prepared", "--out", "two"], cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=err)
-    try:
-        deadline = time.monotonic() + 240
-        while not (tmp_path / "two" / train_mod.CHECKPOINT).exists():  # the workers are training
-            assert proc.poll() is None and time.monotonic() < deadline, stderr.read_text()
-            time.sleep(0.05)
-        proc.terminate()
-        assert proc.wait(120) == 128 + signal.SIGTERM, stderr.read_text()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert stderr.read_text().splitlines()[-1] == "attnbench train: interrupted (SIGTERM); no partial output was kept"
+    stage = Stage(tmp_path, "train", "train", "--params", "params.yaml", "--variant", "mha", "--data", "prepared", "--out", "two", env=env)
+    stage.wait_for(lambda: (tmp_path / "two" / train_mod.CHECKPOINT).exists())  # the workers are training
+    stage.proc.terminate()
+    assert stage.wait(120) == 128 + signal.SIGTERM, stage.stderr
+    assert stage.stderr.splitlines()[-1] == "attnbench train: interrupted (SIGTERM); no partial output was kept"
     assert (tmp_path / "two" / train_mod.CHECKPOINT).exists() and not (tmp_path / "two" / "model.pt").exists()
 
 
