@@ -15,7 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator, model_validator
 
 from .model import ModelConfig
-from .variants import REGISTRY, VariantOptions
+from .variants import REGISTRY, PositiveAutoInt, VariantOptions
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 
@@ -101,18 +101,11 @@ class TrainConfig(Strict):
     checkpoint_every: int = Field(100, gt=0)
     log_every: int = Field(10, gt=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    threads: int | Literal["auto"] = Field(
+    threads: PositiveAutoInt = Field(
         "auto", description="CPU threads of each train, evaluate and profile job (split among train.nproc processes); auto = "
         "every core the job may use: the orchestrator's grant (OMP_NUM_THREADS), else the process's CPU affinity")
     compile: bool = False
     nproc: int = Field(1, gt=0, description="data-parallel training processes, one per GPU: > 1 runs train under torchrun (DDP)")
-
-    @field_validator("threads", mode="before")
-    @classmethod
-    def _threads(cls, v: object) -> object:
-        if v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
-            return v
-        raise ValueError("must be an integer >= 1 or 'auto'")
 
     @model_validator(mode="after")
     def _one_budget(self):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .base import Attention, VariantOptions
+from .base import Attention, PositiveAutoInt, VariantOptions
 from .ca import BlockClusterAttention
 from .cka import ClusterKernelAttention
 from .fastcka import FastClusterKernelAttention
@@ -30,4 +30,4 @@ def build_attention(name: str, d_model: int, n_heads: int, seq_len: int, options
     return cls(d_model, n_heads, seq_len, options)
 
 
-__all__ = ["REGISTRY", "Attention", "VariantOptions", "build_attention"]
+__all__ = ["REGISTRY", "Attention", "PositiveAutoInt", "VariantOptions", "build_attention"]
