@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import csv
+import logging
 import warnings
 
 import pytest
 import torch
 
-from attnbench import data, train as train_mod
+from attnbench import data, evaluate as evaluate_mod, train as train_mod
 from attnbench.evaluate import evaluate, window_starts
 from attnbench.files import read_json
 from tests.tiny import write_params
@@ -176,13 +177,17 @@ def test_evaluate_scores_every_test_byte_once(tiny, tmp_path):
     assert 0 < metrics["test_bpb"] < 8
 
 
-def test_evaluate_scores_noisy_routing_by_the_argmax_and_as_trained(tiny, tmp_path):
+def test_evaluate_scores_noisy_routing_by_the_argmax_and_as_trained(tiny, tmp_path, monkeypatch, caplog):
     """lca: test_bpb is the spec's argmax routing; test_bpb_sampled routes by training's draw, seeded, so it
-    repeats; both give their cluster statistics. mha has neither."""
+    repeats; both give their cluster statistics, and each pass's progress lines say which it is. mha has neither."""
     params, prepared = tiny({"variants": {"lca": {}}})
     for variant in ("lca", "mha"):
         train_mod.train(params, variant, prepared, tmp_path / variant)
-    first, again = (evaluate(params, "lca", prepared, tmp_path / "lca" / "model.pt") for _ in range(2))
+    monkeypatch.setattr(evaluate_mod, "PROGRESS_EVERY_S", -1)  # a progress line after every batch
+    with caplog.at_level(logging.INFO, logger="attnbench.evaluate"):
+        first = evaluate(params, "lca", prepared, tmp_path / "lca" / "model.pt")
+    assert {r.getMessage().split(":")[0] for r in caplog.records if r.name == "attnbench.evaluate"} == {"evaluate lca (argmax routing)", "evaluate lca (sampled routing)"}
+    again = evaluate(params, "lca", prepared, tmp_path / "lca" / "model.pt")
     assert first["test_bpb_sampled"] == again["test_bpb_sampled"] and first["test_bpb"] == again["test_bpb"]
     assert first["test_bpb_sampled"] != first["test_bpb"]
     assert set(first["routing"]) == {"argmax", "sampled"}

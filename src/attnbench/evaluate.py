@@ -23,6 +23,7 @@ from .model import ByteLM, load_model
 from .runtime import autocast, resolve_device, use_cpu_threads
 
 log = logging.getLogger(__name__)
+PROGRESS_EVERY_S = 10
 
 
 def window_starts(n_bytes: int, seq_len: int, max_tokens: int | None = None) -> np.ndarray:
@@ -35,9 +36,10 @@ def window_starts(n_bytes: int, seq_len: int, max_tokens: int | None = None) -> 
 
 
 @torch.no_grad()
-def bits_per_byte(model: ByteLM, data: np.ndarray, batch_size: int, max_tokens: int | None = None, progress: bool = False) -> dict:
+def bits_per_byte(model: ByteLM, data: np.ndarray, batch_size: int, max_tokens: int | None = None, progress: str | None = None) -> dict:
     """Mean cross-entropy in bits per byte over the windows of `data`; returns bpb, the bytes scored and the
-    attention layers' diagnostics (`ByteLM.attention_stats`, e.g. cluster sizes) averaged over the bytes."""
+    attention layers' diagnostics (`ByteLM.attention_stats`, e.g. cluster sizes) averaged over the bytes.
+    `progress`: the label of a progress line every PROGRESS_EVERY_S seconds (none without it)."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -61,9 +63,9 @@ def bits_per_byte(model: ByteLM, data: np.ndarray, batch_size: int, max_tokens: 
         total_tokens += int(n)
         for key, value in model.attention_stats().items():
             stat_sums[key] = stat_sums.get(key, 0.0) + value * n
-        if progress and time.perf_counter() - last_report > 10:
+        if progress and time.perf_counter() - last_report > PROGRESS_EVERY_S:
             last_report = time.perf_counter()
-            log.info("evaluate: %d/%d batches, %.4f bpb so far", i + 1, len(batches), total_nats / total_tokens / math.log(2))
+            log.info("%s: %d/%d batches, %.4f bpb so far", progress, i + 1, len(batches), total_nats / total_tokens / math.log(2))
     model.train(was_training)
     return {
         "bpb": total_nats / max(total_tokens, 1) / math.log(2),
@@ -78,12 +80,13 @@ def evaluate(params: Params, variant: str, data_dir: Path, model_path: Path) -> 
     model = load_model(model_path, device, expected=params.model_for(variant))
     test = load_split(data_dir, "test")
     batch_size, max_tokens = params.evaluate.batch_size, params.evaluate.max_tokens
-    result = bits_per_byte(model, test, batch_size, max_tokens, progress=True)
+    routed = " (argmax routing)" if model.noisy_routing else ""
+    result = bits_per_byte(model, test, batch_size, max_tokens, progress=f"evaluate {variant}{routed}")
     metrics = {"variant": variant, "test_bpb": result["bpb"], "test_tokens": result["tokens"], "seconds": result["seconds"], "device": str(device)}
     if model.noisy_routing:  # test_bpb is the spec's argmax routing; also score the model as it trained
         torch.manual_seed(params.train.seed)
         with model.sampled_routing():
-            sampled = bits_per_byte(model, test, batch_size, max_tokens, progress=True)
+            sampled = bits_per_byte(model, test, batch_size, max_tokens, progress=f"evaluate {variant} (sampled routing)")
         metrics |= {
             "test_bpb_sampled": sampled["bpb"],
             "routing": {"argmax": result["attention"], "sampled": sampled["attention"]},
