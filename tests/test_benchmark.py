@@ -28,7 +28,7 @@ def test_markdown_shows_ratios_to_sdpa_and_the_training_baseline():
          "peak_gib": 12.34, "compiled": True, "status": "ok"},
         {"variant": "ca", "model": "d512 L8 H8", "batch": 64, "status": "oom"},
     ]
-    text = markdown(attention_rows(), training, "H100", 65536, 8, 64, params)
+    text = markdown(attention_rows(), training, "H100", params.benchmark, params)
     ca_row = next(line for line in text.splitlines() if line.startswith("| ca (compiled)"))
     cells = [c.strip() for c in ca_row.strip("|").split("|")]
     # ca per token: 1/4 of sdpa's at 2K, sqrt(4)/4 / 4 = 1/8 at 8K, sqrt(16)/4 / 16 = 1/16 at 32K.
@@ -39,10 +39,10 @@ def test_markdown_shows_ratios_to_sdpa_and_the_training_baseline():
 
 def test_markdown_shows_only_the_parts_that_ran():
     params = parse_params({"variants": {"ca": {}}})
-    attention_only = markdown(attention_rows(), [], "H100", 65536, 8, 64, params)
+    attention_only = markdown(attention_rows(), [], "H100", params.benchmark, params)
     assert "## Attention" in attention_only and "Training step" not in attention_only and "MFU" not in attention_only
     training = [{"variant": "ca", "model": "d512 L8 H8", "batch": 64, "ms": 40.0, "mtok_per_s": 1.6, "mfu": 0.3, "peak_gib": 9.0, "compiled": True, "status": "ok"}]
-    training_only = markdown([], training, "H100", 65536, 8, 64, params)
+    training_only = markdown([], training, "H100", params.benchmark, params)
     assert "## Attention" not in training_only and f"{64 * params.model.seq_len:,} tokens per step" in training_only
 
 
@@ -77,7 +77,7 @@ def test_references_named_as_variants_run_once(monkeypatch, tmp_path):
     monkeypatch.setattr(benchmark, "resolve_device", lambda name: torch.device("cuda"))
     monkeypatch.setattr(benchmark, "device_name", lambda: "fake-gpu")
     monkeypatch.setattr(benchmark, "benchmark", lambda params, names, *args: (measured.extend(names), ([], []))[1])
-    benchmark.main(parse_params({}), tmp_path, [2048], 65536, 8, 64, 1, 1, variants=["sdpa", "sca"], parts=("attention",))
+    benchmark.main(parse_params({"benchmark": {"parts": ["attention"]}}), tmp_path, variants=["sdpa", "sca"])
     assert measured == [*benchmark.REFERENCES, "sca"]
 
 
@@ -89,5 +89,26 @@ def test_an_unknown_variant_is_refused_before_any_work(tmp_path):
     from attnbench.config import ConfigError
 
     with pytest.raises(ConfigError, match=r"unknown 'mhaa'; allowed: sdpa, sdpa-flash, mha, la, ca, lca, cka, fastcka, sca"):
-        benchmark.main(parse_params({}), tmp_path, [2048], 65536, 8, 64, 1, 1, variants=["mhaa", "sca"], parts=("attention",))
+        benchmark.main(parse_params({}), tmp_path, variants=["mhaa", "sca"])
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_params_file_says_what_is_measured_and_each_flag_overrides_its_key(tmp_path, monkeypatch, capsys):
+    """The front ends' benchmark target runs the command without flags, so a preset's benchmark section must reach
+    the measuring; a flag replaces one key, and a bad flag is one line, exit 2, before any work."""
+    from attnbench import benchmark, cli
+    from tests.tiny import write_params
+
+    received = []
+    monkeypatch.setattr(benchmark, "main", lambda params, out, variants, settings, trace: received.append(settings) or "")
+    path, _ = write_params(tmp_path, {"benchmark": {"seq_lens": [2048, 8192], "repeats": 5, "modes": ["graphs"]}})
+    assert cli.main(["benchmark", "--params", str(path), "--out", str(tmp_path / "out")]) == 0
+    assert cli.main(["benchmark", "--params", str(path), "--modes", "eager", "compiled", "--train-sizes", "768x12"]) == 0
+    from_file, overridden = received
+    assert (from_file.seq_lens, from_file.repeats, from_file.modes, from_file.train_models) == ([2048, 8192], 5, ["graphs"], [])
+    assert (overridden.seq_lens, overridden.repeats, overridden.modes, overridden.train_models) == ([2048, 8192], 5, ["eager", "compiled"], [(768, 12)])
+    capsys.readouterr()
+    assert cli.main(["benchmark", "--params", str(path), "--modes", "fast"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "benchmark.modes.0 = 'fast': Input should be 'eager', 'compiled' or 'graphs'" in err, err
+    assert len(received) == 2

@@ -147,6 +147,11 @@ BAD = [
     ("seq-lens-repeated", "profile.seq_lens", [64, 64], ["profile.seq_lens = [64, 64]", "strictly increasing"]),
     ("seq-lens-not-positive", "profile.seq_lens", [0, 64], ["profile.seq_lens = [0, 64]", "positive"]),
     ("seq-lens-too-short", "profile.seq_lens", [64], ["profile.seq_lens = [64]", "at least 2"]),
+    ("benchmark-seq-lens-decreasing", "benchmark.seq_lens", [8192, 2048], ["benchmark.seq_lens = [8192, 2048]", "strictly increasing"]),
+    ("benchmark-mode-unknown", "benchmark.modes", ["fast"], ["benchmark.modes.0 = 'fast'", "'eager', 'compiled' or 'graphs'"]),
+    ("benchmark-part-unknown", "benchmark.parts", ["kernels"], ["benchmark.parts.0 = 'kernels'", "'attention' or 'train'"]),
+    ("benchmark-size-format", "benchmark.train_sizes", ["768"], ["benchmark.train_sizes.0 = '768'", "pattern"]),
+    ("benchmark-size-heads", "benchmark.train_sizes", ["700x12"], ["benchmark", "train_sizes '700x12'", "not a multiple of head_dim 64"]),
     ("run-name-slash", "run.name", "a/b", ["run.name = 'a/b'", "pattern"]),
     ("run-name-dots", "run.name", "../x", ["run.name = '../x'", "pattern"]),
 ]
@@ -179,6 +184,8 @@ SIZE_KEYS = [
     "evaluate.batch_size",
     "profile.tokens_per_step",
     "profile.repeats",
+    "benchmark.tokens",
+    "benchmark.repeats",
     "data.max_bytes",
 ]
 

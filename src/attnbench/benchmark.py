@@ -11,7 +11,8 @@ Two tables, one run (so every ratio compares numbers from the same card and mome
   fused AdamW, torch.compile where the variant compiles (eager otherwise, recorded), tokens/s and
   MFU = (6 N + 6 L T d) * tokens/s / peak, N the non-embedding parameters (gpu-notes.md's count);
   first a plain GPT of the same size (mha on the flash kernel), the floor mha must beat.
-Fitted time exponents of the attention rows use T in [2K, 32K] when present.
+What is measured (lengths, tokens per step, modes, parts, repeats) is params' `benchmark` section, which the
+command's flags override. Fitted time exponents of the attention rows use T in [2K, 32K] when present.
 Writes <out>/<device>.csv, <device>.md and <device>.png; with `trace`, also <device>-kernels.md: each
 point's GPU kernels by device time (torch.profiler), where to look before optimising.
 """
@@ -31,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import sdpa_kernel
 
-from .config import ConfigError, Params
+from .config import BenchmarkConfig, ConfigError, Params
 from .files import atomic_path, write_text
 from .model import ByteLM, ModelConfig
 from .profile import fit_exponent
@@ -192,29 +193,26 @@ def run_point(kind: str, variant: str, T: int, batch: int, build: Callable[[], C
     return row
 
 
-def benchmark(params: Params, variants: list[str], seq_lens: list[int], tokens: int, heads: int, head_dim: int,
-              warmup: int, repeats: int, parts: list[str], modes: tuple[str, ...] = ("eager", "compiled"),
-              train_sizes: list[tuple[int, int]] | None = None, trace: bool = False) -> tuple[list[dict], list[dict]]:
-    """The attention rows of `variants` (which may name REFERENCES) and the training rows of a plain GPT and
-    `variants` (see the module docstring); `parts` says which to run,
-    `modes` which of COMPILE_MODES the variants' attention runs in; `train_sizes` adds
-    (d_model, layers) models beyond params.model to the training rows (plain GPT and mha only);
-    `trace` adds each row's kernel table."""
+def benchmark(params: Params, variants: list[str], part: str, settings: BenchmarkConfig, trace: bool = False) -> tuple[list[dict], list[dict]]:
+    """The attention rows of `variants` (which may name REFERENCES), or the training rows of a plain GPT and
+    `variants` (see the module docstring), as `part` says, measured as `settings` say (params.benchmark):
+    attention in each of its `modes` (COMPILE_MODES); training at params.model's size and its `train_sizes`
+    (plain GPT and mha only). `trace` adds each row's kernel table."""
     attention, training = [], []
-    for variant in variants if "attention" in parts else []:
+    for variant in variants if part == "attention" else []:
         options = params.variants.get(variant)
-        for T in seq_lens:
-            batch = max(1, tokens // T)
-            for mode in modes if variant not in REFERENCES else ("eager",):
-                row = run_point("attention", variant, T, batch,
-                                lambda: attention_step(variant, T, batch, heads, head_dim, options, mode), warmup, repeats, trace)
+        for T in settings.seq_lens:
+            batch = max(1, settings.tokens // T)
+            for mode in settings.modes if variant not in REFERENCES else ("eager",):
+                step = lambda: attention_step(variant, T, batch, settings.heads, settings.head_dim, options, mode)  # noqa: E731
+                row = run_point("attention", variant, T, batch, step, settings.warmup, settings.repeats, trace)
                 attention.append(row | {"mode": mode, "label": variant if mode == "eager" else f"{variant} ({mode})"})
     T, peak = params.model.seq_len, peak_flops(torch.device("cuda"))
-    batch = max(1, params.profile.tokens_per_step // T)
-    sizes = [(params.model.d_model, params.model.n_layers), *(train_sizes or [])]
-    runs = [PLAIN_GPT, *((v, v, params.variant_options(v)) for v in variants)] if "train" in parts else []
+    batch = max(1, settings.tokens // T)
+    sizes = [(params.model.d_model, params.model.n_layers), *settings.train_models]
+    runs = [PLAIN_GPT, *((v, v, params.variant_options(v)) for v in variants)] if part == "train" else []
     for d_model, n_layers in sizes:
-        model = params.model.model_copy(update={"d_model": d_model, "n_layers": n_layers, "n_heads": d_model // head_dim})
+        model = params.model.model_copy(update={"d_model": d_model, "n_layers": n_layers, "n_heads": d_model // settings.head_dim})
         for label, variant, options in runs if (d_model, n_layers) == sizes[0] else [r for r in runs if r[1] == "mha"]:  # other sizes: baseline and mha
             cfg = ModelConfig(variant=variant, **model.model_dump(), variant_options=options)
             flops = {}
@@ -223,10 +221,10 @@ def benchmark(params: Params, variants: list[str], seq_lens: list[int], tokens: 
                 step, flops["per_token"] = train_step(cfg, batch, compile)
                 return step
 
-            row = run_point("train", label, T, batch, lambda: build(True), warmup, repeats, trace)
+            row = run_point("train", label, T, batch, lambda: build(True), settings.warmup, settings.repeats, trace)
             row["compiled"] = row["status"] == "ok"
             if not row["compiled"]:  # the clean fallback: eager
-                row = run_point("train", label, T, batch, lambda: build(False), warmup, repeats, trace) | {"compiled": False}
+                row = run_point("train", label, T, batch, lambda: build(False), settings.warmup, settings.repeats, trace) | {"compiled": False}
             if row["status"] == "ok" and peak:
                 row["mfu"] = flops["per_token"] * row["mtok_per_s"] * 1e6 / peak
             training.append(row | {"model": f"d{d_model} L{n_layers} H{model.n_heads}"})
@@ -248,10 +246,11 @@ def cell(row: dict | None) -> str:
     return f"{row['mtok_per_s']:.1f}" if row["status"] == "ok" else row["status"][:20]
 
 
-def attention_section(attention: list[dict], tokens: int, heads: int, head_dim: int) -> list[str]:
+def attention_section(attention: list[dict], settings: BenchmarkConfig) -> list[str]:
     seq_lens = sorted({r["T"] for r in attention})
     slopes = exponents(attention)
-    lines = [f"## Attention forward+backward, Mtok/s ({tokens:,} tokens per step, H = {heads}, D = {head_dim}, bf16, median)", "",
+    lines = [f"## Attention forward+backward, Mtok/s ({settings.tokens:,} tokens per step, H = {settings.heads}, "
+             f"D = {settings.head_dim}, bf16, median)", "",
              "| variant | " + " | ".join(f"{T // 1024}K" if T >= 1024 else str(T) for T in seq_lens)
              + " | time exponent (2K-32K) | x sdpa at 8K | x sdpa at 32K |",
              "|---|" + "---|" * (len(seq_lens) + 3)]
@@ -284,11 +283,11 @@ def training_section(training: list[dict], seq_len: int) -> list[str]:
                     "activations).", ""]
 
 
-def markdown(attention: list[dict], training: list[dict], device: str, tokens: int, heads: int, head_dim: int, params: Params) -> str:
+def markdown(attention: list[dict], training: list[dict], device: str, settings: BenchmarkConfig, params: Params) -> str:
     """The report: a section for each part that has rows (a run of one part shows no empty table for the other)."""
     lines = [f"# attnbench benchmark on {device}", "", "`python -m attnbench benchmark --help` tells how to reproduce it.", ""]
     if attention:
-        lines += attention_section(attention, tokens, heads, head_dim)
+        lines += attention_section(attention, settings)
     if training:
         lines += training_section(training, params.model.seq_len)
     return "\n".join(lines)
@@ -327,9 +326,10 @@ def write_csv(path: Path, rows: list[dict], fields: list[str]) -> None:
         writer.writerows(rows)
 
 
-def main(params: Params, out_dir: Path, seq_lens: list[int], tokens: int, heads: int, head_dim: int, warmup: int, repeats: int,
-         variants: list[str] | None = None, parts: tuple[str, ...] = ("attention", "train"),
-         modes: tuple[str, ...] = ("eager", "compiled"), train_sizes: list[tuple[int, int]] | None = None, trace: bool = False) -> str:
+def main(params: Params, out_dir: Path, variants: list[str] | None = None, settings: BenchmarkConfig | None = None,
+         trace: bool = False) -> str:
+    """Measure as `settings` (default: params.benchmark) say; `variants` default to the params file's."""
+    settings = settings or params.benchmark
     unknown = [v for v in variants or [] if v not in REGISTRY and v not in REFERENCES]
     if unknown:
         raise ConfigError(f"--variants: unknown {', '.join(map(repr, unknown))}; allowed: {', '.join([*REFERENCES, *REGISTRY])}")
@@ -340,15 +340,14 @@ def main(params: Params, out_dir: Path, seq_lens: list[int], tokens: int, heads:
     out_dir = Path(out_dir)
     attention, training = [], []
     variants = [v for v in variants or params.variants if v not in REFERENCES]  # the references always run, once
-    steps = [("attention", [name]) for name in [*REFERENCES, *variants]] if "attention" in parts else []
-    steps += [("train", variants)] if "train" in parts else []
+    steps = [("attention", [name]) for name in [*REFERENCES, *variants]] if "attention" in settings.parts else []
+    steps += [("train", variants)] if "train" in settings.parts else []
     for part, names in steps:  # results are written after each variant's attention rows and after the training rows
-        more_attention, more_training = benchmark(params, names, seq_lens, tokens, heads, head_dim,
-                                                  warmup, repeats, [part], modes, train_sizes, trace)
+        more_attention, more_training = benchmark(params, names, part, settings, trace)
         attention, training = attention + more_attention, training + more_training
         write_csv(out_dir / f"{device}-attention.csv", attention, ATTENTION_FIELDS)
         write_csv(out_dir / f"{device}-train.csv", training, TRAIN_FIELDS)
-        text = markdown(attention, training, device, tokens, heads, head_dim, params)
+        text = markdown(attention, training, device, settings, params)
         write_text(out_dir / f"{device}.md", text)
         if attention:
             figure(attention, out_dir / f"{device}.png")

@@ -49,21 +49,22 @@ def build_parser() -> argparse.ArgumentParser:
                    "runs that finished; the page names the ones left out")
     p = stage("import-runs", "copy this params file's MLflow runs from another store (a GPU machine's) into the configured one")
     p.add_argument("--from", dest="source", required=True, help="tracking URI of the source store, e.g. sqlite:///gpu/mlflow.db")
-    p = stage("benchmark", "GPU only: attention kernels and training steps of every variant vs T, against fused sdpa")
+    p = stage("benchmark", "GPU only: attention kernels and training steps of every variant vs T, against fused sdpa, as the params "
+              "file's benchmark section says (the flags below override it)")
     p.add_argument("--out", type=Path, default=Path("reports/benchmarks"), help="default: reports/benchmarks")
-    p.add_argument("--seq-lens", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384, 32768])
-    p.add_argument("--tokens", type=int, default=65536, help="tokens per attention step (batch = tokens // T)")
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--head-dim", type=int, default=64)
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--repeats", type=int, default=10)
+    # Each flag overrides the params file's benchmark section (config.BenchmarkConfig: defaults and meaning).
+    p.add_argument("--seq-lens", type=int, nargs="+", help="T of the attention rows")
+    p.add_argument("--tokens", type=int, help="tokens per timed step (attention batch = tokens // T)")
+    p.add_argument("--heads", type=int)
+    p.add_argument("--head-dim", type=int)
+    p.add_argument("--warmup", type=int)
+    p.add_argument("--repeats", type=int)
     p.add_argument("--variants", nargs="+", help="default: the params file's variants")
-    p.add_argument("--parts", nargs="+", choices=["attention", "train"], default=["attention", "train"])
-    p.add_argument("--modes", nargs="+", choices=["eager", "compiled", "graphs"], default=["eager", "compiled"],
-                   help="attention rows of each variant: eager, under torch.compile, and compiled with CUDA graphs "
-                   "(reduce-overhead); default: eager and compiled")
-    p.add_argument("--train-sizes", nargs="+", default=[], metavar="DxL",
-                   help="more model sizes for the training rows, d_model x layers (heads of 64), e.g. 768x12")
+    p.add_argument("--parts", nargs="+", help="attention, train")
+    p.add_argument("--modes", nargs="+", help="the variants' attention rows: eager, compiled (torch.compile), graphs (compiled as "
+                   "CUDA graphs, reduce-overhead: the kernels without the host's launch time)")
+    p.add_argument("--train-sizes", nargs="+", metavar="DxL",
+                   help="more model sizes for the training rows, d_model x layers (heads of --head-dim), e.g. 768x12")
     p.add_argument("--trace", action="store_true", help="also write <device>-kernels.md: each point's GPU kernels by device time")
     return parser
 
@@ -101,8 +102,9 @@ def run(args: argparse.Namespace) -> None:
     elif args.stage == "benchmark":
         from .benchmark import main as benchmark_main
 
-        print(benchmark_main(params, args.out, args.seq_lens, args.tokens, args.heads, args.head_dim, args.warmup, args.repeats, args.variants, args.parts, args.modes,
-                             [tuple(map(int, size.lower().split('x'))) for size in args.train_sizes], args.trace))
+        flags = ("seq_lens", "tokens", "heads", "head_dim", "warmup", "repeats", "parts", "modes", "train_sizes")
+        settings = params.benchmark_with({key: getattr(args, key) for key in flags if getattr(args, key) is not None})
+        print(benchmark_main(params, args.out, args.variants, settings, args.trace))
     elif args.stage == "report":
         from .report import main as report_main
 

@@ -9,15 +9,24 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator, model_validator
 
 from .model import ModelConfig
 from .variants import REGISTRY, PositiveAutoInt, VariantOptions
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+
+
+def _positive_increasing(v: list[int]) -> list[int]:
+    if any(t <= 0 for t in v) or v != sorted(set(v)):
+        raise ValueError(f"must be positive and strictly increasing, got {v}")
+    return v
+
+
+SeqLens = Annotated[list[int], AfterValidator(_positive_increasing)]
 
 
 class ConfigError(ValueError):
@@ -120,19 +129,42 @@ class EvaluateConfig(Strict):
 
 
 class ProfileConfig(Strict):
-    seq_lens: list[int] = Field([64, 128, 256, 512], min_length=2)
+    seq_lens: SeqLens = Field([64, 128, 256, 512], min_length=2)
     tokens_per_step: int = Field(4096, gt=0, description="batch = tokens_per_step // T sequences")
     warmup: int = Field(1, ge=0)
     repeats: int = Field(3, gt=0)
     whole_model: bool = True
     seed: int = Field(0, description="torch's seed before each point: lca's and sca's saved activations depend on their random clusters")
 
-    @field_validator("seq_lens")
-    @classmethod
-    def _positive_increasing(cls, v: list[int]) -> list[int]:
-        if any(t <= 0 for t in v) or v != sorted(set(v)):
-            raise ValueError(f"must be positive and strictly increasing, got {v}")
-        return v
+
+class BenchmarkConfig(Strict):
+    """The GPU benchmark (`python -m attnbench benchmark`, and the front ends' `benchmark` target outside the
+    default DAG); the command's flags of the same names override these."""
+
+    seq_lens: SeqLens = Field([1024, 2048, 4096, 8192, 16384, 32768], min_length=1, description="T of the attention rows")
+    tokens: int = Field(65536, gt=0, description="tokens per timed step: attention batch = tokens // T, training tokens // model.seq_len")
+    heads: int = Field(8, gt=0, description="heads of the attention rows")
+    head_dim: int = Field(64, gt=0, description="head size of the attention rows and of the --train-sizes models")
+    warmup: int = Field(3, ge=0)
+    repeats: int = Field(10, gt=0, description="timed samples per point (the median counts)")
+    parts: list[Literal["attention", "train"]] = Field(["attention", "train"], min_length=1)
+    modes: list[Literal["eager", "compiled", "graphs"]] = Field(
+        ["compiled", "graphs"], min_length=1, description="the variants' attention rows: eager, under torch.compile, and compiled "
+        "as CUDA graphs (reduce-overhead: the kernels without the host's launch time)")
+    train_sizes: list[Annotated[str, Field(pattern=r"^[1-9][0-9]*x[1-9][0-9]*$")]] = Field(
+        [], description="more model sizes for the training rows (plain GPT and mha), d_model x layers, e.g. 768x12")
+
+    @model_validator(mode="after")
+    def _whole_heads(self):
+        for size in self.train_sizes:
+            if int(size.split("x")[0]) % self.head_dim:
+                raise ValueError(f"train_sizes {size!r}: d_model {size.split('x')[0]} is not a multiple of head_dim {self.head_dim}")
+        return self
+
+    @property
+    def train_models(self) -> list[tuple[int, int]]:
+        """train_sizes as (d_model, layers)."""
+        return [tuple(map(int, size.split("x"))) for size in self.train_sizes]
 
 
 class TrackingConfig(Strict):
@@ -147,6 +179,7 @@ class Params(Strict):
     train: TrainConfig = TrainConfig(steps=200)
     evaluate: EvaluateConfig = EvaluateConfig()
     profile: ProfileConfig = ProfileConfig()
+    benchmark: BenchmarkConfig = BenchmarkConfig()
     tracking: TrackingConfig = TrackingConfig()
     # SerializeAsAny: dump each variant's own Options fields, not those of the base class (none).
     variants: dict[str, SerializeAsAny[VariantOptions]] = Field(default_factory=lambda: {"mha": REGISTRY["mha"].Options()})
@@ -176,6 +209,13 @@ class Params(Strict):
 
     def model_for(self, variant: str) -> ModelConfig:
         return ModelConfig(variant=variant, **self.model.model_dump(), variant_options=self.variant_options(variant))
+
+    def benchmark_with(self, overrides: dict[str, Any]) -> BenchmarkConfig:
+        """The benchmark section with the command line's values in place of the file's, validated as the file is."""
+        try:
+            return BenchmarkConfig.model_validate(self.benchmark.model_dump() | overrides)
+        except ValidationError as err:
+            raise ConfigError(f"command line: {_first_error(err, prefix='benchmark.')}") from None
 
     def variant_options(self, name: str) -> dict:
         """The options of `name` as plain data (what goes into checkpoints and MLflow)."""

@@ -14,7 +14,7 @@ rule benchmark:
         gpu=1,
     params:
         model=section("model"),
-        tokens=section("profile", "tokens_per_step"),
+        benchmark=section("benchmark"),
         variants=section("variants"),
         device=section("train", "device"),
     shell:
