@@ -144,7 +144,7 @@ class BenchmarkConfig(Strict):
     seq_lens: SeqLens = Field([1024, 2048, 4096, 8192, 16384, 32768], min_length=1, description="T of the attention rows")
     tokens: int = Field(65536, gt=0, description="tokens per timed step: attention batch = tokens // T, training tokens // model.seq_len")
     heads: int = Field(8, gt=0, description="heads of the attention rows")
-    head_dim: int = Field(64, gt=0, description="head size of the attention rows and of the --train-sizes models")
+    head_dim: int = Field(64, gt=0, description="head size of the attention rows, and of the train_sizes models (d_model // head_dim heads)")
     warmup: int = Field(3, ge=0)
     repeats: int = Field(10, gt=0, description="timed samples per point (the median counts)")
     parts: list[Literal["attention", "train"]] = Field(["attention", "train"], min_length=1)
