@@ -71,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> None:
     from . import data
-    from .config import load_params
+    from .config import BenchmarkConfig, load_params
 
     params = load_params(args.params)
     results = params.results_dir
@@ -102,8 +102,8 @@ def run(args: argparse.Namespace) -> None:
     elif args.stage == "benchmark":
         from .benchmark import main as benchmark_main
 
-        flags = ("seq_lens", "tokens", "heads", "head_dim", "warmup", "repeats", "parts", "modes", "train_sizes")
-        settings = params.benchmark_with({key: getattr(args, key) for key in flags if getattr(args, key) is not None})
+        given = {key: getattr(args, key) for key in BenchmarkConfig.model_fields if getattr(args, key) is not None}  # a flag per key
+        settings = params.benchmark_with(given)
         print(benchmark_main(params, args.out, args.variants, settings, args.trace))
     elif args.stage == "report":
         from .report import main as report_main
