@@ -156,9 +156,9 @@ class BenchmarkConfig(Strict):
 
     @model_validator(mode="after")
     def _whole_heads(self):
-        for size in self.train_sizes:
-            if int(size.split("x")[0]) % self.head_dim:
-                raise ValueError(f"train_sizes {size!r}: d_model {size.split('x')[0]} is not a multiple of head_dim {self.head_dim}")
+        for d_model, layers in self.train_models:
+            if d_model % self.head_dim:
+                raise ValueError(f"train_sizes '{d_model}x{layers}': d_model {d_model} is not a multiple of head_dim {self.head_dim}")
         return self
 
     @property
