@@ -26,6 +26,7 @@ import statistics
 import time
 import traceback
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -204,8 +205,8 @@ def benchmark(params: Params, variants: list[str], part: str, settings: Benchmar
         for T in settings.seq_lens:
             batch = max(1, settings.tokens // T)
             for mode in settings.modes if variant not in REFERENCES else ("eager",):
-                step = lambda: attention_step(variant, T, batch, settings.heads, settings.head_dim, options, mode)  # noqa: E731
-                row = run_point("attention", variant, T, batch, step, settings.warmup, settings.repeats, trace)
+                build = partial(attention_step, variant, T, batch, settings.heads, settings.head_dim, options, mode)
+                row = run_point("attention", variant, T, batch, build, settings.warmup, settings.repeats, trace)
                 attention.append(row | {"mode": mode, "label": variant if mode == "eager" else f"{variant} ({mode})"})
     T, peak = params.model.seq_len, peak_flops(torch.device("cuda"))
     batch = max(1, settings.tokens // T)
