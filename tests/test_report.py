@@ -12,7 +12,7 @@ from attnbench import data
 from attnbench.config import ConfigError
 from attnbench.files import write_json
 from attnbench.profile import FIELDS, fit_exponent
-from attnbench.report import SUMMARY_FORMATS, markdown_table, report, unigram_bpb
+from attnbench.report import SUMMARY_FORMATS, log_length_axes, markdown_table, report, unigram_bpb
 from tests.tiny import write_params
 
 FIXTURE = {
@@ -133,3 +133,17 @@ def test_each_column_keeps_one_format_at_every_magnitude():
                           {"variant": "mha", "train tok/s": 536168.2, "MFU %": None, "attn MiB @ max T": 1161.21, "test bpb": 1.9}])
     rows = markdown_table(table, SUMMARY_FORMATS).splitlines()[2:]
     assert rows == ["| ca | 950 | 30.7 | 970.6 | 1.702 |", "| mha | 536,168 | — | 1,161.2 | 1.900 |"]
+
+
+def test_length_axes_tick_the_measured_lengths():
+    """The figures' x ticks are the profiled lengths, labelled as the tables name them, not matplotlib's decades."""
+    import matplotlib.pyplot as plt
+
+    lengths = [512, 2048, 8192, 32768, 2048]
+    fig, ax = plt.subplots()
+    ax.plot(lengths, [1, 2, 3, 4, 2], label="a")
+    log_length_axes(ax, lengths)
+    assert list(ax.get_xticks()) == [512, 2048, 8192, 32768]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["512", "2K", "8K", "32K"]
+    assert ax.get_xscale() == ax.get_yscale() == "log"
+    plt.close(fig)

@@ -311,10 +311,13 @@ def figure(attention: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
     import seaborn as sns
 
+    from .report import log_length_axes
+
     ok = [r for r in attention if r["status"] == "ok"]
     fig, ax = plt.subplots(figsize=(7, 4.5))
     sns.lineplot(x=[r["T"] for r in ok], y=[r["mtok_per_s"] for r in ok], hue=[r["label"] for r in ok], marker="o", ax=ax)
-    ax.set(xscale="log", yscale="log", xlabel="sequence length T", ylabel="Mtok/s (fwd+bwd)", title="Attention throughput")
+    ax.set(xlabel="sequence length T", ylabel="Mtok/s (fwd+bwd)", title="Attention throughput")
+    log_length_axes(ax, [r["T"] for r in ok])
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
     plt.close(fig)

@@ -88,6 +88,25 @@ def _save(fig, path: Path) -> None:
     plt.close(fig)
 
 
+def length_label(T: int) -> str:
+    """A sequence length as its axis label: 512, 2K, 32K."""
+    return f"{T // 1024}K" if T >= 1024 and T % 1024 == 0 else str(T)
+
+
+def log_length_axes(ax: plt.Axes, lengths) -> None:
+    """Log-log axes whose x ticks are the measured lengths and whose y ticks read as plain numbers, with the legend
+    outside the lines: matplotlib's defaults put ticks such as 3 x 10^3 between the points and the legend over them."""
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
+    ax.set(xscale="log", yscale="log")
+    ticks = sorted(set(lengths))
+    ax.set_xticks(ticks, [length_label(t) for t in ticks])
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _: f"{y:g}"))
+    ax.yaxis.set_minor_formatter(FuncFormatter(lambda y, _: f"{y:g}" if f"{y:.0e}"[0] in "25" else ""))
+    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1), borderaxespad=0, frameon=False)
+
+
 def learning_curves_figure(curves: pd.DataFrame, path: Path, title: str, hue: str = "variant") -> None:
     """Validation bpb against training tokens, one line per `hue` value."""
     sns.set_theme(style="whitegrid", context="notebook")
@@ -116,7 +135,8 @@ def figures(summary: pd.DataFrame, curves: pd.DataFrame, profiles: pd.DataFrame,
     for name, column, label in [("time_vs_T", "seconds_per_seq", "seconds per sequence"), ("memory_vs_T", "mib_per_seq", "MiB per sequence")]:
         fig, ax = plt.subplots(figsize=(6.5, 4))
         sns.lineplot(ok, x="T", y=column, hue="variant", style="scope", marker="o", ax=ax)
-        ax.set(xscale="log", yscale="log", xlabel="sequence length T", ylabel=label, title=FIGURES[name])
+        ax.set(xlabel="sequence length T", ylabel=label, title=FIGURES[name])
+        log_length_axes(ax, ok["T"])
         _save(fig, paths[name])
     return list(paths.values())
 
