@@ -130,9 +130,9 @@ def figures(summary: pd.DataFrame, curves: pd.DataFrame, profiles: pd.DataFrame,
     _save(fig, paths["bpb_vs_throughput"])
 
     ok = profiles[profiles.status == "ok"].assign(
-        seconds_per_seq=lambda d: d.seconds / d.batch, mib_per_seq=lambda d: d.memory_bytes / d.batch / 2**20
+        ms_per_seq=lambda d: d.seconds / d.batch * 1e3, mib_per_seq=lambda d: d.memory_bytes / d.batch / 2**20
     )
-    for name, column, label in [("time_vs_T", "seconds_per_seq", "seconds per sequence"), ("memory_vs_T", "mib_per_seq", "MiB per sequence")]:
+    for name, column, label in [("time_vs_T", "ms_per_seq", "ms per sequence"), ("memory_vs_T", "mib_per_seq", "MiB per sequence")]:
         fig, ax = plt.subplots(figsize=(6.5, 4))
         sns.lineplot(ok, x="T", y=column, hue="variant", style="scope", marker="o", ax=ax)
         ax.set(xlabel="sequence length T", ylabel=label, title=FIGURES[name])
