@@ -12,6 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
+from matplotlib.ticker import StrMethodFormatter  # noqa: E402
 
 from .config import Params  # noqa: E402
 from .data import load_split  # noqa: E402
@@ -104,6 +105,11 @@ def log_length_axes(ax: plt.Axes, lengths) -> None:
     ax.xaxis.set_minor_formatter(NullFormatter())
     ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _: f"{y:g}"))
     ax.yaxis.set_minor_formatter(FuncFormatter(lambda y, _: f"{y:g}" if f"{y:.0e}"[0] in "25" else ""))
+    legend_beside(ax)
+
+
+def legend_beside(ax: plt.Axes) -> None:
+    """The legend to the right of the plot, where it hides no line."""
     ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1), borderaxespad=0, frameon=False)
 
 
@@ -111,8 +117,9 @@ def learning_curves_figure(curves: pd.DataFrame, path: Path, title: str, hue: st
     """Validation bpb against training tokens, one line per `hue` value."""
     sns.set_theme(style="whitegrid", context="notebook")
     fig, ax = plt.subplots(figsize=(6.5, 4))
-    sns.lineplot(curves, x="tokens", y="val_bpb", hue=hue, marker="o", ax=ax)
-    ax.set(xlabel="training tokens", ylabel="validation bits/byte", title=title)
+    sns.lineplot(curves.assign(mtokens=curves["tokens"] / 1e6), x="mtokens", y="val_bpb", hue=hue, marker="o", ax=ax)
+    ax.set(xlabel="training tokens (millions)", ylabel="validation bits/byte", title=title)
+    legend_beside(ax)
     _save(fig, path)
 
 
@@ -123,10 +130,11 @@ def figures(summary: pd.DataFrame, curves: pd.DataFrame, profiles: pd.DataFrame,
     learning_curves_figure(curves, paths["learning_curves"], FIGURES["learning_curves"])
 
     fig, ax = plt.subplots(figsize=(6.5, 4))
-    sns.scatterplot(summary, x="train tok/s", y="test bpb", hue="variant", s=80, ax=ax)
+    sns.scatterplot(summary, x="train tok/s", y="test bpb", hue="variant", s=80, ax=ax, legend=False)  # each point is named
     for _, r in summary.iterrows():
         ax.annotate(r["variant"], (r["train tok/s"], r["test bpb"]), textcoords="offset points", xytext=(5, 5))
     ax.set(xlabel="training tokens/s", ylabel="test bits/byte (lower is better)", title=FIGURES["bpb_vs_throughput"])
+    ax.xaxis.set_major_formatter(StrMethodFormatter("{x:,.0f}"))
     _save(fig, paths["bpb_vs_throughput"])
 
     ok = profiles[profiles.status == "ok"].assign(
