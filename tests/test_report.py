@@ -146,4 +146,8 @@ def test_length_axes_tick_the_measured_lengths():
     assert list(ax.get_xticks()) == [512, 2048, 8192, 32768]
     assert [t.get_text() for t in ax.get_xticklabels()] == ["512", "2K", "8K", "32K"]
     assert ax.get_xscale() == ax.get_yscale() == "log"
+    minor = ax.yaxis.get_minor_formatter()
+    assert (minor(2, 0), minor(3, 0), minor(0.5, 0)) == ("2", "", "0.5")  # 2 and 5 labelled within few decades
+    ax.set_ylim(1e-3, 1e3)
+    assert minor(2, 0) == ""  # six decades: the powers of ten alone
     plt.close(fig)

@@ -12,7 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
-from matplotlib.ticker import StrMethodFormatter  # noqa: E402
+from matplotlib.ticker import FuncFormatter, NullFormatter, StrMethodFormatter  # noqa: E402
 
 from .config import Params  # noqa: E402
 from .data import load_split  # noqa: E402
@@ -97,14 +97,17 @@ def length_label(T: int) -> str:
 def log_length_axes(ax: plt.Axes, lengths) -> None:
     """Log-log axes whose x ticks are the measured lengths and whose y ticks read as plain numbers, with the legend
     outside the lines: matplotlib's defaults put ticks such as 3 x 10^3 between the points and the legend over them."""
-    from matplotlib.ticker import FuncFormatter, NullFormatter
-
     ax.set(xscale="log", yscale="log")
     ticks = sorted(set(lengths))
     ax.set_xticks(ticks, [length_label(t) for t in ticks])
     ax.xaxis.set_minor_formatter(NullFormatter())
+
+    def minor_label(y, _):  # 2 and 5 between the powers of ten, where the axis spans few enough of them to fit
+        low, high = ax.get_ylim()
+        return f"{y:g}" if high <= 1000 * low and f"{y:.0e}"[0] in "25" else ""
+
     ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _: f"{y:g}"))
-    ax.yaxis.set_minor_formatter(FuncFormatter(lambda y, _: f"{y:g}" if f"{y:.0e}"[0] in "25" else ""))
+    ax.yaxis.set_minor_formatter(FuncFormatter(minor_label))
     legend_beside(ax)
 
 
