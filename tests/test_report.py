@@ -12,7 +12,8 @@ from attnbench import data
 from attnbench.config import ConfigError
 from attnbench.files import write_json
 from attnbench.profile import FIELDS, fit_exponent
-from attnbench.report import SUMMARY_FORMATS, log_length_axes, markdown_table, report, unigram_bpb
+from attnbench.plots import log_length_axes
+from attnbench.report import SUMMARY_FORMATS, markdown_table, report, unigram_bpb
 from tests.tiny import write_params
 
 FIXTURE = {

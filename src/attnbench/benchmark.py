@@ -311,7 +311,7 @@ def figure(attention: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
     import seaborn as sns
 
-    from .report import log_length_axes
+    from .plots import log_length_axes
 
     ok = [r for r in attention if r["status"] == "ok"]
     fig, ax = plt.subplots(figsize=(7, 4.5))

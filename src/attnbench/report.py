@@ -12,11 +12,12 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
-from matplotlib.ticker import FuncFormatter, NullFormatter, StrMethodFormatter  # noqa: E402
+from matplotlib.ticker import StrMethodFormatter  # noqa: E402
 
 from .config import Params  # noqa: E402
 from .data import load_split  # noqa: E402
 from .files import atomic_path, read_json, write_text  # noqa: E402
+from .plots import legend_beside, log_length_axes  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -87,33 +88,6 @@ def _save(fig, path: Path) -> None:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
     plt.close(fig)
-
-
-def length_label(T: int) -> str:
-    """A sequence length as its axis label: 512, 2K, 32K."""
-    return f"{T // 1024}K" if T >= 1024 and T % 1024 == 0 else str(T)
-
-
-def log_length_axes(ax: plt.Axes, lengths) -> None:
-    """Log-log axes whose x ticks are the measured lengths and whose y ticks read as plain numbers, with the legend
-    outside the lines: matplotlib's defaults put ticks such as 3 x 10^3 between the points and the legend over them."""
-    ax.set(xscale="log", yscale="log")
-    ticks = sorted(set(lengths))
-    ax.set_xticks(ticks, [length_label(t) for t in ticks])
-    ax.xaxis.set_minor_formatter(NullFormatter())
-
-    def minor_label(y, _):  # 2 and 5 between the powers of ten, where the axis spans few enough of them to fit
-        low, high = ax.get_ylim()
-        return f"{y:g}" if high <= 1000 * low and f"{y:.0e}"[0] in "25" else ""
-
-    ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _: f"{y:g}"))
-    ax.yaxis.set_minor_formatter(FuncFormatter(minor_label))
-    legend_beside(ax)
-
-
-def legend_beside(ax: plt.Axes) -> None:
-    """The legend to the right of the plot, where it hides no line."""
-    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1), borderaxespad=0, frameon=False)
 
 
 def learning_curves_figure(curves: pd.DataFrame, path: Path, title: str, hue: str = "variant") -> None:
