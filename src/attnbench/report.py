@@ -90,11 +90,11 @@ def _save(fig, path: Path) -> None:
     plt.close(fig)
 
 
-def learning_curves_figure(curves: pd.DataFrame, path: Path, title: str, hue: str = "variant") -> None:
-    """Validation bpb against training tokens, one line per `hue` value."""
+def learning_curves_figure(curves: pd.DataFrame, path: Path, title: str) -> None:
+    """Validation bpb against training tokens, one line per variant."""
     sns.set_theme(style="whitegrid", context="notebook")
     fig, ax = plt.subplots(figsize=(6.5, 4))
-    sns.lineplot(curves.assign(mtokens=curves["tokens"] / 1e6), x="mtokens", y="val_bpb", hue=hue, marker="o", ax=ax)
+    sns.lineplot(curves.assign(mtokens=curves["tokens"] / 1e6), x="mtokens", y="val_bpb", hue="variant", marker="o", ax=ax)
     ax.set(xlabel="training tokens (millions)", ylabel="validation bits/byte", title=title)
     legend_beside(ax)
     _save(fig, path)
