@@ -74,6 +74,7 @@ def test_references_named_as_variants_run_once(monkeypatch, tmp_path):
     from attnbench import benchmark
 
     measured = []
+    monkeypatch.chdir(tmp_path)  # the run's MLflow store (sqlite:///mlflow.db) lands here
     monkeypatch.setattr(benchmark, "resolve_device", lambda name: torch.device("cuda"))
     monkeypatch.setattr(benchmark, "device_name", lambda: "fake-gpu")
     monkeypatch.setattr(benchmark, "benchmark", lambda params, names, *args: (measured.extend(names), ([], []))[1])
@@ -112,3 +113,40 @@ def test_the_params_file_says_what_is_measured_and_each_flag_overrides_its_key(t
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "benchmark.modes.0 = 'fast': Input should be 'eager', 'compiled' or 'graphs'" in err, err
     assert len(received) == 2
+
+
+def test_a_run_is_logged_to_mlflow_with_the_tables_figures_and_files(monkeypatch, tmp_path):
+    """The benchmark is one MLflow run like every stage: its settings as params, each attention row's Mtok/s and
+    ratio to sdpa as a curve over T, the fitted exponents, the training rows' MFU, and the files it wrote."""
+    import torch
+    from mlflow.tracking import MlflowClient
+
+    from attnbench import benchmark
+
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'store.db'}"
+    training = [{"kind": "train", "variant": "plain GPT (mha, flash)", "model": "d512 L8 H8", "T": 128, "batch": 512, "ms": 40.0,
+                 "mtok_per_s": 1.6, "mfu": 0.30, "peak_gib": 12.3, "compiled": True, "status": "ok"}]
+
+    def measured(params, names, part, *args):
+        if part == "train":
+            return [], training
+        return [r for r in attention_rows() if r["variant"] in names], []
+
+    monkeypatch.setattr(benchmark, "resolve_device", lambda name: torch.device("cuda"))
+    monkeypatch.setattr(benchmark, "device_name", lambda: "fake-gpu")
+    monkeypatch.setattr(benchmark, "benchmark", measured)
+    params = parse_params({"benchmark": {"repeats": 3}, "tracking": {"uri": uri}, "variants": {"ca": {"block": 64}}})
+    benchmark.main(params, tmp_path / "out")
+
+    client = MlflowClient(uri)
+    [run] = client.search_runs([client.get_experiment_by_name(params.experiment).experiment_id])
+    assert run.info.status == "FINISHED" and run.data.tags["stage"] == "benchmark" and run.data.tags["device"] == "fake-gpu"
+    assert run.data.params["benchmark.repeats"] == "3" and run.data.params["variant_options.ca.block"] == "64"
+    curve = client.get_metric_history(run.info.run_id, "attention.ca.compiled.x_sdpa")
+    assert {m.step: round(m.value, 6) for m in curve} == {2048: 4.0, 8192: 8.0, 32768: 16.0}
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "attention.sdpa.eager.mtok_per_s")] == [2048, 8192, 32768]
+    assert abs(run.data.metrics["attention.ca.compiled.time_exponent"] - 1.5) < 1e-9
+    assert run.data.metrics["train.d512_L8_H8.plain_GPT_mha_flash.mfu"] == 0.30
+    files = {f.path for f in client.list_artifacts(run.info.run_id)}
+    assert files == {"fake-gpu.md", "fake-gpu.png", "fake-gpu-attention.csv", "fake-gpu-train.csv"}, files

@@ -14,7 +14,8 @@ Two tables, one run (so every ratio compares numbers from the same card and mome
 What is measured (lengths, tokens per step, modes, parts, repeats) is params' `benchmark` section, which the
 command's flags override. Fitted time exponents of the attention rows use T in [2K, 32K] when present.
 Writes <out>/<device>.csv, <device>.md and <device>.png; with `trace`, also <device>-kernels.md: each
-point's GPU kernels by device time (torch.profiler), where to look before optimising.
+point's GPU kernels by device time (torch.profiler), where to look before optimising. One MLflow run (stage
+`benchmark`, tagged with the device) keeps the settings, the tables' figures as metrics and these files.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from __future__ import annotations
 import csv
 import gc
 import logging
+import re
 import statistics
 import time
 import traceback
@@ -330,6 +332,36 @@ def write_csv(path: Path, rows: list[dict], fields: list[str]) -> None:
         writer.writerows(rows)
 
 
+def metric_key(*parts: object) -> str:
+    """An MLflow metric name from parts joined by dots, each reduced to the characters MLflow allows in a name
+    (a row label such as "plain GPT (mha, flash)" has others)."""
+    return ".".join(re.sub(r"[^\w\-/]+", "_", str(part)).strip("_") for part in parts)
+
+
+def tracked_metrics(attention: list[dict], training: list[dict]) -> dict[int | None, dict[str, float]]:
+    """What the MLflow run keeps of the tables, by step (T, or None for no step): each attention row's Mtok/s and
+    ratio to sdpa at every T, as a curve over T as the profile stage logs its own; each row's fitted exponent; each
+    training row's ms per step, Mtok/s and MFU."""
+    by_step: dict[int | None, dict[str, float]] = {None: {}}
+    ok = [r for r in attention if r["status"] == "ok"]
+    sdpa = {r["T"]: r["mtok_per_s"] for r in ok if r["label"] == "sdpa"}
+    for r in ok:
+        row = by_step.setdefault(r["T"], {})
+        row[metric_key("attention", r["variant"], r["mode"], "mtok_per_s")] = r["mtok_per_s"]
+        if r["T"] in sdpa:
+            row[metric_key("attention", r["variant"], r["mode"], "x_sdpa")] = r["mtok_per_s"] / sdpa[r["T"]]
+    names = {r["label"]: (r["variant"], r["mode"]) for r in attention}
+    for label, slope in exponents(attention).items():
+        if slope is not None:
+            by_step[None][metric_key("attention", *names[label], "time_exponent")] = slope
+    for r in training:
+        if r["status"] == "ok":
+            for field in ("ms", "mtok_per_s", "mfu"):
+                if r.get(field) is not None:
+                    by_step[None][metric_key("train", r["model"], r["variant"], field)] = r[field]
+    return by_step
+
+
 def main(params: Params, out_dir: Path, variants: list[str] | None = None, settings: BenchmarkConfig | None = None,
          trace: bool = False) -> str:
     """Measure as `settings` (default: params.benchmark) say; `variants` default to the params file's."""
@@ -339,6 +371,8 @@ def main(params: Params, out_dir: Path, variants: list[str] | None = None, setti
         raise ConfigError(f"--variants: unknown {', '.join(map(repr, unknown))}; allowed: {', '.join([*REFERENCES, *REGISTRY])}")
     if resolve_device(params.train.device).type != "cuda":
         raise RuntimeError("benchmark needs a CUDA device (absolute speeds count on a GPU only)")
+    from .tracking import stage_run
+
     device = device_name()
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
@@ -346,17 +380,25 @@ def main(params: Params, out_dir: Path, variants: list[str] | None = None, setti
     variants = [v for v in variants or params.variants if v not in REFERENCES]  # the references always run, once
     steps = [("attention", [name]) for name in [*REFERENCES, *variants]] if "attention" in settings.parts else []
     steps += [("train", variants)] if "train" in settings.parts else []
-    for part, names in steps:  # results are written after each variant's attention rows and after the training rows
-        more_attention, more_training = benchmark(params, names, part, settings, trace)
-        attention, training = attention + more_attention, training + more_training
-        write_csv(out_dir / f"{device}-attention.csv", attention, ATTENTION_FIELDS)
-        write_csv(out_dir / f"{device}-train.csv", training, TRAIN_FIELDS)
-        text = markdown(attention, training, device, settings, params)
-        write_text(out_dir / f"{device}.md", text)
-        if attention:
-            figure(attention, out_dir / f"{device}.png")
-        if trace:
-            write_text(out_dir / f"{device}-kernels.md", kernels_markdown(attention + training, device))
+    with stage_run(params, "benchmark") as tracker:
+        tracker.log_params({"device": device, "variants": variants, "benchmark": settings.model_dump(), "model": params.model.model_dump(),
+                            "variant_options": {v: params.variants[v].model_dump() for v in variants if v in params.variants}})
+        tracker.set_tags({"device": device})
+        for part, names in steps:  # results are written after each variant's attention rows and after the training rows
+            more_attention, more_training = benchmark(params, names, part, settings, trace)
+            attention, training = attention + more_attention, training + more_training
+            write_csv(out_dir / f"{device}-attention.csv", attention, ATTENTION_FIELDS)
+            write_csv(out_dir / f"{device}-train.csv", training, TRAIN_FIELDS)
+            text = markdown(attention, training, device, settings, params)
+            write_text(out_dir / f"{device}.md", text)
+            if attention:
+                figure(attention, out_dir / f"{device}.png")
+            if trace:
+                write_text(out_dir / f"{device}-kernels.md", kernels_markdown(attention + training, device))
+        for step, metrics in tracked_metrics(attention, training).items():
+            tracker.log_metrics(metrics, step=step)
+        for path in sorted(out_dir.glob(f"{device}*")):
+            tracker.log_artifact(path)
     log.info("%d attention points, %d training points on %s in %.0fs -> %s", len(attention), len(training), device,
              time.perf_counter() - t0, out_dir / f"{device}.md")
     return text
