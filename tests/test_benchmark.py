@@ -117,7 +117,8 @@ def test_the_params_file_says_what_is_measured_and_each_flag_overrides_its_key(t
 
 def test_a_run_is_logged_to_mlflow_with_the_tables_figures_and_files(monkeypatch, tmp_path):
     """The benchmark is one MLflow run like every stage: its settings as params, each attention row's Mtok/s and
-    ratio to sdpa as a curve over T, the fitted exponents, the training rows' MFU, and the files it wrote."""
+    ratio to sdpa as a curve over T, the fitted exponents, the training rows' MFU, and the files it wrote (not the
+    others in its folder, which reports/benchmarks fills with earlier runs' pages)."""
     import torch
     from mlflow.tracking import MlflowClient
 
@@ -137,6 +138,8 @@ def test_a_run_is_logged_to_mlflow_with_the_tables_figures_and_files(monkeypatch
     monkeypatch.setattr(benchmark, "device_name", lambda: "fake-gpu")
     monkeypatch.setattr(benchmark, "benchmark", measured)
     params = parse_params({"benchmark": {"repeats": 3}, "tracking": {"uri": uri}, "variants": {"ca": {"block": 64}}})
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "fake-gpu-stop1-attention.csv").write_text("an earlier run's rows, kept beside")
     benchmark.main(params, tmp_path / "out")
 
     client = MlflowClient(uri)

@@ -397,8 +397,10 @@ def main(params: Params, out_dir: Path, variants: list[str] | None = None, setti
                 write_text(out_dir / f"{device}-kernels.md", kernels_markdown(attention + training, device))
         for step, metrics in tracked_metrics(attention, training).items():
             tracker.log_metrics(metrics, step=step)
-        for path in sorted(out_dir.glob(f"{device}*")):
-            tracker.log_artifact(path)
+        written = [f"{device}.md", f"{device}-attention.csv", f"{device}-train.csv", f"{device}.png", f"{device}-kernels.md"]
+        for path in (out_dir / name for name in written):  # not the folder's other files (earlier runs' pages)
+            if path.exists():
+                tracker.log_artifact(path)
     log.info("%d attention points, %d training points on %s in %.0fs -> %s", len(attention), len(training), device,
              time.perf_counter() - t0, out_dir / f"{device}.md")
     return text
