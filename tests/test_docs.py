@@ -24,12 +24,12 @@ def test_the_readme_gpu_table_matches_the_committed_reports():
     readme = markdown_rows((REPO / "README.md").read_text(), "| variant | test bpb | attention Mtok/s")
     quality = markdown_rows((REPO / "reports/gpu-gcide/comparison.md").read_text(), "| variant | params (M) | test bpb")
     pages = REPO / "reports/benchmarks/gpu-gcide"
-    rows = list(csv.DictReader(open(pages / "NVIDIA-H200-attention.csv")))
+    rows = list(csv.DictReader((pages / "NVIDIA-H200-attention.csv").read_text().splitlines()))
     attention = {(r["variant"], int(r["T"])): float(r["mtok_per_s"]) for r in rows}
     slopes = {label.split()[0]: slope for label, slope in exponents([
         r | {"T": int(r["T"]), "ms": float(r["ms"]), "batch": int(r["batch"]), "label": r["variant"] if r["mode"] == "eager" else f"{r['variant']} ({r['mode']})"} for r in rows
     ]).items()}
-    mfu = {r["variant"]: float(r["mfu"]) for r in csv.DictReader(open(pages / "NVIDIA-H200-train.csv"))}
+    mfu = {r["variant"]: float(r["mfu"]) for r in csv.DictReader((pages / "NVIDIA-H200-train.csv").read_text().splitlines())}
     assert set(readme) == {"sdpa (reference)", *quality}, sorted(readme)
     for variant, (bpb, speeds, ratios, slope, training) in readme.items():
         name = variant.split()[0]
