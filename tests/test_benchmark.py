@@ -67,6 +67,24 @@ def test_a_failed_point_keeps_the_cause_on_one_line_and_logs_the_traceback(monke
     assert "Traceback" in caplog.text and caplog.text.count("File x.py") == 40
 
 
+def test_a_point_keeps_its_median_and_the_spread_of_its_samples(monkeypatch, tmp_path):
+    """The figure is the median sample; the fastest and slowest go to the CSV, so a reader can tell a difference
+    between two rows from the noise of one."""
+    import torch
+
+    from attnbench import benchmark
+
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda: None)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda: 2**30)
+    monkeypatch.setattr(benchmark, "time_samples", lambda step, warmup, repeats: [2.5, 2.0, 4.0, 2.0, 3.0])
+    row = benchmark.run_point("attention", "ca", 8192, 8, lambda: None, warmup=1, repeats=5)
+    assert (row["ms"], row["ms_min"], row["ms_max"], row["peak_gib"]) == (2.5, 2.0, 4.0, 1.0)
+    assert row["mtok_per_s"] == 8 * 8192 / 2.5 / 1e3
+    benchmark.write_csv(tmp_path / "rows.csv", [row], benchmark.ATTENTION_FIELDS)
+    assert (tmp_path / "rows.csv").read_text().splitlines()[1] == "attention,ca,,8192,8,2.5,2.0,4.0,26.2144,1.0,ok"
+
+
 def test_references_named_as_variants_run_once(monkeypatch, tmp_path):
     """`--variants sdpa sca` measured sdpa twice (once as the reference that every ratio uses, once as named)."""
     import torch

@@ -51,10 +51,10 @@ REFERENCES = {"sdpa": sdpa_backends(MultiHeadOptions().kernels), "sdpa-flash": s
 # The training baseline: a plain compiled GPT of the same size, i.e. mha on the flash kernel.
 PLAIN_GPT = ("plain GPT (mha, flash)", "mha", {"kernels": ["flash"]})
 
-ATTENTION_FIELDS = ["kind", "variant", "mode", "T", "batch", "ms", "mtok_per_s", "peak_gib", "status"]
+ATTENTION_FIELDS = ["kind", "variant", "mode", "T", "batch", "ms", "ms_min", "ms_max", "mtok_per_s", "peak_gib", "status"]
 # Attention modes: torch.compile's options for each (None: eager); `graphs` is its mode reduce-overhead.
 COMPILE_MODES = {"eager": None, "compiled": {}, "graphs": {"triton.cudagraphs": True}}
-TRAIN_FIELDS = ["kind", "variant", "model", "T", "batch", "ms", "mtok_per_s", "mfu", "peak_gib", "compiled", "status"]
+TRAIN_FIELDS = ["kind", "variant", "model", "T", "batch", "ms", "ms_min", "ms_max", "mtok_per_s", "mfu", "peak_gib", "compiled", "status"]
 
 
 def device_name() -> str:
@@ -64,8 +64,8 @@ def device_name() -> str:
 CHAIN = 4  # steps per timed sample
 
 
-def time_ms(step: Callable[[], None], warmup: int, repeats: int) -> float:
-    """Median milliseconds per call of `step`, timed with CUDA events after `warmup` calls.
+def time_samples(step: Callable[[], None], warmup: int, repeats: int) -> list[float]:
+    """Milliseconds per call of `step`, one value per sample, timed with CUDA events after `warmup` calls.
 
     Each of the `repeats` samples times CHAIN calls back to back, as training issues them (no
     synchronisation between steps), so the host's launch work overlaps the device's and a short
@@ -83,7 +83,7 @@ def time_ms(step: Callable[[], None], warmup: int, repeats: int) -> float:
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end) / CHAIN)
-    return statistics.median(times)
+    return times
 
 
 def zero_grads(tensors) -> None:
@@ -183,8 +183,10 @@ def run_point(kind: str, variant: str, T: int, batch: int, build: Callable[[], C
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         step = build()
-        ms = time_ms(step, warmup, repeats)
-        row.update(ms=ms, mtok_per_s=batch * T / ms / 1e3, peak_gib=torch.cuda.max_memory_allocated() / 2**30, status="ok")
+        samples = time_samples(step, warmup, repeats)
+        ms = statistics.median(samples)  # the figure; the fastest and slowest sample show how far it could move
+        row.update(ms=ms, ms_min=min(samples), ms_max=max(samples), mtok_per_s=batch * T / ms / 1e3,
+                   peak_gib=torch.cuda.max_memory_allocated() / 2**30, status="ok")
         if trace:
             row["kernels"] = kernel_table(step)
     except torch.OutOfMemoryError:
@@ -269,7 +271,8 @@ def attention_section(attention: list[dict], settings: BenchmarkConfig) -> list[
         lines.append(f"| {label} | " + " | ".join(cells) + f" | {'—' if slope is None else f'{slope:.2f}'} | {ratio(label, 8192)} | {ratio(label, 32768)} |")
     return lines + ["", "Time exponent: slope of log(time per sequence) against log T, i.e. the spec's compute-vs-T exponent. "
                     "`sdpa`: the fused causal kernel in mha's order (cuDNN first), the bar of the ratio columns; "
-                    f"`sdpa-flash`: the flash kernel alone. Each sample times {CHAIN} steps back to back (as training runs them).", ""]
+                    f"`sdpa-flash`: the flash kernel alone. Each sample times {CHAIN} steps back to back (as training runs them); "
+                    "the CSV keeps each point's fastest and slowest sample (`ms_min`, `ms_max`) beside the median.", ""]
 
 
 def training_section(training: list[dict], seq_len: int) -> list[str]:
