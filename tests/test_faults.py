@@ -563,8 +563,8 @@ def test_profile_records_out_of_memory_points_and_fits_only_the_rest(tmp_path, m
 
     with open(tmp_path / "mha" / "profile.csv") as f:
         rows = list(csv.DictReader(f))
-    assert [(r["scope"], int(r["T"]), r["status"]) for r in rows] == [
-        (scope, T, "oom" if T == largest else "ok") for scope in ("attention", "model") for T in seq_lens
+    assert [(r["scope"], int(r["T"]), r["status"]) for r in rows] == [  # the reference (mha's layer) was not made to fail
+        (scope, T, "oom" if T == largest and scope != "reference" else "ok") for scope in ("attention", "reference", "model") for T in seq_lens
     ]
     for row in rows:
         measured = [row[k] for k in ("seconds", "tokens_per_s", "memory_bytes", "memory_method")]

@@ -35,10 +35,10 @@ def write_variant(folder, variant, bpb, tokens_per_s, exponent):
             writer.writerow({"step": step, "tokens": step * 100, "lr": 1e-3, "train_loss": 2.0, "val_bpb": bpb + 1 / step,
                              "tokens_per_s": tokens_per_s, "elapsed_s": step})
     rows = []
-    for scope in ("attention", "model"):
+    for scope, scope_exponent in (("attention", exponent), ("reference", 2.0), ("model", exponent)):  # reference: mha's layer
         for T in (64, 128, 256):
             batch = 1024 // T
-            seconds = batch * 1e-6 * T**exponent
+            seconds = batch * 1e-6 * T**scope_exponent
             rows.append({"variant": variant, "scope": scope, "T": T, "batch": batch, "seconds": seconds,
                          "tokens_per_s": batch * T / seconds, "memory_bytes": batch * T * 1000, "memory_method": "fixture",
                          "status": "ok"})
@@ -67,6 +67,9 @@ def test_report_from_fixture_metrics(tmp_path, monkeypatch):
     assert set(rows) == set(FIXTURE)
     assert "| 2.250 |" in rows["mha"] and "| 2.750 |" in rows["la"], "test bpb missing from the table"
     assert "| 2.00 |" in rows["mha"] and "| 1.00 |" in rows["la"], "fitted time exponents missing from the table"
+    header = [c.strip() for c in next(line for line in text.splitlines() if line.startswith("| variant")).strip("|").split("|")]
+    ratio = {v: [c.strip() for c in line.strip("|").split("|")][header.index("x sdpa @ max T")] for v, line in rows.items()}
+    assert ratio == {"mha": "1.00", "la": "256.00"}, ratio  # at T = 256 (512 ran out of memory): 256^2 / 256^1
     assert "Best variant: **mha** at 2.250 bpb" in text
     assert f"**{unigram_bpb(tmp_path / 'prepared'):.3f} bpb**" in text
     for name in ("learning_curves", "bpb_vs_throughput", "time_vs_T", "memory_vs_T"):

@@ -1,5 +1,9 @@
 """profile: forward+backward time and memory of one attention layer and of the whole model vs T.
 
+Scopes: `attention`, the variant's attention sub-layer (projections included); `reference`, mha's sub-layer (the
+fused causal sdpa) at the same shapes in the same process, the bar of the report's speed ratio; `model`, the whole
+language model (`profile.whole_model`).
+
 At each T the batch is tokens_per_step // T sequences, so a T^a mechanism
 takes time ~ T^(a-1) per step; the fitted exponents are slopes of log(time
 per sequence) and log(memory per sequence) against log T, comparable with the
@@ -101,9 +105,10 @@ def measure(step: Callable[[], None], device: torch.device, warmup: int, repeats
     return statistics.median(times), memory, method
 
 
-def attention_step(params: Params, variant: str, T: int, batch: int, device: torch.device) -> Callable[[], None]:
+def layer_step(params: Params, variant: str, options, T: int, batch: int, device: torch.device) -> Callable[[], None]:
+    """forward+backward of one attention sub-layer (projections included) of `variant` with `options`."""
     m = params.model
-    layer = build_attention(variant, m.d_model, m.n_heads, T, params.variants[variant]).to(device).train()
+    layer = build_attention(variant, m.d_model, m.n_heads, T, options).to(device).train()
     x = torch.randn(batch, T, m.d_model, device=device, requires_grad=True)
 
     def step():
@@ -112,6 +117,16 @@ def attention_step(params: Params, variant: str, T: int, batch: int, device: tor
         out.float().sum().backward()
 
     return step
+
+
+def attention_step(params: Params, variant: str, T: int, batch: int, device: torch.device) -> Callable[[], None]:
+    return layer_step(params, variant, params.variants[variant], T, batch, device)
+
+
+def reference_step(params: Params, variant: str, T: int, batch: int, device: torch.device) -> Callable[[], None]:
+    """mha's sub-layer with its default options, whose attention is the fused causal sdpa, at the same shapes: the
+    bar the report holds each variant's attention scope against, measured in the same process."""
+    return layer_step(params, "mha", None, T, batch, device)
 
 
 def model_step(params: Params, variant: str, T: int, batch: int, device: torch.device) -> Callable[[], None]:
@@ -140,7 +155,7 @@ def profile(params: Params, variant: str) -> tuple[list[dict], dict]:
     """Rows of measurements (one per scope and T) and the fitted exponents."""
     cfg = params.profile
     device = resolve_device(params.train.device)
-    scopes = {"attention": attention_step, **({"model": model_step} if cfg.whole_model else {})}
+    scopes = {"attention": attention_step, "reference": reference_step, **({"model": model_step} if cfg.whole_model else {})}
     rows = []
     for scope, build in scopes.items():
         for T in cfg.seq_lens:

@@ -45,6 +45,7 @@ def collect(variants_dir: Path, variants: list[str]) -> tuple[pd.DataFrame, pd.D
         rows = pd.read_csv(d / "profile.csv")
         attn = rows[(rows.scope == "attention") & (rows.status == "ok")]
         largest = attn.loc[attn["T"].idxmax()] if len(attn) else None
+        bar = rows[(rows.scope == "reference") & (rows.status == "ok") & (rows["T"] == (None if largest is None else largest["T"]))]
         summary.append({
             "variant": v,
             "params (M)": train["params_non_embedding"] / 1e6,
@@ -53,6 +54,7 @@ def collect(variants_dir: Path, variants: list[str]) -> tuple[pd.DataFrame, pd.D
             "train tok/s": train["tokens_per_s"],
             "MFU %": None if train.get("mfu") is None else 100 * train["mfu"],
             "attn tok/s @ max T": None if largest is None else largest["tokens_per_s"],
+            "x sdpa @ max T": largest["tokens_per_s"] / bar["tokens_per_s"].iloc[0] if len(bar) else None,
             "attn MiB @ max T": None if largest is None else largest["memory_bytes"] / 2**20,
             "time exp (attn)": prof.get("attention_time_exponent"),
             "memory exp (attn)": prof.get("attention_memory_exponent"),
@@ -114,7 +116,7 @@ def figures(summary: pd.DataFrame, curves: pd.DataFrame, profiles: pd.DataFrame,
     ax.xaxis.set_major_formatter(StrMethodFormatter("{x:,.0f}"))
     _save(fig, paths["bpb_vs_throughput"])
 
-    ok = profiles[profiles.status == "ok"].assign(
+    ok = profiles[(profiles.status == "ok") & (profiles.scope != "reference")].assign(  # the reference: the table's ratio
         ms_per_seq=lambda d: d.seconds / d.batch * 1e3, mib_per_seq=lambda d: d.memory_bytes / d.batch / 2**20
     )
     for name, column, label in [("time_vs_T", "ms_per_seq", "ms per sequence"), ("memory_vs_T", "mib_per_seq", "MiB per sequence")]:
@@ -129,7 +131,7 @@ def figures(summary: pd.DataFrame, curves: pd.DataFrame, profiles: pd.DataFrame,
 # One format per column, so a column reads alike at every magnitude.
 SUMMARY_FORMATS = {
     "params (M)": "{:.3f}", "test bpb": "{:.3f}", "val bpb (end)": "{:.3f}", "train tok/s": "{:,.0f}", "MFU %": "{:.1f}",
-    "attn tok/s @ max T": "{:,.0f}", "attn MiB @ max T": "{:,.1f}",
+    "attn tok/s @ max T": "{:,.0f}", "x sdpa @ max T": "{:.2f}", "attn MiB @ max T": "{:,.1f}",
     "time exp (attn)": "{:.2f}", "memory exp (attn)": "{:.2f}", "time exp (model)": "{:.2f}",
 }
 ROUTING_FORMATS = {
@@ -202,7 +204,9 @@ def report(params: Params, variants_dir: Path, data_dir: Path, out_dir: Path, su
         *([f"Not in this report: {', '.join(left_out)} (of the params file's {len(params.variants)} variants).", ""] if left_out else []),
         "Exponents are log-log slopes against T of time and memory per sequence over the profile's lengths "
         f"({', '.join(map(str, params.profile.seq_lens))}); profiled on {read_json(Path(variants_dir) / variants[0] / 'profile.json')['device']}. "
-        "CPU timings are for trends only; absolute speeds count on a GPU.",
+        "x sdpa: the attention sub-layer's speed over mha's (the fused causal sdpa, default options) at the same shapes, "
+        "measured in the same profile run (scope `reference` of profile.csv). CPU timings are for trends only; absolute "
+        "speeds count on a GPU.",
         "",
         *routing_section(routing_summary(variants_dir, variants), params.train.seed),
     ]
