@@ -45,7 +45,7 @@ def collect(variants_dir: Path, variants: list[str]) -> tuple[pd.DataFrame, pd.D
         rows = pd.read_csv(d / "profile.csv")
         attn = rows[(rows.scope == "attention") & (rows.status == "ok")]
         largest = attn.loc[attn["T"].idxmax()] if len(attn) else None
-        bar = rows[(rows.scope == "reference") & (rows.status == "ok") & (rows["T"] == (None if largest is None else largest["T"]))]
+        reference = rows[(rows.scope == "reference") & (rows.status == "ok")].set_index("T")["tokens_per_s"]  # mha's layer
         summary.append({
             "variant": v,
             "params (M)": train["params_non_embedding"] / 1e6,
@@ -54,7 +54,7 @@ def collect(variants_dir: Path, variants: list[str]) -> tuple[pd.DataFrame, pd.D
             "train tok/s": train["tokens_per_s"],
             "MFU %": None if train.get("mfu") is None else 100 * train["mfu"],
             "attn tok/s @ max T": None if largest is None else largest["tokens_per_s"],
-            "x sdpa @ max T": largest["tokens_per_s"] / bar["tokens_per_s"].iloc[0] if len(bar) else None,
+            "x sdpa @ max T": largest["tokens_per_s"] / reference[largest["T"]] if largest is not None and largest["T"] in reference else None,
             "attn MiB @ max T": None if largest is None else largest["memory_bytes"] / 2**20,
             "time exp (attn)": prof.get("attention_time_exponent"),
             "memory exp (attn)": prof.get("attention_memory_exponent"),
