@@ -231,3 +231,18 @@ def test_profile_measures_the_same_memory_on_every_run(variant, tmp_path):
         rows, _ = profile_mod.profile(params, variant)
         runs.append([(r["scope"], r["T"], r["memory_bytes"]) for r in rows])
     assert runs[0] == runs[1]
+
+
+def test_profile_reference_is_mhas_layer_at_the_variants_shapes(tmp_path):
+    """The profile's reference scope, the bar of the report's x sdpa column, is mha's sub-layer with default options at
+    the same T and batch: for la its memory at every T is what mha's own attention scope saves there."""
+    from attnbench import profile as profile_mod
+    from tests.tiny import write_params
+
+    _, params = write_params(tmp_path, {"profile": {"seq_lens": [16, 64], "tokens_per_step": 256, "whole_model": False},
+                                        "variants": {"la": {}, "mha": {}}})
+    la_rows, _ = profile_mod.profile(params, "la")
+    mha_rows, _ = profile_mod.profile(params, "mha")
+    reference = [(r["T"], r["batch"], r["memory_bytes"]) for r in la_rows if r["scope"] == "reference"]
+    assert reference == [(r["T"], r["batch"], r["memory_bytes"]) for r in mha_rows if r["scope"] == "attention"]
+    assert reference != [(r["T"], r["batch"], r["memory_bytes"]) for r in la_rows if r["scope"] == "attention"]
