@@ -158,6 +158,7 @@ def test_a_run_is_logged_to_mlflow_with_the_tables_figures_and_files(monkeypatch
     params = parse_params({"benchmark": {"repeats": 3}, "tracking": {"uri": uri}, "variants": {"ca": {"block": 64}}})
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "fake-gpu-stop1-attention.csv").write_text("an earlier run's rows, kept beside")
+    (tmp_path / "out" / "fake-gpu-kernels.md").write_text("an earlier traced run's kernels: this run has no --trace")
     benchmark.main(params, tmp_path / "out")
 
     client = MlflowClient(uri)

@@ -381,6 +381,8 @@ def main(params: Params, out_dir: Path, variants: list[str] | None = None, setti
     out_dir = Path(out_dir)
     attention, training = [], []
     variants = [v for v in variants or params.variants if v not in REFERENCES]  # the references always run, once
+    suffixes = ("-attention.csv", "-train.csv", ".md", ".png", "-kernels.md")
+    attention_csv, train_csv, page, png, kernels = (out_dir / f"{device}{suffix}" for suffix in suffixes)
     steps = [("attention", [name]) for name in [*REFERENCES, *variants]] if "attention" in settings.parts else []
     steps += [("train", variants)] if "train" in settings.parts else []
     with stage_run(params, "benchmark") as tracker:
@@ -390,20 +392,19 @@ def main(params: Params, out_dir: Path, variants: list[str] | None = None, setti
         for part, names in steps:  # results are written after each variant's attention rows and after the training rows
             more_attention, more_training = benchmark(params, names, part, settings, trace)
             attention, training = attention + more_attention, training + more_training
-            write_csv(out_dir / f"{device}-attention.csv", attention, ATTENTION_FIELDS)
-            write_csv(out_dir / f"{device}-train.csv", training, TRAIN_FIELDS)
+            write_csv(attention_csv, attention, ATTENTION_FIELDS)
+            write_csv(train_csv, training, TRAIN_FIELDS)
             text = markdown(attention, training, device, settings, params)
-            write_text(out_dir / f"{device}.md", text)
+            write_text(page, text)
             if attention:
-                figure(attention, out_dir / f"{device}.png")
+                figure(attention, png)
             if trace:
-                write_text(out_dir / f"{device}-kernels.md", kernels_markdown(attention + training, device))
+                write_text(kernels, kernels_markdown(attention + training, device))
         for step, metrics in tracked_metrics(attention, training).items():
             tracker.log_metrics(metrics, step=step)
-        written = [f"{device}.md", f"{device}-attention.csv", f"{device}-train.csv", f"{device}.png", f"{device}-kernels.md"]
-        for path in (out_dir / name for name in written):  # not the folder's other files (earlier runs' pages)
-            if path.exists():
-                tracker.log_artifact(path)
+        # What this run wrote, not whatever else the folder holds (earlier runs' pages, a figure or kernel table of theirs).
+        for path in [attention_csv, train_csv, page, *([png] if attention else []), *([kernels] if trace else [])]:
+            tracker.log_artifact(path)
     log.info("%d attention points, %d training points on %s in %.0fs -> %s", len(attention), len(training), device,
-             time.perf_counter() - t0, out_dir / f"{device}.md")
+             time.perf_counter() - t0, page)
     return text
