@@ -7,22 +7,26 @@ from attnbench.benchmark import exponents
 from tests.tiny import REPO
 
 
-def markdown_rows(text: str, header_start: str) -> dict[str, list[str]]:
-    """The rows of the markdown table whose header starts with `header_start`, by first cell."""
+def markdown_rows(text: str, header_start: str) -> tuple[list[str], dict[str, list[str]]]:
+    """The markdown table whose header starts with `header_start`: its column names and its rows by first cell,
+    both without the first column."""
     lines = text.splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith(header_start))
+
+    def cells(line: str) -> list[str]:
+        return [c.strip() for c in line.strip("|").split("|")]
+
     rows = {}
     for line in lines[start + 2 :]:
         if not line.startswith("|"):
             break
-        cells = [c.strip() for c in line.strip("|").split("|")]
-        rows[cells[0]] = cells[1:]
-    return rows
+        rows[cells(line)[0]] = cells(line)[1:]
+    return cells(lines[start])[1:], rows
 
 
 def test_the_readme_gpu_table_matches_the_committed_reports():
-    readme = markdown_rows((REPO / "README.md").read_text(), "| variant | test bpb | attention Mtok/s")
-    quality = markdown_rows((REPO / "reports/gpu-gcide/comparison.md").read_text(), "| variant | params (M) | test bpb")
+    _, readme = markdown_rows((REPO / "README.md").read_text(), "| variant | test bpb | attention Mtok/s")
+    _, quality = markdown_rows((REPO / "reports/gpu-gcide/comparison.md").read_text(), "| variant | params (M) | test bpb")
     pages = REPO / "reports/benchmarks/gpu-gcide"
     rows = list(csv.DictReader((pages / "NVIDIA-H200-attention.csv").read_text().splitlines()))
     attention = {(r["variant"], int(r["T"])): float(r["mtok_per_s"]) for r in rows}

@@ -14,6 +14,7 @@ from attnbench.files import write_json
 from attnbench.profile import FIELDS, fit_exponent
 from attnbench.plots import log_length_axes
 from attnbench.report import SUMMARY_FORMATS, markdown_table, report, unigram_bpb
+from tests.test_docs import markdown_rows
 from tests.tiny import write_params
 
 FIXTURE = {
@@ -67,8 +68,8 @@ def test_report_from_fixture_metrics(tmp_path, monkeypatch):
     assert set(rows) == set(FIXTURE)
     assert "| 2.250 |" in rows["mha"] and "| 2.750 |" in rows["la"], "test bpb missing from the table"
     assert "| 2.00 |" in rows["mha"] and "| 1.00 |" in rows["la"], "fitted time exponents missing from the table"
-    header = [c.strip() for c in next(line for line in text.splitlines() if line.startswith("| variant")).strip("|").split("|")]
-    ratio = {v: [c.strip() for c in line.strip("|").split("|")][header.index("x sdpa @ max T")] for v, line in rows.items()}
+    header, table = markdown_rows(text, "| variant | params (M)")
+    ratio = {v: cells[header.index("x sdpa @ max T")] for v, cells in table.items()}
     assert ratio == {"mha": "1.00", "la": "256.00"}, ratio  # at T = 256 (512 ran out of memory): 256^2 / 256^1
     assert "Best variant: **mha** at 2.250 bpb" in text
     assert f"**{unigram_bpb(tmp_path / 'prepared'):.3f} bpb**" in text
