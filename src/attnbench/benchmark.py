@@ -245,6 +245,12 @@ def exponents(rows: list[dict], lo: int = 2048, hi: int = 32768) -> dict[str, fl
     return out
 
 
+def sdpa_ratios(attention: list[dict]) -> dict[tuple[str, int], float]:
+    """Each measured row's Mtok/s over the sdpa row's at its T, by (label, T); none where either is missing."""
+    sdpa = {r["T"]: r["mtok_per_s"] for r in attention if r["label"] == "sdpa" and r["status"] == "ok"}
+    return {(r["label"], r["T"]): r["mtok_per_s"] / sdpa[r["T"]] for r in attention if r["status"] == "ok" and r["T"] in sdpa}
+
+
 def cell(row: dict | None) -> str:
     if row is None:
         return "not run"
@@ -260,10 +266,10 @@ def attention_section(attention: list[dict], settings: BenchmarkConfig) -> list[
              + " | time exponent (2K-32K) | x sdpa at 8K | x sdpa at 32K |",
              "|---|" + "---|" * (len(seq_lens) + 3)]
     by = {(r["label"], r["T"]): r for r in attention}
+    ratios = sdpa_ratios(attention)
 
     def ratio(label, T):
-        ok = by.get((label, T), {}).get("status") == "ok" and by.get(("sdpa", T), {}).get("status") == "ok"
-        return f"{by[label, T]['mtok_per_s'] / by['sdpa', T]['mtok_per_s']:.2f}" if ok else "—"
+        return f"{ratios[label, T]:.2f}" if (label, T) in ratios else "—"
 
     for label in dict.fromkeys(r["label"] for r in attention):
         cells = [cell(by.get((label, T))) for T in seq_lens]
@@ -346,13 +352,14 @@ def tracked_metrics(attention: list[dict], training: list[dict]) -> dict[int | N
     ratio to sdpa at every T, as a curve over T as the profile stage logs its own; each row's fitted exponent; each
     training row's ms per step, Mtok/s and MFU."""
     by_step: dict[int | None, dict[str, float]] = {None: {}}
-    ok = [r for r in attention if r["status"] == "ok"]
-    sdpa = {r["T"]: r["mtok_per_s"] for r in ok if r["label"] == "sdpa"}
-    for r in ok:
+    ratios = sdpa_ratios(attention)
+    for r in attention:
+        if r["status"] != "ok":
+            continue
         row = by_step.setdefault(r["T"], {})
         row[metric_key("attention", r["variant"], r["mode"], "mtok_per_s")] = r["mtok_per_s"]
-        if r["T"] in sdpa:
-            row[metric_key("attention", r["variant"], r["mode"], "x_sdpa")] = r["mtok_per_s"] / sdpa[r["T"]]
+        if (r["label"], r["T"]) in ratios:
+            row[metric_key("attention", r["variant"], r["mode"], "x_sdpa")] = ratios[r["label"], r["T"]]
     names = {r["label"]: (r["variant"], r["mode"]) for r in attention}
     for label, slope in exponents(attention).items():
         if slope is not None:
