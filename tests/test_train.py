@@ -149,7 +149,7 @@ def test_routing_stats_are_the_training_batchs_and_the_val_pass_is_logged_apart(
     real_bits_per_byte = train_mod.bits_per_byte
 
     def recording(model, *args, **kwargs):
-        before_val.append(model.attention_stats())
+        before_val.append({k: v.item() for k, v in model.attention_stats().items()})
         result = real_bits_per_byte(model, *args, **kwargs)
         val_stats.append(result["attention"])
         return result

@@ -223,7 +223,7 @@ def train(params: Params, variant: str, data_dir: Path, out_dir: Path, tracker=N
                 metrics = {"train_loss": train_loss, "grad_norm_max": largest_grad_norm, "lr": lr, "tokens_per_s": tokens_per_s}
                 if at_eval:
                     # The last training micro-batch's routing, read before the val pass routes anew (without noise).
-                    metrics.update({f"attn.{k}": v for k, v in model.attention_stats().items()})
+                    metrics.update({f"attn.{k}": v.item() for k, v in model.attention_stats().items()})
                     val = bits_per_byte(model, val_data, cfg.batch_size, val_tokens)
                     metrics["val_bpb"] = val["bpb"]
                     metrics.update({f"val_attn.{k}": v for k, v in val["attention"].items()})

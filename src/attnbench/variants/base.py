@@ -107,8 +107,9 @@ class Attention(nn.Module):
     def set_progress(self, fraction: float) -> None:
         """Training progress in [0, 1], for variants with schedules (lca's tau)."""
 
-    def stats(self) -> dict[str, float]:
-        """Diagnostics of the last forward pass worth logging (cluster sizes, ...)."""
+    def stats(self) -> dict[str, torch.Tensor]:
+        """Diagnostics of the last forward pass worth logging (cluster sizes, ...), as 0-d tensors on the layer's
+        device: the caller reads them when it logs, so a forward pass is not followed by a host sync per value."""
         return {}
 
 

@@ -297,12 +297,12 @@ class LearnedClusterAttention(Attention):
         cluster, own, v = self.routed_values(k, v, x)
         return cluster_attention_sorted(q, k, v, cluster, own, self.clusters, self.scale)
 
-    def stats(self) -> dict[str, float]:
+    def stats(self) -> dict[str, torch.Tensor]:
         if self.last_clusters is None:
             return {}
         share = F.one_hot(self.last_clusters, self.clusters).float().mean(dim=-2)  # (B, R, C)
         return {
-            "max_cluster_frac": share.amax(dim=-1).mean().item(),
-            "empty_clusters": (share == 0).float().sum(dim=-1).mean().item(),
-            "pair_frac": share.square().sum(dim=-1).mean().item(),
-        } | ({"tau": self.tau.item()} if self.training else {})  # evaluation routes without tau
+            "max_cluster_frac": share.amax(dim=-1).mean(),
+            "empty_clusters": (share == 0).float().sum(dim=-1).mean(),
+            "pair_frac": share.square().sum(dim=-1).mean(),
+        } | ({"tau": self.tau.clone()} if self.training else {})  # evaluation routes without tau
