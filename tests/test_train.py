@@ -50,13 +50,17 @@ def interrupt_at(monkeypatch, step):
 
 
 class Recorder:
-    """A stand-in for the stage's MLflow tracker: keeps each log point's metrics in `logged` by step."""
+    """A stand-in for the stage's MLflow tracker: keeps each log point's metrics in `logged` by step, and the
+    params and tags."""
 
     def __init__(self, logged: dict):
-        self.logged = logged
+        self.logged, self.params, self.tags = logged, {}, {}
 
     def log_params(self, params):
-        pass
+        self.params.update(params)
+
+    def set_tags(self, tags):
+        self.tags.update(tags)
 
     def log_metrics(self, metrics, step=None):
         self.logged[step] = metrics
@@ -77,17 +81,23 @@ def test_train_writes_its_outputs_and_learns(tiny, tmp_path):
 
 
 def test_resume_after_interruption_equals_uninterrupted_run(tiny, tmp_path, monkeypatch):
-    params, prepared = tiny()
-    train_mod.train(params, "la", prepared, tmp_path / "clean")
+    """Bitwise, with noise in the model (dropout, lca's Gumbel routing): the noise of a step does not depend on
+    what the process drew before. The resumed run is its own MLflow run, with the params and where it resumed."""
+    params, prepared = tiny({"model": {"dropout": 0.2}, "variants": {"lca": {}}})
+    train_mod.train(params, "lca", prepared, tmp_path / "clean")
 
     real_get_batch = interrupt_at(monkeypatch, 6)  # after the checkpoint at step 4, before the one at 8
     with pytest.raises(KeyboardInterrupt):
-        train_mod.train(params, "la", prepared, tmp_path / "resumed")
+        train_mod.train(params, "lca", prepared, tmp_path / "resumed")
     assert torch.load(tmp_path / "resumed" / train_mod.CHECKPOINT, weights_only=True)["step"] == 4
     assert not (tmp_path / "resumed" / "model.pt").exists(), "an interrupted run must not write its final outputs"
 
     monkeypatch.setattr(train_mod, "get_batch", real_get_batch)
-    summary = train_mod.train(params, "la", prepared, tmp_path / "resumed")
+    torch.manual_seed(12345)  # the global generator as a fresh process might leave it: not what the clean run had
+    recorder = Recorder({})
+    summary = train_mod.train(params, "lca", prepared, tmp_path / "resumed", recorder)
+    assert recorder.params["variant"] == "lca" and recorder.tags == {"resumed_from_step": "4"}
+    assert sorted(recorder.logged) == [6, 8, 10, 12]
     clean, resumed = weights(tmp_path / "clean" / "model.pt"), weights(tmp_path / "resumed" / "model.pt")
     for key in clean:
         assert torch.equal(clean[key], resumed[key]), f"{key} differs after resume"

@@ -20,7 +20,7 @@ from .config import Params
 from .data import load_split
 from .files import write_json
 from .model import ByteLM, load_model
-from .runtime import autocast, resolve_device, use_cpu_threads
+from .runtime import autocast, resolve_device, to_device, use_cpu_threads
 
 log = logging.getLogger(__name__)
 PROGRESS_EVERY_S = 10
@@ -55,8 +55,7 @@ def bits_per_byte(model: ByteLM, data: np.ndarray, batch_size: int, max_tokens: 
     batches += [[s] for s in starts if s + seq_len + 1 > len(data)]
     for i, batch in enumerate(batches):
         length = min(seq_len, len(data) - 1 - batch[0])
-        window = np.stack([data[s : s + length + 1] for s in batch]).astype(np.int64)
-        window = torch.from_numpy(window).to(device)
+        window = to_device(np.stack([data[s : s + length + 1] for s in batch]).astype(np.int64), device)
         with autocast(device):
             _, loss = model(window[:, :-1], window[:, 1:])
         n = window.shape[0] * length

@@ -1,10 +1,11 @@
-"""Device choice, precision (bf16 autocast on CUDA, plain fp32 on CPU), CPU threads and peak FLOP/s."""
+"""Device choice, host-to-device batches, precision (bf16 autocast on CUDA, plain fp32 on CPU), CPU threads and peak FLOP/s."""
 
 from __future__ import annotations
 
 import contextlib
 import os
 
+import numpy as np
 import torch
 
 
@@ -35,6 +36,13 @@ def use_cpu_threads(setting: int | str) -> int:
     share = max(1, job_cpu_threads(setting) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     torch.set_num_threads(share)
     return share
+
+
+def to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A host array as a tensor on `device`; to CUDA through pinned memory, a copy that does not wait for the
+    device's queue (from pageable memory it would, a host sync per batch)."""
+    tensor = torch.from_numpy(array)
+    return tensor.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else tensor.to(device)
 
 
 def autocast(device: torch.device):

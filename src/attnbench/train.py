@@ -9,7 +9,10 @@ the same weights as one that was never interrupted.
 With `train.nproc` > 1 the stage runs as that many DistributedDataParallel
 processes (distributed.py): each takes its share of every step's global batch,
 which is the batch a single process would draw, so the result is the same
-training up to float rounding (and a checkpoint resumes with any nproc).
+training up to float rounding (and a checkpoint resumes with any nproc). One
+exception: where a micro-batch's rows are split over processes (grad_accum not
+a multiple of nproc), each share draws its own noise, so a model with noise
+(dropout, lca's routing) trains on other draws than in one process.
 Rank 0 alone evaluates, logs to MLflow and writes checkpoints and outputs.
 """
 
@@ -36,7 +39,7 @@ from .evaluate import bits_per_byte
 from .files import atomic_path, read_json, write_json
 from .gpu_slots import gpu_slots
 from .model import ByteLM, save_model
-from .runtime import autocast, job_cpu_threads, peak_flops, resolve_device, use_cpu_threads
+from .runtime import autocast, job_cpu_threads, peak_flops, resolve_device, to_device, use_cpu_threads
 
 log = logging.getLogger(__name__)
 
@@ -52,9 +55,7 @@ def get_batch(data: np.ndarray, seq_len: int, batch_size: int, seed: int, step: 
     """Random windows of `data`: x (B, T) and next-byte targets y (B, T), determined by (seed, step, micro)."""
     rng = np.random.default_rng([seed, step, micro])
     starts = rng.integers(0, len(data) - seq_len - 1, size=batch_size)
-    window = torch.from_numpy(np.stack([data[s : s + seq_len + 1] for s in starts]).astype(np.int64))
-    if device.type == "cuda":
-        window = window.pin_memory().to(device, non_blocking=True)
+    window = to_device(np.stack([data[s : s + seq_len + 1] for s in starts]).astype(np.int64), device)
     return window[:, :-1], window[:, 1:]
 
 
@@ -101,9 +102,7 @@ def save_checkpoint(path: Path, model, optimizer, step: int, state: dict) -> Non
         {
             "model": model.state_dict(),
             "optimizer": optimizer.state_dict(),
-            "step": step,
-            "torch_rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "step": step,  # no RNG state: seed_noise seeds every micro-batch
             **state,
         },
         buffer,
@@ -153,14 +152,14 @@ def train(params: Params, variant: str, data_dir: Path, out_dir: Path, tracker=N
     key = fingerprint(params, variant, manifest)
     ckpt_path = out_dir / CHECKPOINT
     ckpt = load_checkpoint(ckpt_path, key, device)
-    start, curve, elapsed, rates = 0, [], 0.0, []
+    # rates: tokens/s of each logging window, except the first of each process (compilation, warm-up), kept in
+    # first_rates and used only where a run had no other window.
+    start, curve, elapsed, rates, first_rates = 0, [], 0.0, [], []
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
-        torch.set_rng_state(ckpt["torch_rng"].cpu())
-        if ckpt["cuda_rng"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all([s.cpu() for s in ckpt["cuda_rng"]])
         start, curve, elapsed, rates = ckpt["step"], ckpt["curve"], ckpt["elapsed_s"], ckpt["rates"]
+        first_rates = ckpt.get("first_rates", [])  # absent from checkpoints of earlier versions, which kept every rate in `rates`
         log.info("resuming %s from step %d/%d (%s)", variant, start, steps, ckpt_path)
     ddp = distributed.wrap(model, device)  # DDP over the processes (after resuming: every rank holds the same state)
     forward = torch.compile(ddp, options=model.compile_options) if cfg.compile else ddp
@@ -170,15 +169,16 @@ def train(params: Params, variant: str, data_dir: Path, out_dir: Path, tracker=N
     tokens_per_step = cfg.batch_size * cfg.grad_accum * T  # the global batch, over all processes
     log.info("train %s: %d steps x %d tokens, %.2fM non-embedding params, %s%s", variant, steps, tokens_per_step, n_params / 1e6, device,
              f" x {world} processes" if world > 1 else "")
-    if tracker is not None and start == 0:
+    if tracker is not None:  # every run, a resumed one too: each is its own MLflow run
         tracker.log_params({"variant": variant, "model": params.model.model_dump(), "train": cfg.model_dump(),
                             "variant_options": params.variant_options(variant), "params_non_embedding": n_params})
+        tracker.set_tags({"resumed_from_step": str(start)})
 
     model.train()
     bad_step = torch.tensor(-1, device=device)  # first step with a non-finite loss or gradient, found without a host sync
     loss_sum = torch.zeros((), device=device)
     grad_norm_max = torch.zeros((), device=device)  # the window's largest gradient norm before clipping: where a divergence shows first
-    window_start, window_steps = time.perf_counter(), 0
+    window_start, window_steps, first_window = time.perf_counter(), 0, True
     for step in range(start, steps):
         lr = lr_at(step, steps, cfg)
         for group in optimizer.param_groups:
@@ -216,7 +216,8 @@ def train(params: Params, variant: str, data_dir: Path, out_dir: Path, tracker=N
             elapsed += seconds
             train_loss = loss_sum.item() / window_steps
             tokens_per_s = window_steps * tokens_per_step / seconds
-            rates.append(tokens_per_s)
+            (first_rates if first_window else rates).append(tokens_per_s)
+            first_window = False
             if rank == 0:  # the one writer; the other ranks wait at the barrier below
                 largest_grad_norm = grad_norm_max.item()
                 log.info("step %d/%d  loss %.4f  grad norm max %.3g  lr %.2e  %.0f tok/s", done, steps, train_loss, largest_grad_norm, lr, tokens_per_s)
@@ -233,7 +234,8 @@ def train(params: Params, variant: str, data_dir: Path, out_dir: Path, tracker=N
                 if tracker is not None:
                     tracker.log_metrics(metrics, step=done)
                 if at_ckpt:
-                    save_checkpoint(ckpt_path, model, optimizer, done, {"fingerprint": key, "curve": curve, "elapsed_s": elapsed, "rates": rates})
+                    save_checkpoint(ckpt_path, model, optimizer, done, {"fingerprint": key, "curve": curve, "elapsed_s": elapsed, "rates": rates,
+                                                                              "first_rates": first_rates})
             distributed.barrier()
             loss_sum.zero_()
             grad_norm_max.zero_()
@@ -241,7 +243,7 @@ def train(params: Params, variant: str, data_dir: Path, out_dir: Path, tracker=N
 
     if rank != 0:
         return None
-    steady_tokens_per_s = float(np.median(rates[1:] or rates))  # the median logging window after the first (compilation, warm-up)
+    steady_tokens_per_s = float(np.median(rates or first_rates))
     summary = {
         "variant": variant,
         "steps": steps,
@@ -249,9 +251,9 @@ def train(params: Params, variant: str, data_dir: Path, out_dir: Path, tracker=N
         "train_loss_final": curve[-1]["train_loss"],
         "val_bpb_final": curve[-1]["val_bpb"],
         "tokens_per_s": steady_tokens_per_s,
-        "tokens_per_s_wall": steps * tokens_per_step / elapsed,
+        "tokens_per_s_overall": steps * tokens_per_step / elapsed,  # warm-up windows included
         "mfu": None if peak is None else model.flops_per_token() * steady_tokens_per_s / (peak * world),
-        "train_seconds": elapsed,
+        "train_seconds": elapsed,  # in training steps: validation passes and checkpoints not counted
         "params_non_embedding": n_params,
         "device": device.type if world == 1 else f"{device.type} x{world}",
         "nproc": world,
