@@ -43,8 +43,10 @@ def collect(variants_dir: Path, variants: list[str]) -> tuple[pd.DataFrame, pd.D
         d = Path(variants_dir) / v
         train, evaluation, prof = read_json(d / "train.json"), read_json(d / "eval.json"), read_json(d / "profile.json")
         rows = pd.read_csv(d / "profile.csv")
-        attn = rows[(rows.scope == "attention") & (rows.status == "ok")]
-        largest = attn.loc[attn["T"].idxmax()] if len(attn) else None
+        # The profile's largest T for every variant (its lengths are the params file's): a variant that ran out of
+        # memory there shows "—", not a figure at a smaller T in the same column.
+        attn = rows[(rows.scope == "attention") & (rows.status == "ok") & (rows["T"] == rows["T"].max())]
+        largest = attn.iloc[0] if len(attn) else None
         reference = rows[(rows.scope == "reference") & (rows.status == "ok")].set_index("T")["tokens_per_s"]  # mha's layer
         summary.append({
             "variant": v,
@@ -183,6 +185,7 @@ def report(params: Params, variants_dir: Path, data_dir: Path, out_dir: Path, su
     baseline = unigram_bpb(data_dir)
     out_dir = Path(out_dir)
     figure_paths = figures(summary, curves, profiles, out_dir)
+    failed = profiles[(profiles.scope != "reference") & (profiles.status != "ok")]
     best = summary.loc[summary["test bpb"].idxmin()]
     m, t = params.model, params.train
     manifest = read_json(Path(data_dir) / "manifest.json")
@@ -202,6 +205,8 @@ def report(params: Params, variants_dir: Path, data_dir: Path, out_dir: Path, su
         markdown_table(summary, SUMMARY_FORMATS),
         "",
         *([f"Not in this report: {', '.join(left_out)} (of the params file's {len(params.variants)} variants).", ""] if left_out else []),
+        *([f"Profile points that did not run: {', '.join(f'{r.variant} {r.scope} T = {r.T} ({r.status})' for r in failed.itertuples())}.", ""]
+          if len(failed) else []),
         "Exponents are log-log slopes against T of time and memory per sequence over the profile's lengths "
         f"({', '.join(map(str, params.profile.seq_lens))}); profiled on {read_json(Path(variants_dir) / variants[0] / 'profile.json')['device']}. "
         "x sdpa: the attention sub-layer's speed over mha's (the fused causal sdpa, default options) at the same shapes, "
@@ -214,7 +219,7 @@ def report(params: Params, variants_dir: Path, data_dir: Path, out_dir: Path, su
         text += [f"## {FIGURES[path.stem]}", "", f"![{path.stem}](figures/{path.name})", ""]
     write_text(out_dir / "comparison.md", "\n".join(text))
     log.info("%d variants -> %s (best %s %.3f bpb; unigram %.3f)", len(variants), out_dir / "comparison.md", best["variant"], best["test bpb"], baseline)
-    return {"variants": summary.to_dict(orient="records"), "unigram_bpb": baseline}
+    return {"variants": summary.to_dict(orient="records"), "unigram_bpb": baseline, "files": [out_dir / "comparison.md", *figure_paths]}
 
 
 def main(params: Params, variants_dir: Path, data_dir: Path, out_dir: Path, subset: list[str] | None = None) -> dict:
@@ -224,7 +229,6 @@ def main(params: Params, variants_dir: Path, data_dir: Path, out_dir: Path, subs
     with stage_run(params, "report") as tracker:
         result = report(params, variants_dir, data_dir, out_dir, subset)
         tracker.log_metrics({"unigram_bpb": result["unigram_bpb"]} | {f"test_bpb.{r['variant']}": r["test bpb"] for r in result["variants"]})
-        for path in sorted(Path(out_dir).rglob("*")):
-            if path.is_file():
-                tracker.log_artifact(path)
+        for path in result["files"]:  # what this run wrote, not whatever else the folder holds
+            tracker.log_artifact(path)
     return result
