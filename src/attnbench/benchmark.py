@@ -13,9 +13,11 @@ Two tables, one run (so every ratio compares numbers from the same card and mome
   first a plain GPT of the same size (mha on the flash kernel), the floor mha must beat.
 What is measured (lengths, tokens per step, modes, parts, repeats) is params' `benchmark` section, which the
 command's flags override. Fitted time exponents of the attention rows use T in [2K, 32K] when present.
-Writes <out>/<device>.csv, <device>.md and <device>.png; with `trace`, also <device>-kernels.md: each
-point's GPU kernels by device time (torch.profiler), where to look before optimising. One MLflow run (stage
-`benchmark`, tagged with the device) keeps the settings, the tables' figures as metrics and these files.
+Writes <out>/<device>-attention.csv, <device>-train.csv, <device>.md and <device>.png (after each variant, so a run
+cut short keeps what it measured); with `trace`, also <device>-kernels.md: each point's GPU kernels by device time
+(torch.profiler), where to look before optimising. Other devices' files in <out> stay. At the end <out>/benchmark.json
+names the device and the files of this run with the tables' figures (the pipeline's declared output). One MLflow run (stage `benchmark`, tagged with the device) keeps the settings, the figures as metrics and
+these files.
 """
 
 from __future__ import annotations
@@ -36,8 +38,9 @@ import torch.nn.functional as F
 from torch.nn.attention import sdpa_kernel
 
 from .config import BenchmarkConfig, ConfigError, Params
-from .files import atomic_path, write_text
+from .files import atomic_path, write_json, write_text
 from .model import ByteLM, ModelConfig
+from .plots import length_label
 from .profile import fit_exponent
 from .runtime import autocast, peak_flops, resolve_device
 from .variants import REGISTRY, build_attention
@@ -54,7 +57,7 @@ PLAIN_GPT = ("plain GPT (mha, flash)", "mha", {"kernels": ["flash"]})
 ATTENTION_FIELDS = ["kind", "variant", "mode", "T", "batch", "ms", "ms_min", "ms_max", "mtok_per_s", "peak_gib", "status"]
 # Attention modes: torch.compile's options for each (None: eager); `graphs` is its mode reduce-overhead.
 COMPILE_MODES = {"eager": None, "compiled": {}, "graphs": {"triton.cudagraphs": True}}
-TRAIN_FIELDS = ["kind", "variant", "model", "T", "batch", "ms", "ms_min", "ms_max", "mtok_per_s", "mfu", "peak_gib", "compiled", "status"]
+TRAIN_FIELDS = ["kind", "variant", "model", "T", "batch", "ms", "ms_min", "ms_max", "mtok_per_s", "mfu", "peak_tflops", "peak_gib", "compiled", "status"]
 
 
 def device_name() -> str:
@@ -62,6 +65,7 @@ def device_name() -> str:
 
 
 CHAIN = 4  # steps per timed sample
+SUMMARY = "benchmark.json"  # the last run's device, files and figures, in the output folder
 
 
 def time_samples(step: Callable[[], None], warmup: int, repeats: int) -> list[float]:
@@ -205,7 +209,7 @@ def benchmark(params: Params, variants: list[str], part: str, settings: Benchmar
     (plain GPT and mha only). `trace` adds each row's kernel table."""
     attention, training = [], []
     for variant in variants if part == "attention" else []:
-        options = params.variants.get(variant)
+        options = params.variants.get(variant)  # None for the references
         for T in settings.seq_lens:
             batch = max(1, settings.tokens // T)
             for mode in settings.modes if variant not in REFERENCES else ("eager",):
@@ -232,7 +236,7 @@ def benchmark(params: Params, variants: list[str], part: str, settings: Benchmar
                 row = run_point("train", label, T, batch, lambda: build(False), settings.warmup, settings.repeats, trace) | {"compiled": False}
             if row["status"] == "ok" and peak:
                 row["mfu"] = flops["per_token"] * row["mtok_per_s"] * 1e6 / peak
-            training.append(row | {"model": f"d{d_model} L{n_layers} H{model.n_heads}"})
+            training.append(row | {"model": f"d{d_model} L{n_layers} H{model.n_heads}", "peak_tflops": peak / 1e12 if peak else None})
     return attention, training
 
 
@@ -262,7 +266,7 @@ def attention_section(attention: list[dict], settings: BenchmarkConfig) -> list[
     slopes = exponents(attention)
     lines = [f"## Attention forward+backward, Mtok/s ({settings.tokens:,} tokens per step, H = {settings.heads}, "
              f"D = {settings.head_dim}, bf16, median)", "",
-             "| variant | " + " | ".join(f"{T // 1024}K" if T >= 1024 else str(T) for T in seq_lens)
+             "| variant | " + " | ".join(length_label(T) for T in seq_lens)
              + " | time exponent (2K-32K) | x sdpa at 8K | x sdpa at 32K |",
              "|---|" + "---|" * (len(seq_lens) + 3)]
     by = {(r["label"], r["T"]): r for r in attention}
@@ -290,7 +294,10 @@ def training_section(training: list[dict], seq_len: int) -> list[str]:
             lines.append(f"| {r['variant']} | {r['model']} | {r['ms']:.1f} | {r['mtok_per_s']:.3f} | {mfu} | {r['peak_gib']:.1f} | {r['compiled']} |")
         else:
             lines.append(f"| {r['variant']} | {r['model']} | {r['status'][:60]} | | | | |")
-    return lines + ["", "MFU = (6 N + 6 L T d) x tokens/s / 989 TFLOP/s (dense bf16 peak), N = non-embedding parameters. "
+    peaks = {r["peak_tflops"] for r in training if r.get("peak_tflops")}
+    peak = f"{peaks.pop():,.0f} TFLOP/s" if len(peaks) == 1 else "the device's peak"
+    return lines + ["", f"MFU = (6 N + 6 L T d) x tokens/s / {peak} (dense bf16 peak, runtime.PEAK_BF16_FLOPS; none for a "
+                    "device not listed there), N = non-embedding parameters. "
                     "Peak GiB: the most memory allocated from building the model to the end of its timing (weights, optimizer state, "
                     "activations).", ""]
 
@@ -376,9 +383,11 @@ def main(params: Params, out_dir: Path, variants: list[str] | None = None, setti
          trace: bool = False) -> str:
     """Measure as `settings` (default: params.benchmark) say; `variants` default to the params file's."""
     settings = settings or params.benchmark
-    unknown = [v for v in variants or [] if v not in REGISTRY and v not in REFERENCES]
+    # A variant's rows use its options in the params file, so a name must be configured there (not only registered).
+    unknown = [v for v in variants or [] if v not in params.variants and v not in REFERENCES]
     if unknown:
-        raise ConfigError(f"--variants: unknown {', '.join(map(repr, unknown))}; allowed: {', '.join([*REFERENCES, *REGISTRY])}")
+        raise ConfigError(f"--variants: unknown {', '.join(map(repr, unknown))} (not a reference row nor one of the params file's "
+                          f"variants); allowed: {', '.join([*REFERENCES, *params.variants])}")
     if resolve_device(params.train.device).type != "cuda":
         raise RuntimeError("benchmark needs a CUDA device (absolute speeds count on a GPU only)")
     from .tracking import stage_run
@@ -407,11 +416,16 @@ def main(params: Params, out_dir: Path, variants: list[str] | None = None, setti
                 figure(attention, png)
             if trace:
                 write_text(kernels, kernels_markdown(attention + training, device))
-        for step, metrics in tracked_metrics(attention, training).items():
+        tracked = tracked_metrics(attention, training)
+        for step, metrics in tracked.items():
             tracker.log_metrics(metrics, step=step)
         # What this run wrote, not whatever else the folder holds (earlier runs' pages, a figure or kernel table of theirs).
-        for path in [attention_csv, train_csv, page, *([png] if attention else []), *([kernels] if trace else [])]:
+        written = [attention_csv, train_csv, page, *([png] if attention else []), *([kernels] if trace else [])]
+        for path in written:
             tracker.log_artifact(path)
+    # Last, the pipeline's declared output: a run cut short leaves none, so the front ends run it again.
+    write_json(out_dir / SUMMARY, {"device": device, "files": [path.name for path in written], "metrics": tracked.pop(None),
+                                   "metrics_by_T": {str(T): metrics for T, metrics in tracked.items()}})
     log.info("%d attention points, %d training points on %s in %.0fs -> %s", len(attention), len(training), device,
              time.perf_counter() - t0, page)
     return text

@@ -144,9 +144,10 @@ class ByteLM(nn.Module):
         return n - (self.tok_emb.weight.numel() + self.pos_emb.weight.numel() if non_embedding else 0)
 
     def flops_per_token(self) -> int:
-        """Training FLOPs per token, 6 N + 6 L T d (N non-embedding parameters; the second term is
-        softmax attention's score and value products at full T): the count MFU uses for every variant,
-        so MFU compares throughput at one fixed amount of work."""
+        """Training FLOPs per token, 6 N + 6 L T d as the design's gpu-notes.md counts them (N non-embedding
+        parameters; the second term is causal softmax attention's score and value products, T / 2 keys per query on
+        average, forward and backward): the count MFU uses for every variant, so MFU compares throughput at one
+        fixed amount of work."""
         return 6 * self.num_params() + 6 * self.cfg.n_layers * self.cfg.seq_len * self.cfg.d_model
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):

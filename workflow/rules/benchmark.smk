@@ -7,7 +7,9 @@ rule benchmark:
     input:
         code=stage_sources("benchmark"),
     output:
-        directory(BENCHMARKS),
+        # The run's summary alone: the pages beside it are named by device and stay when another device's run
+        # (or a failed one) replaces it.
+        f"{BENCHMARKS}/benchmark.json",
     log:
         f"{LOGS}/benchmark.log",
     resources:
