@@ -89,6 +89,16 @@ def test_stages_declare_the_code_they_run():
         assert declared == expected, f"{name}: missing {expected - declared}, extra {declared - expected}"
 
 
+def test_dvc_train_stage_declares_every_train_key_but_nproc():
+    """Snakemake's train rule takes the train section but nproc; DVC cannot exclude a key, so dvc.yaml lists the
+    others, and a key added to the schema must be added there too (or changing it would re-run nothing)."""
+    from attnbench.config import TrainConfig
+
+    train = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["train"]["do"]["params"]
+    declared = {key.removeprefix("train.") for key in train if key.startswith("train.")}
+    assert declared == set(TrainConfig.model_fields) - {"nproc"}, declared ^ (set(TrainConfig.model_fields) - {"nproc"})
+
+
 def edit_code(ws: Path, module: str) -> None:
     """A change to one module of the variants package (a comment: the manifest digests the text)."""
     path = ws / "src" / "attnbench" / "variants" / f"{module}.py"

@@ -25,7 +25,7 @@ import torch
 import yaml
 
 from attnbench import data, distributed, train as train_mod
-from attnbench.config import load_params, parse_params
+from attnbench.config import ConfigError, load_params, parse_params
 from attnbench.files import read_json
 from attnbench.gpu_slots import gpu_slots
 from attnbench.runtime import use_cpu_threads
@@ -132,6 +132,9 @@ def test_rank_shares_cover_the_global_batch_once_and_average_to_its_gradient(gra
 def test_nproc_must_split_the_batch_evenly_and_does_not_change_the_checkpoint_fingerprint():
     with pytest.raises(ValueError, match="train.nproc = 2 must divide"):
         distributed.shard(3, 5, 0, 2)
+    # The params file is refused at load, before any stage works (it failed in the train stage, after the data stages).
+    with pytest.raises(ConfigError, match=r"train.nproc = 2 must divide train.grad_accum \(3\) or train.batch_size \(5\)"):
+        parse_params(merge(TINY, {"train": {"nproc": 2, "grad_accum": 3, "batch_size": 5}}))
     manifest = {"splits": {"train": {"bytes": 1}}}
     one, two = parse_params(TINY), parse_params(merge(TINY, {"train": {"nproc": 2}}))
     assert train_mod.fingerprint(one, "mha", manifest) == train_mod.fingerprint(two, "mha", manifest)

@@ -92,6 +92,15 @@ class ModelParams(Strict):
         return self
 
 
+def check_shardable(processes: int, grad_accum: int, batch_size: int) -> None:
+    """Data-parallel processes split each step evenly: whole micro-batches or rows of each (distributed.shard)."""
+    if grad_accum % processes and batch_size % processes:
+        raise ValueError(
+            f"train.nproc = {processes} must divide train.grad_accum ({grad_accum}) or train.batch_size ({batch_size}), "
+            "so that every process gets an equal share of each batch"
+        )
+
+
 class TrainConfig(Strict):
     steps: int | None = Field(None, gt=0, description="budget in optimizer steps (or set tokens)")
     tokens: int | None = Field(None, gt=0, description="budget in training tokens (or set steps)")
@@ -120,6 +129,7 @@ class TrainConfig(Strict):
     def _one_budget(self):
         if (self.steps is None) == (self.tokens is None):
             raise ValueError(f"set exactly one of train.steps and train.tokens (got steps={self.steps}, tokens={self.tokens})")
+        check_shardable(self.nproc, self.grad_accum, self.batch_size)  # before any work
         return self
 
 

@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
+from .config import check_shardable
 from .signals import Terminated
 
 log = logging.getLogger(__name__)
@@ -110,14 +111,10 @@ def shard(grad_accum: int, batch_size: int, rank: int, world: int) -> list[tuple
     gradient is still the one-process gradient; a batch-statistics auxiliary loss, lca's and sca's
     cluster balance, is then taken per share). Every rank gets the same number of sequences, so the
     mean of the ranks' mean losses is the global batch's mean."""
+    check_shardable(world, grad_accum, batch_size)  # again: torchrun by hand may start another number than nproc
     if grad_accum % world == 0:
         return [(micro, slice(None)) for micro in range(rank, grad_accum, world)]
-    if batch_size % world == 0:
-        return [(micro, slice(rank, None, world)) for micro in range(grad_accum)]
-    raise ValueError(
-        f"train.nproc = {world} must divide train.grad_accum ({grad_accum}) or train.batch_size ({batch_size}), "
-        "so that every process gets an equal share of each batch"
-    )
+    return [(micro, slice(rank, None, world)) for micro in range(grad_accum)]
 
 
 def wrap(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:

@@ -277,7 +277,6 @@ def main(params: Params, variant: str, data_dir: Path, out_dir: Path, argv: list
     gpus = 0 if params.train.device == "cpu" else nproc  # GPU slots: one per process (none for CPU training)
     use_cpu_threads(params.train.threads)
     if distributed.needs_launch(nproc):
-        distributed.shard(params.train.grad_accum, params.train.batch_size, 0, nproc)  # a bad nproc fails here, once
         with gpu_slots(gpus):  # held here for all the workers, which inherit CUDA_VISIBLE_DEVICES
             distributed.launch(nproc, sys.argv[1:] if argv is None else argv, job_cpu_threads(params.train.threads))
         return read_json(Path(out_dir) / "train.json")

@@ -13,6 +13,11 @@ PARAMS_FILE = (
     if workflow.overwrite_configfiles
     else "params.yaml"
 )
+if workflow.config_settings.config:  # --config values would be silently left out of every stage
+    raise WorkflowError(
+        f"--config {', '.join(workflow.config_settings.config)}: not read; the params come from one file, "
+        "params.yaml or --configfile <file>: put the change there"
+    )
 PARAMS = load_params(PARAMS_FILE)
 RESULTS = str(PARAMS.results_dir)
 VARIANTS = list(PARAMS.variants)

@@ -1,12 +1,14 @@
 rule fetch:
     input:
         code=stage_sources("fetch"),
+        # A local source's file: edited in place, it re-runs the DAG (DVC cannot declare it: see dvc.yaml).
+        local=[PARAMS.data.path] if PARAMS.data.source == "local" else [],
     output:
         corpus=f"{RESULTS}/data/corpus.bin",
     log:
         f"{LOGS}/fetch.log",
     params:
-        data=section("data"),
+        data=section("data", exclude=("max_bytes", "splits")),  # prepare's
     shell:
         f"{stage('fetch')} --out {{output.corpus}} 2>&1 | tee {{log}}"
 
