@@ -190,7 +190,9 @@ def test_sigterm_to_a_torchrun_train_stage_ends_it_as_one_process_ends(tmp_path,
     stage.wait_for(lambda: (tmp_path / "two" / train_mod.CHECKPOINT).exists())  # the workers are training
     stage.proc.terminate()
     assert stage.wait(120) == 128 + signal.SIGTERM, stage.stderr
-    assert stage.stderr.splitlines()[-1] == "attnbench train: interrupted (SIGTERM); no partial output was kept"
+    assert stage.stderr.splitlines()[-1] == (
+        "attnbench train: interrupted (SIGTERM); each output written is whole (train's checkpoint and fetch's partial download "
+        "are kept to resume from)")
     assert (tmp_path / "two" / train_mod.CHECKPOINT).exists() and not (tmp_path / "two" / "model.pt").exists()
 
 
@@ -282,17 +284,21 @@ def test_snakemake_plans_train_with_nproc_gpus_under_the_slurm_profile(tmp_path)
     assert not any(i.startswith("gres=") for lines in resources.values() for r in lines for i in r), "gres with gpu: the plugin refuses"
 
 
-@pytest.mark.parametrize("gpus, cores, threads, expected", [
-    (None, 2, "auto", 2),  # CPU jobs one at a time with every core, as dvc repro runs them
-    ("2", 8, "auto", 4),   # a share per GPU: two jobs side by side
-    ("2", 8, 3, 3),
+@pytest.mark.parametrize("gpus, cores, threads, device, expected", [
+    (None, 2, "auto", "auto", 2),  # CPU jobs one at a time with every core, as dvc repro runs them
+    ("2", 8, "auto", "auto", 4),   # a share per GPU: two jobs side by side
+    ("2", 8, 3, "auto", 3),
+    ("2", 8, "auto", "cpu", 8),    # training on the CPU of a GPU host: one at a time, and no GPU asked for
 ])
-def test_snakemake_gives_train_evaluate_and_profile_jobs_their_cpu_threads(tmp_path, gpus, cores, threads, expected):
-    ws = workspace(tmp_path, {"train": {"threads": threads}})
+def test_snakemake_gives_train_evaluate_and_profile_jobs_their_cpu_threads(tmp_path, gpus, cores, threads, device, expected):
+    ws = workspace(tmp_path, {"train": {"threads": threads, "device": device}})
     env = CLEAN_ENV | ({"ATTNBENCH_GPUS": gpus} if gpus else {})
     plan = run_env([sys.executable, "-m", "snakemake", "-n", "--forceall", "--cores", str(cores)], ws, env)
     declared = {rule: counts for rule, counts in job_field(plan, "threads").items() if counts != {""}}
     assert declared == {"train": {str(expected)}, "evaluate": {str(expected)}, "profile": {str(expected)}}
+    asked = {rule: {item for line in lines for item in line.split(", ") if item.startswith("gpu=")}
+             for rule, lines in job_field(plan, "resources").items() if rule in declared}
+    assert asked == {rule: {"gpu=0" if device == "cpu" else "gpu=1"} for rule in declared}, asked
 
 
 @pytest.mark.parametrize("setting, granted, workers, expected", [

@@ -6,13 +6,15 @@ import csv
 import logging
 import warnings
 
+import numpy as np
 import pytest
 import torch
 
 from attnbench import data, evaluate as evaluate_mod, train as train_mod
+from attnbench.config import parse_params
 from attnbench.evaluate import evaluate, window_starts
 from attnbench.files import read_json
-from tests.tiny import write_params
+from tests.tiny import TINY, merge, write_params
 
 
 @pytest.fixture
@@ -103,6 +105,16 @@ def test_resume_after_interruption_equals_uninterrupted_run(tiny, tmp_path, monk
         assert torch.equal(clean[key], resumed[key]), f"{key} differs after resume"
     assert summary["val_bpb_final"] == read_json(tmp_path / "clean" / "train.json")["val_bpb_final"]
     assert (tmp_path / "clean" / "curve.csv").read_text().count("\n") == (tmp_path / "resumed" / "curve.csv").read_text().count("\n")
+
+
+def test_a_train_split_shorter_than_one_window_is_named_with_the_settings_to_change(tiny, tmp_path):
+    """It failed in numpy ("high <= 0") after the data stages; a split of exactly seq_len + 1 bytes is enough."""
+    params, prepared = tiny({"data": {"max_bytes": 40}})  # train split: 36 bytes
+    with pytest.raises(ValueError, match=r"the train split has 36 bytes, too few for one window of model.seq_len = 40 .*"
+                                         r"raise data.max_bytes or lower model.seq_len"):
+        train_mod.train(parse_params(merge(TINY, {"model": {"seq_len": 40}})), "mha", prepared, tmp_path / "long")
+    x, y = train_mod.get_batch(np.arange(36, dtype=np.uint8), 35, 8, 0, 0, 0, torch.device("cpu"))
+    assert (x[:, 0] == 0).all() and (y[:, -1] == 35).all(), "the one window that fits"
 
 
 def test_checkpoint_of_another_configuration_is_not_resumed(tiny, tmp_path, monkeypatch):

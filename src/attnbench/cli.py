@@ -147,7 +147,8 @@ def main(argv: list[str] | None = None) -> int:
             run(args)
     except KeyboardInterrupt as err:
         signum = signal.SIGTERM if isinstance(err, Terminated) else signal.SIGINT
-        print(f"attnbench {args.stage}: interrupted ({signum.name}); no partial output was kept", file=sys.stderr)
+        print(f"attnbench {args.stage}: interrupted ({signum.name}); each output written is whole (train's checkpoint "
+              "and fetch's partial download are kept to resume from)", file=sys.stderr)
         return 128 + signum
     except Exception as err:  # one line for the user; the traceback only when asked for
         if os.environ.get("ATTNBENCH_DEBUG"):

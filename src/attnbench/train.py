@@ -54,7 +54,7 @@ class TrainingDiverged(RuntimeError):
 def get_batch(data: np.ndarray, seq_len: int, batch_size: int, seed: int, step: int, micro: int, device: torch.device):
     """Random windows of `data`: x (B, T) and next-byte targets y (B, T), determined by (seed, step, micro)."""
     rng = np.random.default_rng([seed, step, micro])
-    starts = rng.integers(0, len(data) - seq_len - 1, size=batch_size)
+    starts = rng.integers(0, len(data) - seq_len, size=batch_size)  # the last start whose window fits included
     window = to_device(np.stack([data[s : s + seq_len + 1] for s in starts]).astype(np.int64), device)
     return window[:, :-1], window[:, 1:]
 
@@ -143,6 +143,9 @@ def train(params: Params, variant: str, data_dir: Path, out_dir: Path, tracker=N
     train_data, val_data = load_split(data_dir, "train"), load_split(data_dir, "val")
     model_cfg = params.model_for(variant)
     T = model_cfg.seq_len
+    if len(train_data) <= T:
+        raise ValueError(f"the train split has {len(train_data):,} bytes, too few for one window of model.seq_len = {T} "
+                         "(and its next byte): raise data.max_bytes or lower model.seq_len")
     steps = total_steps(cfg, T)
     val_tokens = cfg.eval_batches * cfg.batch_size * T
 

@@ -13,7 +13,8 @@ PARAMS_FILE = (
     if workflow.overwrite_configfiles
     else "params.yaml"
 )
-if workflow.config_settings.config:  # --config values would be silently left out of every stage
+# --config values would be silently left out of every stage.
+if workflow.config_settings.config:
     raise WorkflowError(
         f"--config {', '.join(workflow.config_settings.config)}: not read; the params come from one file, "
         "params.yaml or --configfile <file>: put the change there"
@@ -27,8 +28,9 @@ CLI = f"python -m attnbench {{stage}} --params {PARAMS_FILE}"
 
 def job_threads():
     """CPU threads of each train, evaluate and profile job: train.threads, handed to the job as OMP_NUM_THREADS.
-    auto: --cores shared equally by this host's GPUs, or all of them without one, so that CPU jobs run one at a
-    time with every core, as under dvc repro, and no CPU timing is taken beside another job.
+    auto: --cores shared equally by this host's GPUs, or all of them without one or with train.device cpu, so
+    that CPU jobs run one at a time with every core, as under dvc repro, and no CPU timing is taken beside another
+    job.
     """
     if PARAMS.train.threads != "auto":
         return PARAMS.train.threads
@@ -37,7 +39,14 @@ def job_threads():
         cores = workflow.cores
     except WorkflowError:
         return 1
-    return max(1, cores // max(1, len(visible_gpus())))
+    # GPU jobs run side by side, one per GPU; CPU jobs one at a time.
+    gpu_jobs = len(visible_gpus()) if gpus(1) else 0
+    return max(1, cores // max(1, gpu_jobs))
+
+
+def gpus(per_job):
+    """A job's `gpu` resource: `per_job`, or none where the params train on the CPU (a Slurm job would ask for them)."""
+    return 0 if PARAMS.train.device == "cpu" else per_job
 
 
 JOB_THREADS = job_threads()
