@@ -67,3 +67,7 @@ def test_import_runs_copies_history_and_status_once(tmp_path, monkeypatch):
     assert by_name["train-v0"].info.status == "FINISHED" and by_name["profile-v1"].info.status == "FAILED"
     assert by_name["train-v0"].data.tags["variant"] == "v0"
     assert [m.step for m in client.get_metric_history(by_name["train-v0"].info.run_id, "loss")] == [0, 1, 2, 3, 4]
+    # A mistyped sqlite path is named as missing: MLflow would create an empty store there and find no experiment.
+    with pytest.raises(ValueError, match=r"--from sqlite:///typo/gpu.db: no such file 'typo/gpu.db'"):
+        import_runs(params_at(local), "sqlite:///typo/gpu.db")
+    assert not (tmp_path / "typo").exists()

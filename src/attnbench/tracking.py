@@ -135,6 +135,9 @@ def import_runs(params: Params, source_uri: str) -> int:
     from mlflow.entities import Metric, Param, RunTag
     from mlflow.tracking import MlflowClient
 
+    sqlite_file = source_uri.removeprefix("sqlite:///") if source_uri.startswith("sqlite:///") else None
+    if sqlite_file is not None and not Path(sqlite_file).is_file():  # MLflow would create an empty store there
+        raise ValueError(f"--from {source_uri}: no such file {sqlite_file!r}")
     source = MlflowClient(tracking_uri=source_uri)
     source_experiment = source.get_experiment_by_name(params.experiment)
     if source_experiment is None:
