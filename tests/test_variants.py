@@ -51,7 +51,12 @@ def run_layer(layer, x, path, seed=0, grad_weight=None):
 
 def make_layer(name, T, H, D, device="cpu", dtype=torch.float32, seed=0):
     torch.manual_seed(seed)
-    return build_attention(name, H * D, H, T).to(device=device, dtype=dtype)
+    layer = build_attention(name, H * D, H, T)
+    with torch.no_grad():
+        for parameter in layer.parameters():
+            if not parameter.any():  # initialised to zero (sca's supernode gate): what it gates would add nothing
+                parameter.uniform_(0.5, 1.0)
+    return layer.to(device=device, dtype=dtype)
 
 
 def future_changed(B: int, T: int, width: int, t: int):
@@ -100,13 +105,32 @@ def assert_equals_mha(layer, path: str, label: str, B: int = 2) -> None:
 @pytest.mark.parametrize("name", VARIANTS)
 @pytest.mark.parametrize("mode", ["train", "eval"])
 def test_layer_is_causal(name, path, mode):
-    """Changing inputs after position t leaves outputs at <= t and their input gradients bitwise equal."""
+    """Changing inputs after position t leaves outputs at <= t and their input gradients bitwise equal; t at the
+    first position, inside a block and on both sides of block edges (auto block at T = 45: 16)."""
     B, T, H, D = 2, 45, 2, 8
-    t = 20
     layer = make_layer(name, T, H, D).train(mode == "train")
-    x, x_changed, weight = future_changed(B, T, H * D, t)
-    runs = [run_layer(layer, inputs, path, grad_weight=weight) for inputs in (x, x_changed)]
-    assert_prefix_unchanged(*runs, t, f"{name}/{path}")
+    for t in (0, 15, 16, 20, 31, 32):
+        x, x_changed, weight = future_changed(B, T, H * D, t)
+        runs = [run_layer(layer, inputs, path, grad_weight=weight) for inputs in (x, x_changed)]
+        assert_prefix_unchanged(*runs, t, f"{name}/{path} t={t}")
+
+
+@pytest.mark.parametrize("T", [1, 37, 256, 257, 1024, 8192])
+@pytest.mark.parametrize("name", VARIANTS)
+def test_auto_options_resolve_to_the_spec_values(name, T):
+    """The spec's `auto` values, from integer arithmetic here: blocks the smallest power of two >= sqrt(T), at least
+    16; C = ceil(sqrt(T)); lookback 1; rank 16; balance 0.01. (Both paths read the same property, so the shared
+    tests would pass with a wrong one.)"""
+    block = 16
+    while block * block < T:
+        block *= 2
+    clusters = next(c for c in range(1, T + 1) if c * c >= T)
+    expected = {"block": block, "clusters": clusters, "lookback": 1, "rank": 16, "balance": 0.01}
+    layer = build_attention(name, 32, 2, T)
+    resolved = {key: getattr(layer, key) for key in expected if hasattr(layer, key)}
+    assert resolved == {key: expected[key] for key in resolved}, resolved
+    assert name not in {"ca", "cka", "fastcka", "sca"} or "block" in resolved
+    assert name not in {"lca", "sca"} or {"clusters", "balance"} <= resolved.keys()
 
 
 @pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())

@@ -140,6 +140,6 @@ def masked_softmax_attention(
     q, k, v: (B, H, T, D); allowed: bool, broadcastable to (B, H, T, T), >= 1 key per row.
     Scores are taken in fp32 so a bf16 reference is as accurate as the fused kernels.
     """
-    scores = (q @ k.transpose(-2, -1)).float() * scale  # (B, H, T, T)
+    scores = (q.float() @ k.float().transpose(-2, -1)) * scale  # (B, H, T, T), the product itself in fp32
     scores = scores.masked_fill(~allowed, float("-inf"))
     return scores.softmax(dim=-1).to(v.dtype) @ v

@@ -125,7 +125,7 @@ def cluster_attention_reference(q, k, v, cluster, gates, scale):
     T = q.shape[-2]
     hard = F.one_hot(cluster, gates.shape[-1]).to(gates.dtype)  # (B, R, T, C)
     same = (cluster.unsqueeze(-1) == cluster.unsqueeze(-2)) & causal_mask(T, q.device)  # (B, R, T, T)
-    scores = (q @ k.transpose(-2, -1)).float() * scale  # (B, H, T, T)
+    scores = (q.float() @ k.float().transpose(-2, -1)) * scale  # (B, H, T, T), the product itself in fp32
     p = scores.masked_fill(~same, float("-inf")).softmax(dim=-1)
     key_gate = hard @ gates.transpose(-2, -1)  # (B, R, T, T): a_s[c_t]
     own = gates.gather(-1, cluster.unsqueeze(-1))  # (B, R, T, 1): a_t[c_t]
