@@ -99,6 +99,23 @@ def test_dvc_train_stage_declares_every_train_key_but_nproc():
     assert declared == set(TrainConfig.model_fields) - {"nproc"}, declared ^ (set(TrainConfig.model_fields) - {"nproc"})
 
 
+def test_params_files_spell_out_every_key_dvc_reads():
+    """DVC refuses a stage whose params key the file lacks (the schema's default does not count), and a preset is
+    copied to params.yaml to run under DVC: params.yaml and every preset hold each key the dvc.yaml files list."""
+    listed = set()
+    for dvc_file in (REPO / "dvc.yaml", REPO / "workflow/benchmark/dvc.yaml"):
+        for stage in yaml.safe_load(dvc_file.read_text())["stages"].values():
+            listed |= {key for key in stage.get("do", stage).get("params", []) if isinstance(key, str) and "${" not in key}
+    for params_file in [REPO / "params.yaml", *sorted((REPO / "workflow/presets").glob("*.yaml"))]:
+        raw = yaml.safe_load(params_file.read_text())
+
+        def has(node, keys):
+            return not keys or (isinstance(node, dict) and keys[0] in node and has(node[keys[0]], keys[1:]))
+
+        missing = sorted(key for key in listed if not has(raw, key.split(".")))
+        assert not missing, f"{params_file.relative_to(REPO)} lacks {missing}"
+
+
 def edit_code(ws: Path, module: str) -> None:
     """A change to one module of the variants package (a comment: the manifest digests the text)."""
     path = ws / "src" / "attnbench" / "variants" / f"{module}.py"
