@@ -88,8 +88,9 @@ class Server:
         return f"http://{host}:{port}{path}"
 
     def serve(self, path: str, body: bytes, mode: str = "normal") -> str:
-        """Modes: normal (honours Range), truncate-once (first response stops half way), ignore-range, and the
-        combination truncate-once+ignore-range."""
+        """Modes: normal (honours Range), truncate-once (first response stops half way), ignore-range, the
+        combination truncate-once+ignore-range, busy-once (the first request gets 429), and range-from-zero (a range
+        request is answered 206 from byte 0)."""
         self.files[path], self.modes[path] = body, mode
         return self.url(path)
 
@@ -115,9 +116,12 @@ class Handler(BaseHTTPRequestHandler):
             self.send_error(404, "no such file")
             return
         mode = state.modes[self.path]
+        if "busy-once" in mode and attempt == 1:
+            self.send_error(429, "too many requests")
+            return
         start = 0
         if rng and "ignore-range" not in mode:
-            start = int(rng.removeprefix("bytes=").split("-")[0])
+            start = 0 if "range-from-zero" in mode else int(rng.removeprefix("bytes=").split("-")[0])
             if start >= len(body):
                 self.send_response(416)
                 self.send_header("Content-Range", f"bytes */{len(body)}")
@@ -250,6 +254,36 @@ def test_download_resumes_from_a_partial_file_left_by_an_earlier_run(server, tmp
     assert leftovers(tmp_path) == []
 
 
+def test_a_part_file_longer_than_the_servers_file_is_dropped_and_the_download_restarts(server, tmp_path):
+    """The server answers the range with 416 and its size: not the part file's, so the part is not the file."""
+    url = server.serve("/enwik8.zip", GOOD_ZIP)
+    dl = tmp_path / "dl"
+    dl.mkdir()
+    (dl / "enwik8.zip.part").write_bytes(GOOD_ZIP + b"bytes of another file")
+    fetch(enwik8_cfg(url), tmp_path / "corpus.bin", dl)
+    assert server.hits("/enwik8.zip") == [f"bytes={len(GOOD_ZIP) + 21}-", None]
+    assert (dl / "enwik8.zip").read_bytes() == GOOD_ZIP
+    assert leftovers(tmp_path) == []
+
+
+def test_a_range_answered_from_another_byte_restarts_cleanly(server, tmp_path):
+    url = server.serve("/enwik8.zip", GOOD_ZIP, mode="range-from-zero")
+    dl = tmp_path / "dl"
+    dl.mkdir()
+    (dl / "enwik8.zip.part").write_bytes(GOOD_ZIP[:1000])
+    fetch(enwik8_cfg(url), tmp_path / "corpus.bin", dl)
+    assert server.hits("/enwik8.zip") == ["bytes=1000-", None]
+    assert (dl / "enwik8.zip").read_bytes() == GOOD_ZIP  # not the first 1000 bytes twice
+    assert leftovers(tmp_path) == []
+
+
+def test_too_many_requests_is_retried(server, tmp_path, fast_and_direct):
+    url = server.serve("/enwik8.zip", GOOD_ZIP, mode="busy-once")
+    fetch(enwik8_cfg(url), tmp_path / "corpus.bin", tmp_path / "dl")
+    assert server.hits("/enwik8.zip") == [None, None] and fast_and_direct == [1.0]
+    assert (tmp_path / "corpus.bin").read_bytes() == MEMBER_BYTES
+
+
 def test_404_fails_at_once_with_a_clear_error(server, tmp_path, fast_and_direct):
     url = server.url("/missing/enwik8.zip")
     corpus = tmp_path / "corpus.bin"
@@ -306,6 +340,20 @@ def test_zip_bomb_is_refused_before_inflating(tmp_path):
     with pytest.raises(DataError, match=r"max_archive_ratio = 20.*zip bomb"):
         safe_extract_member(archive, "enwik8", tmp_path / "out" / "corpus.bin", max_ratio=20)
     assert not (tmp_path / "out").exists() or files_under(tmp_path / "out") == []
+
+
+def test_a_compressed_size_the_archive_cannot_hold_buys_no_larger_budget(tmp_path):
+    """A central directory that declares 1 MB compressed for a 4 MB member (ratio 4, under the limit) in an archive
+    of a few KB: the budget is the archive's size, so the member is refused (it was extracted whole)."""
+    body = bytearray(make_zip([("enwik8", bytes(4_000_000))]))
+    central = body.index(b"PK\x01\x02")
+    body[central + 20 : central + 24] = (1_000_000).to_bytes(4, "little")  # the declared compressed size
+    archive = tmp_path / "liar.zip"
+    archive.write_bytes(bytes(body))
+    assert zipfile.ZipFile(archive).getinfo("enwik8").compress_size == 1_000_000 and len(body) < 10_000
+    with pytest.raises(DataError, match="zip bomb"):
+        safe_extract_member(archive, "enwik8", tmp_path / "corpus.bin", max_ratio=20)
+    assert not (tmp_path / "corpus.bin").exists()
 
 
 def test_member_within_the_ratio_is_extracted(tmp_path):

@@ -41,7 +41,9 @@ class DataError(RuntimeError):
 def download(url: str, dest: Path, retries: int = 5, timeout: float = 30.0, backoff: float = 1.0) -> Path:
     """Download `url` to `dest`, resuming from `dest.part` with an HTTP Range request after an interruption.
 
-    A server that ignores Range gets a clean restart. Raises DataError after `retries` failed attempts.
+    A server that ignores Range, or answers it from another byte, gets a clean restart; a part file longer than the
+    server's file is dropped. Raises DataError after `retries` failed attempts, at once on a client error (4xx)
+    other than a timeout (408) or too many requests (429).
     """
     part = dest.with_name(dest.name + ".part")
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -50,11 +52,18 @@ def download(url: str, dest: Path, retries: int = 5, timeout: float = 30.0, back
         headers = {"Range": f"bytes={have}-"} if have else {}
         try:
             with requests.get(url, headers=headers, stream=True, timeout=timeout) as resp:
-                if resp.status_code == 416:  # nothing left to send: the part file is already complete
-                    part.rename(dest)
-                    return dest
+                if resp.status_code == 416:  # no byte from `have` on: complete if the server's file is `have` long
+                    size = resp.headers.get("Content-Range", "").rpartition("/")[2]
+                    if size == str(have):
+                        part.rename(dest)
+                        return dest
+                    part.unlink()
+                    raise DataError(f"the server's file is {size or 'of unknown size'} bytes, the partial download {have}")
                 resp.raise_for_status()
                 resumed = resp.status_code == 206
+                if resumed and not resp.headers.get("Content-Range", "").startswith(f"bytes {have}-"):
+                    part.unlink()
+                    raise DataError(f"asked for bytes from {have}, the server sent {resp.headers.get('Content-Range')!r}")
                 if have and not resumed:
                     log.info("server ignored the range request; restarting %s from byte 0", url)
                     have = 0
@@ -72,7 +81,8 @@ def download(url: str, dest: Path, retries: int = 5, timeout: float = 30.0, back
             part.rename(dest)
             return dest
         except (requests.RequestException, DataError) as err:
-            if isinstance(err, requests.HTTPError) and err.response is not None and err.response.status_code < 500:
+            if isinstance(err, requests.HTTPError) and err.response is not None and err.response.status_code < 500 \
+                    and err.response.status_code not in (408, 429):
                 raise DataError(f"download of {url} failed: {err}") from None
             log.warning("download attempt %d/%d of %s failed: %s", attempt, retries, url, err)
             if attempt == retries:
@@ -112,14 +122,17 @@ def safe_extract_member(archive: Path, member: str | None, dest: Path, max_ratio
             if not matches:
                 raise DataError(f"{archive}: no member {member!r}; it holds {', '.join(i.filename for i in files) or 'nothing'}")
             info = matches[0]
-        if info.file_size > max_ratio * max(info.compress_size, 1):
+        # The member's compressed size as declared, but never more than the archive holds: a lying central
+        # directory cannot buy a larger budget.
+        compressed = max(1, min(info.compress_size, archive.stat().st_size))
+        if info.file_size > max_ratio * compressed:
             raise DataError(
-                f"{archive}: member {info.filename!r} inflates {info.file_size / max(info.compress_size, 1):.0f}x "
+                f"{archive}: member {info.filename!r} inflates {info.file_size / compressed:.0f}x "
                 f"(limit data.max_archive_ratio = {max_ratio:g}); refused as a possible zip bomb"
             )
         try:
             with zf.open(info) as src:
-                return stream_to_file(src, dest, expected_md5, max_bytes=int(max_ratio * max(info.compress_size, 1)))
+                return stream_to_file(src, dest, expected_md5, max_bytes=int(max_ratio * compressed))
         except (zipfile.BadZipFile, zlib.error, EOFError) as err:  # damaged data: bad CRC, bad deflate stream, cut short
             raise DataError(f"{archive}: member {info.filename!r} is corrupt ({err}); refused") from None
 
