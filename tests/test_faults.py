@@ -534,8 +534,8 @@ def test_diverged_training_ends_its_mlflow_run_failed(tmp_path, monkeypatch, mlf
 
 
 def test_profile_records_out_of_memory_points_and_fits_only_the_rest(tmp_path, monkeypatch, mlflow_store):
-    """Fault: torch.OutOfMemoryError at the largest T, raised inside the attention step (as a real OOM is,
-    during the forward) and by the whole-model step builder.
+    """Fault: out of memory at the largest T: CUDA's torch.OutOfMemoryError inside the attention step (as a real OOM
+    is, during the forward), and the CPU allocator's RuntimeError in the whole-model step builder.
     Expected: both points are rows with status `oom` and no measurements, every other point still runs
     (the whole-model scope after the attention OOM included), the exponents are fitted on the ok points
     only (memory exponents equal those of a clean profile of the smaller T), and profile.csv holds the
@@ -555,8 +555,9 @@ def test_profile_records_out_of_memory_points_and_fits_only_the_rest(tmp_path, m
         return oom if T == largest else step
 
     def model_step(params_, variant, T, batch, device):
-        if T == largest:
-            oom()
+        if T == largest:  # as the CPU allocator fails: a RuntimeError, no class of its own
+            raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory: you tried "
+                               "to allocate 1125899906842624 bytes (injected by the test)")
         return real_model_step(params_, variant, T, batch, device)
 
     monkeypatch.setattr(profile_mod, "attention_step", attention_step)

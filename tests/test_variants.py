@@ -257,6 +257,20 @@ def test_profile_measures_the_same_memory_on_every_run(variant, tmp_path):
     assert runs[0] == runs[1]
 
 
+def test_saved_activations_release_what_a_dropped_branch_saved():
+    """The CPU memory measure counts a tensor saved for backward while it is alive: five branches whose outputs
+    (saved by exp for its backward) are dropped one after another hold one branch's bytes at a time, and nothing is
+    held once the graph is gone. Packing the tensor itself made each node hold itself (a cycle): 5x the peak."""
+    from attnbench.profile import SavedActivations
+
+    x = torch.randn(1000, 1000, requires_grad=True)
+    size = x.numel() * x.element_size()
+    with SavedActivations() as saved:
+        for _ in range(5):
+            x.exp()
+    assert saved.bytes == size and saved.held == 0
+
+
 def test_profile_reference_is_mhas_layer_at_the_variants_shapes(tmp_path):
     """The profile's reference scope, the bar of the report's x sdpa column, is mha's sub-layer with default options at
     the same T and batch: for la its memory at every T is what mha's own attention scope saves there."""

@@ -64,8 +64,11 @@ class SavedActivations:
                 self.held += size
                 self.bytes = max(self.bytes, self.held)
             self.holders[address] += 1
-            weakref.finalize(t, self._release, address, size)
-            return t
+            # Kept detached: a saved output kept as itself would hold its own node (node -> tensor -> grad_fn), a
+            # cycle that keeps a dropped branch's saved tensors alive, and counted, past their use.
+            packed = t.detach()
+            weakref.finalize(packed, self._release, address, size)
+            return packed
 
         self._hooks = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
         self._hooks.__enter__()
@@ -78,6 +81,11 @@ class SavedActivations:
 
     def __exit__(self, *exc):
         self._hooks.__exit__(*exc)
+
+
+def out_of_memory(err: BaseException) -> bool:
+    """CUDA's OutOfMemoryError, or the CPU allocator's failure, a plain RuntimeError ("can't allocate memory")."""
+    return isinstance(err, (torch.OutOfMemoryError, MemoryError)) or (isinstance(err, RuntimeError) and "can't allocate memory" in str(err))
 
 
 def measure(step: Callable[[], None], device: torch.device, warmup: int, repeats: int) -> tuple[float, int, str]:
@@ -165,7 +173,9 @@ def profile(params: Params, variant: str) -> tuple[list[dict], dict]:
             try:
                 seconds, memory, method = measure(build(params, variant, T, batch, device), device, cfg.warmup, cfg.repeats)
                 row.update(seconds=seconds, tokens_per_s=batch * T / seconds, memory_bytes=memory, memory_method=method, status="ok")
-            except torch.OutOfMemoryError:
+            except Exception as err:
+                if not out_of_memory(err):
+                    raise
                 row.update(seconds=None, tokens_per_s=None, memory_bytes=None, memory_method=None, status="oom")
             finally:
                 if device.type == "cuda":
