@@ -23,11 +23,9 @@ REGISTRY: dict[str, type[Attention]] = {
 
 
 def build_attention(name: str, d_model: int, n_heads: int, seq_len: int, options: VariantOptions | dict | None = None) -> Attention:
-    """Instantiate variant `name`; `options` may be its Options model or a plain dict of overrides."""
-    cls = REGISTRY[name]
-    if not isinstance(options, VariantOptions):
-        options = cls.Options.model_validate(options or {})
-    return cls(d_model, n_heads, seq_len, options)
+    """Instantiate variant `name`; `options` may be its Options model or a plain dict of overrides. (Only the lookup is
+    here: what building does is Attention's, in base.py, which every variant's sources manifest lists.)"""
+    return REGISTRY[name](d_model, n_heads, seq_len, options)
 
 
 __all__ = ["REGISTRY", "Attention", "PositiveAutoInt", "VariantOptions", "build_attention"]

@@ -61,14 +61,15 @@ class Attention(nn.Module):
     # Inductor settings the variant's kernels want when a model or layer holding it is compiled (torch.compile options).
     compile_options: ClassVar[dict[str, object]] = {}
 
-    def __init__(self, d_model: int, n_heads: int, seq_len: int, options: VariantOptions | None = None):
+    def __init__(self, d_model: int, n_heads: int, seq_len: int, options: VariantOptions | dict | None = None):
+        """`options`: the variant's Options, or a plain dict of overrides (validated here), or None (defaults)."""
         super().__init__()
         if d_model % n_heads:
             raise ValueError(f"d_model={d_model} is not divisible by n_heads={n_heads}")
         self.n_heads = n_heads
         self.head_dim = d_model // n_heads
         self.seq_len = seq_len
-        self.options = options if options is not None else self.Options()
+        self.options = options if isinstance(options, VariantOptions) else self.Options.model_validate(options or {})
         self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)
         self.proj = nn.Linear(d_model, d_model, bias=False)
         self.path: Path = "efficient"

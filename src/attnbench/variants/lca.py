@@ -203,7 +203,7 @@ class LearnedClusterAttention(Attention):
     # 3.6 ms per layer step at 32K on the H200 (measured). Unpadded, they go straight from the GEMM to the kernels.
     compile_options = {"comprehensive_padding": False}
 
-    def __init__(self, d_model: int, n_heads: int, seq_len: int, options: LearnedClusterOptions | None = None):
+    def __init__(self, d_model: int, n_heads: int, seq_len: int, options: LearnedClusterOptions | dict | None = None):
         super().__init__(d_model, n_heads, seq_len, options)
         routers = n_heads if self.options.router == "head" else 1
         self.router = nn.Linear(d_model, routers * self.clusters, bias=False)

@@ -152,7 +152,7 @@ class SuperClusterAttention(LearnedClusterAttention):
     def noisy_routing(self) -> bool:
         return self.options.causal  # the seed's form sorts a 1-D projection, without noise
 
-    def __init__(self, d_model: int, n_heads: int, seq_len: int, options: SuperClusterOptions | None = None):
+    def __init__(self, d_model: int, n_heads: int, seq_len: int, options: SuperClusterOptions | dict | None = None):
         super().__init__(d_model, n_heads, seq_len, options)
         if not self.options.causal:  # the seed's 1-D projection takes the place of lca's router
             self.router = nn.Linear(d_model, n_heads if self.options.router == "head" else 1, bias=False)
