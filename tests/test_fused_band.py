@@ -72,3 +72,33 @@ def test_band_attention_equals_reference(B, H, R, T, C, layout, value_gated, dty
         # Relative to a norm of at least 1: at T = 1 q's gradient is exactly 0, the kernels' rounding ~1e-7.
         err = ((a - b).norm() / b.norm().clamp_min(1.0)).item()
         assert err < tol, f"{name}: error {err:.2e} of the reference's norm"
+
+
+# Small fp32 cases of every Triton kernel family: a few seconds each under the interpreter.
+INTERPRETED = [
+    "tests/test_fused_band.py::test_band_attention_equals_reference[1-2-1-37-3-contiguous-no-value-gate-torch.float32]",
+    "tests/test_fused_band.py::test_band_attention_equals_reference[2-2-2-200-9-model-value-gate-torch.float32]",
+    "tests/test_fused_band.py::test_band_attention_equals_reference[2-2-1-130-1-model-no-value-gate-torch.float32]",
+    "tests/test_lca.py::test_fused_routing_equals_plain[2-37-3-5-8-torch.float32]",
+    "tests/test_lca.py::test_fused_routing_equals_plain[1-40-2-170-16-torch.float32]",
+    "tests/test_sca.py::test_fused_mixing_equals_sdpa_mixing[3-91-64-head-torch.float32]",
+    "tests/test_sca.py::test_fused_supernodes_equal_position_order[37-3-16-shared-torch.float32]",
+]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU the kernels' own tests run them compiled")
+def test_the_triton_kernels_on_the_cpu_under_the_interpreter():
+    """lca's and sca's kernels run only on CUDA, so on a CPU machine their tests skip and CI would miss a broken one (a
+    band kernel that dropped its causal bound passed every CPU test). Triton's interpreter runs them on the CPU, but it
+    must be switched on before Triton is imported: a child pytest with TRITON_INTERPRET=1 runs some small cases."""
+    import importlib.util
+    import os
+    import subprocess
+    import sys
+
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("needs Triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist", *INTERPRETED],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0 and f"{len(INTERPRETED)} passed" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-2000:]
