@@ -3,24 +3,16 @@
 Every bad input must raise ConfigError whose message is a single line that
 names the key path and the bad value and/or what is allowed.
 
-Kinds of bad input: 59 in all.
-- The table BAD (37 rows):
-  - wrong types (5): a string or a float for an int, a string for a bool,
-    a section that is not a mapping, a variant's options that are not a mapping;
-  - out of range (5): n_layers 0, batch_size -1, dropout >= 1, a split
-    fraction of 0, max_archive_ratio <= 1;
-  - cross-field rules (5): d_model not divisible by n_heads, splits not
-    summing to 1, source local without path, both / neither of train.steps
-    and train.tokens;
-  - unknown keys (3): top level, nested (train.foo), a variant's (la.bogus);
-  - variants (10): unknown name (the message lists the allowed ones), an
-    empty mapping, ca.block 0 and 'big', la.chunk 'big' and 0, la.eps -1,
-    lca.balance 'x', lca.router 'x', cka.rank -1;
-  - enumerations and patterns (5): data.source, data.md5, train.device,
-    run.name with a slash, run.name starting with '..';
-  - profile.seq_lens (4): decreasing, repeated, not positive, too short.
+Kinds of bad input:
+- The table BAD: wrong types (a string or a float for an int, a string for a bool, a section or a variant's
+  options that are not a mapping); out of range (model sizes, dropout, split fractions, the archive ratio, the
+  training recipe: lr, min_lr_ratio, warmup, weight decay, betas, grad clip, threads); cross-field rules (d_model
+  not divisible by n_heads, splits not summing to 1, source local without path, both or neither of train.steps
+  and train.tokens); unknown keys (top level, nested, a variant's); variants (unknown names, empty, each
+  variant's options); enumerations and patterns (data.source, data.md5, train.device, run.name, the benchmark's
+  modes, parts and sizes); sequence lengths (profile and benchmark: decreasing, repeated, not positive, too short).
 - Union options named by their field, not pydantic's union branch (+1 new: lca.clusters).
-- Hypothesis: any int <= 0 for 13 size keys names that key (13).
+- Hypothesis: any int <= 0 for each size key (SIZE_KEYS) names that key.
 - Files (7): not a mapping (list, string, number), missing, invalid YAML (3 shapes).
 - Asking for a variant the params file does not configure (1).
 
@@ -152,6 +144,14 @@ BAD = [
     ("benchmark-part-unknown", "benchmark.parts", ["kernels"], ["benchmark.parts.0 = 'kernels'", "'attention' or 'train'"]),
     ("benchmark-size-format", "benchmark.train_sizes", ["768"], ["benchmark.train_sizes.0 = '768'", "pattern"]),
     ("benchmark-size-heads", "benchmark.train_sizes", ["700x12"], ["benchmark", "train_sizes '700x12'", "not a multiple of head_dim 64"]),
+    ("lr-zero", "train.lr", 0, ["train.lr = 0", "greater than 0"]),
+    ("lr-negative", "train.lr", -0.001, ["train.lr = -0.001", "greater than 0"]),
+    ("min-lr-ratio-above-one", "train.min_lr_ratio", 1.5, ["train.min_lr_ratio = 1.5", "less than or equal to 1"]),
+    ("warmup-negative", "train.warmup_steps", -1, ["train.warmup_steps = -1", "greater than or equal to 0"]),
+    ("weight-decay-negative", "train.weight_decay", -0.1, ["train.weight_decay = -0.1", "greater than or equal to 0"]),
+    ("beta1-one", "train.beta1", 1.0, ["train.beta1 = 1.0", "less than 1"]),
+    ("beta2-zero", "train.beta2", 0, ["train.beta2 = 0", "greater than 0"]),
+    ("grad-clip-zero", "train.grad_clip", 0, ["train.grad_clip = 0", "greater than 0"]),
     ("run-name-slash", "run.name", "a/b", ["run.name = 'a/b'", "pattern"]),
     ("run-name-dots", "run.name", "../x", ["run.name = '../x'", "pattern"]),
 ]
@@ -181,6 +181,9 @@ SIZE_KEYS = [
     "train.batch_size",
     "train.grad_accum",
     "train.eval_every",
+    "train.eval_batches",
+    "train.checkpoint_every",
+    "train.log_every",
     "evaluate.batch_size",
     "profile.tokens_per_step",
     "profile.repeats",

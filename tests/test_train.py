@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import math
 import warnings
 
 import numpy as np
@@ -115,6 +116,24 @@ def test_a_train_split_shorter_than_one_window_is_named_with_the_settings_to_cha
         train_mod.train(parse_params(merge(TINY, {"model": {"seq_len": 40}})), "mha", prepared, tmp_path / "long")
     x, y = train_mod.get_batch(np.arange(36, dtype=np.uint8), 35, 8, 0, 0, 0, torch.device("cpu"))
     assert (x[:, 0] == 0).all() and (y[:, -1] == 35).all(), "the one window that fits"
+
+
+def test_lr_warms_up_linearly_then_decays_by_cosine_to_the_floor():
+    cfg = parse_params(merge(TINY, {"train": {"lr": 1.0, "min_lr_ratio": 0.1, "warmup_steps": 4}})).train
+    lrs = [train_mod.lr_at(step, 14, cfg) for step in range(14)]
+    assert lrs[:4] == [0.25, 0.5, 0.75, 1.0]  # warmup: step + 1 of 4
+    assert lrs[4] == 1.0 and lrs[9] == pytest.approx(0.55)  # cosine from 1.0 to 0.1 over the 10 steps after warmup
+    assert lrs[13] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.9)))
+    assert all(a > b for a, b in zip(lrs[4:], lrs[5:])), "decreasing after warmup"
+
+
+def test_a_checkpoint_resumes_only_on_the_same_data():
+    """The fingerprint holds the prepared splits' digests: other data (same recipe) starts from step 0."""
+    params = parse_params(TINY)
+    one = {"splits": {name: {"bytes": 1000, "file": f"{name}.bin", "sha256": "a" * 64} for name in ("train", "val", "test")}}
+    other = {"splits": {**one["splits"], "train": {"bytes": 1000, "file": "train.bin", "sha256": "b" * 64}}}
+    assert train_mod.fingerprint(params, "mha", one) == train_mod.fingerprint(params, "mha", {"splits": dict(one["splits"])})
+    assert train_mod.fingerprint(params, "mha", one) != train_mod.fingerprint(params, "mha", other)
 
 
 def test_checkpoint_of_another_configuration_is_not_resumed(tiny, tmp_path, monkeypatch):
