@@ -87,6 +87,13 @@ def test_report_from_fixture_metrics(tmp_path, monkeypatch):
     assert [r["variant"] for r in result["variants"]] == list(FIXTURE)
 
 
+def test_fit_exponent_is_the_log_log_slope_over_the_usable_points():
+    lengths = [64, 128, 256, 512]
+    assert fit_exponent(lengths, [3e-6 * T**1.5 for T in lengths]) == pytest.approx(1.5)
+    assert fit_exponent(lengths, [2.0, 4.0, None, 0.0]) == pytest.approx(1.0)  # a point that did not run is left out
+    assert fit_exponent(lengths, [5.0, None, None, None]) is None
+
+
 def test_no_ratio_where_the_reference_did_not_run_at_the_largest_t(tmp_path, monkeypatch):
     """The likely case on a GPU: la runs at the largest T where mha's layer (the reference) runs out of memory. Its
     x sdpa cell is '—', not a ratio to the reference at a smaller T."""
