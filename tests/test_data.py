@@ -307,6 +307,17 @@ def test_persistent_failure_gives_up_after_the_retries(tmp_path, fast_and_direct
     assert not (tmp_path / "enwik8.zip").exists()
 
 
+def patched_zip(offsets: dict[str, tuple[int, int]]) -> bytes:
+    """GOOD_ZIP with 2-byte fields overwritten: {field: (offset in the local header, value)}; the central directory's
+    copy of each field sits 2 bytes further on."""
+    body = bytearray(GOOD_ZIP)
+    local, central = body.index(b"PK\x03\x04"), body.index(b"PK\x01\x02")
+    for offset, value in offsets.values():
+        body[local + offset : local + offset + 2] = value.to_bytes(2, "little")
+        body[central + offset + 2 : central + offset + 4] = value.to_bytes(2, "little")
+    return bytes(body)
+
+
 BAD_ARCHIVES = {
     "zip-slip": (make_zip([("enwik8", MEMBER_BYTES), ("../evil", b"pwned")]), "escapes the target"),
     "absolute": (make_zip([("/tmp/attnbench-evil", b"pwned"), ("enwik8", MEMBER_BYTES)]), "escapes the target"),
@@ -317,6 +328,8 @@ BAD_ARCHIVES = {
     "not-a-zip": (b"<html>this is an error page, not an archive</html>" * 20, "not a zip archive"),
     "bad-crc": (GOOD_ZIP[:200] + bytes(200) + GOOD_ZIP[400:], "corrupt.*CRC"),
     "bad-deflate": (corrupt_deflate_zip(), "corrupt"),
+    "encrypted": (patched_zip({"flags": (6, 1)}), "cannot be read.*encrypted"),
+    "unknown-compression": (patched_zip({"method": (8, 99)}), "cannot be read.*compression method"),
 }
 
 

@@ -135,6 +135,8 @@ def safe_extract_member(archive: Path, member: str | None, dest: Path, max_ratio
                 return stream_to_file(src, dest, expected_md5, max_bytes=int(max_ratio * compressed))
         except (zipfile.BadZipFile, zlib.error, EOFError) as err:  # damaged data: bad CRC, bad deflate stream, cut short
             raise DataError(f"{archive}: member {info.filename!r} is corrupt ({err}); refused") from None
+        except (RuntimeError, NotImplementedError) as err:  # zipfile's words for encrypted and unknown compression
+            raise DataError(f"{archive}: member {info.filename!r} cannot be read ({err}); refused") from None
 
 
 def stream_to_file(src, dest: Path, expected_md5: str | None = None, max_bytes: int | None = None) -> str:
