@@ -676,7 +676,8 @@ def test_load_model_refuses_a_file_that_save_model_did_not_write(tiny_params, tm
         torch.save(model.state_dict(), path)
     else:
         optimizer = train_mod.make_optimizer(model, tiny_params.train, torch.device("cpu"))
-        train_mod.save_checkpoint(path, model, optimizer, 4, {"fingerprint": "x", "curve": [], "elapsed_s": 0.0, "rates": [], "first_rates": []})
+        state = {"fingerprint": "x", "curve": [], "elapsed_s": 0.0, "rates": [], "first_rates": []}
+        train_mod.save_checkpoint(path, model, optimizer, 4, state)
     with pytest.raises(ValueError, match="not a model written by save_model") as err:
         load_model(path)
     assert str(path) in str(err.value)

@@ -15,9 +15,9 @@ What is measured (lengths, tokens per step, modes, parts, repeats) is params' `b
 command's flags override. Fitted time exponents of the attention rows use T in [2K, 32K] when present.
 Writes <out>/<device>-attention.csv, <device>-train.csv, <device>.md and <device>.png (after each variant, so a run
 cut short keeps what it measured); with `trace`, also <device>-kernels.md: each point's GPU kernels by device time
-(torch.profiler), where to look before optimising. Other devices' files in <out> stay. At the end <out>/benchmark.json
-names the device and the files of this run with the tables' figures (the pipeline's declared output). One MLflow run (stage `benchmark`, tagged with the device) keeps the settings, the figures as metrics and
-these files.
+(torch.profiler), where to look before optimising. Other devices' files in <out> stay. At the end
+<out>/benchmark.json names the device, this run's files and its metrics (the pipeline's declared output). One MLflow
+run (stage `benchmark`, tagged with the device) keeps the settings, the metrics and these files.
 """
 
 from __future__ import annotations
@@ -57,7 +57,8 @@ PLAIN_GPT = ("plain GPT (mha, flash)", "mha", {"kernels": ["flash"]})
 ATTENTION_FIELDS = ["kind", "variant", "mode", "T", "batch", "ms", "ms_min", "ms_max", "mtok_per_s", "peak_gib", "status"]
 # Attention modes: torch.compile's options for each (None: eager); `graphs` is its mode reduce-overhead.
 COMPILE_MODES = {"eager": None, "compiled": {}, "graphs": {"triton.cudagraphs": True}}
-TRAIN_FIELDS = ["kind", "variant", "model", "T", "batch", "ms", "ms_min", "ms_max", "mtok_per_s", "mfu", "peak_tflops", "peak_gib", "compiled", "status"]
+TRAIN_FIELDS = ["kind", "variant", "model", "T", "batch", "ms", "ms_min", "ms_max", "mtok_per_s", "mfu", "peak_tflops", "peak_gib",
+                "compiled", "status"]
 
 
 def device_name() -> str:
@@ -65,7 +66,7 @@ def device_name() -> str:
 
 
 CHAIN = 4  # steps per timed sample
-SUMMARY = "benchmark.json"  # the last run's device, files and figures, in the output folder
+SUMMARY = "benchmark.json"  # the last run's device, files and metrics, in the output folder
 
 
 def time_samples(step: Callable[[], None], warmup: int, repeats: int) -> list[float]:

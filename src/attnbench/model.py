@@ -124,7 +124,7 @@ class ByteLM(nn.Module):
 
     def attention_stats(self) -> dict[str, torch.Tensor]:
         """The attention layers' diagnostics of the last forward (cluster sizes, ...), averaged over the layers
-        (0-d tensors, see AttentionBase.stats)."""
+        (0-d tensors, see Attention.stats)."""
         per_layer = [attn.stats() for attn in self.attention_layers]
         keys = sorted(set().union(*per_layer))
         return {k: sum(s[k] for s in per_layer if k in s) / sum(k in s for s in per_layer) for k in keys}

@@ -85,7 +85,8 @@ class SavedActivations:
 
 def out_of_memory(err: BaseException) -> bool:
     """CUDA's OutOfMemoryError, or the CPU allocator's failure, a plain RuntimeError ("can't allocate memory")."""
-    return isinstance(err, (torch.OutOfMemoryError, MemoryError)) or (isinstance(err, RuntimeError) and "can't allocate memory" in str(err))
+    cpu_allocator = isinstance(err, RuntimeError) and "can't allocate memory" in str(err)
+    return isinstance(err, (torch.OutOfMemoryError, MemoryError)) or cpu_allocator
 
 
 def measure(step: Callable[[], None], device: torch.device, warmup: int, repeats: int) -> tuple[float, int, str]:

@@ -185,7 +185,7 @@ def report(params: Params, variants_dir: Path, data_dir: Path, out_dir: Path, su
     baseline = unigram_bpb(data_dir)
     out_dir = Path(out_dir)
     figure_paths = figures(summary, curves, profiles, out_dir)
-    failed = profiles[(profiles.scope != "reference") & (profiles.status != "ok")]
+    failed = [f"{r.variant} {r.scope} T = {r.T} ({r.status})" for r in profiles.itertuples() if r.scope != "reference" and r.status != "ok"]
     best = summary.loc[summary["test bpb"].idxmin()]
     m, t = params.model, params.train
     manifest = read_json(Path(data_dir) / "manifest.json")
@@ -205,8 +205,7 @@ def report(params: Params, variants_dir: Path, data_dir: Path, out_dir: Path, su
         markdown_table(summary, SUMMARY_FORMATS),
         "",
         *([f"Not in this report: {', '.join(left_out)} (of the params file's {len(params.variants)} variants).", ""] if left_out else []),
-        *([f"Profile points that did not run: {', '.join(f'{r.variant} {r.scope} T = {r.T} ({r.status})' for r in failed.itertuples())}.", ""]
-          if len(failed) else []),
+        *([f"Profile points that did not run: {', '.join(failed)}.", ""] if failed else []),
         "Exponents are log-log slopes against T of time and memory per sequence over the profile's lengths "
         f"({', '.join(map(str, params.profile.seq_lens))}); profiled on {read_json(Path(variants_dir) / variants[0] / 'profile.json')['device']}. "
         "x sdpa: the attention sub-layer's speed over mha's (the fused causal sdpa, default options) at the same shapes, "

@@ -237,8 +237,8 @@ def train(params: Params, variant: str, data_dir: Path, out_dir: Path, tracker=N
                 if tracker is not None:
                     tracker.log_metrics(metrics, step=done)
                 if at_ckpt:
-                    save_checkpoint(ckpt_path, model, optimizer, done, {"fingerprint": key, "curve": curve, "elapsed_s": elapsed, "rates": rates,
-                                                                              "first_rates": first_rates})
+                    state = {"fingerprint": key, "curve": curve, "elapsed_s": elapsed, "rates": rates, "first_rates": first_rates}
+                    save_checkpoint(ckpt_path, model, optimizer, done, state)
             distributed.barrier()
             loss_sum.zero_()
             grad_norm_max.zero_()
