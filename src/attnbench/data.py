@@ -57,12 +57,12 @@ def download(url: str, dest: Path, retries: int = 5, timeout: float = 30.0, back
                     if size == str(have):
                         part.rename(dest)
                         return dest
-                    part.unlink()
+                    part.unlink(missing_ok=True)
                     raise DataError(f"the server's file is {size or 'of unknown size'} bytes, the partial download {have}")
                 resp.raise_for_status()
                 resumed = resp.status_code == 206
                 if resumed and not resp.headers.get("Content-Range", "").startswith(f"bytes {have}-"):
-                    part.unlink()
+                    part.unlink(missing_ok=True)
                     raise DataError(f"asked for bytes from {have}, the server sent {resp.headers.get('Content-Range')!r}")
                 if have and not resumed:
                     log.info("server ignored the range request; restarting %s from byte 0", url)
