@@ -9,10 +9,13 @@ from attnbench.variants.la import chunked_linear_attention, feature_map
 from tests.test_variants import rel_err
 
 
-def test_step_equals_parallel_form():
+@pytest.mark.parametrize("eps", [None, 10.0], ids=["default-eps", "eps-10"])
+def test_step_and_chunked_forms_equal_the_parallel_form(eps):
+    """The recurrent step and the chunked efficient path against the reference; with eps 10 the normaliser's eps is of
+    the size of phi(q) . z, so a path that adds it otherwise (or not at all) fails, where 1e-6 hides it."""
     B, T, H, D = 2, 29, 3, 8
     torch.manual_seed(0)
-    layer = build_attention("la", H * D, H, T)
+    layer = build_attention("la", H * D, H, T, {} if eps is None else {"eps": eps})
     q, k, v = torch.randn(3, B, H, T, D).unbind(0)
     parallel = layer.reference(q, k, v, None)
     state = None
@@ -21,6 +24,7 @@ def test_step_equals_parallel_form():
         out_t, state = layer.step(q[:, :, t], k[:, :, t], v[:, :, t], state)
         steps.append(out_t)
     assert rel_err(torch.stack(steps, dim=2), parallel) < 1e-5
+    assert rel_err(layer.efficient(q, k, v, None), parallel) < 1e-5
 
 
 def test_chunk_size_does_not_change_the_result():

@@ -65,12 +65,15 @@ def test_reference_equals_efficient_with_supernodes(case, router, mode):
 @pytest.mark.parametrize("router", ROUTERS)
 @pytest.mark.parametrize("options", [dict(clusters=3), dict(block=7, clusters=5)], ids=str)
 def test_causal_with_supernodes(options, router, mode, path):
-    """Changing inputs after t leaves outputs at <= t and their input gradients bitwise equal; T = 45 is no multiple of b."""
-    B, T, H, D, t = 2, 45, 2, 8, 20
+    """Changing inputs after t leaves outputs at <= t and their input gradients bitwise equal; T = 45 is no multiple of b.
+    t at a block's first, inner and last positions for both blocks (16: 16, 20, 31; 7: 14, 17, 20): a supernode that
+    read its own block would leak only where t is not a block's last position."""
+    B, T, H, D = 2, 45, 2, 8
     layer = sca_layer(T, H, D, router=router, **options).train(mode == "train")
-    x, x_changed, weight = future_changed(B, T, H * D, t)
-    runs = [run_layer(layer, inputs, path, grad_weight=weight) for inputs in (x, x_changed)]
-    assert_prefix_unchanged(*runs, t, f"sca/{path}")
+    for t in (14, 16, 17, 20, 31):
+        x, x_changed, weight = future_changed(B, T, H * D, t)
+        runs = [run_layer(layer, inputs, path, grad_weight=weight) for inputs in (x, x_changed)]
+        assert_prefix_unchanged(*runs, t, f"sca/{path} t={t}")
 
 
 @pytest.mark.parametrize("mode", ["train", "eval"])

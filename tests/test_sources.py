@@ -25,6 +25,7 @@ def test_a_stage_runs_its_modules_but_not_every_variant():
     assert not any(path.startswith("src/attnbench/variants/") for path in train)
     assert {"src/attnbench/variants/__init__.py", "src/attnbench/variants/sca.py"} <= set(stage_sources("benchmark"))  # every variant
     assert "src/attnbench/sample/gcide-sample.txt.gz" in stage_sources("fetch")  # the default corpus it copies
+    assert "src/attnbench/tracking.py" in stage_sources("profile")  # imported only inside profile.main
     assert all((ROOT / path).is_file() for path in train)
 
 
