@@ -147,6 +147,17 @@ def workspace(tmp_path: Path, overrides: dict | None = None) -> Path:
     return tmp_path
 
 
+def test_snakemake_refuses_config_overrides_and_declares_a_local_corpus(tmp_path):
+    """--config values would be left out of every stage (the params come from one file): refused in one line. A
+    local source's file is fetch's input, so editing it in place re-runs the DAG."""
+    ws = workspace(tmp_path)  # the tiny params: source local, corpus.txt
+    proc = subprocess.run([sys.executable, "-m", "snakemake", "-n", "--cores", "1", "--config", "run={name: other}"], cwd=ws, env=ENV,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "--config run: not read; the params come from one file" in proc.stdout + proc.stderr
+    plan = run([sys.executable, "-m", "snakemake", "-n", "--cores", "1", "--forceall", "fetch"], ws)
+    assert re.search(r"^    input: .*\bcorpus\.txt\b", plan.split("rule fetch:")[1], re.M), plan
+
+
 def set_param(params: Path, *keys: str, value) -> None:
     """params[keys[0]][keys[1]]... = value in the params file."""
     raw = yaml.safe_load(params.read_text())
