@@ -198,6 +198,11 @@ def test_snakemake_runs_the_dag_then_only_what_a_change_touches(tmp_path):
     planned = job_counts(run([sys.executable, "-m", "snakemake", "-n", "--cores", "2"], ws))
     assert planned == {"train": 2, "evaluate": 2, "profile": 2, "report": 1, "all": 1}, planned
     set_param(ws / "params.yaml", "train", "device", value="auto")
+    splits = yaml.safe_load((ws / "params.yaml").read_text())["data"]["splits"]
+    set_param(ws / "params.yaml", "data", "splits", value={"train": 0.8, "val": 0.1, "test": 0.1})  # prepare's, not fetch's
+    planned = job_counts(run([sys.executable, "-m", "snakemake", "-n", "--cores", "2"], ws))
+    assert planned == {"prepare": 1, "train": 2, "evaluate": 2, "report": 1, "all": 1}, planned
+    set_param(ws / "params.yaml", "data", "splits", value=splits)
     # A code change is planned too, with the commands it would run (the DVC test re-runs one: 45 s of CI time each).
     edit_code(ws, "la")
     plan = run([sys.executable, "-m", "snakemake", "-n", "--printshellcmds", "--cores", "2"], ws)
