@@ -40,7 +40,7 @@ from torch.nn.attention import sdpa_kernel
 from .config import BenchmarkConfig, ConfigError, Params
 from .files import atomic_path, write_json, write_text
 from .model import ByteLM, ModelConfig
-from .plots import length_label
+from .plots import length_label, log_length_axes
 from .profile import fit_exponent
 from .runtime import autocast, peak_flops, resolve_device
 from .variants import REGISTRY, build_attention
@@ -329,8 +329,6 @@ def figure(attention: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import seaborn as sns
-
-    from .plots import log_length_axes
 
     ok = [r for r in attention if r["status"] == "ok"]
     fig, ax = plt.subplots(figsize=(7, 4.5))
