@@ -57,11 +57,17 @@ def write_variant(folder, variant, bpb, tokens_per_s, exponent, val_bpb=None, ou
                                          "attention_time_exponent": fit_exponent([r["T"] for r in ok], [r["seconds"] / r["batch"] for r in ok])})
 
 
-def test_report_from_fixture_metrics(tmp_path, monkeypatch):
+def prepared_params(tmp_path, monkeypatch, overrides: dict):
+    """A tiny params file with `overrides` and its prepared data in tmp_path/prepared, tmp_path the working directory."""
     monkeypatch.chdir(tmp_path)
-    _, params = write_params(tmp_path, {"variants": {v: {} for v in FIXTURE}})
+    _, params = write_params(tmp_path, overrides)
     data.fetch(params.data, tmp_path / "corpus.bin", tmp_path / "download")
     data.prepare(tmp_path / "corpus.bin", tmp_path / "prepared", params.data.max_bytes, params.data.splits)
+    return params
+
+
+def test_report_from_fixture_metrics(tmp_path, monkeypatch):
+    params = prepared_params(tmp_path, monkeypatch, {"variants": {v: {} for v in FIXTURE}})
     for variant, figures in FIXTURE.items():
         write_variant(tmp_path / "variants" / variant, variant, *figures, out_of_memory_at=512 if variant == "mha" else None)
 
@@ -97,10 +103,7 @@ def test_fit_exponent_is_the_log_log_slope_over_the_usable_points():
 def test_no_ratio_where_the_reference_did_not_run_at_the_largest_t(tmp_path, monkeypatch):
     """The likely case on a GPU: la runs at the largest T where mha's layer (the reference) runs out of memory. Its
     x sdpa cell is '—', not a ratio to the reference at a smaller T."""
-    monkeypatch.chdir(tmp_path)
-    _, params = write_params(tmp_path, {"variants": {"mha": None, "la": {}}})
-    data.fetch(params.data, tmp_path / "corpus.bin", tmp_path / "download")
-    data.prepare(tmp_path / "corpus.bin", tmp_path / "prepared", params.data.max_bytes, params.data.splits)
+    params = prepared_params(tmp_path, monkeypatch, {"variants": {"mha": None, "la": {}}})
     write_variant(tmp_path / "variants" / "la", "la", *FIXTURE["la"], reference_out_of_memory_at=512)
 
     report(params, tmp_path / "variants", tmp_path / "prepared", tmp_path / "out")
@@ -115,11 +118,8 @@ def test_the_report_run_logs_the_files_it_wrote_and_nothing_else_in_the_folder(t
 
     from attnbench import report as report_mod
 
-    monkeypatch.chdir(tmp_path)
     uri = f"sqlite:///{tmp_path / 'store.db'}"
-    _, params = write_params(tmp_path, {"variants": {v: {} for v in FIXTURE}, "tracking": {"uri": uri}})
-    data.fetch(params.data, tmp_path / "corpus.bin", tmp_path / "download")
-    data.prepare(tmp_path / "corpus.bin", tmp_path / "prepared", params.data.max_bytes, params.data.splits)
+    params = prepared_params(tmp_path, monkeypatch, {"variants": {v: {} for v in FIXTURE}, "tracking": {"uri": uri}})
     for variant, figures in FIXTURE.items():
         write_variant(tmp_path / "variants" / variant, variant, *figures)
     (tmp_path / "out").mkdir()
@@ -134,10 +134,7 @@ def test_the_report_run_logs_the_files_it_wrote_and_nothing_else_in_the_folder(t
 
 
 def test_sampled_routing_variants_get_both_readings_in_their_own_table(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    _, params = write_params(tmp_path, {"variants": {"la": None, "lca": {}}})
-    data.fetch(params.data, tmp_path / "corpus.bin", tmp_path / "download")
-    data.prepare(tmp_path / "corpus.bin", tmp_path / "prepared", params.data.max_bytes, params.data.splits)
+    params = prepared_params(tmp_path, monkeypatch, {"variants": {"la": None, "lca": {}}})
     write_variant(tmp_path / "variants" / "mha", "mha", *FIXTURE["mha"])
     write_variant(tmp_path / "variants" / "lca", "lca", 3.205, 2000.0, 1.0)
     write_json(tmp_path / "variants" / "lca" / "eval.json", {
@@ -172,10 +169,7 @@ def test_unigram_bpb_of_a_two_byte_corpus(tmp_path):
 
 def test_report_of_a_subset_names_the_variants_left_out(tmp_path, monkeypatch):
     """A report of the runs that finished (report --variants): only those in the table, the others named on the page."""
-    monkeypatch.chdir(tmp_path)
-    _, params = write_params(tmp_path, {"variants": {v: {} for v in [*FIXTURE, "ca"]}})
-    data.fetch(params.data, tmp_path / "corpus.bin", tmp_path / "download")
-    data.prepare(tmp_path / "corpus.bin", tmp_path / "prepared", params.data.max_bytes, params.data.splits)
+    params = prepared_params(tmp_path, monkeypatch, {"variants": {v: {} for v in [*FIXTURE, "ca"]}})
     write_variant(tmp_path / "variants" / "mha", "mha", *FIXTURE["mha"])  # la's and ca's stages never finished
 
     result = report(params, tmp_path / "variants", tmp_path / "prepared", tmp_path / "out", subset=["mha"])
