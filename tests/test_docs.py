@@ -3,7 +3,7 @@
 import csv
 import re
 
-from attnbench.benchmark import exponents
+from attnbench.benchmark import exponents, row_label
 from tests.tiny import REPO
 
 
@@ -31,7 +31,7 @@ def test_the_readme_gpu_table_matches_the_committed_reports():
     rows = list(csv.DictReader((pages / "NVIDIA-H200-attention.csv").read_text().splitlines()))
     attention = {(r["variant"], int(r["T"])): float(r["mtok_per_s"]) for r in rows}
     slopes = {label.split()[0]: slope for label, slope in exponents([
-        r | {"T": int(r["T"]), "ms": float(r["ms"]), "batch": int(r["batch"]), "label": r["variant"] if r["mode"] == "eager" else f"{r['variant']} ({r['mode']})"} for r in rows
+        r | {"T": int(r["T"]), "ms": float(r["ms"]), "batch": int(r["batch"]), "label": row_label(r["variant"], r["mode"])} for r in rows
     ]).items()}
     mfu = {r["variant"]: float(r["mfu"]) for r in csv.DictReader((pages / "NVIDIA-H200-train.csv").read_text().splitlines())}
     assert set(readme) == {"sdpa (reference)", *quality}, sorted(readme)

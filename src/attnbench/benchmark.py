@@ -216,7 +216,7 @@ def benchmark(params: Params, variants: list[str], part: str, settings: Benchmar
             for mode in settings.modes if variant not in REFERENCES else ("eager",):
                 build = partial(attention_step, variant, T, batch, settings.heads, settings.head_dim, options, mode)
                 row = run_point("attention", variant, T, batch, build, settings.warmup, settings.repeats, trace)
-                attention.append(row | {"mode": mode, "label": variant if mode == "eager" else f"{variant} ({mode})"})
+                attention.append(row | {"mode": mode, "label": row_label(variant, mode)})
     T, peak = params.model.seq_len, peak_flops(torch.device("cuda"))
     batch = max(1, settings.tokens // T)
     sizes = [(params.model.d_model, params.model.n_layers), *settings.train_models]
@@ -239,6 +239,11 @@ def benchmark(params: Params, variants: list[str], part: str, settings: Benchmar
                 row["mfu"] = flops["per_token"] * row["mtok_per_s"] * 1e6 / peak
             training.append(row | {"model": f"d{d_model} L{n_layers} H{model.n_heads}", "peak_tflops": peak / 1e12 if peak else None})
     return attention, training
+
+
+def row_label(variant: str, mode: str) -> str:
+    """An attention row's name in the tables: the variant, and its mode unless eager (the CSV keeps the two apart)."""
+    return variant if mode == "eager" else f"{variant} ({mode})"
 
 
 def exponents(rows: list[dict], lo: int = 2048, hi: int = 32768) -> dict[str, float | None]:
