@@ -81,6 +81,7 @@ class Server:
         self.files: dict[str, bytes] = {}
         self.modes: dict[str, str] = {}
         self.requests: list[tuple[str, str | None]] = []  # (path, Range header)
+        self.if_ranges: list[str | None] = []  # the If-Range header of each request
         self.lock = threading.Lock()
 
     def url(self, path: str) -> str:
@@ -110,12 +111,16 @@ class Handler(BaseHTTPRequestHandler):
         rng = self.headers.get("Range")
         with state.lock:
             state.requests.append((self.path, rng))
+            state.if_ranges.append(self.headers.get("If-Range"))
             attempt = len(state.hits(self.path))
         body = state.files.get(self.path)
         if body is None:
             self.send_error(404, "no such file")
             return
         mode = state.modes[self.path]
+        etag = f'"{hashlib.md5(body).hexdigest()[:16]}"'
+        if self.headers.get("If-Range", etag) != etag:  # the client's part is of another file: send the whole one
+            rng = None
         if "busy-once" in mode and attempt == 1:
             self.send_error(429, "too many requests")
             return
@@ -133,6 +138,7 @@ class Handler(BaseHTTPRequestHandler):
         else:
             self.send_response(200)
         payload = body[start:]
+        self.send_header("ETag", etag)
         self.send_header("Content-Type", "application/zip")
         self.send_header("Content-Length", str(len(payload)))  # what a whole response would carry
         self.end_headers()
@@ -229,6 +235,28 @@ def test_truncated_transfer_resumes_with_range(server, tmp_path, fast_and_direct
     assert corpus.read_bytes() == MEMBER_BYTES
     assert (tmp_path / "dl" / "enwik8.zip").read_bytes() == GOOD_ZIP
     assert len(fast_and_direct) == 1  # one back-off between the two attempts
+    assert leftovers(tmp_path) == []
+
+
+def test_a_resume_names_the_file_it_began_with(server, tmp_path):
+    url = server.serve("/enwik8.zip", GOOD_ZIP, mode="truncate-once")
+    fetch(enwik8_cfg(url), tmp_path / "corpus.bin", tmp_path / "dl")
+    first, resumed = server.if_ranges
+    assert first is None and resumed == f'"{hashlib.md5(GOOD_ZIP).hexdigest()[:16]}"'  # the ETag of the first answer
+    assert leftovers(tmp_path) == []
+
+
+def test_a_part_of_a_file_the_server_has_since_changed_is_not_resumed(server, tmp_path):
+    """The part file and its validator are from an older archive; If-Range gets the whole new one, not its tail."""
+    new_zip = make_zip([("enwik8", MEMBER_BYTES[::-1])])
+    url = server.serve("/enwik8.zip", new_zip)
+    dl = tmp_path / "dl"
+    dl.mkdir()
+    (dl / "enwik8.zip.part").write_bytes(GOOD_ZIP[:1000])
+    (dl / "enwik8.zip.validator.part").write_text('"an-older-etag"')
+    fetch(enwik8_cfg(url, md5=hashlib.md5(MEMBER_BYTES[::-1]).hexdigest()), tmp_path / "corpus.bin", dl)
+    assert server.hits("/enwik8.zip") == ["bytes=1000-"] and server.if_ranges == ['"an-older-etag"']
+    assert (dl / "enwik8.zip").read_bytes() == new_zip
     assert leftovers(tmp_path) == []
 
 

@@ -41,32 +41,48 @@ class DataError(RuntimeError):
 def download(url: str, dest: Path, retries: int = 5, timeout: float = 30.0, backoff: float = 1.0) -> Path:
     """Download `url` to `dest`, resuming from `dest.part` with an HTTP Range request after an interruption.
 
-    A server that ignores Range, or answers it from another byte, gets a clean restart; a part file longer than the
-    server's file is dropped. Raises DataError after `retries` failed attempts, at once on a client error (4xx)
-    other than a timeout (408) or too many requests (429).
+    The resume sends the part's validator (the ETag or Last-Modified of the response that began it) as If-Range, so
+    a server whose file changed since sends the whole new file instead of the rest of it. A server that ignores
+    Range, or answers it from another byte, gets a clean restart; a part file longer than the server's file is
+    dropped. Raises DataError after `retries` failed attempts, at once on a client error (4xx) other than a timeout
+    (408) or too many requests (429).
     """
     part = dest.with_name(dest.name + ".part")
+    validator = dest.with_name(dest.name + ".validator.part")
+
+    def drop_part():
+        part.unlink(missing_ok=True)
+        validator.unlink(missing_ok=True)
+
+    def complete():
+        part.rename(dest)
+        validator.unlink(missing_ok=True)
+        return dest
+
     dest.parent.mkdir(parents=True, exist_ok=True)
     for attempt in range(1, retries + 1):
         have = part.stat().st_size if part.exists() else 0
         headers = {"Range": f"bytes={have}-"} if have else {}
+        if have and validator.exists():
+            headers["If-Range"] = validator.read_text()
         try:
             with requests.get(url, headers=headers, stream=True, timeout=timeout) as resp:
                 if resp.status_code == 416:  # no byte from `have` on: complete if the server's file is `have` long
                     size = resp.headers.get("Content-Range", "").rpartition("/")[2]
                     if size == str(have):
-                        part.rename(dest)
-                        return dest
-                    part.unlink(missing_ok=True)
+                        return complete()
+                    drop_part()
                     raise DataError(f"the server's file is {size or 'of unknown size'} bytes, the partial download {have}")
                 resp.raise_for_status()
                 resumed = resp.status_code == 206
                 if resumed and not resp.headers.get("Content-Range", "").startswith(f"bytes {have}-"):
-                    part.unlink(missing_ok=True)
+                    drop_part()
                     raise DataError(f"asked for bytes from {have}, the server sent {resp.headers.get('Content-Range')!r}")
                 if have and not resumed:
-                    log.info("server ignored the range request; restarting %s from byte 0", url)
+                    log.info("server sent the whole file for a range request (changed or no ranges); restarting %s", url)
                     have = 0
+                if not resumed:
+                    write_validator(validator, resp.headers)
                 remaining = int(resp.headers.get("Content-Length", 0)) or None
                 total = have + remaining if remaining is not None else None
                 with open(part, "ab" if resumed else "wb") as f, tqdm(
@@ -78,8 +94,7 @@ def download(url: str, dest: Path, retries: int = 5, timeout: float = 30.0, back
             got = part.stat().st_size
             if total is not None and got != total:
                 raise DataError(f"short transfer: {got} of {total} bytes")
-            part.rename(dest)
-            return dest
+            return complete()
         except (requests.RequestException, DataError) as err:
             if isinstance(err, requests.HTTPError) and err.response is not None and err.response.status_code < 500 \
                     and err.response.status_code not in (408, 429):
@@ -89,6 +104,17 @@ def download(url: str, dest: Path, retries: int = 5, timeout: float = 30.0, back
                 raise DataError(f"download of {url} failed after {retries} attempts: {err}") from None
             time.sleep(backoff * attempt)
     raise AssertionError("unreachable")
+
+
+def write_validator(path: Path, headers) -> None:
+    """Keep what identifies the server's file for a later If-Range: a strong ETag, else Last-Modified (RFC 9110
+    allows no weak ETag there); without either, a resume cannot tell a changed file and only the md5 catches it."""
+    etag = headers.get("ETag", "")
+    value = etag if etag and not etag.startswith("W/") else headers.get("Last-Modified", "")
+    if value:
+        path.write_text(value)
+    else:
+        path.unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------- archives
