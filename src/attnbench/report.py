@@ -36,12 +36,18 @@ def unigram_bpb(data_dir: Path) -> float:
     return float(-np.log2(p[test]).mean())
 
 
-def collect(variants_dir: Path, variants: list[str]) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-    """Per-variant summary, learning curves and profile rows, read from each variant's stage outputs."""
+def read_summaries(variants_dir: Path, variants: list[str]) -> dict[str, dict]:
+    """Each variant's train.json, eval.json and profile.json, read once: {variant: {"train", "eval", "profile"}}."""
+    return {v: {stage: read_json(Path(variants_dir) / v / f"{stage}.json") for stage in ("train", "eval", "profile")}
+            for v in variants}
+
+
+def collect(variants_dir: Path, summaries: dict[str, dict]) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """Per-variant summary, learning curves and profile rows, from each variant's stage outputs."""
     summary, curves, profiles = [], [], []
-    for v in variants:
+    for v, outputs in summaries.items():
         d = Path(variants_dir) / v
-        train, evaluation, prof = read_json(d / "train.json"), read_json(d / "eval.json"), read_json(d / "profile.json")
+        train, evaluation, prof = outputs["train"], outputs["eval"], outputs["profile"]
         rows = pd.read_csv(d / "profile.csv")
         # The profile's largest T for every variant (its lengths are the params file's): a variant that ran out of
         # memory there shows "—", not a figure at a smaller T in the same column.
@@ -67,12 +73,12 @@ def collect(variants_dir: Path, variants: list[str]) -> tuple[pd.DataFrame, pd.D
     return pd.DataFrame(summary), pd.concat(curves, ignore_index=True), pd.concat(profiles, ignore_index=True)
 
 
-def routing_summary(variants_dir: Path, variants: list[str]) -> pd.DataFrame:
+def routing_summary(summaries: dict[str, dict]) -> pd.DataFrame:
     """For the variants that route by sampling in training (eval.json has test_bpb_sampled): test bpb and cluster
     sizes with the spec's argmax routing and with training's sampled routing."""
     rows = []
-    for v in variants:
-        evaluation = read_json(Path(variants_dir) / v / "eval.json")
+    for v, outputs in summaries.items():
+        evaluation = outputs["eval"]
         if "test_bpb_sampled" not in evaluation:
             continue
         argmax, sampled = evaluation["routing"]["argmax"], evaluation["routing"]["sampled"]
@@ -181,7 +187,8 @@ def report(params: Params, variants_dir: Path, data_dir: Path, out_dir: Path, su
 
     `subset`: some of the params file's variants, for a report of the runs that finished; the page names the rest."""
     variants, left_out = chosen_variants(params, subset)
-    summary, curves, profiles = collect(variants_dir, variants)
+    summaries = read_summaries(variants_dir, variants)
+    summary, curves, profiles = collect(variants_dir, summaries)
     baseline = unigram_bpb(data_dir)
     out_dir = Path(out_dir)
     figure_paths = figures(summary, curves, profiles, out_dir)
@@ -189,7 +196,7 @@ def report(params: Params, variants_dir: Path, data_dir: Path, out_dir: Path, su
     best = summary.loc[summary["test bpb"].idxmin()]
     m, t = params.model, params.train
     manifest = read_json(Path(data_dir) / "manifest.json")
-    devices = sorted({read_json(Path(variants_dir) / v / "train.json")["device"] for v in variants})
+    devices = sorted({outputs["train"]["device"] for outputs in summaries.values()})
     text = [
         f"# attnbench comparison: `{params.run.name}`",
         "",
@@ -207,12 +214,12 @@ def report(params: Params, variants_dir: Path, data_dir: Path, out_dir: Path, su
         *([f"Not in this report: {', '.join(left_out)} (of the params file's {len(params.variants)} variants).", ""] if left_out else []),
         *([f"Profile points that did not run: {', '.join(failed)}.", ""] if failed else []),
         "Exponents are log-log slopes against T of time and memory per sequence over the profile's lengths "
-        f"({', '.join(map(str, params.profile.seq_lens))}); profiled on {read_json(Path(variants_dir) / variants[0] / 'profile.json')['device']}. "
+        f"({', '.join(map(str, params.profile.seq_lens))}); profiled on {summaries[variants[0]]['profile']['device']}. "
         "x sdpa: the attention sub-layer's speed over mha's (the fused causal sdpa, default options) at the same shapes, "
         "measured in the same profile run (scope `reference` of profile.csv). CPU timings are for trends only; absolute "
         "speeds count on a GPU.",
         "",
-        *routing_section(routing_summary(variants_dir, variants), params.train.seed),
+        *routing_section(routing_summary(summaries), params.train.seed),
     ]
     for path in figure_paths:
         text += [f"## {FIGURES[path.stem]}", "", f"![{path.stem}](figures/{path.name})", ""]
