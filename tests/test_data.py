@@ -23,7 +23,8 @@ import pytest
 
 from attnbench import data
 from attnbench.config import DataConfig, SplitFractions
-from attnbench.data import DataError, fetch, load_split, prepare, safe_extract_member, split_sizes
+from attnbench.data import DataError, fetch, prepare, safe_extract_member, split_sizes
+from attnbench.splits import load_split
 from attnbench.files import file_digest, read_json
 
 MEMBER_BYTES = np.random.default_rng(0).integers(0, 256, 6000, dtype=np.uint8).tobytes()  # incompressible: ratio ~1

@@ -23,16 +23,12 @@ import requests
 from tqdm import tqdm
 
 from .config import DataConfig, SplitFractions
-from .files import atomic_path, file_digest, read_json, write_json
+from .files import atomic_path, file_digest, write_json
+from .splits import MANIFEST, SPLITS, DataError
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("train", "val", "test")
 CHUNK = 1 << 20
-
-
-class DataError(RuntimeError):
-    """Bad or unverifiable data; the message says what and where."""
 
 
 # ---------------------------------------------------------------- download
@@ -233,7 +229,7 @@ def prepare(corpus: Path, out_dir: Path, max_bytes: int, fractions: SplitFractio
         raise DataError(f"{corpus}: {len(data)} bytes are too few to split into {sizes}")
     out_dir = Path(out_dir)
     # An earlier split's manifest must not outlive the files it describes if this run dies half way.
-    (out_dir / "manifest.json").unlink(missing_ok=True)
+    (out_dir / MANIFEST).unlink(missing_ok=True)
     manifest = {"corpus": str(corpus), "corpus_bytes_used": int(len(data)), "fractions": fractions.model_dump(), "splits": {}}
     start = 0
     for name in SPLITS:
@@ -243,20 +239,5 @@ def prepare(corpus: Path, out_dir: Path, max_bytes: int, fractions: SplitFractio
         with atomic_path(path) as tmp:
             part.tofile(tmp)
         manifest["splits"][name] = {"file": path.name, "bytes": int(len(part)), "sha256": file_digest(path)}
-    write_json(out_dir / "manifest.json", manifest)  # written last: its presence means the split is complete
+    write_json(out_dir / MANIFEST, manifest)  # written last: its presence means the split is complete
     return manifest
-
-
-def load_split(data_dir: Path, name: str, verify: bool = True) -> np.ndarray:
-    """Memory-map split `name`; with `verify`, refuse it unless its size and sha256 match the manifest."""
-    data_dir = Path(data_dir)
-    manifest_path = data_dir / "manifest.json"
-    if not manifest_path.exists():
-        raise DataError(f"{data_dir}: no manifest.json; run the prepare stage first")
-    entry = read_json(manifest_path)["splits"][name]
-    path = data_dir / entry["file"]
-    if verify:
-        if not path.exists() or path.stat().st_size != entry["bytes"] or file_digest(path) != entry["sha256"]:
-            raise DataError(f"{path} does not match its manifest checksum (altered or truncated); re-run prepare")
-    return np.memmap(path, dtype=np.uint8, mode="r")
-

@@ -17,10 +17,10 @@ import numpy as np
 import torch
 
 from .config import Params
-from .data import load_split
 from .files import write_json
 from .model import ByteLM, load_model
 from .runtime import autocast, resolve_device, to_device, use_cpu_threads
+from .splits import load_split
 
 log = logging.getLogger(__name__)
 PROGRESS_EVERY_S = 10

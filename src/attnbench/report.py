@@ -15,9 +15,9 @@ import seaborn as sns  # noqa: E402
 from matplotlib.ticker import StrMethodFormatter  # noqa: E402
 
 from .config import Params  # noqa: E402
-from .data import load_split  # noqa: E402
 from .files import atomic_path, read_json, write_text  # noqa: E402
 from .plots import legend_beside, log_length_axes  # noqa: E402
+from .splits import MANIFEST, load_split  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -195,7 +195,7 @@ def report(params: Params, variants_dir: Path, data_dir: Path, out_dir: Path, su
     failed = [f"{r.variant} {r.scope} T = {r.T} ({r.status})" for r in profiles.itertuples() if r.scope != "reference" and r.status != "ok"]
     best = summary.loc[summary["test bpb"].idxmin()]
     m, t = params.model, params.train
-    manifest = read_json(Path(data_dir) / "manifest.json")
+    manifest = read_json(Path(data_dir) / MANIFEST)
     devices = sorted({outputs["train"]["device"] for outputs in summaries.values()})
     text = [
         f"# attnbench comparison: `{params.run.name}`",

@@ -34,12 +34,12 @@ import torch
 
 from . import distributed
 from .config import Params, TrainConfig
-from .data import load_split
 from .evaluate import bits_per_byte
 from .files import atomic_path, read_json, write_json
 from .gpu_slots import gpu_slots
 from .model import ByteLM, save_model
 from .runtime import autocast, job_cpu_threads, peak_flops, resolve_device, to_device, use_cpu_threads
+from .splits import load_split
 
 log = logging.getLogger(__name__)
 
