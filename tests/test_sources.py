@@ -23,6 +23,9 @@ def test_a_stage_runs_its_modules_but_not_every_variant():
     assert {"src/attnbench/train.py", "src/attnbench/model.py", "src/attnbench/config.py"} <= set(train)
     # Not the registry nor what it imports: adding a variant there re-runs no other variant's stages.
     assert not any(path.startswith("src/attnbench/variants/") for path in train)
+    # The splits' reader, not the download code: editing that re-runs fetch and prepare, not every variant's stages.
+    for stage in ("train", "evaluate", "report"):
+        assert "src/attnbench/splits.py" in stage_sources(stage) and "src/attnbench/data.py" not in stage_sources(stage)
     assert {"src/attnbench/variants/__init__.py", "src/attnbench/variants/sca.py"} <= set(stage_sources("benchmark"))  # every variant
     assert "src/attnbench/sample/gcide-sample.txt.gz" in stage_sources("fetch")  # the default corpus it copies
     assert "src/attnbench/tracking.py" in stage_sources("profile")  # imported only inside profile.main
