@@ -15,6 +15,7 @@ from attnbench import data, evaluate as evaluate_mod, train as train_mod
 from attnbench.config import parse_params
 from attnbench.evaluate import evaluate, window_starts
 from attnbench.files import read_json
+from attnbench.model import ByteLM, ModelConfig
 from tests.tiny import TINY, merge, write_params
 
 
@@ -94,12 +95,22 @@ def test_resume_after_interruption_equals_uninterrupted_run(tiny, tmp_path, monk
         train_mod.train(params, "lca", prepared, tmp_path / "resumed")
     assert torch.load(tmp_path / "resumed" / train_mod.CHECKPOINT, weights_only=True)["step"] == 4
     assert not (tmp_path / "resumed" / "model.pt").exists(), "an interrupted run must not write its final outputs"
+    # The time before the interruption, made unmistakable: a resumed run's train_seconds and elapsed_s count on from it.
+    ckpt = torch.load(tmp_path / "resumed" / train_mod.CHECKPOINT, weights_only=True)
+    torch.save({**ckpt, "elapsed_s": 1000.0}, tmp_path / "resumed" / train_mod.CHECKPOINT)
 
     monkeypatch.setattr(train_mod, "get_batch", real_get_batch)
     torch.manual_seed(12345)  # the global generator as a fresh process might leave it: not what the clean run had
     recorder = Recorder({})
     summary = train_mod.train(params, "lca", prepared, tmp_path / "resumed", recorder)
-    assert recorder.params["variant"] == "lca" and recorder.tags == {"resumed_from_step": "4"}
+    assert recorder.params["variant"] == "lca" and recorder.params["train"] == params.train.model_dump()
+    assert recorder.params["model"] == params.model.model_dump()
+    assert recorder.params["variant_options"] == params.variant_options("lca")
+    with open(tmp_path / "resumed" / "curve.csv") as f:
+        elapsed = [float(r["elapsed_s"]) for r in csv.DictReader(f)]
+    assert summary["train_seconds"] > 1000.0 and all(e > 1000.0 for e in elapsed[1:]), "resume restarted the clock"
+    assert elapsed == sorted(elapsed) and summary["train_seconds"] == elapsed[-1]
+    assert recorder.tags == {"resumed_from_step": "4", "compiled": "False"}
     assert sorted(recorder.logged) == [6, 8, 10, 12]
     clean, resumed = weights(tmp_path / "clean" / "model.pt"), weights(tmp_path / "resumed" / "model.pt")
     for key in clean:
@@ -182,6 +193,74 @@ def test_each_log_point_records_its_windows_largest_gradient_norm(tiny, tmp_path
         assert metrics["grad_norm_max"] == max(float(n) for n in norms[step - 2 : step])
 
 
+SHORT = {"train": {"steps": 4, "log_every": 2, "eval_every": 4, "checkpoint_every": 4}}
+
+
+def test_gradient_accumulation_averages_the_micro_batches(tiny, tmp_path, monkeypatch):
+    """Two micro-batches of the same rows give the gradient of one: each micro-batch's loss is divided by their
+    number. AdamW would hide a gradient twice too large, so the logged pre-clipping norms are compared."""
+    real_get_batch = train_mod.get_batch
+    monkeypatch.setattr(train_mod, "get_batch", lambda data_, T, B, seed, step, micro, device: real_get_batch(data_, T, B, seed, step, 0, device))
+    norms = {}
+    for accum in (1, 2):
+        params, prepared = tiny(merge(SHORT, {"train": {"grad_accum": accum}}))
+        logged = {}
+        train_mod.train(params, "mha", prepared, tmp_path / f"accum{accum}", Recorder(logged))
+        norms[accum] = [logged[step]["grad_norm_max"] for step in sorted(logged)]
+    assert len(norms[1]) == 2 and norms[2] == pytest.approx(norms[1], rel=1e-4)
+
+
+def test_gradients_are_clipped_to_grad_clip(tiny, tmp_path, monkeypatch):
+    """After clip_grad_norm_ the step's gradient norm is at most train.grad_clip, while the logged (pre-clipping)
+    norm shows there was something to clip."""
+    params, prepared = tiny(merge(SHORT, {"train": {"grad_clip": 0.01}}))
+    clipped, real_clip = [], torch.nn.utils.clip_grad_norm_
+
+    def clip(parameters, *args, **kwargs):
+        parameters = list(parameters)
+        norm = real_clip(parameters, *args, **kwargs)
+        clipped.append(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in parameters if p.grad is not None])).item())
+        return norm
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip)
+    logged = {}
+    train_mod.train(params, "mha", prepared, tmp_path / "mha", Recorder(logged))
+    assert len(clipped) == 4 and all(norm <= 0.01 + 1e-6 for norm in clipped), clipped
+    assert all(metrics["grad_norm_max"] > 0.01 for metrics in logged.values())
+
+
+def test_logged_train_loss_is_the_mean_over_the_window(tiny, tmp_path, monkeypatch):
+    """train_loss at a log point is the mean of the losses of its window's steps (and of each step's micro-batches),
+    not their sum: compared with the losses the model's forward returned in training."""
+    params, prepared = tiny(merge(SHORT, {"train": {"grad_accum": 2}}))
+    losses, real_forward = [], ByteLM.forward
+
+    def forward(self, idx, targets=None):
+        logits, loss = real_forward(self, idx, targets)
+        if self.training and loss is not None:
+            losses.append(loss.item())
+        return logits, loss
+
+    monkeypatch.setattr(ByteLM, "forward", forward)
+    logged = {}
+    train_mod.train(params, "mha", prepared, tmp_path / "mha", Recorder(logged))
+    assert sorted(logged) == [2, 4] and len(losses) == 8  # 2 steps x 2 micro-batches per window
+    for window, step in enumerate([2, 4]):
+        assert logged[step]["train_loss"] == pytest.approx(np.mean(losses[4 * window : 4 * window + 4]), rel=1e-5)
+
+
+def test_lca_temperature_anneals_with_training_progress(tiny, tmp_path):
+    """train tells the model its progress (step / steps) before each step; lca's tau follows
+    tau_start * (tau_end / tau_start) ** progress, logged as attn.tau at each eval point."""
+    params, prepared = tiny(merge(SHORT, {"train": {"eval_every": 2}, "variants": {"lca": {"tau_start": 2.0, "tau_end": 0.5}}}))
+    logged = {}
+    train_mod.train(params, "lca", prepared, tmp_path / "lca", Recorder(logged))
+    taus = {step: logged[step]["attn.tau"] for step in (2, 4)}
+    for step, tau in taus.items():  # read after step `step`, whose index step - 1 set the progress (step - 1) / 4
+        assert tau == pytest.approx(2.0 * (0.5 / 2.0) ** ((step - 1) / 4), rel=1e-6), step
+    assert taus[4] < taus[2]
+
+
 def test_routing_stats_are_the_training_batchs_and_the_val_pass_is_logged_apart(tiny, tmp_path, monkeypatch):
     """attn.* at an eval point are the last training batch's routing, read before the val pass routes anew
     (argmax, no noise); the val pass's own, averaged over its bytes, are val_attn.*."""
@@ -203,10 +282,14 @@ def test_routing_stats_are_the_training_batchs_and_the_val_pass_is_logged_apart(
         assert {k[len("val_attn."):]: v for k, v in logged[step].items() if k.startswith("val_attn.")} == val
 
 
-def test_token_budget_sets_the_steps(tiny, tmp_path):
-    params, prepared = tiny({"train": {"steps": None, "tokens": 8 * 4 * 32, "eval_every": 100}})
+def test_token_budget_sets_the_steps_and_counts_every_micro_batch(tiny, tmp_path):
+    """A step is batch_size x grad_accum sequences of T bytes: in the step count, the summary and the curve."""
+    params, prepared = tiny({"train": {"steps": None, "tokens": 8 * 4 * 2 * 32, "grad_accum": 2, "eval_every": 4}})
     summary = train_mod.train(params, "mha", prepared, tmp_path / "mha")
-    assert summary["steps"] == 8 and summary["tokens"] == 8 * 4 * 32
+    assert summary["steps"] == 8 and summary["tokens"] == 8 * 4 * 2 * 32
+    with open(tmp_path / "mha" / "curve.csv") as f:
+        curve = list(csv.DictReader(f))
+    assert [(int(r["step"]), int(r["tokens"])) for r in curve] == [(4, 4 * 4 * 2 * 32), (8, 8 * 4 * 2 * 32)]
 
 
 def test_evaluate_scores_every_test_byte_once(tiny, tmp_path):
@@ -235,6 +318,32 @@ def test_evaluate_scores_noisy_routing_by_the_argmax_and_as_trained(tiny, tmp_pa
     assert set(first["routing"]["sampled"]) == {"max_cluster_frac", "empty_clusters", "pair_frac"}
     plain = evaluate(params, "mha", prepared, tmp_path / "mha" / "model.pt")
     assert "test_bpb_sampled" not in plain and "routing" not in plain
+
+
+def test_bits_per_byte_of_a_uniform_model_is_8():
+    """Nats are converted to bits: a model whose logits are all 0 (uniform over 256 bytes) scores exactly 8 bpb."""
+    torch.manual_seed(0)
+    model = ByteLM(ModelConfig(variant="mha", d_model=32, n_layers=1, n_heads=2, seq_len=32))
+    with torch.no_grad():
+        model.head.weight.zero_()
+    data_ = np.random.default_rng(0).integers(0, 256, 200).astype(np.uint8)
+    assert evaluate_mod.bits_per_byte(model, data_, 4)["bpb"] == pytest.approx(8.0, abs=1e-5)
+
+
+def test_bits_per_byte_weights_routing_stats_by_the_bytes_of_each_batch(monkeypatch):
+    """The attention stats of a pass are the mean over its bytes: a full window (32 bytes) and a tail window
+    (10 bytes) count 32 : 10, from the stats each forward left."""
+    torch.manual_seed(0)
+    model = ByteLM(ModelConfig(variant="lca", d_model=32, n_layers=1, n_heads=2, seq_len=32))
+    per_batch, real_stats = [], model.attention_stats
+    monkeypatch.setattr(model, "attention_stats", lambda: per_batch.append(real_stats()) or per_batch[-1])
+    data_ = np.random.default_rng(0).integers(0, 256, 32 + 1 + 10).astype(np.uint8)
+    result = evaluate_mod.bits_per_byte(model, data_, 4)
+    assert result["tokens"] == 42 and len(per_batch) == 2
+    full, tail = per_batch
+    assert set(result["attention"]) == {"max_cluster_frac", "empty_clusters", "pair_frac"}
+    for key, value in result["attention"].items():
+        assert value == pytest.approx((full[key].item() * 32 + tail[key].item() * 10) / 42, rel=1e-6), key
 
 
 def test_window_starts_cover_the_split_and_subsample_evenly():
@@ -273,3 +382,34 @@ def test_gpu_training_steps_make_no_host_sync(tiny, tmp_path):
 
     syncs(4)  # warm-up: first-use syncs (allocations, cuDNN plans) happen once per process
     assert syncs(8) == syncs(4) > 0
+
+
+@pytest.mark.parametrize("compiler", ["fails", "passes through"])
+def test_train_compile_probes_once_and_falls_back_to_eager_where_it_fails(tiny, tmp_path, monkeypatch, caplog, compiler):
+    """train.compile with a compiler that fails (one warning line, training goes on eagerly) or one that returns the
+    model as it is (`compiled` true): either way the weights are the eager run's bitwise, so the probe step leaves no
+    gradient or noise behind. The compiler is asked with the model's own options (lca's Inductor settings)."""
+    params, prepared = tiny({"model": {"dropout": 0.2}, "variants": {"lca": {}}})
+    eager = train_mod.train(params, "lca", prepared, tmp_path / "eager")
+    asked = []
+
+    def compile_stand_in(module, options=None):
+        asked.append(options)
+
+        def fail(*args, **kwargs):
+            raise RuntimeError("BackendCompilerFailed: inductor\nraised on\nseveral lines")
+
+        return fail if compiler == "fails" else module
+
+    monkeypatch.setattr(torch, "compile", compile_stand_in)
+    compiling = params.model_copy(update={"train": params.train.model_copy(update={"compile": True})})
+    recorder = Recorder({})
+    with caplog.at_level(logging.WARNING, logger="attnbench.train"):
+        summary = train_mod.train(compiling, "lca", prepared, tmp_path / "compiling", recorder)
+    assert asked == [{"comprehensive_padding": False}] and not eager["compiled"]
+    warnings_ = [r.getMessage() for r in caplog.records if "torch.compile failed" in r.getMessage()]
+    if compiler == "fails":
+        assert warnings_ == ["torch.compile failed (RuntimeError: BackendCompilerFailed: inductor raised on several lines); training eagerly"]
+    assert summary["compiled"] is (compiler != "fails") and recorder.tags["compiled"] == str(compiler != "fails")
+    clean, compiled = weights(tmp_path / "eager" / "model.pt"), weights(tmp_path / "compiling" / "model.pt")
+    assert all(torch.equal(clean[key], compiled[key]) for key in clean)

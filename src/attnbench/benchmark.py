@@ -42,7 +42,7 @@ from .files import atomic_path, write_json, write_text
 from .model import ByteLM, ModelConfig
 from .plots import length_label, log_length_axes
 from .profile import fit_exponent
-from .runtime import autocast, peak_flops, resolve_device
+from .runtime import autocast, one_line, peak_flops, resolve_device
 from .variants import REGISTRY, build_attention
 from .variants.mha import MultiHeadOptions, sdpa_backends
 
@@ -168,13 +168,6 @@ def kernel_table(step: Callable[[], None], steps: int = CHAIN, top: int = 12) ->
     rest = sum(e.self_device_time_total for e in kernels[top:])
     return rows + [f"| {len(kernels) - top} others | {rest / steps / 1e3:.3f} | | {rest / total:.0%} |",
                    f"| **all kernels** | **{total / steps / 1e3:.3f}** | | |"]
-
-
-def one_line(message: str, keep: int = 100) -> str:
-    """A message on one line, its start and its end where it is long: a compile error wrapped by Inductor names
-    its cause in the last line of the inner traceback."""
-    words = " ".join(message.split())
-    return words if len(words) <= 2 * keep + 5 else f"{words[:keep]} ... {words[-keep:]}"
 
 
 def run_point(kind: str, variant: str, T: int, batch: int, build: Callable[[], Callable[[], None]], warmup: int, repeats: int,

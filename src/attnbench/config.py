@@ -122,7 +122,8 @@ class TrainConfig(Strict):
     threads: PositiveAutoInt = Field(
         "auto", description="CPU threads of each train, evaluate and profile job (split among train.nproc processes); auto = "
         "every core the job may use: the orchestrator's grant (OMP_NUM_THREADS), else the process's CPU affinity")
-    compile: bool = False
+    compile: bool = Field(False, description="torch.compile the model; where it fails, training goes on eagerly with a warning "
+                          "(train.json's `compiled` says which ran)")
     nproc: int = Field(1, gt=0, description="data-parallel training processes, one per GPU: > 1 runs train under torchrun (DDP)")
 
     @model_validator(mode="after")

@@ -19,7 +19,7 @@ import torch
 from .config import Params
 from .files import write_json
 from .model import ByteLM, load_model
-from .runtime import autocast, resolve_device, to_device, use_cpu_threads
+from .runtime import autocast, byte_windows, resolve_device, use_cpu_threads
 from .splits import load_split
 
 log = logging.getLogger(__name__)
@@ -55,7 +55,7 @@ def bits_per_byte(model: ByteLM, data: np.ndarray, batch_size: int, max_tokens: 
     batches += [[s] for s in starts if s + seq_len + 1 > len(data)]
     for i, batch in enumerate(batches):
         length = min(seq_len, len(data) - 1 - batch[0])
-        window = to_device(np.stack([data[s : s + length + 1] for s in batch]).astype(np.int64), device)
+        window = byte_windows(data, batch, length + 1, device)
         with autocast(device):
             _, loss = model(window[:, :-1], window[:, 1:])
         n = window.shape[0] * length

@@ -45,6 +45,20 @@ def to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
     return tensor.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else tensor.to(device)
 
 
+def byte_windows(data: np.ndarray, starts: np.ndarray, length: int, device: torch.device) -> torch.Tensor:
+    """The windows data[s : s + length] for s in `starts`, (len(starts), length) int64 on `device`: gathered by one
+    numpy index, sent as the bytes they are (a uint8 copy, an eighth of int64's) and widened on the device."""
+    rows = data[np.asarray(starts)[:, None] + np.arange(length)]
+    return to_device(rows, device).long()
+
+
+def one_line(message: str, keep: int = 100) -> str:
+    """A message on one line, its start and its end where it is long: a compile error wrapped by Inductor names
+    its cause in the last line of the inner traceback."""
+    words = " ".join(message.split())
+    return words if len(words) <= 2 * keep + 5 else f"{words[:keep]} ... {words[-keep:]}"
+
+
 def autocast(device: torch.device):
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)

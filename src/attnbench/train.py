@@ -38,7 +38,7 @@ from .evaluate import bits_per_byte
 from .files import atomic_path, read_json, write_json
 from .gpu_slots import gpu_slots
 from .model import ByteLM, save_model
-from .runtime import autocast, job_cpu_threads, peak_flops, resolve_device, to_device, use_cpu_threads
+from .runtime import autocast, byte_windows, job_cpu_threads, one_line, peak_flops, resolve_device, use_cpu_threads
 from .splits import load_split
 
 log = logging.getLogger(__name__)
@@ -55,7 +55,7 @@ def get_batch(data: np.ndarray, seq_len: int, batch_size: int, seed: int, step: 
     """Random windows of `data`: x (B, T) and next-byte targets y (B, T), determined by (seed, step, micro)."""
     rng = np.random.default_rng([seed, step, micro])
     starts = rng.integers(0, len(data) - seq_len, size=batch_size)  # the last start whose window fits included
-    window = to_device(np.stack([data[s : s + seq_len + 1] for s in starts]).astype(np.int64), device)
+    window = byte_windows(data, starts, seq_len + 1, device)
     return window[:, :-1], window[:, 1:]
 
 
@@ -109,6 +109,27 @@ def save_checkpoint(path: Path, model, optimizer, step: int, state: dict) -> Non
     )
     with atomic_path(path) as tmp:
         tmp.write_bytes(buffer.getvalue())
+
+
+def compiled_or_eager(ddp: torch.nn.Module, model: ByteLM, probe: tuple[torch.Tensor, torch.Tensor]):
+    """(forward, compiled): torch.compile of `ddp` where one forward and backward of the batch `probe` compiles and
+    runs, else `ddp` itself with a one-line warning, the clean fallback for a variant or a machine that torch.compile
+    cannot handle. The probe's gradients are dropped, and its noise too: the loop seeds every micro-batch's."""
+    compiled = torch.compile(ddp, options=model.compile_options)
+    x, y = probe
+    try:
+        with distributed.sync_gradients(ddp, sync=False):
+            with autocast(x.device):
+                _, loss = compiled(x, y)
+            model.with_aux_loss(loss).backward()
+    except torch.OutOfMemoryError:
+        raise  # not compilation's fault: eager would run out too
+    except Exception as err:
+        log.warning("torch.compile failed (%s: %s); training eagerly", type(err).__name__, one_line(str(err)))
+        return ddp, False
+    finally:
+        model.zero_grad(set_to_none=True)
+    return compiled, True
 
 
 def load_checkpoint(path: Path, expected_fingerprint: str, device: torch.device) -> dict | None:
@@ -165,7 +186,12 @@ def train(params: Params, variant: str, data_dir: Path, out_dir: Path, tracker=N
         first_rates = ckpt.get("first_rates", [])  # absent from checkpoints of earlier versions, which kept every rate in `rates`
         log.info("resuming %s from step %d/%d (%s)", variant, start, steps, ckpt_path)
     ddp = distributed.wrap(model, device)  # DDP over the processes (after resuming: every rank holds the same state)
-    forward = torch.compile(ddp, options=model.compile_options) if cfg.compile else ddp
+    model.train()
+    model.set_progress(start / steps)  # the probe below is the first step's first micro-batch
+    first_micro, first_rows = shard[0]
+    probe = [t[first_rows] for t in get_batch(train_data, T, cfg.batch_size, cfg.seed, start, first_micro, device)]
+    compile_start = time.perf_counter()  # compilation is timed in the first window, as when it ran inside the loop
+    forward, compiled = compiled_or_eager(ddp, model, probe) if cfg.compile else (ddp, False)
 
     n_params = model.num_params()
     peak = peak_flops(device)
@@ -175,13 +201,12 @@ def train(params: Params, variant: str, data_dir: Path, out_dir: Path, tracker=N
     if tracker is not None:  # every run, a resumed one too: each is its own MLflow run
         tracker.log_params({"variant": variant, "model": params.model.model_dump(), "train": cfg.model_dump(),
                             "variant_options": params.variant_options(variant), "params_non_embedding": n_params})
-        tracker.set_tags({"resumed_from_step": str(start)})
+        tracker.set_tags({"resumed_from_step": str(start), "compiled": str(compiled)})
 
-    model.train()
     bad_step = torch.tensor(-1, device=device)  # first step with a non-finite loss or gradient, found without a host sync
     loss_sum = torch.zeros((), device=device)
     grad_norm_max = torch.zeros((), device=device)  # the window's largest gradient norm before clipping: where a divergence shows first
-    window_start, window_steps, first_window = time.perf_counter(), 0, True
+    window_start, window_steps, first_window = compile_start, 0, True
     for step in range(start, steps):
         lr = lr_at(step, steps, cfg)
         for group in optimizer.param_groups:
@@ -260,6 +285,7 @@ def train(params: Params, variant: str, data_dir: Path, out_dir: Path, tracker=N
         "params_non_embedding": n_params,
         "device": device.type if world == 1 else f"{device.type} x{world}",
         "nproc": world,
+        "compiled": compiled,  # False where train.compile is off, or torch.compile failed and training fell back to eager
         "cpu_threads": torch.get_num_threads(),  # per process: CPU timings depend on it
     }
     save_model(model, out_dir / "model.pt")
