@@ -293,3 +293,40 @@ def test_profile_reference_is_mhas_layer_at_the_variants_shapes(tmp_path):
     reference = [(r["T"], r["batch"], r["memory_bytes"]) for r in la_rows if r["scope"] == "reference"]
     assert reference == [(r["T"], r["batch"], r["memory_bytes"]) for r in mha_rows if r["scope"] == "attention"]
     assert reference != [(r["T"], r["batch"], r["memory_bytes"]) for r in la_rows if r["scope"] == "attention"]
+
+
+def test_profile_tokens_per_s_counts_every_sequence_of_the_batch(tmp_path):
+    """A point's throughput is batch x T tokens per measured second, at every ok point of every scope."""
+    from attnbench import profile as profile_mod
+    from tests.tiny import write_params
+
+    _, params = write_params(tmp_path, {"profile": {"seq_lens": [16, 32], "tokens_per_step": 128}, "variants": {"mha": {}}})
+    rows, _ = profile_mod.profile(params, "mha")
+    ok = [r for r in rows if r["status"] == "ok"]
+    assert len(ok) == 6 and all(r["batch"] > 1 for r in ok)
+    for r in ok:
+        assert r["tokens_per_s"] == pytest.approx(r["batch"] * r["T"] / r["seconds"], rel=1e-12), (r["scope"], r["T"])
+
+
+def test_profile_batch_is_tokens_per_step_over_each_T(tmp_path):
+    """The batch is tokens_per_step // T sequences at each T (at least one), so every point times the same tokens."""
+    from attnbench import profile as profile_mod
+    from tests.tiny import write_params
+
+    _, params = write_params(tmp_path, {"profile": {"seq_lens": [16, 64, 256], "tokens_per_step": 128}, "variants": {"mha": {}}})
+    rows, _ = profile_mod.profile(params, "mha")
+    assert [(r["scope"], r["T"], r["batch"]) for r in rows] == [
+        (scope, T, batch) for scope in ("attention", "reference", "model") for T, batch in ((16, 8), (64, 2), (256, 1))
+    ]
+
+
+def test_profile_time_is_the_median_of_the_repeats(monkeypatch):
+    """One slow repeat (a stall, a GC pause) does not move the measured time: durations 1, 1 and 100 s give 1 s."""
+    from types import SimpleNamespace
+
+    from attnbench import profile as profile_mod
+
+    ticks = iter([0.0, 1.0, 10.0, 11.0, 20.0, 120.0])  # (start, end) of each timed repeat
+    monkeypatch.setattr(profile_mod, "time", SimpleNamespace(perf_counter=lambda: next(ticks)))
+    seconds, _, _ = profile_mod.measure(lambda: None, torch.device("cpu"), warmup=0, repeats=3)
+    assert seconds == 1.0
