@@ -98,7 +98,8 @@ def test_defaults_validate_and_are_frozen():
 ALLOWED_VARIANTS = ", ".join(REGISTRY)
 
 BAD = [
-    # (id, dotted key, value, substrings the one-line message must contain)
+    # (id, dotted key, value, substrings the one-line message must contain); a case whose message names another
+    # key's value sets that value itself, so that editing params.yaml cannot break it.
     ("str-for-int", "model.d_model", "big", ["model.d_model", "'big'", "valid integer"]),
     ("float-for-int", "model.d_model", 1.5, ["model.d_model", "1.5", "valid integer"]),
     ("str-for-bool", "train.compile", "maybe", ["train.compile", "'maybe'", "boolean"]),
@@ -108,7 +109,7 @@ BAD = [
     ("dropout-one", "model.dropout", 1.5, ["model.dropout = 1.5", "less than 1"]),
     ("split-zero", "data.splits.train", 0, ["data.splits.train = 0", "greater than 0"]),
     ("archive-ratio", "data.max_archive_ratio", 1, ["data.max_archive_ratio = 1", "greater than 1"]),
-    ("heads-divide", "model.d_model", 66, ["model", "d_model=66", "n_heads=4", "divisible"]),
+    ("heads-divide", "model", {"d_model": 66, "n_heads": 4}, ["model", "d_model=66", "n_heads=4", "divisible"]),
     ("unknown-top-key", "bogus", 1, ["bogus: unknown key"]),
     ("unknown-nested-key", "train.foo", 1, ["train.foo: unknown key"]),
     ("unknown-variant", "variants", {"xyz": {}}, ["variants", "'xyz'", f"allowed: {ALLOWED_VARIANTS}"]),
@@ -127,10 +128,10 @@ BAD = [
     ("lca-router", "variants", {"lca": {"router": "x"}}, ["variants.lca.router = 'x'", "'head' or 'shared'"]),
     ("cka-rank-negative", "variants", {"cka": {"rank": -1}}, ["variants.cka.rank = -1", "integer >= 0 or 'auto'"]),
     ("splits-sum", "data.splits", {"train": 0.9, "val": 0.05, "test": 0.1}, ["data.splits", "must be 1", "1.05"]),
-    ("local-without-path", "data.source", "local", ["data", "source=local", "data.path"]),
+    ("local-without-path", "data", {"source": "local"}, ["data", "source=local", "data.path"]),
     ("bad-source", "data.source", "ftp", ["data.source = 'ftp'", "'enwik8', 'local' or 'sample'"]),
     ("bad-md5", "data.md5", "xyz", ["data.md5 = 'xyz'", "pattern"]),
-    ("steps-and-tokens", "train.tokens", 1000, ["train", "exactly one of train.steps and train.tokens", "steps=150", "tokens=1000"]),
+    ("steps-and-tokens", "train", {"steps": 150, "tokens": 1000}, ["train", "exactly one of train.steps and train.tokens", "steps=150", "tokens=1000"]),
     ("neither-steps-nor-tokens", "train.steps", DELETE, ["train", "exactly one of train.steps and train.tokens"]),
     ("bad-device", "train.device", "tpu", ["train.device = 'tpu'", "'auto', 'cpu' or 'cuda'"]),
     ("threads-zero", "train.threads", 0, ["train.threads = 0", "integer >= 1 or 'auto'"]),
