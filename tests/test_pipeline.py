@@ -147,13 +147,24 @@ def workspace(tmp_path: Path, overrides: dict | None = None) -> Path:
     return tmp_path
 
 
-def test_snakemake_refuses_config_overrides_and_declares_a_local_corpus(tmp_path):
-    """--config values would be left out of every stage (the params come from one file): refused in one line. A
-    local source's file is fetch's input, so editing it in place re-runs the DAG."""
-    ws = workspace(tmp_path)  # the tiny params: source local, corpus.txt
-    proc = subprocess.run([sys.executable, "-m", "snakemake", "-n", "--cores", "1", "--config", "run={name: other}"], cwd=ws, env=ENV,
+def snakemake_error(ws: Path, *args: str) -> str:
+    """The one line a refused `snakemake -n` prints, besides Snakemake's notice that --configfile extends the config."""
+    proc = subprocess.run([sys.executable, "-m", "snakemake", "-n", "--cores", "1", *args], cwd=ws, env=ENV,
                           capture_output=True, text=True, timeout=300)
-    assert proc.returncode != 0 and "--config run: not read; the params come from one file" in proc.stdout + proc.stderr
+    lines = [line for line in (proc.stdout + proc.stderr).splitlines() if line and not line.startswith("Config file ")]
+    assert proc.returncode != 0 and len(lines) == 1 and lines[0].startswith("attnbench: error: "), proc.stdout + proc.stderr
+    return lines[0]
+
+
+def test_snakemake_refuses_config_overrides_and_bad_params_in_one_line_and_declares_a_local_corpus(tmp_path):
+    """--config values would be left out of every stage (the params come from one file), and a bad params file
+    stops the run before any job: each in one line, without Snakemake's traceback. A local source's file is fetch's
+    input, so editing it in place re-runs the DAG."""
+    ws = workspace(tmp_path)  # the tiny params: source local, corpus.txt
+    assert "--config run: not read; the params come from one file" in snakemake_error(ws, "--config", "run={name: other}")
+    bad = ws / "bad.yaml"
+    bad.write_text((ws / "params.yaml").read_text().replace("d_model: 32", "d_model: big"))
+    assert "bad.yaml: model.d_model = 'big': Input should be a valid integer" in snakemake_error(ws, "--configfile", str(bad))
     plan = run([sys.executable, "-m", "snakemake", "-n", "--cores", "1", "--forceall", "fetch"], ws)
     assert re.search(r"^    input: .*\bcorpus\.txt\b", plan.split("rule fetch:")[1], re.M), plan
 

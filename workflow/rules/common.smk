@@ -1,8 +1,9 @@
 import json
+import sys
 
 from snakemake.exceptions import WorkflowError
 
-from attnbench.config import load_params
+from attnbench.config import ConfigError, load_params
 from attnbench.gpu_slots import visible_gpus
 from attnbench.sources import stage_sources, variant_sources
 
@@ -13,13 +14,17 @@ PARAMS_FILE = (
     if workflow.overwrite_configfiles
     else "params.yaml"
 )
-# --config values would be silently left out of every stage.
+# Bad params stop the run in one line, as the CLI reports them (sys.exit: a raised error would come with Snakemake's
+# traceback of this file). --config values would be silently left out of every stage.
 if workflow.config_settings.config:
-    raise WorkflowError(
-        f"--config {', '.join(workflow.config_settings.config)}: not read; the params come from one file, "
-        "params.yaml or --configfile <file>: put the change there"
+    sys.exit(
+        f"attnbench: error: --config {', '.join(workflow.config_settings.config)}: not read; the params come from one "
+        "file, params.yaml or --configfile <file>: put the change there"
     )
-PARAMS = load_params(PARAMS_FILE)
+try:
+    PARAMS = load_params(PARAMS_FILE)
+except ConfigError as err:
+    sys.exit(f"attnbench: error: {err}")
 RESULTS = str(PARAMS.results_dir)
 VARIANTS = list(PARAMS.variants)
 LOGS = f"logs/{PARAMS.run.name}"
