@@ -154,6 +154,9 @@ BAD = [
     ("beta2-zero", "train.beta2", 0, ["train.beta2 = 0", "greater than 0"]),
     ("grad-clip-zero", "train.grad_clip", 0, ["train.grad_clip = 0", "greater than 0"]),
     ("run-name-slash", "run.name", "a/b", ["run.name = 'a/b'", "pattern"]),
+    ("tracking-uri-no-scheme", "tracking.uri", "htp//127.0.0.1:5055", ["tracking.uri = 'htp//127.0.0.1:5055'", "sqlite:///<file>, http(s)://<host>:<port>"]),
+    ("tracking-uri-file-store", "tracking.uri", "./mlruns", ["tracking.uri = './mlruns'", "MLflow tracking URI"]),
+    ("tracking-uri-sqlite-form", "tracking.uri", "sqlite:mlflow.db", ["tracking.uri = 'sqlite:mlflow.db'", "sqlite:///<file>"]),
     ("run-name-dots", "run.name", "../x", ["run.name = '../x'", "pattern"]),
 ]
 

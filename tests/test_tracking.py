@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import multiprocessing
+import socket
+import time
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -28,6 +30,26 @@ def test_a_failing_stage_marks_its_run_failed(tmp_path, monkeypatch):
         raise RuntimeError("boom")
     _, found = runs(params.tracking.uri)
     assert [(r.info.run_name, r.info.status) for r in found] == [("train-mha", "FAILED")]
+
+
+@pytest.mark.parametrize("uri", ["http://127.0.0.1:5000", "postgresql+psycopg2://user@host/db", "databricks", "sqlite:///m.db"])
+def test_tracking_uris_of_mlflows_stores_validate(uri):
+    assert params_at(uri).tracking.uri == uri
+
+
+def test_a_tracking_server_that_does_not_answer_fails_at_once_naming_the_setting(tmp_path, monkeypatch):
+    """MLflow's client retries a closed port for minutes; the stage says in seconds which setting to fix."""
+    for var in ("http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    start = time.monotonic()
+    with pytest.raises(ConnectionError, match=rf"tracking.uri = 'http://127.0.0.1:{port}': no server answers"):
+        with stage_run(params_at(f"http://127.0.0.1:{port}"), "train", "mha"):
+            pytest.fail("the stage ran without its tracking server")
+    assert time.monotonic() - start < 30
 
 
 def log_one(uri: str, index: int) -> None:

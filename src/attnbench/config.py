@@ -178,8 +178,24 @@ class BenchmarkConfig(Strict):
         return [tuple(map(int, size.split("x"))) for size in self.train_sizes]
 
 
+TRACKING_SCHEMES = ("sqlite", "http", "https", "postgresql", "mysql", "mssql", "databricks")  # MLflow's stores, bar
+# its file store, which MLflow now refuses ("maintenance mode")
+
+
+def _tracking_uri(uri: str | None) -> str | None:
+    if uri is None:
+        return uri
+    scheme = uri.partition(":")[0].partition("+")[0]  # postgresql+psycopg2: a driver
+    form = {"sqlite": "sqlite:///", "databricks": "databricks"}.get(scheme, f"{uri.partition(':')[0]}://")
+    if scheme not in TRACKING_SCHEMES or not uri.startswith(form):
+        raise ValueError(f"must be null (the local store) or an MLflow tracking URI: sqlite:///<file>, http(s)://<host>:<port>, "
+                         f"or one of {', '.join(TRACKING_SCHEMES[3:])}")
+    return uri
+
+
 class TrackingConfig(Strict):
-    uri: str | None = Field(None, description="MLflow tracking URI; null = sqlite:///mlflow.db in the working directory")
+    uri: Annotated[str | None, AfterValidator(_tracking_uri)] = Field(
+        None, description="MLflow tracking URI; null = sqlite:///mlflow.db in the working directory")
     experiment: str | None = Field(None, description="null = attnbench/<run.name>")
 
 
