@@ -7,6 +7,7 @@ variants/, looked up through the registry, so this file never lists them.
 
 from __future__ import annotations
 
+import difflib
 import math
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -251,12 +252,33 @@ class Params(Strict):
         return self.variants[name].model_dump()
 
 
+def _keys_of_section(path: list[str]) -> list[str] | None:
+    """The keys the section at `path` (["train"], ["variants", "lca"], [] for the top) allows; None if unknown."""
+    model: type[BaseModel] = Params
+    while path:
+        if model is Params and path[0] == "variants":
+            if len(path) < 2 or path[1] not in REGISTRY:
+                return None
+            model, path = REGISTRY[path[1]].Options, path[2:]
+            continue
+        annotation = model.model_fields[path[0]].annotation if path[0] in model.model_fields else None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return None
+        model, path = annotation, path[1:]
+    return list(model.model_fields)
+
+
 def _first_error(err: ValidationError, prefix: str = "") -> str:
     e = err.errors(include_url=False)[0]
     msg = e["msg"].removeprefix("Value error, ")
-    loc = ".".join([p for p in prefix.split(".") if p] + [str(p) for p in e["loc"]])
+    parts = [p for p in prefix.split(".") if p] + [str(p) for p in e["loc"]]
+    loc = ".".join(parts)
     if e["type"] == "extra_forbidden":
-        return f"{loc}: unknown key"
+        allowed = _keys_of_section(parts[:-1])
+        if not allowed:
+            return f"{loc}: unknown key"
+        close = difflib.get_close_matches(parts[-1], allowed, n=1)
+        return f"{loc}: unknown key{f' (did you mean {close[0]!r}?)' if close else ''}; allowed: {', '.join(allowed)}"
     value = e.get("input")
     shown = "" if isinstance(value, dict) else f" = {value!r}"
     return f"{loc}{shown}: {msg}" if loc else msg
