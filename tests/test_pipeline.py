@@ -68,7 +68,9 @@ def covered(path: str, by: set[str]) -> bool:
 
 
 def test_snakemake_and_dvc_declare_the_same_dag():
+    """The same stages, but DVC's `check`: Snakemake validates the whole params file whenever it starts."""
     smk, dvc = snakemake_stages(REPO), dvc_stages(REPO)
+    assert dvc.pop("check")["cmd"] == "python -m attnbench check --params params.yaml"
     assert smk.keys() == dvc.keys(), f"stages differ: snakemake {sorted(smk)} vs dvc {sorted(dvc)}"
     for name in smk:
         assert smk[name]["cmd"] == dvc[name]["cmd"], f"{name}: commands differ"
@@ -271,3 +273,9 @@ def test_dvc_repro_runs_the_dag_then_only_what_a_change_touches(tmp_path):
     ran = set(re.findall(r"Running stage '([^']+)'", run(["dvc", "repro"], ws)))
     assert ran == {"sources@mha", "sources@la"}, ran
     assert manifest.stat().st_mtime_ns == stamp  # unchanged, so not written: Snakemake sees no newer input either
+
+    # A key no stage reads is no stage's param, but the check stage lists the whole file: refused, not "up to date".
+    set_param(ws / "params.yaml", "train", "stepz", value=5)
+    proc = subprocess.run(["dvc", "repro"], cwd=ws, env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "train.stepz: unknown key (did you mean 'steps'?)" in proc.stdout + proc.stderr
+    assert set(re.findall(r"Running stage '([^']+)'", proc.stdout + proc.stderr)) == {"check"}

@@ -28,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--variant", required=True, help="a variant named in the params file's `variants`")
         return p
 
+    stage("check", "validate the params file against the schema (every stage does so first; this does only that)")
     p = stage("fetch", "download/copy the raw corpus and verify it")
     p.add_argument("--out", type=Path, help="corpus file (default: results/<run>/data/corpus.bin)")
     p = stage("prepare", "split the corpus into train/val/test uint8 arrays + manifest")
@@ -76,7 +77,10 @@ def run(args: argparse.Namespace) -> None:
     params = load_params(args.params)
     results = params.results_dir
     prepared = results / "data" / "prepared"
-    if args.stage == "fetch":
+    if args.stage == "check":
+        logging.info("%s: valid; run %s (results in %s), %d variants: %s", args.params, params.run.name, results,
+                     len(params.variants), ", ".join(params.variants))
+    elif args.stage == "fetch":
         out = args.out or results / "data" / "corpus.bin"
         from .tracking import stage_run
 
