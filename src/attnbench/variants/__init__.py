@@ -1,4 +1,5 @@
-"""The registry: variant name -> attention module class. A new variant is one file plus one line here."""
+"""The registry: variant name -> attention module class. A new variant is one file plus its entry here: the import
+of its class and one line of REGISTRY."""
 
 from __future__ import annotations
 
