@@ -187,11 +187,13 @@ def train(params: Params, variant: str, data_dir: Path, out_dir: Path, tracker=N
         log.info("resuming %s from step %d/%d (%s)", variant, start, steps, ckpt_path)
     ddp = distributed.wrap(model, device)  # DDP over the processes (after resuming: every rank holds the same state)
     model.train()
-    model.set_progress(start / steps)  # the probe below is the first step's first micro-batch
-    first_micro, first_rows = shard[0]
-    probe = [t[first_rows] for t in get_batch(train_data, T, cfg.batch_size, cfg.seed, start, first_micro, device)]
     compile_start = time.perf_counter()  # compilation is timed in the first window, as when it ran inside the loop
-    forward, compiled = compiled_or_eager(ddp, model, probe) if cfg.compile else (ddp, False)
+    forward, compiled = ddp, False
+    if cfg.compile:  # probed on the first step's first micro-batch
+        model.set_progress(start / steps)
+        micro, rows = shard[0]
+        probe = [t[rows] for t in get_batch(train_data, T, cfg.batch_size, cfg.seed, start, micro, device)]
+        forward, compiled = compiled_or_eager(ddp, model, probe)
 
     n_params = model.num_params()
     peak = peak_flops(device)
