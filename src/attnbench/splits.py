@@ -26,7 +26,7 @@ def load_split(data_dir: Path, name: str, verify: bool = True) -> np.ndarray:
     data_dir = Path(data_dir)
     manifest_path = data_dir / MANIFEST
     if not manifest_path.exists():
-        raise DataError(f"{data_dir}: no manifest.json; run the prepare stage first")
+        raise DataError(f"{data_dir}: no {MANIFEST}; run the prepare stage first")
     entry = read_json(manifest_path)["splits"][name]
     path = data_dir / entry["file"]
     if verify:

@@ -39,7 +39,7 @@ from .files import atomic_path, read_json, write_json
 from .gpu_slots import gpu_slots
 from .model import ByteLM, save_model
 from .runtime import autocast, byte_windows, job_cpu_threads, one_line, peak_flops, resolve_device, use_cpu_threads
-from .splits import load_split
+from .splits import MANIFEST, load_split
 
 log = logging.getLogger(__name__)
 
@@ -160,7 +160,7 @@ def train(params: Params, variant: str, data_dir: Path, out_dir: Path, tracker=N
     shard = distributed.shard(cfg.grad_accum, cfg.batch_size, rank, world)  # this rank's (micro-batch, rows) of each step
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    manifest = read_json(Path(data_dir) / "manifest.json")
+    manifest = read_json(Path(data_dir) / MANIFEST)
     train_data, val_data = load_split(data_dir, "train"), load_split(data_dir, "val")
     model_cfg = params.model_for(variant)
     T = model_cfg.seq_len
