@@ -66,6 +66,7 @@ from attnbench import data, profile as profile_mod, train as train_mod
 from attnbench.evaluate import evaluate
 from attnbench.files import read_json, write_bytes
 from attnbench.model import ByteLM, load_model, save_model
+from attnbench.splits import SPLITS, load_split
 from tests.tiny import write_params
 
 KILL_TRAIN = {"train": {"steps": 40, "checkpoint_every": 5, "eval_every": 10, "log_every": 5}, "variants": {"mha": {}}}
@@ -450,8 +451,8 @@ def test_fetch_and_prepare_killed_mid_write_keep_no_final_output(tmp_path, monke
         data.prepare(corpus, split, params.data.max_bytes, params.data.splits)  # the re-run
         manifest = read_json(split / "manifest.json")
         assert manifest["corpus_bytes_used"] == 30 << 20
-        for name in data.SPLITS:
-            data.load_split(split, name)  # size and sha256 match the manifest
+        for name in SPLITS:
+            load_split(split, name)  # size and sha256 match the manifest
         assert temporaries(split) == []
 
     in_parallel(fetch_chain, prepare_chain)
