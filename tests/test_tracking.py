@@ -10,7 +10,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from attnbench.config import parse_params
-from attnbench.tracking import import_runs, stage_run
+from attnbench.tracking import check_server, import_runs, stage_run
 
 
 def params_at(uri: str, name: str = "t"):
@@ -32,7 +32,8 @@ def test_a_failing_stage_marks_its_run_failed(tmp_path, monkeypatch):
     assert [(r.info.run_name, r.info.status) for r in found] == [("train-mha", "FAILED")]
 
 
-@pytest.mark.parametrize("uri", ["http://127.0.0.1:5000", "postgresql+psycopg2://user@host/db", "databricks", "sqlite:///m.db"])
+@pytest.mark.parametrize("uri", ["http://127.0.0.1:5000", "postgresql+psycopg2://user@host/db", "databricks", "sqlite:///m.db",
+                                 "sqlite+pysqlite:///m.db"])
 def test_tracking_uris_of_mlflows_stores_validate(uri):
     assert params_at(uri).tracking.uri == uri
 
@@ -50,6 +51,18 @@ def test_a_tracking_server_that_does_not_answer_fails_at_once_naming_the_setting
         with stage_run(params_at(f"http://127.0.0.1:{port}"), "train", "mha"):
             pytest.fail("the stage ran without its tracking server")
     assert time.monotonic() - start < 30
+
+
+def test_a_tracking_server_that_is_slow_to_answer_is_not_refused(monkeypatch):
+    """A connection made is a server there: one that accepts and answers late (busy while many stages start) is left
+    to MLflow's client, which waits longer."""
+    for var in ("http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    with socket.socket() as server:  # listens, never answers
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        check_server(f"http://127.0.0.1:{server.getsockname()[1]}", timeout=0.5)
 
 
 def log_one(uri: str, index: int) -> None:

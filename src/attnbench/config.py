@@ -180,14 +180,15 @@ class BenchmarkConfig(Strict):
 
 
 TRACKING_SCHEMES = ("sqlite", "http", "https", "postgresql", "mysql", "mssql", "databricks")  # MLflow's stores, bar
-# its file store, which MLflow now refuses ("maintenance mode")
+# its file store, which MLflow 3 refuses ("maintenance mode")
 
 
 def _tracking_uri(uri: str | None) -> str | None:
     if uri is None:
         return uri
-    scheme = uri.partition(":")[0].partition("+")[0]  # postgresql+psycopg2: a driver
-    form = {"sqlite": "sqlite:///", "databricks": "databricks"}.get(scheme, f"{uri.partition(':')[0]}://")
+    full_scheme = uri.partition(":")[0]
+    scheme = full_scheme.partition("+")[0]  # postgresql+psycopg2, sqlite+pysqlite: a driver
+    form = {"sqlite": f"{full_scheme}:///", "databricks": "databricks"}.get(scheme, f"{full_scheme}://")
     if scheme not in TRACKING_SCHEMES or not uri.startswith(form):
         raise ValueError(f"must be null (the local store) or an MLflow tracking URI: sqlite:///<file>, http(s)://<host>:<port>, "
                          f"or one of {', '.join(TRACKING_SCHEMES[3:])}")

@@ -77,13 +77,13 @@ def download(url: str, dest: Path, retries: int = 5, timeout: float = 30.0, back
                 if have and not resumed:
                     log.info("server sent the whole file for a range request (changed or no ranges); restarting %s", url)
                     have = 0
-                if not resumed:
-                    write_validator(validator, resp.headers)
                 remaining = int(resp.headers.get("Content-Length", 0)) or None
                 total = have + remaining if remaining is not None else None
                 with open(part, "ab" if resumed else "wb") as f, tqdm(
                     total=total, initial=have, unit="B", unit_scale=True, desc=dest.name, mininterval=1.0
                 ) as bar:
+                    if not resumed:  # after the old part is emptied: a new validator never names old bytes
+                        write_validator(validator, resp.headers)
                     for block in resp.iter_content(CHUNK):
                         f.write(block)
                         bar.update(len(block))

@@ -1,8 +1,8 @@
 """The prepared splits on disk: train/val/test .bin files of bytes and the manifest that vouches for them.
 
-data.prepare writes them; train, evaluate and report read them through this module alone, so that an edit to the
-download and archive code in data.py re-runs none of those stages (each depends on the modules it imports,
-sources.py).
+data.prepare writes them; train, evaluate and report read them through this module alone, so that none of them
+depends on the download and archive code in data.py (each stage depends on the modules it imports, sources.py):
+under DVC an edit there re-runs fetch and prepare only; Snakemake re-runs whatever follows a stage that ran.
 """
 
 from __future__ import annotations

@@ -81,13 +81,17 @@ class Tracker:
 
 
 def check_server(uri: str, timeout: float = 5.0) -> None:
-    """Fail at once, naming tracking.uri, where an http(s) store does not answer: MLflow's client would retry for
-    minutes before saying so (4 min 10 s against a closed port), and without naming the setting."""
+    """Fail within `timeout`, naming tracking.uri, where no connection to an http(s) store can be made: MLflow's
+    client would retry for minutes before saying so (4 min 10 s against a closed port), and without naming the
+    setting. A connection made is enough: any answer, a slow one, or a TLS handshake that only MLflow's own
+    certificate settings complete."""
     if not uri.startswith(("http://", "https://")):
         return
     try:
         requests.get(f"{uri.rstrip('/')}/health", timeout=timeout)  # any answer will do: a proxy may not know /health
-    except requests.RequestException as err:
+    except (requests.exceptions.SSLError, requests.exceptions.ReadTimeout):
+        return
+    except requests.ConnectionError as err:  # refused, unresolvable, or no connection within the timeout
         raise ConnectionError(f"tracking.uri = {uri!r}: no server answers ({type(err).__name__}); start one (README: "
                               "An MLflow server) or set tracking.uri: null for the local store") from None
 

@@ -187,13 +187,16 @@ def train(params: Params, variant: str, data_dir: Path, out_dir: Path, tracker=N
         log.info("resuming %s from step %d/%d (%s)", variant, start, steps, ckpt_path)
     ddp = distributed.wrap(model, device)  # DDP over the processes (after resuming: every rank holds the same state)
     model.train()
-    compile_start = time.perf_counter()  # compilation is timed in the first window, as when it ran inside the loop
-    forward, compiled = ddp, False
+    forward, compiled, compile_seconds = ddp, False, 0.0
     if cfg.compile:  # probed on the first step's first micro-batch
+        compile_start = time.perf_counter()
         model.set_progress(start / steps)
         micro, rows = shard[0]
         probe = [t[rows] for t in get_batch(train_data, T, cfg.batch_size, cfg.seed, start, micro, device)]
         forward, compiled = compiled_or_eager(ddp, model, probe)
+        if distributed.max_over_ranks_(torch.tensor(int(not compiled), device=device)).item():
+            forward, compiled = ddp, False  # where one process could not compile, every process trains eagerly, alike
+        compile_seconds = time.perf_counter() - compile_start
 
     n_params = model.num_params()
     peak = peak_flops(device)
@@ -208,7 +211,8 @@ def train(params: Params, variant: str, data_dir: Path, out_dir: Path, tracker=N
     bad_step = torch.tensor(-1, device=device)  # first step with a non-finite loss or gradient, found without a host sync
     loss_sum = torch.zeros((), device=device)
     grad_norm_max = torch.zeros((), device=device)  # the window's largest gradient norm before clipping: where a divergence shows first
-    window_start, window_steps, first_window = compile_start, 0, True
+    # Compilation is timed in the first window, as when it ran inside the loop; the MLflow calls above are not.
+    window_start, window_steps, first_window = time.perf_counter() - compile_seconds, 0, True
     for step in range(start, steps):
         lr = lr_at(step, steps, cfg)
         for group in optimizer.param_groups:
