@@ -413,3 +413,19 @@ def test_train_compile_probes_once_and_falls_back_to_eager_where_it_fails(tiny, 
     assert summary["compiled"] is (compiler != "fails") and recorder.tags["compiled"] == str(compiler != "fails")
     clean, compiled = weights(tmp_path / "eager" / "model.pt"), weights(tmp_path / "compiling" / "model.pt")
     assert all(torch.equal(clean[key], compiled[key]) for key in clean)
+
+
+def test_where_another_process_could_not_compile_this_one_trains_eagerly_too(tiny, tmp_path, monkeypatch):
+    """Under DDP the probe's outcome is agreed over the processes (a max of 'failed'): a rank whose compile worked
+    trains eagerly where another's failed, so all run alike and train.json's `compiled` holds for every one."""
+    params, prepared = tiny({"train": {"compile": True}})
+    real_max, calls = train_mod.distributed.max_over_ranks_, []
+
+    def another_rank_failed(tensor):  # the first reduction is the probe's; the loop's (bad_step) pass through
+        calls.append(tensor.item())
+        return torch.ones_like(tensor) if len(calls) == 1 else real_max(tensor)
+
+    monkeypatch.setattr(train_mod.distributed, "max_over_ranks_", another_rank_failed)
+    monkeypatch.setattr(train_mod, "compiled_or_eager", lambda ddp, model, probe: (lambda *a: pytest.fail("compiled ran"), True))
+    summary = train_mod.train(params, "mha", prepared, tmp_path / "mha")
+    assert calls[0] == 0 and summary["compiled"] is False  # this rank compiled (0 = not failed), another did not
