@@ -1,6 +1,6 @@
 """The benchmark's tables from fixture rows (the measuring itself needs a GPU)."""
 
-from attnbench.benchmark import exponents, markdown
+from attnbench.benchmark import exponents, markdown, row_label
 from attnbench.config import parse_params
 from attnbench.files import read_json
 
@@ -14,6 +14,13 @@ def attention_rows():
             rows.append({"kind": "attention", "variant": label.split()[0], "label": label, "T": T, "batch": batch,
                          "ms": ms, "mtok_per_s": batch * T / ms / 1e3, "status": "ok", "mode": "compiled" if "compiled" in label else "eager"})
     return rows
+
+
+def test_a_row_is_named_by_its_variant_and_its_mode_unless_eager():
+    """The tables tell a variant's compiled and graphs rows apart by the label alone (the CSV has a mode column)."""
+    assert row_label("ca", "eager") == "ca"
+    assert row_label("ca", "compiled") == "ca (compiled)"
+    assert row_label("sca", "graphs") == "sca (graphs)"
 
 
 def test_exponents_are_the_per_sequence_slopes():
@@ -181,3 +188,5 @@ def test_a_run_is_logged_to_mlflow_with_the_tables_figures_and_files(monkeypatch
     assert summary["device"] == "fake-gpu" and set(summary["files"]) == files
     assert summary["metrics"]["train.d512_L8_H8.plain_GPT_mha_flash.mfu"] == 0.30
     assert round(summary["metrics_by_T"]["8192"]["attention.ca.compiled.x_sdpa"], 6) == 8.0
+    # Only the lengths: the metrics without a step (exponents, MFU) are "metrics", not a "None" length.
+    assert set(summary["metrics_by_T"]) == {"2048", "8192", "32768"}, list(summary["metrics_by_T"])

@@ -145,6 +145,8 @@ BAD = [
     ("benchmark-mode-unknown", "benchmark.modes", ["fast"], ["benchmark.modes.0 = 'fast'", "'eager', 'compiled' or 'graphs'"]),
     ("benchmark-part-unknown", "benchmark.parts", ["kernels"], ["benchmark.parts.0 = 'kernels'", "'attention' or 'train'"]),
     ("benchmark-size-format", "benchmark.train_sizes", ["768"], ["benchmark.train_sizes.0 = '768'", "pattern"]),
+    ("benchmark-size-zero-width", "benchmark.train_sizes", ["0x12"], ["benchmark.train_sizes.0 = '0x12'", "pattern"]),
+    ("benchmark-size-zero-layers", "benchmark.train_sizes", ["768x0"], ["benchmark.train_sizes.0 = '768x0'", "pattern"]),
     ("benchmark-size-heads", "benchmark.train_sizes", ["700x12"], ["benchmark", "train_sizes '700x12'", "not a multiple of head_dim 64"]),
     ("lr-zero", "train.lr", 0, ["train.lr = 0", "greater than 0"]),
     ("lr-negative", "train.lr", -0.001, ["train.lr = -0.001", "greater than 0"]),
@@ -158,6 +160,7 @@ BAD = [
     ("tracking-uri-no-scheme", "tracking.uri", "htp//127.0.0.1:5055", ["tracking.uri = 'htp//127.0.0.1:5055'", "sqlite:///<file>, http(s)://<host>:<port>"]),
     ("tracking-uri-file-store", "tracking.uri", "./mlruns", ["tracking.uri = './mlruns'", "MLflow tracking URI"]),
     ("tracking-uri-sqlite-form", "tracking.uri", "sqlite:mlflow.db", ["tracking.uri = 'sqlite:mlflow.db'", "sqlite:///<file>"]),
+    ("tracking-uri-sqlite-two-slashes", "tracking.uri", "sqlite://mlflow.db", ["tracking.uri = 'sqlite://mlflow.db'", "sqlite:///<file>"]),
     ("run-name-dots", "run.name", "../x", ["run.name = '../x'", "pattern"]),
 ]
 

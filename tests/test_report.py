@@ -9,11 +9,12 @@ import pandas as pd
 import pytest
 
 from attnbench import data
+from attnbench import report as report_mod
 from attnbench.config import ConfigError
 from attnbench.files import write_json
 from attnbench.profile import FIELDS, fit_exponent
 from attnbench.plots import log_length_axes
-from attnbench.report import SUMMARY_FORMATS, markdown_table, report, unigram_bpb
+from attnbench.report import FIGURES, SUMMARY_FORMATS, markdown_table, report, unigram_bpb
 from tests.test_docs import markdown_rows
 from tests.tiny import write_params
 
@@ -70,6 +71,10 @@ def test_report_from_fixture_metrics(tmp_path, monkeypatch):
     params = prepared_params(tmp_path, monkeypatch, {"variants": {v: {} for v in FIXTURE}})
     for variant, figures in FIXTURE.items():
         write_variant(tmp_path / "variants" / variant, variant, *figures, out_of_memory_at=512 if variant == "mha" else None)
+    # What each line figure is given to plot (a PNG cannot be read back): seaborn's lineplot, recorded and still drawn.
+    plotted = []
+    real_lineplot = report_mod.sns.lineplot
+    monkeypatch.setattr(report_mod.sns, "lineplot", lambda data, **kw: plotted.append((kw["ax"], data, kw["y"])) or real_lineplot(data, **kw))
 
     result = report(params, tmp_path / "variants", tmp_path / "prepared", tmp_path / "out")
 
@@ -83,6 +88,20 @@ def test_report_from_fixture_metrics(tmp_path, monkeypatch):
     # At the profile's largest T, 512: 512^2 / 512^1 for la; mha ran out of memory there, which the page says
     # (not a figure of mha's at 256 in a column of 512's).
     assert ratio == {"mha": "—", "la": "512.00"}, ratio
+    columns = {name: {v: cells[header.index(name)] for v, cells in table.items()} for name in ("val bpb (end)", "attn MiB @ max T")}
+    # val bpb (end) is train.json's last validation figure, not eval's test bpb (the fixture's differ).
+    assert columns["val bpb (end)"] == {"mha": "2.800", "la": "2.900"}, columns
+    # la's attention at T = 512: batch 2 x 512 x 1000 bytes = 1,024,000 bytes, in MiB (2**20 bytes).
+    assert columns["attn MiB @ max T"] == {"mha": "—", "la": "1.0"}, columns
+    # Each figure plots its own quantity per sequence: ms from the profile's seconds, MiB from its memory_bytes.
+    y = {ax.get_title(): (frame, column) for ax, frame, column in plotted}
+    assert set(y) == {FIGURES[name] for name in ("learning_curves", "time_vs_T", "memory_vs_T")}, set(y)
+    frame, column = y[FIGURES["learning_curves"]]
+    assert column == "val_bpb"
+    frame, column = y[FIGURES["time_vs_T"]]
+    assert list(frame[column]) == pytest.approx(list(frame.seconds / frame.batch * 1e3)), column
+    frame, column = y[FIGURES["memory_vs_T"]]
+    assert list(frame[column]) == pytest.approx(list(frame["T"] * 1000 / 2**20)), column
     assert "Profile points that did not run: mha attention T = 512 (oom)." in text
     assert "Best variant: **la** at 2.250 bpb" in text
     assert f"**{unigram_bpb(tmp_path / 'prepared'):.3f} bpb**" in text
@@ -167,6 +186,16 @@ def test_unigram_bpb_of_a_two_byte_corpus(tmp_path):
     assert unigram_bpb(tmp_path / "prepared") == pytest.approx(-math.log2(201 / 656), rel=1e-9)
 
 
+def test_unigram_bpb_scores_the_test_split_with_the_train_splits_frequencies(tmp_path):
+    """Val and test differ here (val all 'c', which train never has; test all 'a'): the figure is the test split's
+    code length under train's counts, not val's nor test's own."""
+    split = data.SplitFractions(train=0.5, val=0.25, test=0.25)
+    (tmp_path / "corpus.bin").write_bytes(b"ab" * 200 + b"c" * 200 + b"a" * 200)
+    data.prepare(tmp_path / "corpus.bin", tmp_path / "prepared", 10**6, split)
+    # 'a': 200 of train's 400 bytes, add-one smoothed over 256 byte values.
+    assert unigram_bpb(tmp_path / "prepared") == pytest.approx(-math.log2(201 / 656), rel=1e-9)
+
+
 def test_report_of_a_subset_names_the_variants_left_out(tmp_path, monkeypatch):
     """A report of the runs that finished (report --variants): only those in the table, the others named on the page."""
     params = prepared_params(tmp_path, monkeypatch, {"variants": {v: {} for v in [*FIXTURE, "ca"]}})
@@ -203,3 +232,17 @@ def test_length_axes_tick_the_measured_lengths():
     ax.set_ylim(1e-3, 1e3)
     assert minor(2, 0) == ""  # six decades: the powers of ten alone
     plt.close(fig)
+
+
+def test_the_report_stage_writes_to_reports_run_name_by_default(tmp_path, monkeypatch):
+    """Without --out the page goes to reports/<run.name> (the front ends' declared output), not under results/."""
+    from pathlib import Path
+
+    from attnbench import cli
+
+    monkeypatch.chdir(tmp_path)
+    path, params = write_params(tmp_path)
+    received = []
+    monkeypatch.setattr(report_mod, "main", lambda params, variants_dir, data_dir, out_dir, subset: received.append(out_dir))
+    assert cli.main(["report", "--params", str(path)]) == 0
+    assert received == [Path("reports") / params.run.name]

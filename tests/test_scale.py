@@ -129,6 +129,14 @@ def test_rank_shares_cover_the_global_batch_once_and_average_to_its_gradient(gra
     assert torch.allclose(one, averaged, atol=1e-6)
 
 
+def test_a_rank_gets_whole_micro_batches_when_grad_accum_divides_else_rows_of_each():
+    """Whole micro-batches keep each one's batch statistics (lca's and sca's balance loss) as one process sees them;
+    rows of every micro-batch only when grad_accum does not split evenly."""
+    assert distributed.shard(4, 8, 0, 2) == [(0, slice(None)), (2, slice(None))]
+    assert distributed.shard(4, 8, 1, 2) == [(1, slice(None)), (3, slice(None))]
+    assert distributed.shard(3, 8, 1, 2) == [(0, slice(1, None, 2)), (1, slice(1, None, 2)), (2, slice(1, None, 2))]
+
+
 def test_nproc_must_split_the_batch_evenly_and_does_not_change_the_checkpoint_fingerprint():
     with pytest.raises(ValueError, match="train.nproc = 2 must divide"):
         distributed.shard(3, 5, 0, 2)
@@ -245,6 +253,14 @@ def _hold(n):
         return devices
 
 
+def test_gpu_slots_restore_the_callers_cuda_visible_devices(fake_gpus, monkeypatch):
+    """A mask set before the stage (a shell's, a launcher's) is the caller's again after it, not removed."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")
+    with gpu_slots(1) as devices:
+        assert devices == ["0"] and os.environ["CUDA_VISIBLE_DEVICES"] == "0"
+    assert os.environ.get("CUDA_VISIBLE_DEVICES") == "3"
+
+
 def test_gpu_slots_stand_aside_without_gpus_under_slurm_and_in_torchrun_workers(fake_gpus, monkeypatch):
     for name, value in [("ATTNBENCH_GPUS", "0"), ("SLURM_JOB_ID", "42"), ("LOCAL_RANK", "1")]:
         with monkeypatch.context() as m:
@@ -305,6 +321,7 @@ def test_snakemake_gives_train_evaluate_and_profile_jobs_their_cpu_threads(tmp_p
     ("auto", "1", None, 1),     # Snakemake's grant
     (2, "1", None, 2),          # a number wins over the grant
     ("auto", None, None, None),  # dvc repro: no grant, every core of the affinity
+    ("auto", "0", None, None),   # OMP_NUM_THREADS=0 grants nothing: every core of the affinity, not 0 (nor 1)
     (4, None, "2", 2),          # torchrun's workers split the job's threads
 ])
 def test_a_stage_takes_train_threads_or_the_grant_or_its_cores(monkeypatch, setting, granted, workers, expected):
