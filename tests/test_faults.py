@@ -553,7 +553,7 @@ def test_profile_records_out_of_memory_points_and_fits_only_the_rest(tmp_path, m
 
     def attention_step(params_, variant, T, batch, device):
         step = real_attention_step(params_, variant, T, batch, device)
-        return oom if T == largest else step
+        return profile_mod.Step(oom) if T == largest else step
 
     def model_step(params_, variant, T, batch, device):
         if T == largest:  # as the CPU allocator fails: a RuntimeError, no class of its own

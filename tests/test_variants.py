@@ -280,6 +280,20 @@ def test_saved_activations_release_what_a_dropped_branch_saved():
     assert saved.bytes == size and saved.held == 0
 
 
+def test_saved_activations_leave_out_the_resident_weights_and_input():
+    """As the CUDA peak is taken above what was allocated before the step, the CPU measure leaves out the weights and
+    the input, which a linear layer saves for its backward (its weight as a transposed view): only what the step
+    made counts, here the product that exp saves."""
+    from attnbench.profile import SavedActivations
+
+    x = torch.randn(64, 32, requires_grad=True)
+    linear = torch.nn.Linear(32, 16)
+    for resident, expected in [((), 64 * 32 * 4 + 16 * 32 * 4 + 64 * 16 * 4), ((x, *linear.parameters()), 64 * 16 * 4)]:
+        with SavedActivations(resident) as saved:
+            linear(x).exp().sum().backward()
+        assert saved.bytes == expected
+
+
 def test_profile_reference_is_mhas_layer_at_the_variants_shapes(tmp_path):
     """The profile's reference scope, the bar of the report's x sdpa column, is mha's sub-layer with default options at
     the same T and batch: for la its memory at every T is what mha's own attention scope saves there."""

@@ -8,9 +8,10 @@ At each T the batch is tokens_per_step // T sequences, so a T^a mechanism
 takes time ~ T^(a-1) per step; the fitted exponents are slopes of log(time
 per sequence) and log(memory per sequence) against log T, comparable with the
 spec's "compute vs T" and "memory vs T" columns. Memory is the CUDA peak above
-the inputs on GPU; on CPU, where torch keeps no allocator statistics, it is
-the peak of the bytes autograd holds saved for backward (the part of memory that
-grows with T). torch is seeded before each point (`profile.seed`), so that lca's
+what was allocated before the step (weights, input, gradients) on GPU; on CPU,
+where torch keeps no allocator statistics, it is the peak of the bytes autograd
+holds saved for backward (the part of memory that grows with T), the weights and
+the input, alive before the step, left out as the CUDA base leaves them. torch is seeded before each point (`profile.seed`), so that lca's
 and sca's clusters, on which their saved bytes depend, are the same on every run.
 A point that runs out of memory is recorded as `oom` and the rest still run.
 """
@@ -24,8 +25,9 @@ import statistics
 import time
 import weakref
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -46,12 +48,21 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+class Step(NamedTuple):
+    """One forward+backward to measure, and the tensors alive across it (weights, input), which are not its memory."""
+
+    run: Callable[[], None]
+    resident: tuple[torch.Tensor, ...] = ()
+
+
 class SavedActivations:
     """The peak of the bytes autograd holds saved for backward inside the context: each storage counted once, while
-    a tensor saved on it is alive. (Keyed by address alone, a storage saved for a node that is then dropped, and a
-    later one the allocator puts at its address, would count as one, by chance.)"""
+    a tensor saved on it is alive; the storages of `resident` tensors (and of their views) not at all. (Keyed by
+    address alone, a storage saved for a node that is then dropped, and a later one the allocator puts at its
+    address, would count as one, by chance.)"""
 
-    def __init__(self):
+    def __init__(self, resident: Iterable[torch.Tensor] = ()):
+        self.resident = {t.untyped_storage().data_ptr() for t in resident}
         self.holders: Counter[int] = Counter()  # storage address -> saved tensors alive on it
         self.held = 0
         self.bytes = 0
@@ -60,6 +71,8 @@ class SavedActivations:
         def pack(t: torch.Tensor):
             storage = t.untyped_storage()
             address, size = storage.data_ptr(), storage.nbytes()
+            if address in self.resident:
+                return t.detach()
             if self.holders[address] == 0:
                 self.held += size
                 self.bytes = max(self.bytes, self.held)
@@ -89,8 +102,10 @@ def out_of_memory(err: BaseException) -> bool:
     return isinstance(err, (torch.OutOfMemoryError, MemoryError)) or cpu_allocator
 
 
-def measure(step: Callable[[], None], device: torch.device, warmup: int, repeats: int) -> tuple[float, int, str]:
-    """Median seconds of `step` (a forward+backward) and its memory: (seconds, bytes, method)."""
+def measure(step: Callable[[], None], device: torch.device, warmup: int, repeats: int,
+            resident: Iterable[torch.Tensor] = ()) -> tuple[float, int, str]:
+    """Median seconds of `step` (a forward+backward) and its memory, `resident` tensors not counted: (seconds, bytes,
+    method)."""
     for _ in range(warmup):
         step()
     _sync(device)
@@ -101,7 +116,7 @@ def measure(step: Callable[[], None], device: torch.device, warmup: int, repeats
         _sync(device)
         memory, method = torch.cuda.max_memory_allocated(device) - base, "cuda_peak"
     else:
-        with SavedActivations() as saved:
+        with SavedActivations(resident) as saved:
             step()
         memory, method = saved.bytes, "saved_activations"
     times = []
@@ -114,7 +129,7 @@ def measure(step: Callable[[], None], device: torch.device, warmup: int, repeats
     return statistics.median(times), memory, method
 
 
-def layer_step(params: Params, variant: str, options, T: int, batch: int, device: torch.device) -> Callable[[], None]:
+def layer_step(params: Params, variant: str, options, T: int, batch: int, device: torch.device) -> Step:
     """forward+backward of one attention sub-layer (projections included) of `variant` with `options`."""
     m = params.model
     layer = build_attention(variant, m.d_model, m.n_heads, T, options).to(device).train()
@@ -125,20 +140,20 @@ def layer_step(params: Params, variant: str, options, T: int, batch: int, device
             out = layer(x)
         out.float().sum().backward()
 
-    return step
+    return Step(step, (x, *layer.parameters()))
 
 
-def attention_step(params: Params, variant: str, T: int, batch: int, device: torch.device) -> Callable[[], None]:
+def attention_step(params: Params, variant: str, T: int, batch: int, device: torch.device) -> Step:
     return layer_step(params, variant, params.variants[variant], T, batch, device)
 
 
-def reference_step(params: Params, variant: str, T: int, batch: int, device: torch.device) -> Callable[[], None]:
+def reference_step(params: Params, variant: str, T: int, batch: int, device: torch.device) -> Step:
     """mha's sub-layer with its default options, whose attention is the fused causal sdpa, at the same shapes: the
     bar the report holds each variant's attention scope against, measured in the same process."""
     return layer_step(params, "mha", None, T, batch, device)
 
 
-def model_step(params: Params, variant: str, T: int, batch: int, device: torch.device) -> Callable[[], None]:
+def model_step(params: Params, variant: str, T: int, batch: int, device: torch.device) -> Step:
     model = ByteLM(dataclasses.replace(params.model_for(variant), seq_len=T)).to(device).train()
     idx = torch.randint(0, 256, (batch, T + 1), device=device)
 
@@ -148,7 +163,7 @@ def model_step(params: Params, variant: str, T: int, batch: int, device: torch.d
         model.with_aux_loss(loss).backward()
         model.zero_grad(set_to_none=True)
 
-    return step
+    return Step(step, (idx, *model.parameters()))
 
 
 def fit_exponent(T: list[int], values: list[float]) -> float | None:
@@ -172,7 +187,8 @@ def profile(params: Params, variant: str) -> tuple[list[dict], dict]:
             row = {"variant": variant, "scope": scope, "T": T, "batch": batch}
             torch.manual_seed(cfg.seed)  # the same weights, inputs and clusters on every run: reproducible memory
             try:
-                seconds, memory, method = measure(build(params, variant, T, batch, device), device, cfg.warmup, cfg.repeats)
+                step = build(params, variant, T, batch, device)
+                seconds, memory, method = measure(step.run, device, cfg.warmup, cfg.repeats, step.resident)
                 row.update(seconds=seconds, tokens_per_s=batch * T / seconds, memory_bytes=memory, memory_method=method, status="ok")
             except Exception as err:
                 if not out_of_memory(err):
