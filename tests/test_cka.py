@@ -145,3 +145,17 @@ def test_bad_options_are_refused_naming_field_and_value(bad, allowed):
         ClusterKernelOptions(**bad)
     with pytest.raises(ValueError, match=f"(?s){allowed}"):
         build_attention("cka", 16, 2, 64, bad)
+
+
+def test_features_are_elu_of_a_bias_free_projection_plus_one():
+    """"rank-k features psi(u) = elu(P u) + 1 with P: D -> k": linear, no bias; on random u of both signs (elu's two
+    branches)."""
+    D, rank = 8, 5
+    torch.manual_seed(0)
+    layer = build_attention("cka", 2 * D, 2, 32, {"rank": rank})
+    assert layer.P.bias is None, "P has a bias"
+    u = 3 * torch.randn(2, 2, 11, D)
+    Pu = u @ layer.P.weight.detach().T
+    expected = torch.where(Pu > 0, Pu, Pu.exp() - 1) + 1
+    assert torch.allclose(layer.features(u).detach(), expected, atol=1e-6)
+    assert (Pu < 0).any() and (Pu > 0).any()

@@ -299,3 +299,44 @@ def test_fused_supernodes_equal_position_order(T, C, block, router, dtype, monke
     for name, got, expected, baseline in zip(names, run(True, dtype), exact, plain):
         tol = FP32_RTOL if dtype == torch.float32 else factor * rel_err(baseline, expected) + 1e-3
         assert rel_err(got, expected) < tol, f"{name}: rel err {rel_err(got, expected):.2e}, tolerance {tol:.2e}"
+
+
+def test_values_add_the_gated_supernode_state():
+    """"query t in block i adds the mixed state of its own cluster from step i - 1 ... through a learned gate":
+    v'_t = v_t + gate * z, one gate per head (v itself not scaled)."""
+    B, H, T, D = 2, 2, 9, 4
+    layer = sca_layer(T, H, D)
+    with torch.no_grad():
+        layer.gate.copy_(torch.tensor([0.5, -1.5]))
+    v, extra = torch.randn(B, H, T, D), torch.randn(B, H, T, D)
+    expected = v + torch.tensor([0.5, -1.5]).view(1, H, 1, 1) * extra
+    assert torch.allclose(layer.add_to_values(v, extra), expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_fresh_layer_has_its_supernode_gate_at_zero(causal):
+    """"through a learned gate (initialised 0)", one scalar per head: a freshly built layer (not sca_layer, which sets
+    it) has gate == 0."""
+    layer = build_attention("sca", 24, 3, 32, {"causal": causal})
+    assert tuple(layer.gate.shape) == (3,)
+    assert torch.equal(layer.gate.detach(), torch.zeros(3))
+
+
+@pytest.mark.parametrize("router", ROUTERS)
+@pytest.mark.parametrize("T", [10, 37, 50, 64])
+def test_non_causal_partition_is_sqrt_T_balanced_cliques(T, router):
+    """Seed form: "1-D projection + sort into sqrt(T) cliques": with clusters auto, K = ceil(sqrt(T)) cliques, of
+    floor(T / K) or ceil(T / K) tokens, contiguous in the order of the scores s_t = w . x_t (rank r in floor(r K / T))."""
+    B, H, D = 2, 2, 8
+    K = next(c for c in range(1, T + 1) if c * c >= T)
+    layer = sca_layer(T, H, D, causal=False, router=router)
+    x = torch.randn(B, T, H * D)
+    clique, rank, cliques, _ = layer.partition(x)
+    assert cliques == K
+    sizes = torch.nn.functional.one_hot(clique, cliques).sum(dim=-2)  # (B, R, K)
+    assert set(sizes.unique().tolist()) <= {T // K, -(-T // K)}, sizes
+    assert sizes.sum(dim=-1).eq(T).all()
+    scores = layer.router(x).transpose(1, 2)  # (B, R, T)
+    in_score_order = clique.gather(-1, scores.argsort(dim=-1, stable=True))
+    assert (in_score_order.diff(dim=-1) >= 0).all(), "cliques are not contiguous in the sorted order"
+    assert torch.equal(clique, rank * K // T)

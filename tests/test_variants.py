@@ -148,6 +148,23 @@ def test_reference_equals_efficient(name, shape):
         assert err < FP32_RTOL, f"{name}: grad of {key} rel err {err:.2e}"
 
 
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("name", VARIANTS)
+def test_output_goes_through_the_output_projection(name, path):
+    """Every variant is "a drop-in replacement for the attention sub-layer": out = W_o concat_h(o_h) (base.Attention's
+    proj), so the output is linear in W_o (doubling it doubles the output) and W_o gets a gradient."""
+    B, T, H, D = 2, 21, 2, 8
+    layer = make_layer(name, T, H, D).train()
+    x = torch.randn(B, T, H * D)
+    out, grads = run_layer(layer, x, path)
+    proj_grad = grads.get("proj.weight")
+    assert proj_grad is not None and proj_grad.abs().sum() > 0, f"{name}/{path}: no gradient reaches W_o"
+    with torch.no_grad():
+        layer.proj.weight.mul_(2)
+    doubled, _ = run_layer(layer, x, path)
+    assert rel_err(doubled, 2 * out) < FP32_RTOL, f"{name}/{path}: output is not linear in W_o"
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("name", VARIANTS)
