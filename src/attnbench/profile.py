@@ -10,9 +10,10 @@ per sequence) and log(memory per sequence) against log T, comparable with the
 spec's "compute vs T" and "memory vs T" columns. Memory is the CUDA peak above
 what was allocated before the step (weights, input, gradients) on GPU; on CPU,
 where torch keeps no allocator statistics, it is the peak of the bytes autograd
-holds saved for backward (the part of memory that grows with T), the weights and
-the input, alive before the step, left out as the CUDA base leaves them. torch is seeded before each point (`profile.seed`), so that lca's
-and sca's clusters, on which their saved bytes depend, are the same on every run.
+holds saved for backward (the part of memory that grows with T), without the
+weights and the input, which were there before the step as in the CUDA base.
+torch is seeded before each point (`profile.seed`), so that lca's and sca's
+clusters, on which their saved bytes depend, are the same on every run.
 A point that runs out of memory is recorded as `oom` and the rest still run.
 """
 
