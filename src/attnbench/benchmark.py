@@ -43,7 +43,7 @@ from .model import ByteLM, ModelConfig
 from .plots import length_label, log_length_axes
 from .profile import fit_exponent
 from .runtime import autocast, one_line, peak_flops, resolve_device
-from .variants import REGISTRY, build_attention
+from .variants import build_attention
 from .variants.mha import MultiHeadOptions, sdpa_backends
 
 log = logging.getLogger(__name__)
