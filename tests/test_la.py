@@ -137,3 +137,8 @@ def test_gpu_fla_equals_the_pytorch_chunked_form(T):
             assert rel_err(a, b) < 2e-2, f"{name}: rel err {rel_err(a, b):.2e}"
     layer = build_attention("la", H * D, H, T).cuda()
     assert layer.uses_fla(q.device), "kernel auto should take fla on CUDA where it is installed"
+
+
+def test_the_normaliser_eps_defaults_to_the_documented_1e_6():
+    """la.py's choice where the spec is open: out_t = phi(q_t)^T S_t / (phi(q_t)^T z_t + eps) with eps = 1e-6."""
+    assert build_attention("la", 16, 2, 16).options.eps == 1e-6

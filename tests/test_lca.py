@@ -470,7 +470,6 @@ def test_options_default_to_the_documented_choices():
     layer = build_attention("lca", 16, 2, 16)
     assert (layer.options.tau_start, layer.options.tau_end, layer.tau.item()) == (1.0, 0.1, 1.0)
     assert [build_attention("lca", 16, 2, T).balance_block for T in (1, 16, 37)] == [1, 4, 8]
-    assert build_attention("la", 16, 2, 16).options.eps == 1e-6  # la's normaliser eps
 
 
 def test_gumbel_noise_has_the_gumbel_mean_and_spread():
