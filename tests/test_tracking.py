@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import socket
 import time
@@ -10,7 +11,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from attnbench.config import parse_params
-from attnbench.tracking import check_server, import_runs, stage_run
+from attnbench.tracking import _store_lock, check_server, import_runs, sqlite_file, stage_run
 
 
 def params_at(uri: str, name: str = "t"):
@@ -36,6 +37,15 @@ def test_a_failing_stage_marks_its_run_failed(tmp_path, monkeypatch):
                                  "sqlite+pysqlite:///m.db"])
 def test_tracking_uris_of_mlflows_stores_validate(uri):
     assert params_at(uri).tracking.uri == uri
+
+
+@pytest.mark.parametrize("uri, path", [("sqlite:///mlflow.db", "mlflow.db"), ("sqlite+pysqlite:///runs/m.db", "runs/m.db"),
+                                       ("sqlite:////abs/m.db", "/abs/m.db"), ("http://127.0.0.1:5000", None)])
+def test_a_sqlite_store_is_locked_whatever_its_driver(uri, path):
+    """Every sqlite form the params accept gets the file lock that keeps concurrent stages off each other's writes."""
+    assert sqlite_file(uri) == path
+    lock = _store_lock(uri)
+    assert isinstance(lock, contextlib.nullcontext) if path is None else lock.lock_file == path + ".lock"
 
 
 def test_a_tracking_server_that_does_not_answer_fails_at_once_naming_the_setting(tmp_path, monkeypatch):

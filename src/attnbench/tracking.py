@@ -96,10 +96,15 @@ def check_server(uri: str, timeout: float = 5.0) -> None:
                               "An MLflow server) or set tracking.uri: null for the local store") from None
 
 
+def sqlite_file(uri: str) -> str | None:
+    """The file of a sqlite store's URI (sqlite:///path, or with a driver: sqlite+pysqlite:///path), else None."""
+    scheme, _, rest = uri.partition(":///")
+    return rest if rest and scheme.partition("+")[0] == "sqlite" else None
+
+
 def _store_lock(uri: str):
-    if uri.startswith("sqlite:///"):
-        return FileLock(uri.removeprefix("sqlite:///") + ".lock", timeout=600)
-    return contextlib.nullcontext()
+    path = sqlite_file(uri)
+    return FileLock(path + ".lock", timeout=600) if path is not None else contextlib.nullcontext()
 
 
 def _experiment_id(client, name: str, uri: str) -> str:
@@ -109,7 +114,7 @@ def _experiment_id(client, name: str, uri: str) -> str:
         return experiment.experiment_id
     from mlflow.exceptions import MlflowException
 
-    artifacts = Path("mlartifacts").resolve().as_uri() if uri.startswith("sqlite:") else None
+    artifacts = Path("mlartifacts").resolve().as_uri() if sqlite_file(uri) is not None else None
     try:
         return client.create_experiment(name, artifact_location=artifacts)
     except MlflowException as err:  # a server store is not locked: another stage may have created it just now
@@ -153,9 +158,9 @@ def import_runs(params: Params, source_uri: str) -> int:
     from mlflow.entities import Metric, Param, RunTag
     from mlflow.tracking import MlflowClient
 
-    sqlite_file = source_uri.removeprefix("sqlite:///") if source_uri.startswith("sqlite:///") else None
-    if sqlite_file is not None and not Path(sqlite_file).is_file():  # MLflow would create an empty store there
-        raise ValueError(f"--from {source_uri}: no such file {sqlite_file!r}")
+    source_file = sqlite_file(source_uri)
+    if source_file is not None and not Path(source_file).is_file():  # MLflow would create an empty store there
+        raise ValueError(f"--from {source_uri}: no such file {source_file!r}")
     source = MlflowClient(tracking_uri=source_uri)
     source_experiment = source.get_experiment_by_name(params.experiment)
     if source_experiment is None:
