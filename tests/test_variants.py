@@ -133,6 +133,18 @@ def test_auto_options_resolve_to_the_spec_values(name, T):
     assert name not in {"lca", "sca"} or {"clusters", "balance"} <= resolved.keys()
 
 
+def test_the_registry_files_each_variant_once_under_its_file_name():
+    """A variant is its file plus the line in variants/__init__.py that imports it: @register files the class under
+    the name the params file uses (here each file's own), and a second class under a taken name is refused."""
+    from attnbench.variants.base import register
+
+    assert VARIANTS == ["mha", "la", "ca", "lca", "cka", "fastcka", "sca"]
+    assert all(REGISTRY[name].__module__ == f"attnbench.variants.{name}" for name in VARIANTS)
+    with pytest.raises(ValueError, match="variant 'ca' is registered twice: BlockClusterAttention and Copy"):
+        register("ca")(type("Copy", (REGISTRY["ca"],), {}))
+    assert REGISTRY["ca"].__name__ == "BlockClusterAttention"
+
+
 @pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
 @pytest.mark.parametrize("name", VARIANTS)
 def test_reference_equals_efficient(name, shape):

@@ -3,8 +3,8 @@
 A stage runs its module (`STAGE_MODULES`) and every module of the package that one imports, followed through every
 `import` statement anywhere in a file (inside functions and under `if` too, as lca's CUDA-only kernels are imported).
 The variant registry (variants/__init__.py) is neither listed nor followed: a stage runs one variant, not all seven,
-and adding a variant there must not re-run the others (a name mapped to another class changes that variant's files,
-so its stages re-run). The modules one variant runs (its file and what it imports) are `variant_sources`; the
+and adding a variant there must not re-run the others (a variant's name is in its own file, @register, so renaming
+it re-runs its stages). The modules one variant runs (its file and what it imports) are `variant_sources`; the
 `sources` stage writes them out with their digests (sources.json), and train, evaluate and profile depend on that
 file. So those stages re-run when, and only when, their own variant's code changed, under DVC too, whose `foreach`
 stages cannot list different files per variant. The GPU benchmark runs every variant, so it follows the registry.

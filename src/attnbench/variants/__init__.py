@@ -1,26 +1,18 @@
-"""The registry: variant name -> attention module class. A new variant is one file plus its entry here: the import
-of its class and one line of REGISTRY."""
+"""The registry: variant name -> attention module class. A new variant is one file, its class decorated with
+@register("<name>") (base.py), plus one line here that imports it."""
 
 from __future__ import annotations
 
-from .base import Attention, PositiveAutoInt, VariantOptions
-from .ca import BlockClusterAttention
-from .cka import ClusterKernelAttention
-from .fastcka import FastClusterKernelAttention
-from .la import LinearAttention
-from .lca import LearnedClusterAttention
-from .mha import MultiHeadAttention
-from .sca import SuperClusterAttention
+from .base import REGISTRY, Attention, PositiveAutoInt, VariantOptions
 
-REGISTRY: dict[str, type[Attention]] = {
-    "mha": MultiHeadAttention,
-    "la": LinearAttention,
-    "ca": BlockClusterAttention,
-    "lca": LearnedClusterAttention,
-    "cka": ClusterKernelAttention,
-    "fastcka": FastClusterKernelAttention,
-    "sca": SuperClusterAttention,
-}
+# One line per variant: importing its file registers its class (@register); this order is REGISTRY's.
+from . import mha  # noqa: F401
+from . import la  # noqa: F401
+from . import ca  # noqa: F401
+from . import lca  # noqa: F401
+from . import cka  # noqa: F401
+from . import fastcka  # noqa: F401
+from . import sca  # noqa: F401
 
 
 def build_attention(name: str, d_model: int, n_heads: int, seq_len: int, options: VariantOptions | dict | None = None) -> Attention:

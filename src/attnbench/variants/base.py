@@ -144,3 +144,20 @@ def masked_softmax_attention(
     scores = (q.float() @ k.float().transpose(-2, -1)) * scale  # (B, H, T, T), the product itself in fp32
     scores = scores.masked_fill(~allowed, float("-inf"))
     return scores.softmax(dim=-1).to(v.dtype) @ v
+
+
+# ---------------------------------------------------------------- registry
+
+REGISTRY: dict[str, type[Attention]] = {}  # variant name -> class, filled by @register as variants/__init__.py imports them
+
+
+def register(name: str):
+    """Class decorator: file a variant's class under `name`, the key the params file's `variants` use."""
+
+    def add(cls: type[Attention]) -> type[Attention]:
+        if name in REGISTRY:
+            raise ValueError(f"variant {name!r} is registered twice: {REGISTRY[name].__name__} and {cls.__name__}")
+        REGISTRY[name] = cls
+        return cls
+
+    return add

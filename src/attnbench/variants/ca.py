@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from .base import Attention, NonNegativeAutoInt, PositiveAutoInt, VariantOptions, causal_mask, masked_softmax_attention, pow2_block
+from .base import Attention, NonNegativeAutoInt, PositiveAutoInt, VariantOptions, causal_mask, masked_softmax_attention, pow2_block, register
 from .flex import flex_band_attention
 
 
@@ -71,6 +71,7 @@ def chunked_segment_attention(
     return (numerator / denominator).reshape(B, H, P, D).to(v.dtype)
 
 
+@register("ca")
 class BlockClusterAttention(Attention):
     Options = BlockClusterOptions
 

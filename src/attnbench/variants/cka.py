@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from .base import Attention, NonNegativeAutoInt, PositiveAutoInt, VariantOptions, causal_mask, from_blocks, pow2_block, to_blocks
+from .base import Attention, NonNegativeAutoInt, PositiveAutoInt, VariantOptions, causal_mask, from_blocks, pow2_block, register, to_blocks
 
 
 class ClusterKernelOptions(VariantOptions):
@@ -48,6 +48,7 @@ def safe_log(z: torch.Tensor) -> torch.Tensor:
     return torch.where(positive, torch.where(positive, z, 1.0).log(), float("-inf"))
 
 
+@register("cka")
 class ClusterKernelAttention(Attention):
     Options = ClusterKernelOptions
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import from_blocks, to_blocks
+from .base import from_blocks, register, to_blocks
 from .cka import ClusterKernelAttention, block_scores
 from .flex import band_block_mask, flex_kernel
 
@@ -53,6 +53,7 @@ def flex_block_causal_attention(
     return out, aux.lse
 
 
+@register("fastcka")
 class FastClusterKernelAttention(ClusterKernelAttention):
     """cka's function and parameters (reference path inherited); efficient path in O(T) memory on GPU."""
 

@@ -24,7 +24,7 @@ from typing import Literal
 import torch
 from pydantic import Field, field_validator
 
-from .base import Attention, PositiveAutoInt, VariantOptions, causal_mask, from_blocks, to_blocks
+from .base import Attention, PositiveAutoInt, VariantOptions, causal_mask, from_blocks, register, to_blocks
 
 FLA_INSTALLED = importlib.util.find_spec("fla") is not None  # flash-linear-attention, the optional extra attnbench[gpu]
 
@@ -113,6 +113,7 @@ def fla_linear_attention(fq: torch.Tensor, fk: torch.Tensor, v: torch.Tensor, ch
     return numerator.transpose(1, 2).float() / denominator
 
 
+@register("la")
 class LinearAttention(Attention):
     Options = LinearAttentionOptions
 

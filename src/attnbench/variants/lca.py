@@ -67,7 +67,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from .base import Attention, PositiveAutoInt, VariantOptions, auto_option, causal_mask, pow2_block
+from .base import Attention, PositiveAutoInt, VariantOptions, auto_option, causal_mask, pow2_block, register
 from .ca import chunked_segment_attention
 from .flex import flex_band_attention
 from .routing import balance_from_block_sums, balance_loss, block_counts, gumbel_noise, own_gate, route, straight_through, straight_through_gates
@@ -196,6 +196,7 @@ def cluster_attention_sorted(q, k, v, cluster, gate, C, scale, sorted_values=Non
     return gated(Permute.apply(out, to_positions, to_sorted), gate)
 
 
+@register("lca")
 class LearnedClusterAttention(Attention):
     Options = LearnedClusterOptions
     # Inductor pads a row stride over 1024 elements to whole 128 bytes; the per-head router's R C logits (1456 at

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from .base import Attention, VariantOptions, causal_mask, masked_softmax_attention
+from .base import Attention, VariantOptions, causal_mask, masked_softmax_attention, register
 
 SDPA_KERNELS = {
     "cudnn": SDPBackend.CUDNN_ATTENTION,
@@ -35,6 +35,7 @@ def sdpa_backends(kernels: list[str]) -> list[SDPBackend]:
     return [SDPA_KERNELS[name] for name in dict.fromkeys([*kernels, "math"])]
 
 
+@register("mha")
 class MultiHeadAttention(Attention):
     """out = softmax(q k^T * scale + log M) v."""
 

@@ -78,7 +78,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from .base import PositiveAutoInt, masked_softmax_attention, pow2_block
+from .base import PositiveAutoInt, masked_softmax_attention, pow2_block, register
 from .lca import LearnedClusterAttention, LearnedClusterOptions, cluster_attention_sorted, cluster_attention_reference
 from .routing import block_cluster_slots, own_gate, straight_through_gates
 
@@ -141,6 +141,7 @@ def clique_partition(scores: torch.Tensor, cliques: int) -> tuple[torch.Tensor, 
     return rank * cliques // T, rank
 
 
+@register("sca")
 class SuperClusterAttention(LearnedClusterAttention):
     Options = SuperClusterOptions
 
