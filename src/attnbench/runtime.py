@@ -38,18 +38,14 @@ def use_cpu_threads(setting: int | str) -> int:
     return share
 
 
-def to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
-    """A host array as a tensor on `device`; to CUDA through pinned memory, a copy that does not wait for the
-    device's queue (from pageable memory it would, a host sync per batch)."""
-    tensor = torch.from_numpy(array)
-    return tensor.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else tensor.to(device)
-
-
 def byte_windows(data: np.ndarray, starts: np.ndarray, length: int, device: torch.device) -> torch.Tensor:
     """The windows data[s : s + length] for s in `starts`, (len(starts), length) int64 on `device`: gathered by one
-    numpy index, sent as the bytes they are (a uint8 copy, an eighth of int64's) and widened on the device."""
-    rows = data[np.asarray(starts)[:, None] + np.arange(length)]
-    return to_device(rows, device).long()
+    numpy index, sent as the bytes they are (a uint8 copy, an eighth of int64's) and widened on the device. To CUDA
+    through pinned memory, a copy that does not wait for the device's queue (from pageable memory it would, a host
+    sync per batch)."""
+    rows = torch.from_numpy(data[np.asarray(starts)[:, None] + np.arange(length)])
+    rows = rows.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else rows.to(device)
+    return rows.long()
 
 
 def one_line(message: str, keep: int = 100) -> str:
