@@ -130,7 +130,7 @@ def run(args: argparse.Namespace) -> None:
         else:
             from .gpu_slots import gpu_slots
 
-            with gpu_slots(0 if params.train.device == "cpu" else 1):  # a free GPU of this host, per job
+            with gpu_slots(params.train.gpus(1)):  # a free GPU of this host, per job
                 if args.stage == "evaluate":
                     from .evaluate import main as evaluate_main
 

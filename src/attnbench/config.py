@@ -127,6 +127,11 @@ class TrainConfig(Strict):
                           "(train.json's `compiled` says which ran)")
     nproc: int = Field(1, gt=0, description="data-parallel training processes, one per GPU: > 1 runs train under torchrun (DDP)")
 
+    def gpus(self, per_job: int) -> int:
+        """The GPUs a train, evaluate or profile job takes: `per_job`, or none where training runs on the CPU (the
+        front ends, the GPU slots and a Slurm job's request all read it)."""
+        return 0 if self.device == "cpu" else per_job
+
     @model_validator(mode="after")
     def _one_budget(self):
         if (self.steps is None) == (self.tokens is None):

@@ -309,7 +309,7 @@ def main(params: Params, variant: str, data_dir: Path, out_dir: Path, argv: list
     """The train stage, on the GPU(s) of free slots (gpu_slots). With train.nproc > 1 outside torchrun it
     runs this same command (`argv`, default sys.argv[1:]) as nproc torchrun workers and waits for them."""
     nproc = params.train.nproc
-    gpus = 0 if params.train.device == "cpu" else nproc  # GPU slots: one per process (none for CPU training)
+    gpus = params.train.gpus(nproc)  # GPU slots: one per process
     use_cpu_threads(params.train.threads)
     if distributed.needs_launch(nproc):
         with gpu_slots(gpus):  # held here for all the workers, which inherit CUDA_VISIBLE_DEVICES

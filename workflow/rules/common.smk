@@ -45,13 +45,8 @@ def job_threads():
     except WorkflowError:
         return 1
     # GPU jobs run side by side, one per GPU; CPU jobs one at a time.
-    gpu_jobs = len(visible_gpus()) if gpus(1) else 0
+    gpu_jobs = len(visible_gpus()) if PARAMS.train.gpus(1) else 0
     return max(1, cores // max(1, gpu_jobs))
-
-
-def gpus(per_job):
-    """A job's `gpu` resource: `per_job`, or none where the params train on the CPU (a Slurm job would ask for them)."""
-    return 0 if PARAMS.train.device == "cpu" else per_job
 
 
 JOB_THREADS = job_threads()

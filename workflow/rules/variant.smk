@@ -33,7 +33,7 @@ rule train:
     threads: JOB_THREADS
     resources:
         # train.nproc data-parallel processes, one GPU each (the stage picks free ones: gpu_slots.py).
-        gpu=gpus(PARAMS.train.nproc),
+        gpu=PARAMS.train.gpus(PARAMS.train.nproc),
     params:
         model=section("model"),
         # nproc only splits the same global batches over more processes: changing it re-runs nothing.
@@ -56,7 +56,7 @@ rule evaluate:
         f"{LOGS}/evaluate-{{variant}}.log",
     threads: JOB_THREADS
     resources:
-        gpu=gpus(1),
+        gpu=PARAMS.train.gpus(1),
     params:
         evaluate=section("evaluate"),
         threads=section("train", "threads"),
@@ -75,7 +75,7 @@ rule profile:
         f"{LOGS}/profile-{{variant}}.log",
     threads: JOB_THREADS
     resources:
-        gpu=gpus(1),
+        gpu=PARAMS.train.gpus(1),
     params:
         model=section("model"),
         profile=section("profile"),
