@@ -108,6 +108,39 @@ def test_references_named_as_variants_run_once(monkeypatch, tmp_path):
     assert measured == [*benchmark.REFERENCES, "sca"]
 
 
+def test_a_run_cut_short_keeps_the_training_rows_it_measured(monkeypatch, tmp_path):
+    """The training rows were written once all of them were measured, so a run stopped by its time limit during the
+    last variant kept none (stop 48 on the H200: 7 of 8 rows measured, an empty train CSV). The plain GPT, the
+    floor mha must beat, runs first, once."""
+    import csv
+
+    import pytest
+    import torch
+
+    from attnbench import benchmark
+
+    measured = []
+
+    def measure(params, names, part, *args):
+        if len(measured) == 2:
+            raise KeyboardInterrupt  # the time limit's SIGINT, during the third training run
+        measured.extend(names)
+        return [], [{"kind": "train", "variant": name, "model": "d64 L1 H1", "T": 128, "batch": 512, "ms": 1.0,
+                     "mtok_per_s": 1.0, "mfu": None, "peak_gib": 0.1, "compiled": True, "status": "ok"} for name in names]
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(benchmark, "resolve_device", lambda name: torch.device("cuda"))
+    monkeypatch.setattr(benchmark, "device_name", lambda: "fake-gpu")
+    monkeypatch.setattr(benchmark, "benchmark", measure)
+    with pytest.raises(KeyboardInterrupt):
+        benchmark.main(parse_params({"benchmark": {"parts": ["train"]}, "variants": {"mha": {}, "la": {}}}), tmp_path / "out")
+    assert measured == [benchmark.PLAIN_GPT[0], "mha"]
+    with open(tmp_path / "out" / "fake-gpu-train.csv") as f:
+        assert [row["variant"] for row in csv.DictReader(f)] == measured
+    assert "| mha | d64 L1 H1 |" in (tmp_path / "out" / "fake-gpu.md").read_text()
+    assert not (tmp_path / "out" / "benchmark.json").exists()  # the declared output: the front ends run it again
+
+
 def test_an_unknown_variant_is_refused_before_any_work(tmp_path):
     """A misspelt --variants name used to become an error row per length, after the references had run."""
     import pytest

@@ -197,8 +197,8 @@ def run_point(kind: str, variant: str, T: int, batch: int, build: Callable[[], C
 
 
 def benchmark(params: Params, variants: list[str], part: str, settings: BenchmarkConfig, trace: bool = False) -> tuple[list[dict], list[dict]]:
-    """The attention rows of `variants` (which may name REFERENCES), or the training rows of a plain GPT and
-    `variants` (see the module docstring), as `part` says, measured as `settings` say (params.benchmark):
+    """The attention rows of `variants` (which may name REFERENCES), or their training rows (where the plain GPT's
+    label names the baseline; see the module docstring), as `part` says, measured as `settings` say (params.benchmark):
     attention in each of its `modes` (COMPILE_MODES); training at params.model's size and its `train_sizes`
     (plain GPT and mha only). `trace` adds each row's kernel table."""
     attention, training = [], []
@@ -213,7 +213,7 @@ def benchmark(params: Params, variants: list[str], part: str, settings: Benchmar
     T, peak = params.model.seq_len, peak_flops(torch.device("cuda"))
     batch = max(1, settings.tokens // T)
     sizes = [(params.model.d_model, params.model.n_layers), *settings.train_models]
-    runs = [PLAIN_GPT, *((v, v, params.variant_options(v)) for v in variants)] if part == "train" else []
+    runs = [PLAIN_GPT if v == PLAIN_GPT[0] else (v, v, params.variant_options(v)) for v in variants] if part == "train" else []
     for d_model, n_layers in sizes:
         model = params.model.model_copy(update={"d_model": d_model, "n_layers": n_layers, "n_heads": d_model // settings.head_dim})
         for label, variant, options in runs if (d_model, n_layers) == sizes[0] else [r for r in runs if r[1] == "mha"]:  # other sizes: baseline and mha
@@ -397,12 +397,12 @@ def main(params: Params, out_dir: Path, variants: list[str] | None = None, setti
     suffixes = ("-attention.csv", "-train.csv", ".md", ".png", "-kernels.md")
     attention_csv, train_csv, page, png, kernels = (out_dir / f"{device}{suffix}" for suffix in suffixes)
     steps = [("attention", [name]) for name in [*REFERENCES, *variants]] if "attention" in settings.parts else []
-    steps += [("train", variants)] if "train" in settings.parts else []
+    steps += [("train", [name]) for name in [PLAIN_GPT[0], *variants]] if "train" in settings.parts else []
     with stage_run(params, "benchmark") as tracker:
         tracker.log_params({"device": device, "variants": variants, "benchmark": settings.model_dump(), "model": params.model.model_dump(),
                             "variant_options": {v: params.variants[v].model_dump() for v in variants if v in params.variants}})
         tracker.set_tags({"device": device})
-        for part, names in steps:  # results are written after each variant's attention rows and after the training rows
+        for part, names in steps:  # results are written after each variant's rows, so a run cut short keeps them
             more_attention, more_training = benchmark(params, names, part, settings, trace)
             attention, training = attention + more_attention, training + more_training
             write_csv(attention_csv, attention, ATTENTION_FIELDS)
