@@ -543,3 +543,31 @@ def test_load_split_refuses_a_truncated_file_and_a_missing_manifest(corpus, tmp_
         load_split(out, "test")
     with pytest.raises(DataError, match="no manifest.json; run the prepare stage"):
         load_split(tmp_path / "nowhere", "train")
+
+
+def test_load_split_refuses_a_deleted_split_file_as_data_error(corpus, tmp_path):
+    """A split file gone after prepare (manifest still there) is the one-line DataError, not a FileNotFoundError traceback."""
+    out = tmp_path / "prepared"
+    prepare(corpus, out, 10_000, FRACTIONS)
+    (out / "val.bin").unlink()
+    with pytest.raises(DataError, match=r"val\.bin does not match its manifest checksum"):
+        load_split(out, "val")
+
+
+def test_a_loaded_split_is_read_only(corpus, tmp_path):
+    """The memory map cannot write back: no stage can alter the bytes the manifest vouches for."""
+    out = tmp_path / "prepared"
+    prepare(corpus, out, 10_000, FRACTIONS)
+    split = load_split(out, "train")
+    assert not split.flags.writeable
+    with pytest.raises(ValueError, match="read-only"):
+        split[0] = 1
+
+
+def test_file_digest_hashes_a_file_longer_than_one_chunk_whole(tmp_path):
+    """A split larger than one read (1 MiB by default) is vouched for by the digest of all its bytes, not the first chunk's."""
+    raw = bytes(range(256)) * 5
+    path = tmp_path / "x.bin"
+    path.write_bytes(raw)
+    assert file_digest(path, chunk=100) == hashlib.sha256(raw).hexdigest()
+    assert file_digest(path, "md5", chunk=7) == hashlib.md5(raw).hexdigest()

@@ -64,7 +64,7 @@ from mlflow.tracking import MlflowClient
 
 from attnbench import data, profile as profile_mod, train as train_mod
 from attnbench.evaluate import evaluate
-from attnbench.files import read_json, write_bytes
+from attnbench.files import read_json, write_bytes, write_json
 from attnbench.model import ByteLM, load_model, save_model
 from attnbench.splits import SPLITS, load_split
 from tests.tiny import write_params
@@ -472,6 +472,49 @@ def test_next_write_removes_only_dead_writers_temporaries(tmp_path):
     write_bytes(tmp_path / "out.bin", b"complete")
     assert (tmp_path / "out.bin").read_bytes() == b"complete"
     assert not stale.exists() and live.exists() and other.exists()
+
+
+def test_next_write_keeps_temporaries_of_writers_it_may_not_signal_and_files_not_of_its_path(tmp_path, monkeypatch):
+    """Fault: beside out.bin, the temporary file of a writer that os.kill may not signal (another user's process:
+    PermissionError, so alive) and a `<pid>.tmp` file of no writer of out.bin, both of pids that do not run for us.
+    Expected: the next atomic write of out.bin removes neither (only its own dead writers' files are its to delete)."""
+    foreign_pid, unrelated_pid = 4_194_305, 4_194_306  # above any pid_max: no such process here
+    real_kill = os.kill
+
+    def kill(pid, sig):
+        if pid == foreign_pid:
+            raise PermissionError(1, "Operation not permitted")
+        return real_kill(pid, sig)
+
+    monkeypatch.setattr(os, "kill", kill)
+    foreign = tmp_path / f".out.bin.{foreign_pid}.tmp"
+    unrelated = tmp_path / f"{unrelated_pid}.tmp"
+    for path in (foreign, unrelated):
+        path.write_bytes(b"partial")
+    write_bytes(tmp_path / "out.bin", b"complete")
+    assert foreign.exists() and unrelated.exists()
+
+
+def test_an_atomic_write_is_synced_before_it_is_renamed_into_place(tmp_path, monkeypatch):
+    """Fault: power loss just after the rename. Expected: the final name never points at data still only in the page
+    cache, i.e. the temporary file is fsynced, holding all its bytes, while the final name does not exist yet."""
+    target, synced = tmp_path / "out.bin", []
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        synced.append((os.fstat(fd).st_size, target.exists()))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    write_bytes(target, b"complete")
+    assert synced == [(8, False)]
+
+
+def test_json_outputs_are_the_same_bytes_whatever_the_key_order(tmp_path):
+    """DVC and snakemake compare outputs by content: equal dicts built in another order give the same file."""
+    write_json(tmp_path / "a.json", {"b": 1, "a": {"d": 2, "c": 3}})
+    write_json(tmp_path / "b.json", {"a": {"c": 3, "d": 2}, "b": 1})
+    assert (tmp_path / "a.json").read_bytes() == (tmp_path / "b.json").read_bytes()
 
 
 # ---------------------------------------------------------------- 4. altered split

@@ -13,7 +13,7 @@ from attnbench import report as report_mod
 from attnbench.config import ConfigError
 from attnbench.files import write_json
 from attnbench.profile import FIELDS, fit_exponent
-from attnbench.plots import log_length_axes
+from attnbench.plots import length_label, log_length_axes
 from attnbench.report import FIGURES, SUMMARY_FORMATS, markdown_table, report, unigram_bpb
 from tests.test_docs import markdown_rows
 from tests.tiny import write_params
@@ -231,6 +231,31 @@ def test_length_axes_tick_the_measured_lengths():
     assert (minor(2, 0), minor(3, 0), minor(0.5, 0)) == ("2", "", "0.5")  # 2 and 5 labelled within few decades
     ax.set_ylim(1e-3, 1e3)
     assert minor(2, 0) == ""  # six decades: the powers of ten alone
+    plt.close(fig)
+
+
+def test_length_labels_abbreviate_whole_multiples_of_1024_only():
+    """1024 reads 1K, as the tables name it; a length that is no whole multiple of 1024 keeps its digits."""
+    assert [length_label(t) for t in (512, 1000, 1024, 1536, 4096)] == ["512", "1000", "1K", "1536", "4K"]
+
+
+def test_length_axes_label_minor_ticks_over_three_decades_and_put_the_legend_beside_the_plot():
+    """2 and 5 are labelled while the y axis spans up to three decades (not beyond), and the legend sits to the right
+    of the axes, where it hides no line."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots()
+    ax.plot([512, 2048], [1, 2], label="a")
+    log_length_axes(ax, [512, 2048])
+    minor = ax.yaxis.get_minor_formatter()
+    ax.set_ylim(1, 1000)
+    assert minor(2, 0) == "2"
+    ax.set_ylim(1, 10_000)
+    assert minor(2, 0) == ""
+    legend = ax.get_legend()
+    assert legend is not None
+    anchor = legend.get_bbox_to_anchor().transformed(ax.transAxes.inverted())
+    assert anchor.x0 == pytest.approx(1.02) and anchor.y0 == pytest.approx(1)
     plt.close(fig)
 
 

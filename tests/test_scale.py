@@ -23,11 +23,12 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from filelock import FileLock, Timeout
 
-from attnbench import data, distributed, train as train_mod
+from attnbench import data, distributed, gpu_slots as gpu_slots_mod, train as train_mod
 from attnbench.config import ConfigError, load_params, parse_params
 from attnbench.files import read_json
-from attnbench.gpu_slots import gpu_slots
+from attnbench.gpu_slots import gpu_slots, visible_gpus
 from attnbench.runtime import use_cpu_threads
 from tests.test_faults import Stage, no_stage_outlives_its_test  # noqa: F401 (autouse: no Stage outlives a failed test)
 from tests.test_pipeline import ENV, job_counts, run, workspace
@@ -146,6 +147,69 @@ def test_nproc_must_split_the_batch_evenly_and_does_not_change_the_checkpoint_fi
     manifest = {"splits": {"train": {"bytes": 1}}}
     one, two = parse_params(TINY), parse_params(merge(TINY, {"train": {"nproc": 2}}))
     assert train_mod.fingerprint(one, "mha", manifest) == train_mod.fingerprint(two, "mha", manifest)
+
+
+def test_only_train_nproc_above_one_outside_torchrun_launches_workers(monkeypatch):
+    """nproc 1 trains in this process; nproc 2 relaunches under torchrun, but not from inside a torchrun worker."""
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    assert (distributed.needs_launch(1), distributed.needs_launch(2)) == (False, True)
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert not distributed.needs_launch(2)
+
+
+def test_launch_gives_torchrun_the_jobs_threads_and_then_restores_the_callers(monkeypatch):
+    """The workers split the job's CPU threads (OMP_NUM_THREADS for the launch only): after it the caller's grant is
+    back, or absent again when there was none."""
+    import torch.distributed.run
+
+    seen = []
+    monkeypatch.setattr(torch.distributed.run, "main", lambda args: seen.append((args, os.environ["OMP_NUM_THREADS"])))
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    distributed.launch(2, ["train", "--variant", "mha"], 8)
+    assert seen == [(["--standalone", "--nproc-per-node=2", "-m", "attnbench", "train", "--variant", "mha"], "8")]
+    assert os.environ["OMP_NUM_THREADS"] == "3"
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    distributed.launch(2, ["train"], 8)
+    assert "OMP_NUM_THREADS" not in os.environ
+
+
+def test_launch_refuses_a_stage_other_than_train(monkeypatch):
+    """Only the train stage has data-parallel workers: another stage's command line is refused, not run under torchrun."""
+    import torch.distributed.run
+
+    monkeypatch.setattr(torch.distributed.run, "main", lambda args: pytest.fail(f"torchrun {args}"))
+    for argv in (["evaluate", "--variant", "mha"], []):
+        with pytest.raises(RuntimeError, match="train.nproc > 1 runs from the CLI"):
+            distributed.launch(2, argv, 4)
+
+
+COLLECTIVES = """
+import json, sys, torch, torch.distributed as dist
+from attnbench import distributed
+rank = int(sys.argv[1])
+dist.init_process_group("gloo", init_method=sys.argv[2], rank=rank, world_size=2)
+mean = distributed.mean_over_ranks_(torch.tensor([rank + 1.0, 4.0 * rank])).tolist()
+top = distributed.max_over_ranks_(torch.tensor([float(rank), -float(rank)])).tolist()
+distributed.barrier()
+print(json.dumps([distributed.rank(), distributed.world_size(), mean, top]))
+dist.destroy_process_group()
+"""
+
+
+def test_two_gloo_ranks_average_and_take_the_max_of_a_tensor(tmp_path):
+    """The logged loss of a data-parallel step is the mean of the ranks' losses (not their sum), and a failure flag
+    raised on one rank (max) is seen by all."""
+    env = {**CLEAN_ENV, "GLOO_SOCKET_IFNAME": "lo"}
+    init = f"file://{tmp_path / 'rendezvous'}"
+    ranks = [subprocess.Popen([sys.executable, "-c", COLLECTIVES, str(r), init], env=env, stdout=subprocess.PIPE, text=True)
+             for r in range(2)]
+    try:
+        got = [json.loads(p.communicate(timeout=60)[0]) for p in ranks]
+    finally:
+        for p in ranks:
+            p.kill()
+            p.wait()
+    assert got == [[r, 2, [1.5, 2.0], [1.0, 0.0]] for r in range(2)]
 
 
 def test_two_gloo_processes_under_torchrun_train_the_weights_of_one_and_log_one_run_to_an_mlflow_server(
@@ -267,6 +331,81 @@ def test_gpu_slots_stand_aside_without_gpus_under_slurm_and_in_torchrun_workers(
             m.setenv(name, value)
             with gpu_slots(1) as devices:
                 assert devices is None and "CUDA_VISIBLE_DEVICES" not in os.environ, name
+
+
+def _free(folder: Path, device: str) -> bool:
+    """Whether another job could take slot `device` now."""
+    lock = FileLock(folder / f"gpu-{device}.lock", timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        return False
+    lock.release()
+    return True
+
+
+def test_gpu_slots_are_released_by_the_end_of_the_block_not_by_garbage_collection(fake_gpus, monkeypatch):
+    """A block that fails releases its slots itself: a lock object still referenced elsewhere (a traceback's frame,
+    a debugger, another Python than CPython) would otherwise keep its GPU from other jobs for as long."""
+    made = []
+
+    class KeptLock(FileLock):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)  # a reference that outlives the block
+
+    monkeypatch.setattr(gpu_slots_mod, "FileLock", KeptLock)
+    with pytest.raises(KeyError), gpu_slots(2):
+        assert [lock.is_locked for lock in made] == [True, True]
+        raise KeyError("the stage failed")
+    assert [lock.is_locked for lock in made] == [False, False]
+
+
+def test_a_stage_waiting_for_slots_holds_none_of_them_meanwhile(fake_gpus, tmp_path):
+    """Waiting for 2 slots while another job holds slot 0, a stage does not sit on slot 1 between its tries: two jobs
+    that each held one slot and waited for the other would deadlock."""
+    folder = tmp_path / "slots"
+    folder.mkdir()
+    other = FileLock(folder / "gpu-0.lock", timeout=0)
+    other.acquire()
+    got = []
+    waiter = threading.Thread(target=lambda: got.extend(_hold(2)))
+    waiter.start()
+    try:
+        time.sleep(0.2)
+        free = []
+        for _ in range(3):  # the waiter holds slot 1 for an instant of each try, the probe can miss one
+            free.append(_free(folder, "1"))
+            time.sleep(0.1)
+        assert any(free), "slot 1 held while waiting for slot 0"
+    finally:
+        other.release()
+        waiter.join(timeout=10)
+    assert got == ["0", "1"]
+
+
+def test_gpu_slots_of_zero_gpus_take_no_slot(fake_gpus, monkeypatch):
+    """A stage that needs no GPU (train.device cpu) neither takes nor waits for a slot, and leaves the mask alone."""
+    monkeypatch.setattr(gpu_slots_mod, "_acquire", lambda *args: pytest.fail("took a slot for n = 0"))
+    with gpu_slots(0) as devices:
+        assert devices is None and "CUDA_VISIBLE_DEVICES" not in os.environ
+
+
+def test_gpu_slot_locks_lie_in_the_folder_attnbench_gpu_slots_dir_names(fake_gpus, tmp_path):
+    """The lock folder is the configured one (separate workflows of one machine share it; tests get their own)."""
+    with gpu_slots(1) as devices:
+        assert devices == ["0"] and [p.name for p in (tmp_path / "slots").iterdir()] == ["gpu-0.lock"]
+
+
+def test_visible_gpus_are_the_callers_mask_cut_to_the_gpus_torch_counts(monkeypatch):
+    """With a CUDA_VISIBLE_DEVICES mask the slots are its entries, no more than the GPUs there are (a mask may name
+    more); without one, the devices 0..count-1."""
+    monkeypatch.delenv("ATTNBENCH_GPUS", raising=False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3, 5,7")
+    assert visible_gpus() == ["3", "5"]
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert visible_gpus() == ["0", "1"]
 
 
 # --- 3. Snakemake: gpu resources, the Slurm profile, a run on fake GPUs ----------------------

@@ -6,12 +6,13 @@ import contextlib
 import multiprocessing
 import socket
 import time
+from types import SimpleNamespace
 
 import pytest
 from mlflow.tracking import MlflowClient
 
 from attnbench.config import parse_params
-from attnbench.tracking import _store_lock, check_server, import_runs, sqlite_file, stage_run
+from attnbench.tracking import _experiment_id, _store_lock, check_server, import_runs, sqlite_file, stage_run
 
 
 def params_at(uri: str, name: str = "t"):
@@ -112,7 +113,50 @@ def test_import_runs_copies_history_and_status_once(tmp_path, monkeypatch):
     assert by_name["train-v0"].info.status == "FINISHED" and by_name["profile-v1"].info.status == "FAILED"
     assert by_name["train-v0"].data.tags["variant"] == "v0"
     assert [m.step for m in client.get_metric_history(by_name["train-v0"].info.run_id, "loss")] == [0, 1, 2, 3, 4]
+    # A copy ends when its run ended there, not at the time of the import.
+    _, sources = runs(gpu)
+    assert {r.info.run_name: (r.info.start_time, r.info.end_time) for r in found} == {
+        r.info.run_name: (r.info.start_time, r.info.end_time) for r in sources}
     # A mistyped sqlite path is named as missing: MLflow would create an empty store there and find no experiment.
     with pytest.raises(ValueError, match=r"--from sqlite:///typo/gpu.db: no such file 'typo/gpu.db'"):
         import_runs(params_at(local), "sqlite:///typo/gpu.db")
     assert not (tmp_path / "typo").exists()
+
+
+def test_a_stage_logs_every_param_and_only_the_measured_metrics(tmp_path, monkeypatch):
+    """A stage without a variant (report) is a run of the stage's name in a local store whose artifacts lie under
+    ./mlartifacts; its params (MLflow takes 100 a call) are all there, none lost at a batch's edge; a metric that
+    was not measured (None) is left out, not an error."""
+    monkeypatch.chdir(tmp_path)
+    params = params_at(f"sqlite:///{tmp_path / 'a.db'}")
+    with stage_run(params, "report") as tracker:
+        tracker.log_params({"group": {f"p{i:03d}": i for i in range(250)}})
+        tracker.log_metrics({"bpb": 1.5, "mfu": None})
+    client, [run] = runs(params.tracking.uri)
+    assert run.info.run_name == "report" and run.data.tags["stage"] == "report" and "variant" not in run.data.tags
+    assert run.data.params == {f"group.p{i:03d}": str(i) for i in range(250)}
+    assert run.data.metrics == {"bpb": 1.5}
+    assert client.get_experiment_by_name("attnbench/t").artifact_location == (tmp_path / "mlartifacts").as_uri()
+
+
+def test_an_experiment_another_stage_created_meanwhile_is_taken_not_an_error():
+    """Against a server (no lock) two stages may both find no experiment and both create it: the one that loses the
+    race takes the other's experiment; any other error of the store is still raised."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, RESOURCE_ALREADY_EXISTS
+
+    class Store:
+        def __init__(self, code):
+            self.code, self.lookups = code, 0
+
+        def get_experiment_by_name(self, name):
+            self.lookups += 1
+            return None if self.lookups == 1 else SimpleNamespace(experiment_id="7")
+
+        def create_experiment(self, name, artifact_location=None):
+            raise MlflowException("create failed", error_code=self.code)
+
+    assert _experiment_id(Store(RESOURCE_ALREADY_EXISTS), "attnbench/t", "http://127.0.0.1:5000") == "7"
+    with pytest.raises(MlflowException, match="create failed"):
+        _experiment_id(Store(INVALID_PARAMETER_VALUE), "attnbench/t", "http://127.0.0.1:5000")
+
