@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from attnbench.files import read_json
 from attnbench.report import FIGURES
 from attnbench.sources import stage_sources, variant_sources
 from tests.tiny import REPO, merge, write_params
@@ -239,6 +240,10 @@ def test_snakemake_runs_the_dag_then_only_what_a_change_touches(tmp_path):
     train_run = next(r for r in runs if r.info.run_name == "train-mha")
     assert len(client.get_metric_history(train_run.info.run_id, "val_bpb")) == 3
     assert train_run.data.params["model.d_model"] == "32"
+    # The run's figure is train.json's (the median window), not the last window's, which MLflow shows for a series.
+    summary = read_json(ws / "results" / "tiny" / "variants" / "mha" / "train.json")
+    assert train_run.data.metrics["tokens_per_s"] == pytest.approx(summary["tokens_per_s"], rel=1e-12)
+    assert len(client.get_metric_history(train_run.info.run_id, "tokens_per_s_window")) == 6
 
 
 @pytest.mark.slow

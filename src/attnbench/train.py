@@ -255,7 +255,8 @@ def train(params: Params, variant: str, data_dir: Path, out_dir: Path, tracker=N
             if rank == 0:  # the one writer; the other ranks wait at the barrier below
                 largest_grad_norm = grad_norm_max.item()
                 log.info("step %d/%d  loss %.4f  grad norm max %.3g  lr %.2e  %.0f tok/s", done, steps, train_loss, largest_grad_norm, lr, tokens_per_s)
-                metrics = {"train_loss": train_loss, "grad_norm_max": largest_grad_norm, "lr": lr, "tokens_per_s": tokens_per_s}
+                # Not `tokens_per_s`: MLflow shows a key's value at its highest step, which would hide the run's median.
+                metrics = {"train_loss": train_loss, "grad_norm_max": largest_grad_norm, "lr": lr, "tokens_per_s_window": tokens_per_s}
                 if at_eval:
                     # The last training micro-batch's routing, read before the val pass routes anew (without noise).
                     metrics.update({f"attn.{k}": v.item() for k, v in model.attention_stats().items()})
