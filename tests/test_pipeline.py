@@ -201,6 +201,9 @@ def test_snakemake_runs_the_dag_then_only_what_a_change_touches(tmp_path):
     assert "| mha |" in report and "| la |" in report
     assert len(list((ws / "reports" / "tiny" / "figures").glob("*.png"))) == 4
     assert "Nothing to be done" in run([sys.executable, "-m", "snakemake", "--cores", "2"], ws)
+    # The default params file named by the user, as it is or absolute: the same commands (a user's check saw all re-run).
+    for name in ("params.yaml", str(ws / "params.yaml")):
+        assert "Nothing to be done" in run([sys.executable, "-m", "snakemake", "-n", "--cores", "2", "--configfile", name], ws)
 
     # A changed option is planned, not run (the code change below runs the same stages; each run costs CI time).
     set_param(ws / "params.yaml", "variants", "la", "chunk", value=8)
