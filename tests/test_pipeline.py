@@ -243,6 +243,8 @@ def test_snakemake_runs_the_dag_then_only_what_a_change_touches(tmp_path):
     train_run = next(r for r in runs if r.info.run_name == "train-mha")
     assert len(client.get_metric_history(train_run.info.run_id, "val_bpb")) == 3
     assert train_run.data.params["model.d_model"] == "32"
+    evaluate_run = next(r for r in runs if r.info.run_name == "evaluate-mha")  # which configuration trained what it scored
+    assert {k: evaluate_run.data.params[k] for k in ("model.d_model", "train.lr")} == {"model.d_model": "32", "train.lr": "0.003"}
     # The run's figure is train.json's (the median window), not the last window's, which MLflow shows for a series.
     summary = read_json(ws / "results" / "tiny" / "variants" / "mha" / "train.json")
     assert train_run.data.metrics["tokens_per_s"] == pytest.approx(summary["tokens_per_s"], rel=1e-12)

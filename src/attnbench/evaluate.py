@@ -100,7 +100,9 @@ def main(params: Params, variant: str, data_dir: Path, out_dir: Path) -> dict:
 
     use_cpu_threads(params.train.threads)
     with stage_run(params, "evaluate", variant) as tracker:
-        tracker.log_params({"variant": variant, "evaluate": params.evaluate.model_dump()})
+        # The configuration that trained the model too: evaluate runs of two configurations are told apart by it.
+        tracker.log_params({"variant": variant, "evaluate": params.evaluate.model_dump(), "model": params.model.model_dump(),
+                            "train": params.train.model_dump(), "variant_options": params.variant_options(variant)})
         metrics = evaluate(params, variant, data_dir, out_dir / "model.pt")
         write_json(out_dir / "eval.json", metrics)
         routing = {f"routing.{mode}.{k}": v for mode, stats in metrics.get("routing", {}).items() for k, v in stats.items()}

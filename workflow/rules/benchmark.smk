@@ -20,4 +20,4 @@ rule benchmark:
         variants=section("variants"),
         device=section("train", "device"),
     shell:
-        f"{stage('benchmark')} --out {BENCHMARKS} 2>&1 | tee {{log}}"
+        f"{stage('benchmark')} --out {BENCHMARKS} {TO_LOG}"

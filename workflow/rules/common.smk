@@ -70,5 +70,10 @@ def section(*keys, exclude=()):
     return value
 
 
+# Each job's output to the terminal and its log; -i: tee outlives a Ctrl-C, so the stage's last line (where its
+# checkpoint was kept) reaches the log.
+TO_LOG = "2>&1 | tee -i {log}"
+
+
 def stage(name):
     return CLI.format(stage=name)

@@ -10,7 +10,7 @@ rule fetch:
     params:
         data=section("data", exclude=("max_bytes", "splits")),  # prepare's
     shell:
-        f"{stage('fetch')} --out {{output.corpus}} 2>&1 | tee {{log}}"
+        f"{stage('fetch')} --out {{output.corpus}} {TO_LOG}"
 
 
 rule prepare:
@@ -28,4 +28,4 @@ rule prepare:
         max_bytes=section("data", "max_bytes"),
         splits=section("data", "splits"),
     shell:
-        f"{stage('prepare')} --corpus {{input.corpus}} --out {RESULTS}/data/prepared 2>&1 | tee {{log}}"
+        f"{stage('prepare')} --corpus {{input.corpus}} --out {RESULTS}/data/prepared {TO_LOG}"

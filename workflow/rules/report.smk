@@ -37,4 +37,4 @@ rule report:
     log:
         f"{LOGS}/report.log",
     shell:
-        f"{stage('report')} --variants-dir {RESULTS}/variants --data {PREPARED} --out {REPORT} 2>&1 | tee {{log}}"
+        f"{stage('report')} --variants-dir {RESULTS}/variants --data {PREPARED} --out {REPORT} {TO_LOG}"

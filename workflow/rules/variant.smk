@@ -14,7 +14,7 @@ rule sources:
         f"{LOGS}/sources-{{variant}}.log",
     localrule: True  # milliseconds of work: never a cluster job
     shell:
-        f"{stage('sources')} --variant {{wildcards.variant}} --out {VARIANT_OUT} 2>&1 | tee {{log}}"
+        f"{stage('sources')} --variant {{wildcards.variant}} --out {VARIANT_OUT} {TO_LOG}"
 
 
 rule train:
@@ -40,7 +40,7 @@ rule train:
         train=section("train", exclude=("nproc",)),
         options=section("variants", "{variant}"),
     shell:
-        f"{stage('train')} --variant {{wildcards.variant}} --data {PREPARED} --out {VARIANT_OUT} 2>&1 | tee {{log}}"
+        f"{stage('train')} --variant {{wildcards.variant}} --data {PREPARED} --out {VARIANT_OUT} {TO_LOG}"
 
 
 rule evaluate:
@@ -61,7 +61,7 @@ rule evaluate:
         evaluate=section("evaluate"),
         threads=section("train", "threads"),
     shell:
-        f"{stage('evaluate')} --variant {{wildcards.variant}} --data {PREPARED} --out {VARIANT_OUT} 2>&1 | tee {{log}}"
+        f"{stage('evaluate')} --variant {{wildcards.variant}} --data {PREPARED} --out {VARIANT_OUT} {TO_LOG}"
 
 
 rule profile:
@@ -83,4 +83,4 @@ rule profile:
         threads=section("train", "threads"),  # with what
         options=section("variants", "{variant}"),
     shell:
-        f"{stage('profile')} --variant {{wildcards.variant}} --out {VARIANT_OUT} 2>&1 | tee {{log}}"
+        f"{stage('profile')} --variant {{wildcards.variant}} --out {VARIANT_OUT} {TO_LOG}"
