@@ -11,7 +11,7 @@ import pytest
 from attnbench import data
 from attnbench import report as report_mod
 from attnbench.config import ConfigError
-from attnbench.files import write_json
+from attnbench.files import read_json, write_json
 from attnbench.profile import FIELDS, fit_exponent
 from attnbench.plots import length_label, log_length_axes
 from attnbench.report import FIGURES, SUMMARY_FORMATS, markdown_table, report, unigram_bpb
@@ -194,6 +194,21 @@ def test_unigram_bpb_scores_the_test_split_with_the_train_splits_frequencies(tmp
     data.prepare(tmp_path / "corpus.bin", tmp_path / "prepared", 10**6, split)
     # 'a': 200 of train's 400 bytes, add-one smoothed over 256 byte values.
     assert unigram_bpb(tmp_path / "prepared") == pytest.approx(-math.log2(201 / 656), rel=1e-9)
+
+
+def test_a_test_split_scored_in_part_is_said_so(tmp_path, monkeypatch):
+    """With evaluate.max_tokens the test bpb covers part of the split, while the unigram line speaks of the whole:
+    the page says how much was scored (a user's check found nothing said); scored whole, it says nothing."""
+    params = prepared_params(tmp_path, monkeypatch, {"variants": {v: {} for v in FIXTURE}})
+    for variant, figures in FIXTURE.items():
+        write_variant(tmp_path / "variants" / variant, variant, *figures)
+    targets = read_json(tmp_path / "prepared" / "manifest.json")["splits"]["test"]["bytes"] - 1
+    for scored, said in ((targets // 2, True), (targets, False)):
+        for variant, (bpb, *_) in FIXTURE.items():
+            write_json(tmp_path / "variants" / variant / "eval.json", {"variant": variant, "test_bpb": bpb, "test_tokens": scored})
+        report(params, tmp_path / "variants", tmp_path / "prepared", tmp_path / "out")
+        text = (tmp_path / "out" / "comparison.md").read_text()
+        assert (f"Test bpb scores {scored:,} of the test split's {targets:,} bytes" in text) == said, text[:600]
 
 
 def test_report_of_a_subset_names_the_variants_left_out(tmp_path, monkeypatch):

@@ -197,6 +197,9 @@ def report(params: Params, variants_dir: Path, data_dir: Path, out_dir: Path, su
     m, t = params.model, params.train
     manifest = read_json(Path(data_dir) / MANIFEST)
     devices = sorted({outputs["train"]["device"] for outputs in summaries.values()})
+    # Every byte of the test split but the first is a target when evaluate scores it whole (no evaluate.max_tokens).
+    targets = manifest["splits"]["test"]["bytes"] - 1
+    scored = min(outputs["eval"]["test_tokens"] for outputs in summaries.values())
     text = [
         f"# attnbench comparison: `{params.run.name}`",
         "",
@@ -207,7 +210,9 @@ def report(params: Params, variants_dir: Path, data_dir: Path, out_dir: Path, su
         f"lr {t.lr:g}, on {', '.join(devices)}.",
         "",
         f"Unigram byte model of this corpus (train-split frequencies on the test split): **{baseline:.3f} bpb**. "
-        f"Best variant: **{best['variant']}** at {best['test bpb']:.3f} bpb.",
+        f"Best variant: **{best['variant']}** at {best['test bpb']:.3f} bpb."
+        + (f" Test bpb scores {scored:,} of the test split's {targets:,} bytes (evaluate.max_tokens: evenly spaced "
+           "windows, the same for every variant)." if scored < targets else ""),
         "",
         markdown_table(summary, SUMMARY_FORMATS),
         "",
