@@ -12,7 +12,11 @@ from attnbench.sources import stage_sources, variant_sources
 # config merge would union the variant lists). Validated before any job starts.
 # Named as the working directory sees it, since the name is in every job's command and Snakemake re-runs a job
 # whose command changed: `--configfile params.yaml` (absolute here) re-ran the whole DAG that the default had made.
-PARAMS_FILE = os.path.relpath(workflow.overwrite_configfiles[-1]) if workflow.overwrite_configfiles else "params.yaml"
+PARAMS_FILE = (
+    os.path.relpath(workflow.overwrite_configfiles[-1])
+    if workflow.overwrite_configfiles
+    else "params.yaml"
+)
 # Bad params stop the run in one line, as the CLI reports them (sys.exit: a raised error would come with Snakemake's
 # traceback of this file). --config values would be silently left out of every stage.
 if workflow.config_settings.config:
