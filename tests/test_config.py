@@ -4,14 +4,14 @@ Every bad input must raise ConfigError whose message is a single line that
 names the key path and the bad value and/or what is allowed.
 
 Kinds of bad input:
-- The table BAD: wrong types (a string or a float for an int, a string for a bool, a bool for a number or a
-  string, a section or a variant's options that are not a mapping); out of range (model sizes, dropout, split
-  fractions, the archive ratio, the training recipe: lr, min_lr_ratio, warmup, weight decay, betas, grad clip,
-  threads); cross-field rules (d_model not divisible by n_heads, splits not summing to 1, source local without
-  path, both or neither of train.steps and train.tokens); unknown keys (top level, nested, a variant's);
-  variants (unknown names, empty, each variant's options); enumerations and patterns (data.source, data.md5,
-  train.device, run.name, the benchmark's modes, parts and sizes); sequence lengths (profile and benchmark:
-  decreasing, repeated, not positive, too short).
+- The table BAD: wrong types (a string or a float for an int, a string for a bool, a bool for a number, in a
+  list of numbers and in a variant's options, a section or a variant's options that are not a mapping); out of
+  range (model sizes, dropout, split fractions, the archive ratio, the training recipe: lr, min_lr_ratio,
+  warmup, weight decay, betas, grad clip, threads); cross-field rules (d_model not divisible by n_heads, splits
+  not summing to 1, source local without path, both or neither of train.steps and train.tokens); unknown keys
+  (top level, nested, a variant's); variants (unknown names, empty, each variant's options); enumerations and
+  patterns (data.source, data.md5, train.device, run.name, the benchmark's modes, parts and sizes); sequence
+  lengths (profile and benchmark: decreasing, repeated, not positive, too short).
 - Union options named by their field, not pydantic's union branch (+1 new: lca.clusters).
 - Hypothesis: any int <= 0 for each size key (SIZE_KEYS) names that key.
 - Files (7): not a mapping (list, string, number), missing, invalid YAML (3 shapes).
@@ -108,7 +108,8 @@ BAD = [
     ("bool-for-int", "train.steps", True, ["train.steps = True", "a number, not a boolean"]),
     ("bool-for-float", "train.lr", False, ["train.lr = False", "a number, not a boolean"]),
     ("bool-for-auto-int", "train.threads", True, ["train.threads = True", "a number, not a boolean"]),
-    ("bool-for-str", "tracking.uri", True, ["tracking.uri = True", "valid string"]),
+    ("bool-in-a-list-of-ints", "profile.seq_lens", [True, 64], ["profile.seq_lens = [True, 64]", "a number, not a boolean"]),
+    ("bool-for-a-variants-float", "variants", {"lca": {"tau_start": True}}, ["variants.lca.tau_start = True", "a number, not a boolean"]),
     ("section-not-mapping", "model", 5, ["model = 5", "dictionary"]),
     ("zero-layers", "model.n_layers", 0, ["model.n_layers = 0", "greater than 0"]),
     ("negative-batch", "train.batch_size", -1, ["train.batch_size = -1", "greater than 0"]),

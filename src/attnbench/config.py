@@ -10,13 +10,13 @@ from __future__ import annotations
 import difflib
 import math
 from pathlib import Path
-from typing import Annotated, Any, Literal, get_args
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator, model_validator
 
 from .model import ModelConfig
-from .variants import REGISTRY, PositiveAutoInt, VariantOptions
+from .variants import REGISTRY, NoBooleanNumbers, PositiveAutoInt, VariantOptions
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 
@@ -34,26 +34,12 @@ class ConfigError(ValueError):
     """A bad params file; the message is one line meant for the user."""
 
 
-def _types(annotation) -> set:
-    """The types an annotation names: itself, or the members of its union."""
-    return {annotation, *get_args(annotation)}
-
-
 class _VariantOptionsError(Exception):
     """Raised past pydantic (not a ValueError) so the message keeps its full key path."""
 
 
-class Strict(BaseModel):
+class Strict(NoBooleanNumbers):
     model_config = ConfigDict(extra="forbid", frozen=True)
-
-    @field_validator("*", mode="before")
-    @classmethod
-    def _no_bool_for_a_number(cls, value, info):
-        # pydantic reads true as 1 for a number (YAML's yes too): `steps: true` would train one step.
-        types = _types(cls.model_fields[info.field_name].annotation)
-        if isinstance(value, bool) and bool not in types and types & {int, float}:
-            raise ValueError("Input should be a number, not a boolean")
-        return value
 
 
 class RunConfig(Strict):

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from .base import REGISTRY, Attention, PositiveAutoInt, VariantOptions
+from .base import REGISTRY, Attention, NoBooleanNumbers, PositiveAutoInt, VariantOptions
 
 # One line per variant: importing its file registers its class (@register); this order is REGISTRY's.
 from . import mha  # noqa: F401
@@ -21,4 +21,4 @@ def build_attention(name: str, d_model: int, n_heads: int, seq_len: int, options
     return REGISTRY[name](d_model, n_heads, seq_len, options)
 
 
-__all__ = ["REGISTRY", "Attention", "PositiveAutoInt", "VariantOptions", "build_attention"]
+__all__ = ["REGISTRY", "Attention", "NoBooleanNumbers", "PositiveAutoInt", "VariantOptions", "build_attention"]

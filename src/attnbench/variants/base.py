@@ -10,11 +10,12 @@ against that class, so a new variant needs no change to config.py.
 from __future__ import annotations
 
 import math
-from typing import Annotated, ClassVar, Literal
+from types import UnionType
+from typing import Annotated, ClassVar, Literal, Union, get_args, get_origin
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, PlainValidator
+from pydantic import BaseModel, ConfigDict, PlainValidator, field_validator
 from torch import nn
 
 Path = Literal["reference", "efficient"]
@@ -38,7 +39,35 @@ PositiveAutoInt = auto_option(1)
 NonNegativeAutoInt = auto_option(0)
 
 
-class VariantOptions(BaseModel):
+def _flat(annotation) -> set:
+    """The types an annotation admits: the members of its unions, without Annotated's metadata."""
+    if get_origin(annotation) is Annotated:
+        return _flat(get_args(annotation)[0])
+    if get_origin(annotation) in (Union, UnionType):
+        return set().union(*map(_flat, get_args(annotation)))
+    return {annotation}
+
+
+def _takes_a_boolean_as_a_number(types: set, value: object) -> bool:
+    return isinstance(value, bool) and bool not in types and bool(types & {int, float})
+
+
+class NoBooleanNumbers(BaseModel):
+    """pydantic reads true (YAML's yes too) as 1 for a number: `train.steps: true` trained one step. Its models
+    refuse a boolean for a number, and in a list of numbers."""
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_boolean_for_a_number(cls, value, info):
+        types = _flat(cls.model_fields[info.field_name].annotation)
+        items = set().union(*(_flat(t) for kind in types if get_origin(kind) in (list, tuple) for t in get_args(kind)))
+        if _takes_a_boolean_as_a_number(types, value) or (
+                isinstance(value, list) and any(_takes_a_boolean_as_a_number(items, v) for v in value)):
+            raise ValueError("Input should be a number, not a boolean")
+        return value
+
+
+class VariantOptions(NoBooleanNumbers):
     """Base for a variant's hyper-parameters; `auto` values resolve against T."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
