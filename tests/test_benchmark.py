@@ -141,6 +141,33 @@ def test_a_run_cut_short_keeps_the_training_rows_it_measured(monkeypatch, tmp_pa
     assert not (tmp_path / "out" / "benchmark.json").exists()  # the declared output: the front ends run it again
 
 
+def test_training_rows_run_the_baseline_first_and_the_table_groups_them_by_size(monkeypatch, tmp_path):
+    """The plain GPT's label runs the baseline (mha on the flash kernel); each run measures its sizes in turn, and the
+    table lists the params' size first, then the others' baseline and mha."""
+    import torch
+
+    from attnbench import benchmark
+
+    measured = []
+
+    def run_point(kind, label, T, batch, build, *args):
+        measured.append(label)
+        return {"kind": kind, "variant": label, "T": T, "batch": batch, "ms": 1.0, "mtok_per_s": 1.0, "peak_gib": 0.1, "status": "ok"}
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(benchmark, "resolve_device", lambda name: torch.device("cuda"))
+    monkeypatch.setattr(benchmark, "device_name", lambda: "fake-gpu")
+    monkeypatch.setattr(benchmark, "peak_flops", lambda device: None)
+    monkeypatch.setattr(benchmark, "run_point", run_point)
+    params = parse_params({"model": {"d_model": 64, "n_layers": 1}, "variants": {"mha": {}, "la": {}},
+                           "benchmark": {"parts": ["train"], "train_sizes": ["128x2"], "head_dim": 32}})
+    benchmark.main(params, tmp_path / "out")
+    plain = benchmark.PLAIN_GPT[0]
+    assert measured == [plain, plain, "mha", "mha", "la"]
+    rows = [line.split(" | ")[:2] for line in (tmp_path / "out" / "fake-gpu.md").read_text().splitlines() if line.startswith("| ") and "ms/step" not in line]
+    assert rows == [["| " + plain, "d64 L1 H2"], ["| mha", "d64 L1 H2"], ["| la", "d64 L1 H2"], ["| " + plain, "d128 L2 H4"], ["| mha", "d128 L2 H4"]], rows
+
+
 def test_an_unknown_variant_is_refused_before_any_work(tmp_path):
     """A misspelt --variants name used to become an error row per length, after the references had run."""
     import pytest
@@ -193,8 +220,8 @@ def test_a_run_is_logged_to_mlflow_with_the_tables_figures_and_files(monkeypatch
                  "mtok_per_s": 1.6, "mfu": 0.30, "peak_gib": 12.3, "compiled": True, "status": "ok"}]
 
     def measured(params, names, part, *args):
-        if part == "train":
-            return [], training
+        if part == "train":  # one call per training run
+            return [], training if names == [benchmark.PLAIN_GPT[0]] else []
         return [r for r in attention_rows() if r["variant"] in names], []
 
     monkeypatch.setattr(benchmark, "resolve_device", lambda name: torch.device("cuda"))

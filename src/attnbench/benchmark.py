@@ -287,7 +287,8 @@ def attention_section(attention: list[dict], settings: BenchmarkConfig) -> list[
 def training_section(training: list[dict], seq_len: int) -> list[str]:
     lines = [f"## Training step of the whole model (T = {seq_len}, {training[0]['batch'] * seq_len:,} tokens per step, "
              "bf16 autocast, fused AdamW)", "", "| variant | model | ms/step | Mtok/s | MFU | peak GiB | compiled |", "|---|---|---|---|---|---|---|"]
-    for r in training:
+    models = list(dict.fromkeys(r["model"] for r in training))  # the params' size first, as measured
+    for r in sorted(training, key=lambda r: models.index(r["model"])):  # each run measures its sizes in turn
         if r["status"] == "ok":
             mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "—"
             lines.append(f"| {r['variant']} | {r['model']} | {r['ms']:.1f} | {r['mtok_per_s']:.3f} | {mfu} | {r['peak_gib']:.1f} | {r['compiled']} |")
@@ -368,7 +369,8 @@ def tracked_metrics(attention: list[dict], training: list[dict]) -> dict[int | N
     for label, slope in exponents(attention).items():
         if slope is not None:
             by_step[None][metric_key("attention", *names[label], "time_exponent")] = slope
-    for r in training:
+    models = list(dict.fromkeys(r["model"] for r in training))  # the params' size first, as measured
+    for r in sorted(training, key=lambda r: models.index(r["model"])):  # each run measures its sizes in turn
         if r["status"] == "ok":
             for field in ("ms", "mtok_per_s", "mfu"):
                 if r.get(field) is not None:
