@@ -1,5 +1,6 @@
 import json
 import os
+import shlex
 import sys
 
 from snakemake.exceptions import WorkflowError
@@ -31,7 +32,7 @@ except ConfigError as err:
 RESULTS = str(PARAMS.results_dir)
 VARIANTS = list(PARAMS.variants)
 LOGS = f"logs/{PARAMS.run.name}"
-CLI = f"python -m attnbench {{stage}} --params {PARAMS_FILE}"
+CLI = f"python -m attnbench {{stage}} --params {shlex.quote(PARAMS_FILE)}"
 
 
 def job_threads():
