@@ -550,7 +550,7 @@ def test_load_split_refuses_a_deleted_split_file_as_data_error(corpus, tmp_path)
     out = tmp_path / "prepared"
     prepare(corpus, out, 10_000, FRACTIONS)
     (out / "val.bin").unlink()
-    with pytest.raises(DataError, match=r"val\.bin does not match its manifest checksum"):
+    with pytest.raises(DataError, match=r"val\.bin is missing, though manifest\.json lists it; re-run prepare"):
         load_split(out, "val")
 
 

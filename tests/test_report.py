@@ -202,13 +202,13 @@ def test_a_test_split_scored_in_part_is_said_so(tmp_path, monkeypatch):
     params = prepared_params(tmp_path, monkeypatch, {"variants": {v: {} for v in FIXTURE}})
     for variant, figures in FIXTURE.items():
         write_variant(tmp_path / "variants" / variant, variant, *figures)
-    targets = read_json(tmp_path / "prepared" / "manifest.json")["splits"]["test"]["bytes"] - 1
-    for scored, said in ((targets // 2, True), (targets, False)):
+    test_bytes = read_json(tmp_path / "prepared" / "manifest.json")["splits"]["test"]["bytes"]
+    for scored, said in ((test_bytes // 2, True), (test_bytes - 1, False)):
         for variant, (bpb, *_) in FIXTURE.items():
             write_json(tmp_path / "variants" / variant / "eval.json", {"variant": variant, "test_bpb": bpb, "test_tokens": scored})
         report(params, tmp_path / "variants", tmp_path / "prepared", tmp_path / "out")
         text = (tmp_path / "out" / "comparison.md").read_text()
-        assert (f"Test bpb scores {scored:,} of the test split's {targets:,} bytes" in text) == said, text[:600]
+        assert (f"Test bpb predicts {scored:,} of the test split's {test_bytes:,} bytes" in text) == said, text[:600]
 
 
 def test_report_of_a_subset_names_the_variants_left_out(tmp_path, monkeypatch):

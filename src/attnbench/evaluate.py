@@ -100,7 +100,8 @@ def main(params: Params, variant: str, data_dir: Path, out_dir: Path) -> dict:
 
     use_cpu_threads(params.train.threads)
     with stage_run(params, "evaluate", variant) as tracker:
-        # The configuration that trained the model too: evaluate runs of two configurations are told apart by it.
+        # The params file's model, train and variant options too (in the pipeline, those that trained the model):
+        # evaluate runs of two configurations are told apart by them.
         tracker.log_params({"variant": variant, "evaluate": params.evaluate.model_dump(), "model": params.model.model_dump(),
                             "train": params.train.model_dump(), "variant_options": params.variant_options(variant)})
         metrics = evaluate(params, variant, data_dir, out_dir / "model.pt")

@@ -29,8 +29,10 @@ def load_split(data_dir: Path, name: str, verify: bool = True) -> np.ndarray:
         raise DataError(f"{data_dir}: no {MANIFEST}; run the prepare stage first")
     entry = read_json(manifest_path)["splits"][name]
     path = data_dir / entry["file"]
+    if not path.exists():
+        raise DataError(f"{path} is missing, though {MANIFEST} lists it; re-run prepare")
     if verify:
-        if not path.exists() or path.stat().st_size != entry["bytes"] or file_digest(path) != entry["sha256"]:
+        if path.stat().st_size != entry["bytes"] or file_digest(path) != entry["sha256"]:
             raise DataError(f"{path} does not match its manifest checksum (altered or truncated); re-run prepare")
     return np.memmap(path, dtype=np.uint8, mode="r")
 
