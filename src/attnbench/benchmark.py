@@ -369,8 +369,7 @@ def tracked_metrics(attention: list[dict], training: list[dict]) -> dict[int | N
     for label, slope in exponents(attention).items():
         if slope is not None:
             by_step[None][metric_key("attention", *names[label], "time_exponent")] = slope
-    models = list(dict.fromkeys(r["model"] for r in training))  # the params' size first, as measured
-    for r in sorted(training, key=lambda r: models.index(r["model"])):  # each run measures its sizes in turn
+    for r in training:
         if r["status"] == "ok":
             for field in ("ms", "mtok_per_s", "mfu"):
                 if r.get(field) is not None:
