@@ -251,6 +251,12 @@ class Params(Strict):
         except ValidationError as err:
             raise ConfigError(f"command line: {_first_error(err, prefix='benchmark.')}") from None
 
+    def logged(self, variant: str, *sections: str) -> dict:
+        """What a stage run of `variant` logs to MLflow as params: the variant, the model, its options, and the
+        named sections of this file."""
+        return {"variant": variant, "model": self.model.model_dump(), "variant_options": self.variant_options(variant),
+                **{name: getattr(self, name).model_dump() for name in sections}}
+
     def variant_options(self, name: str) -> dict:
         """The options of `name` as plain data (what goes into checkpoints and MLflow)."""
         if name not in self.variants:

@@ -102,8 +102,7 @@ def main(params: Params, variant: str, data_dir: Path, out_dir: Path) -> dict:
     with stage_run(params, "evaluate", variant) as tracker:
         # The params file's model, train and variant options too (in the pipeline, those that trained the model):
         # evaluate runs of two configurations are told apart by them.
-        tracker.log_params({"variant": variant, "evaluate": params.evaluate.model_dump(), "model": params.model.model_dump(),
-                            "train": params.train.model_dump(), "variant_options": params.variant_options(variant)})
+        tracker.log_params(params.logged(variant, "evaluate", "train"))
         metrics = evaluate(params, variant, data_dir, out_dir / "model.pt")
         write_json(out_dir / "eval.json", metrics)
         routing = {f"routing.{mode}.{k}": v for mode, stats in metrics.get("routing", {}).items() for k, v in stats.items()}

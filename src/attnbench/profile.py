@@ -215,8 +215,7 @@ def main(params: Params, variant: str, out_dir: Path) -> dict:
 
     use_cpu_threads(params.train.threads)
     with stage_run(params, "profile", variant) as tracker:
-        tracker.log_params({"variant": variant, "profile": params.profile.model_dump(), "model": params.model.model_dump(),
-                            "variant_options": params.variant_options(variant)})
+        tracker.log_params(params.logged(variant, "profile"))
         rows, summary = profile(params, variant)
         with atomic_path(out_dir / "profile.csv") as tmp, open(tmp, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=FIELDS)

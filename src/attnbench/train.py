@@ -204,8 +204,7 @@ def train(params: Params, variant: str, data_dir: Path, out_dir: Path, tracker=N
     log.info("train %s: %d steps x %d tokens, %.2fM non-embedding params, %s%s", variant, steps, tokens_per_step, n_params / 1e6, device,
              f" x {world} processes" if world > 1 else "")
     if tracker is not None:  # every run, a resumed one too: each is its own MLflow run
-        tracker.log_params({"variant": variant, "model": params.model.model_dump(), "train": cfg.model_dump(),
-                            "variant_options": params.variant_options(variant), "params_non_embedding": n_params})
+        tracker.log_params(params.logged(variant, "train") | {"params_non_embedding": n_params})
         tracker.set_tags({"resumed_from_step": str(start), "compiled": str(compiled)})
 
     bad_step = torch.tensor(-1, device=device)  # first step with a non-finite loss or gradient, found without a host sync
