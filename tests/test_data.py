@@ -12,6 +12,7 @@ import gzip
 import hashlib
 import io
 import os
+import re
 import threading
 import time
 import zipfile
@@ -450,6 +451,22 @@ def test_local_missing_path_is_a_clear_error(tmp_path):
     with pytest.raises(DataError, match=r"data\.path = .*nope\.txt.*no such file"):
         fetch(DataConfig(source="local", path=str(missing)), tmp_path / "corpus.bin", tmp_path / "dl")
     assert not (tmp_path / "corpus.bin").exists()
+
+
+def test_check_warns_of_a_missing_local_corpus(tmp_path, monkeypatch, capsys):
+    """`check` validates the params; a local source that is not there gets a warning naming it (only fetch needs it,
+    and a corpus already fetched needs no source), not Snakemake's MissingInputException alone (a user's check)."""
+    from attnbench import cli
+    from tests.tiny import write_params
+
+    monkeypatch.chdir(tmp_path)
+    path, _ = write_params(tmp_path)
+    assert cli.main(["check", "--params", str(path)]) == 0
+    assert "no such file" not in capsys.readouterr().err
+    (tmp_path / "corpus.txt").unlink()
+    assert cli.main(["check", "--params", str(path)]) == 0
+    err = capsys.readouterr().err
+    assert re.search(r"attnbench check: .*params\.yaml: data\.path = 'corpus\.txt': no such file; the fetch stage reads it", err), err
 
 
 def test_local_empty_file_is_refused(tmp_path):

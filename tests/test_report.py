@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import math
+import re
 
 import pandas as pd
 import pytest
@@ -26,7 +27,8 @@ FIXTURE = {
 }
 
 
-def write_variant(folder, variant, bpb, tokens_per_s, exponent, val_bpb=None, out_of_memory_at=None, reference_out_of_memory_at=None):
+def write_variant(folder, variant, bpb, tokens_per_s, exponent, val_bpb=None, out_of_memory_at=None, reference_out_of_memory_at=None,
+                  noisy_at=None):
     folder.mkdir(parents=True)
     val_bpb = bpb + 0.01 if val_bpb is None else val_bpb
     write_json(folder / "train.json", {"variant": variant, "params_non_embedding": 12345, "val_bpb_final": val_bpb,
@@ -47,7 +49,7 @@ def write_variant(folder, variant, bpb, tokens_per_s, exponent, val_bpb=None, ou
                 continue
             seconds = batch * 1e-6 * T**scope_exponent
             rows.append({"variant": variant, "scope": scope, "T": T, "batch": batch, "seconds": seconds,
-                         "tokens_per_s": batch * T / seconds, "memory_bytes": batch * T * 1000, "memory_method": "fixture",
+                         "spread": 0.6 if (scope, T) == ("attention", noisy_at) else 0.25, "tokens_per_s": batch * T / seconds, "memory_bytes": batch * T * 1000, "memory_method": "fixture",
                          "status": "ok"})
     with open(folder / "profile.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=FIELDS)
@@ -70,14 +72,22 @@ def prepared_params(tmp_path, monkeypatch, overrides: dict):
 def test_report_from_fixture_metrics(tmp_path, monkeypatch):
     params = prepared_params(tmp_path, monkeypatch, {"variants": {v: {} for v in FIXTURE}})
     for variant, figures in FIXTURE.items():
-        write_variant(tmp_path / "variants" / variant, variant, *figures, out_of_memory_at=512 if variant == "mha" else None)
+        write_variant(tmp_path / "variants" / variant, variant, *figures, out_of_memory_at=512 if variant == "mha" else None,
+                      noisy_at=128 if variant == "la" else None)
     # What each line figure is given to plot (a PNG cannot be read back): seaborn's lineplot, recorded and still drawn.
     plotted = []
     real_lineplot = report_mod.sns.lineplot
     monkeypatch.setattr(report_mod.sns, "lineplot", lambda data, **kw: plotted.append((kw["ax"], data, kw["y"])) or real_lineplot(data, **kw))
 
+    legends = {}  # each figure's legend entries, by title
+    real_legend_beside = report_mod.legend_beside
+    monkeypatch.setattr(report_mod, "legend_beside", lambda ax: real_legend_beside(ax) or legends.update(
+        {ax.get_title(): [t.get_text() for t in ax.get_legend().get_texts()]}))
+
     result = report(params, tmp_path / "variants", tmp_path / "prepared", tmp_path / "out")
 
+    # The throughput figure names its points in a legend (labels beside them overlapped where two nearly coincide).
+    assert legends[FIGURES["bpb_vs_throughput"]] == list(FIXTURE), legends
     text = (tmp_path / "out" / "comparison.md").read_text()
     rows = {line.split("|")[1].strip(): line for line in text.splitlines() if line.startswith("| ") and "variant" not in line}
     assert set(rows) == set(FIXTURE)
@@ -103,6 +113,9 @@ def test_report_from_fixture_metrics(tmp_path, monkeypatch):
     frame, column = y[FIGURES["memory_vs_T"]]
     assert list(frame[column]) == pytest.approx(list(frame["T"] * 1000 / 2**20)), column
     assert "Profile points that did not run: mha attention T = 512 (oom)." in text
+    # The one point above 25% spread (every other is at 25%, which passes).
+    assert re.search(r"^Profile points timed while something else used the machine .* by more than 25% .*: "
+                     r"la attention T = 128 \(60%\)\.$", text, re.M), text
     assert "Best variant: **la** at 2.250 bpb" in text
     assert f"**{unigram_bpb(tmp_path / 'prepared'):.3f} bpb**" in text
     for name in ("learning_curves", "bpb_vs_throughput", "time_vs_T", "memory_vs_T"):

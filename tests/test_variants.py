@@ -365,12 +365,12 @@ def test_profile_batch_is_tokens_per_step_over_each_T(tmp_path):
 
 def test_profile_time_is_the_median_of_the_repeats(monkeypatch):
     """One slow repeat (a stall, a GC pause) does not move the measured time: durations 100, 2 and 1 s give 2 s (the
-    mean, the first and the fastest would each give another figure)."""
+    mean, the first and the fastest would each give another figure), and a spread of (100 - 1) / 2 that shows it."""
     from types import SimpleNamespace
 
     from attnbench import profile as profile_mod
 
     ticks = iter([0.0, 100.0, 200.0, 202.0, 300.0, 301.0])  # (start, end) of each timed repeat
     monkeypatch.setattr(profile_mod, "time", SimpleNamespace(perf_counter=lambda: next(ticks)))
-    seconds, _, _ = profile_mod.measure(lambda: None, torch.device("cpu"), warmup=0, repeats=3)
-    assert seconds == 2.0
+    measured = profile_mod.measure(lambda: None, torch.device("cpu"), warmup=0, repeats=3)
+    assert (measured.seconds, measured.spread) == (2.0, 49.5)

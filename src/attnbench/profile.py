@@ -14,7 +14,8 @@ holds saved for backward (the part of memory that grows with T), without the
 weights and the input, which were there before the step as in the CUDA base.
 torch is seeded before each point (`profile.seed`), so that lca's and sca's
 clusters, on which their saved bytes depend, are the same on every run.
-A point that runs out of memory is recorded as `oom` and the rest still run.
+A point that runs out of memory is recorded as `oom` and the rest still run. Each point's time is the median of
+`profile.repeats` runs, and its `spread` says how far they disagreed (the report names the points above 25%).
 """
 
 from __future__ import annotations
@@ -41,12 +42,20 @@ from .variants import build_attention
 
 log = logging.getLogger(__name__)
 
-FIELDS = ["variant", "scope", "T", "batch", "seconds", "tokens_per_s", "memory_bytes", "memory_method", "status"]
+# spread: (slowest - fastest) / median of a point's timed repeats; large where something else used the machine.
+FIELDS = ["variant", "scope", "T", "batch", "seconds", "spread", "tokens_per_s", "memory_bytes", "memory_method", "status"]
 
 
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+class Measurement(NamedTuple):
+    seconds: float  # the median of the repeats
+    spread: float  # (slowest - fastest) / median
+    memory_bytes: int
+    memory_method: str
 
 
 class Step(NamedTuple):
@@ -104,9 +113,8 @@ def out_of_memory(err: BaseException) -> bool:
 
 
 def measure(step: Callable[[], None], device: torch.device, warmup: int, repeats: int,
-            resident: Iterable[torch.Tensor] = ()) -> tuple[float, int, str]:
-    """Median seconds of `step` (a forward+backward) and its memory, `resident` tensors not counted: (seconds, bytes,
-    method)."""
+            resident: Iterable[torch.Tensor] = ()) -> Measurement:
+    """Median seconds of `step` (a forward+backward), their spread, and its memory, `resident` tensors not counted."""
     for _ in range(warmup):
         step()
     _sync(device)
@@ -127,7 +135,8 @@ def measure(step: Callable[[], None], device: torch.device, warmup: int, repeats
         step()
         _sync(device)
         times.append(time.perf_counter() - t0)
-    return statistics.median(times), memory, method
+    median = statistics.median(times)
+    return Measurement(median, (max(times) - min(times)) / median if median else 0.0, memory, method)
 
 
 def layer_step(params: Params, variant: str, options, T: int, batch: int, device: torch.device) -> Step:
@@ -189,12 +198,12 @@ def profile(params: Params, variant: str) -> tuple[list[dict], dict]:
             torch.manual_seed(cfg.seed)  # the same weights, inputs and clusters on every run: reproducible memory
             try:
                 step = build(params, variant, T, batch, device)
-                seconds, memory, method = measure(step.run, device, cfg.warmup, cfg.repeats, step.resident)
-                row.update(seconds=seconds, tokens_per_s=batch * T / seconds, memory_bytes=memory, memory_method=method, status="ok")
+                m = measure(step.run, device, cfg.warmup, cfg.repeats, step.resident)
+                row.update(m._asdict(), tokens_per_s=batch * T / m.seconds, status="ok")
             except Exception as err:
                 if not out_of_memory(err):
                     raise
-                row.update(seconds=None, tokens_per_s=None, memory_bytes=None, memory_method=None, status="oom")
+                row.update(dict.fromkeys(Measurement._fields), tokens_per_s=None, status="oom")
             finally:
                 if device.type == "cuda":
                     torch.cuda.empty_cache()

@@ -117,10 +117,10 @@ def figures(summary: pd.DataFrame, curves: pd.DataFrame, profiles: pd.DataFrame,
     learning_curves_figure(curves, paths["learning_curves"], FIGURES["learning_curves"])
 
     fig, ax = plt.subplots(figsize=(6.5, 4))
-    sns.scatterplot(summary, x="train tok/s", y="test bpb", hue="variant", s=80, ax=ax, legend=False)  # each point is named
-    for _, r in summary.iterrows():
-        ax.annotate(r["variant"], (r["train tok/s"], r["test bpb"]), textcoords="offset points", xytext=(5, 5))
+    # A legend, not labels beside the points: variants of nearly equal speed and bpb would print their names over each other.
+    sns.scatterplot(summary, x="train tok/s", y="test bpb", hue="variant", style="variant", s=80, ax=ax)
     ax.set(xlabel="training tokens/s", ylabel="test bits/byte (lower is better)", title=FIGURES["bpb_vs_throughput"])
+    legend_beside(ax)
     ax.xaxis.set_major_formatter(StrMethodFormatter("{x:,.0f}"))
     _save(fig, paths["bpb_vs_throughput"])
 
@@ -134,6 +134,17 @@ def figures(summary: pd.DataFrame, curves: pd.DataFrame, profiles: pd.DataFrame,
         log_length_axes(ax, ok["T"])
         _save(fig, paths[name])
     return list(paths.values())
+
+
+# A profile point whose repeats disagree by more than this (slowest - fastest, over the median) is named on the page.
+NOISY_SPREAD = 0.25
+
+
+def noisy_points(profiles: pd.DataFrame) -> list[str]:
+    """The profile points timed while something else used the machine: their ratios and exponents are unreliable."""
+    spread = profiles["spread"] if "spread" in profiles else pd.Series(np.nan, index=profiles.index)
+    noisy = profiles[(profiles.status == "ok") & (spread > NOISY_SPREAD)]
+    return [f"{r.variant} {r.scope} T = {r.T} ({100 * r.spread:.0f}%)" for r in noisy.itertuples()]
 
 
 # One format per column, so a column reads alike at every magnitude.
@@ -166,7 +177,9 @@ def routing_section(routing: pd.DataFrame, seed: int) -> list[str]:
     return [
         f"{', '.join(routing['variant'])} route{'s' if len(routing) == 1 else ''} tokens by sampling in training: argmax(r + g) with Gumbel noise g draws "
         "the cluster from softmax(r), whatever tau. The table's test bpb is the spec's evaluation, the noiseless argmax "
-        f"of r; scored as they trained (noise from seed {seed}, a code length a decoder that shares the seed attains):",
+        f"of r; scored as they trained (noise from seed {seed}, a code length a decoder that shares the seed attains). "
+        "Cluster sizes are counted in each sequence for each router, then averaged over routers, layers and test "
+        "windows (so a count of empty clusters can be fractional):",
         "",
         markdown_table(routing, ROUTING_FORMATS),
         "",
@@ -193,6 +206,7 @@ def report(params: Params, variants_dir: Path, data_dir: Path, out_dir: Path, su
     out_dir = Path(out_dir)
     figure_paths = figures(summary, curves, profiles, out_dir)
     failed = [f"{r.variant} {r.scope} T = {r.T} ({r.status})" for r in profiles.itertuples() if r.scope != "reference" and r.status != "ok"]
+    noisy = noisy_points(profiles)
     best = summary.loc[summary["test bpb"].idxmin()]
     m, t = params.model, params.train
     manifest = read_json(Path(data_dir) / MANIFEST)
@@ -218,6 +232,9 @@ def report(params: Params, variants_dir: Path, data_dir: Path, out_dir: Path, su
         "",
         *([f"Not in this report: {', '.join(left_out)} (of the params file's {len(params.variants)} variants).", ""] if left_out else []),
         *([f"Profile points that did not run: {', '.join(failed)}.", ""] if failed else []),
+        *([f"Profile points timed while something else used the machine (their `profile.repeats` = {params.profile.repeats} "
+           f"runs differ by more than {100 * NOISY_SPREAD:.0f}% of their median; exponents and x sdpa drawn from them are "
+           f"unreliable: profile again on a quiet machine, or with more repeats): {', '.join(noisy)}.", ""] if noisy else []),
         "Exponents are log-log slopes against T of time and memory per sequence over the profile's lengths "
         f"({', '.join(map(str, params.profile.seq_lens))}); profiled on {summaries[variants[0]]['profile']['device']}. "
         "x sdpa: the attention sub-layer's speed over mha's (the fused causal sdpa, default options) at the same shapes, "
