@@ -123,6 +123,20 @@ def test_report_from_fixture_metrics(tmp_path, monkeypatch):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
         assert f"(figures/{name}.png)" in text
     assert [r["variant"] for r in result["variants"]] == list(FIXTURE)
+    assert {v: cells[header.index("spec exp")] for v, cells in table.items()} == {"mha": "2", "la": "1"}
+    assert "which every attention time exponent here meets within 0.25." in text
+
+
+def test_the_page_names_the_time_exponents_off_the_spec(tmp_path, monkeypatch):
+    """variants.md's tolerance is 0.25: la at 1.30 misses its 1, mha at 1.80 meets its 2."""
+    params = prepared_params(tmp_path, monkeypatch, {"variants": {v: {} for v in FIXTURE}})
+    for variant, exponent in (("mha", 1.8), ("la", 1.3)):
+        write_variant(tmp_path / "variants" / variant, variant, *FIXTURE[variant][:2], exponent)
+
+    report(params, tmp_path / "variants", tmp_path / "prepared", tmp_path / "out")
+
+    text = (tmp_path / "out" / "comparison.md").read_text()
+    assert "which these attention time exponents miss by more than 0.25: la 1.30 (spec 1)." in text, text
 
 
 def test_fit_exponent_is_the_log_log_slope_over_the_usable_points():

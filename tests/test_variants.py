@@ -145,6 +145,18 @@ def test_the_registry_files_each_variant_once_under_its_file_name():
     assert REGISTRY["ca"].__name__ == "BlockClusterAttention"
 
 
+def test_each_variant_declares_the_spec_tables_compute_exponent():
+    """The report and the benchmark hold fitted time exponents against these (variants.md: compute vs T); a class
+    without one is refused when it registers, not found out by a KeyError in a report."""
+    from attnbench.variants.base import Attention, register
+
+    assert {name: REGISTRY[name].compute_exponent for name in VARIANTS} == {
+        "mha": 2, "la": 1, "ca": 1.5, "lca": 1.5, "cka": 1.5, "fastcka": 1.5, "sca": 1.5}
+    with pytest.raises(TypeError, match="variant 'new': New declares no compute_exponent"):
+        register("new")(type("New", (Attention,), {}))
+    assert "new" not in REGISTRY
+
+
 @pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
 @pytest.mark.parametrize("name", VARIANTS)
 def test_reference_equals_efficient(name, shape):

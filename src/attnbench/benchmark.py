@@ -41,9 +41,9 @@ from .config import BenchmarkConfig, ConfigError, Params
 from .files import atomic_path, write_json, write_text
 from .model import ByteLM, ModelConfig
 from .plots import length_label, log_length_axes
-from .profile import fit_exponent
+from .profile import SPEC_EXPONENT_TOLERANCE, fit_exponent, off_spec
 from .runtime import autocast, one_line, peak_flops, resolve_device
-from .variants import build_attention
+from .variants import REGISTRY, build_attention
 from .variants.mha import MultiHeadOptions, sdpa_backends
 
 log = logging.getLogger(__name__)
@@ -260,14 +260,19 @@ def cell(row: dict | None) -> str:
     return f"{row['mtok_per_s']:.1f}" if row["status"] == "ok" else row["status"][:20]
 
 
+def spec_exponents(rows: list[dict]) -> dict[str, float]:
+    """Per row label: the spec's compute exponent of its variant (the references are mha's kernel)."""
+    return {r["label"]: REGISTRY["mha" if r["variant"] in REFERENCES else r["variant"]].compute_exponent for r in rows}
+
+
 def attention_section(attention: list[dict], settings: BenchmarkConfig) -> list[str]:
     seq_lens = sorted({r["T"] for r in attention})
-    slopes = exponents(attention)
+    slopes, specs = exponents(attention), spec_exponents(attention)
     lines = [f"## Attention forward+backward, Mtok/s ({settings.tokens:,} tokens per step, H = {settings.heads}, "
              f"D = {settings.head_dim}, bf16, median)", "",
              "| variant | " + " | ".join(length_label(T) for T in seq_lens)
-             + " | time exponent (2K-32K) | x sdpa at 8K | x sdpa at 32K |",
-             "|---|" + "---|" * (len(seq_lens) + 3)]
+             + " | time exponent (2K-32K) | spec | x sdpa at 8K | x sdpa at 32K |",
+             "|---|" + "---|" * (len(seq_lens) + 4)]
     by = {(r["label"], r["T"]): r for r in attention}
     ratios = sdpa_ratios(attention)
 
@@ -277,8 +282,13 @@ def attention_section(attention: list[dict], settings: BenchmarkConfig) -> list[
     for label in dict.fromkeys(r["label"] for r in attention):
         cells = [cell(by.get((label, T))) for T in seq_lens]
         slope = slopes[label]
-        lines.append(f"| {label} | " + " | ".join(cells) + f" | {'—' if slope is None else f'{slope:.2f}'} | {ratio(label, 8192)} | {ratio(label, 32768)} |")
-    return lines + ["", "Time exponent: slope of log(time per sequence) against log T, i.e. the spec's compute-vs-T exponent. "
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {'—' if slope is None else f'{slope:.2f}'} | {specs[label]:g} "
+                     f"| {ratio(label, 8192)} | {ratio(label, 32768)} |")
+    off = off_spec(slopes, specs)
+    agreement = (f"off it by more than {SPEC_EXPONENT_TOLERANCE:g}: {', '.join(off)}" if off
+                 else f"every row within {SPEC_EXPONENT_TOLERANCE:g} of it")
+    return lines + ["", "Time exponent: slope of log(time per sequence) against log T, i.e. the spec's compute-vs-T exponent "
+                    f"(`spec`, variants.md's table; {agreement}). "
                     "`sdpa`: the fused causal kernel in mha's order (cuDNN first), the bar of the ratio columns; "
                     f"`sdpa-flash`: the flash kernel alone. Each sample times {CHAIN} steps back to back (as training runs them); "
                     "the CSV keeps each point's fastest and slowest sample (`ms_min`, `ms_max`) beside the median.", ""]

@@ -185,6 +185,16 @@ def fit_exponent(T: list[int], values: list[float]) -> float | None:
     return float(np.polyfit(x, y, 1)[0])
 
 
+# variants.md: a measured compute exponent agrees with the spec's table within this.
+SPEC_EXPONENT_TOLERANCE = 0.25
+
+
+def off_spec(fitted: dict[str, float | None], spec: dict[str, float]) -> list[str]:
+    """'name fitted (spec s)' for each fitted time exponent further than the tolerance from its spec's."""
+    return [f"{name} {value:.2f} (spec {spec[name]:g})" for name, value in fitted.items()
+            if value is not None and abs(value - spec[name]) > SPEC_EXPONENT_TOLERANCE]
+
+
 def profile(params: Params, variant: str) -> tuple[list[dict], dict]:
     """Rows of measurements (one per scope and T) and the fitted exponents."""
     cfg = params.profile

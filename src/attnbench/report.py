@@ -17,7 +17,9 @@ from matplotlib.ticker import StrMethodFormatter  # noqa: E402
 from .config import Params  # noqa: E402
 from .files import atomic_path, read_json, write_text  # noqa: E402
 from .plots import legend_beside, log_length_axes  # noqa: E402
+from .profile import SPEC_EXPONENT_TOLERANCE, off_spec  # noqa: E402
 from .splits import MANIFEST, load_split  # noqa: E402
+from .variants import REGISTRY  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +67,7 @@ def collect(variants_dir: Path, summaries: dict[str, dict]) -> tuple[pd.DataFram
             "x sdpa @ max T": largest["tokens_per_s"] / reference[largest["T"]] if largest is not None and largest["T"] in reference else None,
             "attn MiB @ max T": None if largest is None else largest["memory_bytes"] / 2**20,
             "time exp (attn)": prof.get("attention_time_exponent"),
+            "spec exp": REGISTRY[v].compute_exponent,
             "memory exp (attn)": prof.get("attention_memory_exponent"),
             "time exp (model)": prof.get("model_time_exponent"),
         })
@@ -151,7 +154,7 @@ def noisy_points(profiles: pd.DataFrame) -> list[str]:
 SUMMARY_FORMATS = {
     "params (M)": "{:.3f}", "test bpb": "{:.3f}", "val bpb (end)": "{:.3f}", "train tok/s": "{:,.0f}", "MFU %": "{:.1f}",
     "attn tok/s @ max T": "{:,.0f}", "x sdpa @ max T": "{:.2f}", "attn MiB @ max T": "{:,.1f}",
-    "time exp (attn)": "{:.2f}", "memory exp (attn)": "{:.2f}", "time exp (model)": "{:.2f}",
+    "time exp (attn)": "{:.2f}", "spec exp": "{:g}", "memory exp (attn)": "{:.2f}", "time exp (model)": "{:.2f}",
 }
 ROUTING_FORMATS = {
     "test bpb (argmax)": "{:.3f}", "test bpb (sampled)": "{:.3f}", "largest cluster % (argmax)": "{:.1f}",
@@ -207,6 +210,9 @@ def report(params: Params, variants_dir: Path, data_dir: Path, out_dir: Path, su
     figure_paths = figures(summary, curves, profiles, out_dir)
     failed = [f"{r.variant} {r.scope} T = {r.T} ({r.status})" for r in profiles.itertuples() if r.scope != "reference" and r.status != "ok"]
     noisy = noisy_points(profiles)
+    off = off_spec(dict(zip(summary["variant"], summary["time exp (attn)"])), dict(zip(summary["variant"], summary["spec exp"])))
+    agreement = (f"which these attention time exponents miss by more than {SPEC_EXPONENT_TOLERANCE:g}: {', '.join(off)}" if off
+                 else f"which every attention time exponent here meets within {SPEC_EXPONENT_TOLERANCE:g}")
     best = summary.loc[summary["test bpb"].idxmin()]
     m, t = params.model, params.train
     manifest = read_json(Path(data_dir) / MANIFEST)
@@ -237,6 +243,7 @@ def report(params: Params, variants_dir: Path, data_dir: Path, out_dir: Path, su
            f"unreliable: profile again on a quiet machine, or with more repeats): {', '.join(noisy)}.", ""] if noisy else []),
         "Exponents are log-log slopes against T of time and memory per sequence over the profile's lengths "
         f"({', '.join(map(str, params.profile.seq_lens))}); profiled on {summaries[variants[0]]['profile']['device']}. "
+        f"`spec exp`: the spec's compute-vs-T exponent (variants.md), {agreement}. "
         "x sdpa: the attention sub-layer's speed over mha's (the fused causal sdpa, default options) at the same shapes, "
         "measured in the same profile run (scope `reference` of profile.csv). CPU timings are for trends only; absolute "
         "speeds count on a GPU.",

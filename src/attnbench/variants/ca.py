@@ -74,6 +74,7 @@ def chunked_segment_attention(
 @register("ca")
 class BlockClusterAttention(Attention):
     Options = BlockClusterOptions
+    compute_exponent = 1.5  # T * b with b ~ sqrt(T)
 
     @property
     def block(self) -> int:

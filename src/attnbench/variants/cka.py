@@ -51,6 +51,7 @@ def safe_log(z: torch.Tensor) -> torch.Tensor:
 @register("cka")
 class ClusterKernelAttention(Attention):
     Options = ClusterKernelOptions
+    compute_exponent = 1.5  # exact blocks of b ~ sqrt(T); the rank-k mixing is linear in T
 
     def __init__(self, d_model, n_heads, seq_len, options=None):
         super().__init__(d_model, n_heads, seq_len, options)

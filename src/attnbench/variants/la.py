@@ -116,6 +116,7 @@ def fla_linear_attention(fq: torch.Tensor, fk: torch.Tensor, v: torch.Tensor, ch
 @register("la")
 class LinearAttention(Attention):
     Options = LinearAttentionOptions
+    compute_exponent = 1.0
 
     @property
     def chunk(self) -> int:

@@ -199,6 +199,7 @@ def cluster_attention_sorted(q, k, v, cluster, gate, C, scale, sorted_values=Non
 @register("lca")
 class LearnedClusterAttention(Attention):
     Options = LearnedClusterOptions
+    compute_exponent = 1.5  # T^2 / C with C ~ sqrt(T) balanced clusters
     # Inductor pads a row stride over 1024 elements to whole 128 bytes; the per-head router's R C logits (1456 at
     # T = 32K) were then copied into the contiguous layout the fused routing reads, forward and backward: 0.18 of
     # 3.6 ms per layer step at 32K on the H200 (measured). Unpadded, they go straight from the GEMM to the kernels.

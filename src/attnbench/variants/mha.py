@@ -40,6 +40,7 @@ class MultiHeadAttention(Attention):
     """out = softmax(q k^T * scale + log M) v."""
 
     Options = MultiHeadOptions
+    compute_exponent = 2.0
 
     def reference(self, q, k, v, x):
         return masked_softmax_attention(q, k, v, causal_mask(q.shape[-2], q.device), self.scale)
