@@ -350,6 +350,20 @@ def test_profile_reference_is_mhas_layer_at_the_variants_shapes(tmp_path):
     assert reference != [(r["T"], r["batch"], r["memory_bytes"]) for r in la_rows if r["scope"] == "attention"]
 
 
+def test_profile_counts_the_points_whose_repeats_disagree(tmp_path, monkeypatch):
+    """profile.json's noisy_points: the points whose spread is over 25% (one at 0.5 here; 0.25 itself is not)."""
+    from attnbench import profile as profile_mod
+    from tests.tiny import write_params
+
+    _, params = write_params(tmp_path, {"profile": {"seq_lens": [16, 32], "tokens_per_step": 128, "whole_model": False},
+                                        "variants": {"mha": {}}})
+    spreads = iter([0.5, 0.25, 0.0, 0.1])  # attention at 16 and 32, then the reference at 16 and 32
+    monkeypatch.setattr(profile_mod, "measure", lambda *args: profile_mod.Measurement(1.0, next(spreads), 0, "fixture"))
+    rows, summary = profile_mod.profile(params, "mha")
+    assert [r["spread"] for r in rows] == [0.5, 0.25, 0.0, 0.1]
+    assert summary["noisy_points"] == 1
+
+
 def test_profile_tokens_per_s_counts_every_sequence_of_the_batch(tmp_path):
     """A point's throughput is batch x T tokens per measured second, at every ok point of every scope."""
     from attnbench import profile as profile_mod

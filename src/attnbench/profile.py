@@ -43,6 +43,8 @@ from .variants import build_attention
 log = logging.getLogger(__name__)
 
 # spread: (slowest - fastest) / median of a point's timed repeats; large where something else used the machine.
+# Above NOISY_SPREAD the point is counted in profile.json's noisy_points and named by the report.
+NOISY_SPREAD = 0.25
 FIELDS = ["variant", "scope", "T", "batch", "seconds", "spread", "tokens_per_s", "memory_bytes", "memory_method", "status"]
 
 
@@ -226,7 +228,8 @@ def profile(params: Params, variant: str) -> tuple[list[dict], dict]:
         Ts = [r["T"] for r in ok]
         exponents[f"{scope}_time_exponent"] = fit_exponent(Ts, [r["seconds"] / r["batch"] for r in ok])
         exponents[f"{scope}_memory_exponent"] = fit_exponent(Ts, [r["memory_bytes"] / r["batch"] for r in ok])
-    return rows, {"variant": variant, "device": str(device), "cpu_threads": torch.get_num_threads(), **exponents}
+    noisy = sum(r["status"] == "ok" and r["spread"] > NOISY_SPREAD for r in rows)
+    return rows, {"variant": variant, "device": str(device), "cpu_threads": torch.get_num_threads(), "noisy_points": noisy, **exponents}
 
 
 def main(params: Params, variant: str, out_dir: Path) -> dict:
@@ -244,8 +247,9 @@ def main(params: Params, variant: str, out_dir: Path) -> dict:
         for row in rows:
             if row["status"] == "ok":
                 tracker.log_metrics({f"{row['scope']}_tokens_per_s": row["tokens_per_s"], f"{row['scope']}_memory_bytes": row["memory_bytes"]}, step=row["T"])
-        tracker.log_metrics({k: v for k, v in summary.items() if k.endswith("exponent") and v is not None})
+        tracker.log_metrics({k: v for k, v in summary.items() if (k.endswith("exponent") or k == "noisy_points") and v is not None})
         tracker.log_artifact(out_dir / "profile.csv")
     shown = ", ".join(f"{k} {v:.2f}" for k, v in summary.items() if k.endswith("exponent") and v is not None)
-    log.info("profile %s: %d points on %s; %s", variant, len(rows), summary["device"], shown)
+    noisy = f"; {summary['noisy_points']} timed with repeats more than {NOISY_SPREAD:.0%} apart" if summary["noisy_points"] else ""
+    log.info("profile %s: %d points on %s; %s%s", variant, len(rows), summary["device"], shown, noisy)
     return summary

@@ -17,7 +17,7 @@ from matplotlib.ticker import StrMethodFormatter  # noqa: E402
 from .config import Params  # noqa: E402
 from .files import atomic_path, read_json, write_text  # noqa: E402
 from .plots import legend_beside, log_length_axes  # noqa: E402
-from .profile import SPEC_EXPONENT_TOLERANCE, off_spec  # noqa: E402
+from .profile import NOISY_SPREAD, SPEC_EXPONENT_TOLERANCE, off_spec  # noqa: E402
 from .splits import MANIFEST, load_split  # noqa: E402
 from .variants import REGISTRY  # noqa: E402
 
@@ -137,10 +137,6 @@ def figures(summary: pd.DataFrame, curves: pd.DataFrame, profiles: pd.DataFrame,
         log_length_axes(ax, ok["T"])
         _save(fig, paths[name])
     return list(paths.values())
-
-
-# A profile point whose repeats disagree by more than this (slowest - fastest, over the median) is named on the page.
-NOISY_SPREAD = 0.25
 
 
 def noisy_points(profiles: pd.DataFrame) -> list[str]:
