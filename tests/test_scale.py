@@ -173,6 +173,23 @@ def test_launch_gives_torchrun_the_jobs_threads_and_then_restores_the_callers(mo
     assert "OMP_NUM_THREADS" not in os.environ
 
 
+def test_the_launcher_checks_the_tracking_server_before_starting_workers(tmp_path, monkeypatch):
+    """A closed port stops train.nproc 2 in one line before torchrun, not in every worker after they start (a
+    user's check: five lines of gloo's and torchrun's)."""
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    for var in ("http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    monkeypatch.setattr(distributed, "launch", lambda *args: pytest.fail("workers started"))
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    _, params = write_params(tmp_path, {"train": {"nproc": 2, "grad_accum": 2, "device": "cpu"},
+                                        "tracking": {"uri": f"http://127.0.0.1:{port}"}})
+    with pytest.raises(ConnectionError, match=rf"tracking.uri = 'http://127.0.0.1:{port}': no server answers"):
+        train_mod.main(params, "mha", tmp_path / "prepared", tmp_path / "mha", argv=["train"])
+
+
 def test_launch_refuses_a_stage_other_than_train(monkeypatch):
     """Only the train stage has data-parallel workers: another stage's command line is refused, not run under torchrun."""
     import torch.distributed.run
@@ -242,6 +259,7 @@ def test_two_gloo_processes_under_torchrun_train_the_weights_of_one_and_log_one_
     # The server (tracking.uri) has exactly one run from the 2 processes, with its metrics and artifacts.
     client, runs = server_runs(mlflow_server, "scale/ddp")
     assert [(r.info.run_name, r.info.status) for r in runs] == [("train-lca", "FINISHED")]
+    assert runs[0].data.params["world_size"] == "2"
     assert [m.step for m in client.get_metric_history(runs[0].info.run_id, "val_bpb")] == [3, 6]
     assert {a.path for a in client.list_artifacts(runs[0].info.run_id)} == {"train.json", "curve.csv"}
     assert not (tmp_path / "mlflow.db").exists(), "logged to the local store instead"

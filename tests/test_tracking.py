@@ -5,7 +5,9 @@ from __future__ import annotations
 import contextlib
 import multiprocessing
 import socket
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import SimpleNamespace
 
 import pytest
@@ -49,11 +51,42 @@ def test_a_sqlite_store_is_locked_whatever_its_driver(uri, path):
     assert isinstance(lock, contextlib.nullcontext) if path is None else lock.lock_file == path + ".lock"
 
 
-def test_a_tracking_server_that_does_not_answer_fails_at_once_naming_the_setting(tmp_path, monkeypatch):
-    """MLflow's client retries a closed port for minutes; the stage says in seconds which setting to fix."""
+def no_proxy(monkeypatch):
     for var in ("http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+
+
+@contextlib.contextmanager
+def http_server(status: int, body: bytes, content_type: str, delay: float = 0.0):
+    """An HTTP server on 127.0.0.1 that answers every GET with `status` and `body` after `delay` seconds: its URI."""
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):
+            time.sleep(delay)
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+MLFLOW_404 = b'{"error_code": "RESOURCE_DOES_NOT_EXIST", "message": "Could not find experiment"}'
+
+
+def test_a_tracking_server_that_does_not_answer_fails_at_once_naming_the_setting(tmp_path, monkeypatch):
+    """MLflow's client retries a closed port for minutes; the stage says in seconds which setting to fix."""
+    no_proxy(monkeypatch)
     with socket.socket() as probe:  # a port nothing listens on
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -64,16 +97,76 @@ def test_a_tracking_server_that_does_not_answer_fails_at_once_naming_the_setting
     assert time.monotonic() - start < 30
 
 
-def test_a_tracking_server_that_is_slow_to_answer_is_not_refused(monkeypatch):
-    """A connection made is a server there: one that accepts and answers late (busy while many stages start) is left
-    to MLflow's client, which waits longer."""
-    for var in ("http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+def test_a_tracking_server_that_answers_late_is_waited_for(monkeypatch):
+    """A server busy while many stages start answers late: that is a server, within the answer timeout."""
+    no_proxy(monkeypatch)
+    with http_server(404, MLFLOW_404, "application/json", delay=0.3) as uri:
+        check_server(uri, answer_timeout=5)
+
+
+def test_a_tracking_server_that_never_answers_fails_naming_the_setting(monkeypatch):
+    """One that takes the connection and never answers kept MLflow's client for about 15 minutes (a user's check)."""
+    no_proxy(monkeypatch)
     with socket.socket() as server:  # listens, never answers
         server.bind(("127.0.0.1", 0))
         server.listen()
-        check_server(f"http://127.0.0.1:{server.getsockname()[1]}", timeout=0.5)
+        uri = f"http://127.0.0.1:{server.getsockname()[1]}"
+        with pytest.raises(ConnectionError, match=rf"tracking.uri = '{uri}': the server took the connection but sent no answer in 0.5 s"):
+            check_server(uri, answer_timeout=0.5)
+
+
+def test_a_tracking_uri_of_a_server_that_is_not_mlflows_fails_naming_the_setting(monkeypatch):
+    """Another web service there (an HTML 404) gave MLflow's raw error with the page's HTML in it."""
+    no_proxy(monkeypatch)
+    with http_server(404, b"<!DOCTYPE HTML><title>Not Found</title>", "text/html") as uri:
+        with pytest.raises(ConnectionError, match=rf"tracking.uri = '{uri}': a server answers, but not MLflow's "
+                                                  r"\(GET /api/2.0/mlflow/experiments/get-by-name: HTTP 404, text/html\)"):
+            check_server(uri)
+    with http_server(401, b"login first", "text/plain") as uri:
+        check_server(uri)  # credentials: MLflow's client sends them (MLFLOW_TRACKING_USERNAME, ...), the probe does not
+
+
+def test_a_store_lost_mid_run_costs_log_lines_not_the_stage(tmp_path, monkeypatch, caplog):
+    """A server gone mid-run stalled training for minutes, then failed the stage (a user's check), and Snakemake
+    deletes a failed job's outputs. Now each failed call warns once, the calls of the next minute are left out
+    (not each stalled), the run still ends FINISHED when the store is back, and the last line counts the loss."""
+    from mlflow.tracking import MlflowClient as Client
+
+    monkeypatch.chdir(tmp_path)
+    params = params_at(f"sqlite:///{tmp_path / 'a.db'}")
+    real_log_batch, calls = Client.log_batch, []
+
+    def flaky_log_batch(self, run_id, metrics=(), **kwargs):
+        calls.append([m.key for m in metrics])
+        if any(m.key == "loss" for m in metrics):
+            raise ConnectionError("server gone")
+        return real_log_batch(self, run_id, metrics=metrics, **kwargs)
+
+    monkeypatch.setattr(Client, "log_batch", flaky_log_batch)
+    with stage_run(params, "train", "mha") as tracker:
+        tracker.log_metrics({"loss": 1.0}, step=1)
+        tracker.log_metrics({"loss": 0.9}, step=2)  # within a minute of the failure: left out, not tried
+        tracker.retry_at = 0.0  # a minute on
+        tracker.log_metrics({"val_bpb": 2.0}, step=3)
+    assert calls == [["loss"], ["val_bpb"]]
+    client, [run] = runs(params.tracking.uri)
+    assert run.info.status == "FINISHED" and run.data.metrics == {"val_bpb": 2.0}
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 2, warnings
+    assert "mlflow: metrics did not reach" in warnings[0] and "server gone" in warnings[0] and "the stage goes on" in warnings[0]
+    assert warnings[1].endswith("lacks 2 of its calls (params, metrics, artifacts or status); the stage's files have them")
+
+
+def test_a_run_of_a_dvc_experiment_is_tagged_with_its_name_and_baseline(tmp_path, monkeypatch):
+    """`dvc exp run` works in a temporary copy that it deletes: the tags say which experiment to `dvc exp apply`."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("DVC_EXP_NAME", "urban-sign")
+    monkeypatch.setenv("DVC_EXP_BASELINE_REV", "0123abc")
+    params = params_at(f"sqlite:///{tmp_path / 'a.db'}")
+    with stage_run(params, "train", "mha"):
+        pass
+    _, [run] = runs(params.tracking.uri)
+    assert {k: run.data.tags[k] for k in ("dvc_exp_name", "dvc_exp_baseline_rev")} == {"dvc_exp_name": "urban-sign", "dvc_exp_baseline_rev": "0123abc"}
 
 
 def log_one(uri: str, index: int) -> None:

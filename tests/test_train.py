@@ -106,6 +106,7 @@ def test_resume_after_interruption_equals_uninterrupted_run(tiny, tmp_path, monk
     assert recorder.params["variant"] == "lca" and recorder.params["train"] == params.train.model_dump()
     assert recorder.params["model"] == params.model.model_dump()
     assert recorder.params["variant_options"] == params.variant_options("lca")
+    assert recorder.params["world_size"] == 1
     with open(tmp_path / "resumed" / "curve.csv") as f:
         elapsed = [float(r["elapsed_s"]) for r in csv.DictReader(f)]
     assert summary["train_seconds"] > 1000.0 and all(e > 1000.0 for e in elapsed[1:]), "resume restarted the clock"

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import requests
@@ -40,60 +41,100 @@ def flatten(d: Mapping, prefix: str = "") -> dict[str, object]:
     return out
 
 
+# MLflow's client retries a failed call for over 4 minutes by default (7 retries, backoff doubling from 2 s), which
+# stalled a training loop whose server had gone. These bound it to seconds; the variables, where set, win.
+RETRY_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                  "MLFLOW_HTTP_REQUEST_TIMEOUT": "60"}
+# After a failed call, the calls of the next RETRY_AFTER seconds are left out rather than each stalling the stage.
+RETRY_AFTER = 60.0
+
+
 class Tracker:
-    """A thin handle on one MLflow run; use `stage_run` to open one."""
+    """A thin handle on one MLflow run; use `stage_run` to open one.
+
+    Once the run is open, a failed call (a server gone mid-run, a store locked too long) is a warning, not the
+    stage's end: the stage's own files hold every figure it logs, and Snakemake deletes a failed job's outputs,
+    which would cost a whole training for a log line. The calls after a failure are left out for RETRY_AFTER
+    seconds, then tried again; the stage's last line counts those that did not land."""
 
     def __init__(self, uri: str, run_id: str):
         from mlflow.tracking import MlflowClient
 
         self.uri = uri
         self.run_id = run_id
+        self.lost = 0  # calls that failed or were left out
+        self.failing = False  # since the last call that landed
+        self.retry_at = 0.0
         with _store_lock(uri):  # opening a store may create or migrate its tables
             self.client = MlflowClient(tracking_uri=uri)
 
-    def _locked(self):
-        return _store_lock(self.uri)
+    def call(self, what: str, fn: Callable, *args, **kwargs) -> None:
+        """fn(*args, **kwargs) under the store's lock; a failure warns (the first of a run of them) instead of raising."""
+        if time.monotonic() < self.retry_at:
+            self.lost += 1
+            return
+        try:
+            with _store_lock(self.uri):
+                fn(*args, **kwargs)
+        except Exception as err:  # MLflow's, requests', the lock's timeout: whatever the store did, the stage goes on
+            self.lost += 1
+            if not self.failing:
+                log.warning("mlflow: %s did not reach %s (%s); the stage goes on, its files hold every figure, and the "
+                            "run's calls are tried again in %.0f s", what, self.uri, " ".join(str(err).split())[:300], RETRY_AFTER)
+            self.failing, self.retry_at = True, time.monotonic() + RETRY_AFTER
+        else:
+            self.failing = False
 
     def log_params(self, params: Mapping) -> None:
         from mlflow.entities import Param
 
         items = [Param(k, str(v)[:6000]) for k, v in flatten(params).items()]
-        with self._locked():
-            for start in range(0, len(items), 100):
-                self.client.log_batch(self.run_id, params=items[start : start + 100])
+        for start in range(0, len(items), 100):
+            self.call("params", self.client.log_batch, self.run_id, params=items[start : start + 100])
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
         items = [Metric(k, float(v), now, step or 0) for k, v in metrics.items() if v is not None]
-        with self._locked():
-            self.client.log_batch(self.run_id, metrics=items)
+        self.call("metrics", self.client.log_batch, self.run_id, metrics=items)
 
     def log_artifact(self, path: str | Path) -> None:
-        with self._locked():
-            self.client.log_artifact(self.run_id, str(path))
+        self.call(f"artifact {Path(path).name}", self.client.log_artifact, self.run_id, str(path))
 
     def set_tags(self, tags: Mapping[str, str]) -> None:
-        with self._locked():
-            for k, v in tags.items():
-                self.client.set_tag(self.run_id, k, str(v))
+        from mlflow.entities import RunTag
+
+        self.call("tags", self.client.log_batch, self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
 
-def check_server(uri: str, timeout: float = 5.0) -> None:
-    """Fail within `timeout`, naming tracking.uri, where no connection to an http(s) store can be made: MLflow's
-    client would retry for minutes before saying so (4 min 10 s against a closed port), and without naming the
-    setting. A connection made is enough: any answer, a slow one, or a TLS handshake that only MLflow's own
-    certificate settings complete."""
+def check_server(uri: str, connect_timeout: float = 5.0, answer_timeout: float = 60.0) -> None:
+    """Fail fast, naming tracking.uri, where an http(s) store is not an MLflow server that answers: MLflow's client
+    would retry for minutes before saying so (4 min 10 s against a closed port, about 15 min against a server that
+    takes the connection and never answers), and without naming the setting. A slow answer is waited for up to
+    `answer_timeout` (a server busy while many stages start); a TLS handshake that only MLflow's own certificate
+    settings complete, and a server that asks for credentials (which MLflow's client sends), are left to the client."""
     if not uri.startswith(("http://", "https://")):
         return
+    probe = "/api/2.0/mlflow/experiments/get-by-name"  # a store's plainest call: JSON, 200 or 404, from any MLflow server
     try:
-        requests.get(f"{uri.rstrip('/')}/health", timeout=timeout)  # any answer will do: a proxy may not know /health
-    except (requests.exceptions.SSLError, requests.exceptions.ReadTimeout):
+        answer = requests.get(f"{uri.rstrip('/')}{probe}", params={"experiment_name": "attnbench"},
+                              timeout=(connect_timeout, answer_timeout))
+    except requests.exceptions.SSLError:
         return
+    except requests.exceptions.ReadTimeout:
+        raise ConnectionError(f"tracking.uri = {uri!r}: the server took the connection but sent no answer in "
+                              f"{answer_timeout:g} s") from None
     except requests.ConnectionError as err:  # refused, unresolvable, or no connection within the timeout
         raise ConnectionError(f"tracking.uri = {uri!r}: no server answers ({type(err).__name__}); start one (README: "
                               "An MLflow server) or set tracking.uri: null for the local store") from None
+    if answer.status_code in (401, 403):
+        return
+    try:
+        answer.json()
+    except ValueError:
+        raise ConnectionError(f"tracking.uri = {uri!r}: a server answers, but not MLflow's (GET {probe}: HTTP "
+                              f"{answer.status_code}, {answer.headers.get('Content-Type', 'no content type')})") from None
 
 
 def sqlite_file(uri: str) -> str | None:
@@ -126,10 +167,13 @@ def _experiment_id(client, name: str, uri: str) -> str:
 @contextlib.contextmanager
 def stage_run(params: Params, stage: str, variant: str | None = None) -> Iterator[Tracker]:
     """Open an MLflow run for `stage` (and `variant`); it ends FINISHED, KILLED if the body is interrupted (SIGINT,
-    SIGTERM through the CLI), or FAILED if it raises anything else."""
+    SIGTERM through the CLI), or FAILED if it raises anything else. A store that cannot be reached stops the stage
+    here, before any work; one lost once the run is open costs only log lines (Tracker)."""
     from mlflow.tracking import MlflowClient
 
     uri = tracking_uri(params)
+    for variable, value in RETRY_DEFAULTS.items():
+        os.environ.setdefault(variable, value)
     check_server(uri)
     name = params.experiment
     with _store_lock(uri):
@@ -138,17 +182,24 @@ def stage_run(params: Params, stage: str, variant: str | None = None) -> Iterato
         tags = {"stage": stage, "config": params.run.name}
         if variant:
             tags["variant"] = variant
+        # Under `dvc exp run` the experiment's name and baseline commit (DVC's variables): what `dvc exp apply` takes.
+        tags |= {v.lower(): os.environ[v] for v in ("DVC_EXP_NAME", "DVC_EXP_BASELINE_REV") if v in os.environ}
         run = client.create_run(experiment_id, run_name=f"{stage}-{variant}" if variant else stage, tags=tags)
     tracker = Tracker(uri, run.info.run_id)
     try:
         yield tracker
     except BaseException as err:
-        with _store_lock(uri):
-            client.set_terminated(run.info.run_id, status="KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
+        tracker.retry_at = 0.0  # the run's status is worth one more try
+        tracker.call("the run's status", client.set_terminated, run.info.run_id,
+                     status="KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
         raise
-    with _store_lock(uri):
-        client.set_terminated(run.info.run_id, status="FINISHED")
-    log.info("mlflow: %s run %s in experiment %r at %s", stage, run.info.run_id[:8], name, uri)
+    tracker.retry_at = 0.0
+    tracker.call("the run's status", client.set_terminated, run.info.run_id, status="FINISHED")
+    if tracker.lost:
+        log.warning("mlflow: %s run %s in experiment %r at %s lacks %d of its calls (params, metrics, artifacts or "
+                    "status); the stage's files have them", stage, run.info.run_id[:8], name, uri, tracker.lost)
+    else:
+        log.info("mlflow: %s run %s in experiment %r at %s", stage, run.info.run_id[:8], name, uri)
 
 
 def import_runs(params: Params, source_uri: str) -> int:

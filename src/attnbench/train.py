@@ -204,7 +204,8 @@ def train(params: Params, variant: str, data_dir: Path, out_dir: Path, tracker=N
     log.info("train %s: %d steps x %d tokens, %.2fM non-embedding params, %s%s", variant, steps, tokens_per_step, n_params / 1e6, device,
              f" x {world} processes" if world > 1 else "")
     if tracker is not None:  # every run, a resumed one too: each is its own MLflow run
-        tracker.log_params(params.logged(variant, "train") | {"params_non_embedding": n_params})
+        # world_size: the processes that ran, which a hand-started torchrun decides whatever train.nproc says
+        tracker.log_params(params.logged(variant, "train") | {"params_non_embedding": n_params, "world_size": world})
         tracker.set_tags({"resumed_from_step": str(start), "compiled": str(compiled)})
 
     bad_step = torch.tensor(-1, device=device)  # first step with a non-finite loss or gradient, found without a host sync
@@ -312,6 +313,9 @@ def main(params: Params, variant: str, data_dir: Path, out_dir: Path, argv: list
     gpus = params.train.gpus(nproc)  # GPU slots: one per process
     use_cpu_threads(params.train.threads)
     if distributed.needs_launch(nproc):
+        from .tracking import check_server, tracking_uri
+
+        check_server(tracking_uri(params))  # here, in one line, rather than in every worker after they start
         with gpu_slots(gpus):  # held here for all the workers, which inherit CUDA_VISIBLE_DEVICES
             distributed.launch(nproc, sys.argv[1:] if argv is None else argv, job_cpu_threads(params.train.threads))
         return read_json(Path(out_dir) / "train.json")
