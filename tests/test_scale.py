@@ -455,6 +455,10 @@ def test_snakemake_plans_train_with_nproc_gpus_under_the_slurm_profile(tmp_path)
     for r in resources["evaluate"] + resources["profile"]:
         assert {"gpu=1", "tasks_per_gpu=0"} <= r, r
     assert not any(i.startswith("gres=") for lines in resources.values() for r in lines for i in r), "gres with gpu: the plugin refuses"
+    # The benchmark target compiles every variant: more than the default's one CPU and 8 GB (a user's check).
+    plan = run([sys.executable, "-m", "snakemake", "-n", "benchmark", "--cores", "all", "--resources", "gpu=2", "--profile", "local-profile"], ws)
+    [benchmark] = job_field(plan, "resources")["benchmark"]
+    assert {"gpu=1", "tasks_per_gpu=0", "cpus_per_gpu=8", "mem_mb=32000", "runtime=60"} <= set(benchmark.split(", ")), benchmark
 
 
 @pytest.mark.parametrize("gpus, cores, threads, device, expected", [
