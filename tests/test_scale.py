@@ -163,11 +163,11 @@ def test_launch_gives_torchrun_the_jobs_threads_and_then_restores_the_callers(mo
     import torch.distributed.run
 
     seen = []
-    monkeypatch.setattr(torch.distributed.run, "main", lambda args: seen.append((args, os.environ["OMP_NUM_THREADS"])))
+    monkeypatch.setattr(torch.distributed.run, "main", lambda args: seen.append((args, os.environ["OMP_NUM_THREADS"], os.environ.get("ATTNBENCH_LAUNCHED"))))
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
     distributed.launch(2, ["train", "--variant", "mha"], 8)
-    assert seen == [(["--standalone", "--nproc-per-node=2", "-m", "attnbench", "train", "--variant", "mha"], "8")]
-    assert os.environ["OMP_NUM_THREADS"] == "3"
+    assert seen == [(["--standalone", "--nproc-per-node=2", "-m", "attnbench", "train", "--variant", "mha"], "8", "1")]
+    assert os.environ["OMP_NUM_THREADS"] == "3" and "ATTNBENCH_LAUNCHED" not in os.environ
     monkeypatch.delenv("OMP_NUM_THREADS")
     distributed.launch(2, ["train"], 8)
     assert "OMP_NUM_THREADS" not in os.environ
@@ -283,7 +283,25 @@ def test_sigterm_to_a_torchrun_train_stage_ends_it_as_one_process_ends(tmp_path,
     assert stage.stderr.splitlines()[-1] == (
         "attnbench train: interrupted (SIGTERM); each output written is whole (train's checkpoint and fetch's partial download "
         "are kept to resume from)")
+    assert stage.stderr.count("interrupted (SIGTERM)") == 1, "the launcher says it, not each worker too"
     assert (tmp_path / "two" / train_mod.CHECKPOINT).exists() and not (tmp_path / "two" / "model.pt").exists()
+
+
+def test_the_launcher_or_else_rank_0_alone_reports_an_interruption(monkeypatch):
+    """Ctrl-C under train.nproc 2 printed the interrupted line three times: the launcher's and each worker's. Now the
+    launcher's (its workers carry ATTNBENCH_LAUNCHED), or under a torchrun started by hand rank 0's."""
+    from attnbench.signals import LAUNCHED, reports_the_end
+
+    for name in (LAUNCHED, "RANK"):
+        monkeypatch.delenv(name, raising=False)
+    assert reports_the_end()  # one process, or the launcher
+    monkeypatch.setenv("RANK", "0")
+    assert reports_the_end()  # rank 0 of a hand-started torchrun
+    monkeypatch.setenv("RANK", "1")
+    assert not reports_the_end()
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv(LAUNCHED, "1")
+    assert not reports_the_end()  # rank 0 of attnbench's own launch: its launcher reports
 
 
 # --- 2. GPU slots ---------------------------------------------------------------------------

@@ -197,6 +197,16 @@ def test_each_log_point_records_its_windows_largest_gradient_norm(tiny, tmp_path
 SHORT = {"train": {"steps": 4, "log_every": 2, "eval_every": 4, "checkpoint_every": 4}}
 
 
+def test_each_checkpoint_but_the_last_is_logged_with_its_step(tiny, tmp_path, caplog):
+    """After a Ctrl-C the log's last checkpoint line says where the next run resumes; the last step's checkpoint is
+    removed when the run ends, so it is not announced."""
+    params, prepared = tiny(merge(SHORT, {"train": {"checkpoint_every": 2}}))
+    with caplog.at_level(logging.INFO, logger="attnbench"):
+        train_mod.train(params, "mha", prepared, tmp_path / "mha")
+    lines = [r.getMessage() for r in caplog.records if "checkpoint ->" in r.getMessage()]
+    assert lines == [f"step 2/4  checkpoint -> {tmp_path / 'mha' / train_mod.CHECKPOINT}"], lines
+
+
 def test_gradient_accumulation_averages_the_micro_batches(tiny, tmp_path, monkeypatch):
     """Two micro-batches of the same rows give the gradient of one: each micro-batch's loss is divided by their
     number. AdamW would hide a gradient twice too large, so the logged pre-clipping norms are compared."""

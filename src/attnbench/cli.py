@@ -14,7 +14,7 @@ import signal
 import sys
 from pathlib import Path
 
-from .signals import Terminated, sigterm_raises
+from .signals import Terminated, reports_the_end, sigterm_raises
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -155,8 +155,9 @@ def main(argv: list[str] | None = None) -> int:
             run(args)
     except KeyboardInterrupt as err:
         signum = signal.SIGTERM if isinstance(err, Terminated) else signal.SIGINT
-        print(f"attnbench {args.stage}: interrupted ({signum.name}); each output written is whole (train's checkpoint "
-              "and fetch's partial download are kept to resume from)", file=sys.stderr)
+        if reports_the_end():
+            print(f"attnbench {args.stage}: interrupted ({signum.name}); each output written is whole (train's checkpoint "
+                  "and fetch's partial download are kept to resume from)", file=sys.stderr)
         return 128 + signum
     except Exception as err:  # one line for the user; the traceback only when asked for
         if os.environ.get("ATTNBENCH_DEBUG"):

@@ -24,7 +24,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from .config import check_shardable
-from .signals import Terminated
+from .signals import LAUNCHED, Terminated
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +55,7 @@ def launch(nproc: int, argv: list[str], threads: int) -> None:
     log.info("launching %d data-parallel processes: torchrun %s", nproc, shlex.join(args))
     granted = os.environ.get("OMP_NUM_THREADS")
     os.environ["OMP_NUM_THREADS"] = str(threads)  # the job's: each worker takes its share (runtime.use_cpu_threads); torchrun's default is 1
+    os.environ[LAUNCHED] = "1"
     try:
         torchrun(args)
     except SignalException as err:  # the agent's own handler took our SIGTERM or SIGINT and has stopped the workers
@@ -63,6 +64,7 @@ def launch(nproc: int, argv: list[str], threads: int) -> None:
         failed = ", ".join(f"rank {rank} exit code {failure.exitcode}" for rank, failure in sorted(err.failures.items()))
         raise RuntimeError(f"{len(err.failures)} of {nproc} data-parallel processes failed ({failed}); their errors are above") from None
     finally:
+        os.environ.pop(LAUNCHED, None)
         if granted is None:
             os.environ.pop("OMP_NUM_THREADS", None)
         else:

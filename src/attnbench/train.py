@@ -271,6 +271,8 @@ def train(params: Params, variant: str, data_dir: Path, out_dir: Path, tracker=N
                 if at_ckpt:
                     state = {"fingerprint": key, "curve": curve, "elapsed_s": elapsed, "rates": rates, "first_rates": first_rates}
                     save_checkpoint(ckpt_path, model, optimizer, done, state)
+                    if done < steps:  # the step a stopped run resumes from (the last one's is removed at the end)
+                        log.info("step %d/%d  checkpoint -> %s", done, steps, ckpt_path)
             distributed.barrier()
             loss_sum.zero_()
             grad_norm_max.zero_()
