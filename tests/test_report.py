@@ -114,8 +114,8 @@ def test_report_from_fixture_metrics(tmp_path, monkeypatch):
     assert list(frame[column]) == pytest.approx(list(frame["T"] * 1000 / 2**20)), column
     assert "Profile points that did not run: mha attention T = 512 (oom)." in text
     # The one point above 25% spread (every other is at 25%, which passes).
-    assert re.search(r"^Profile points timed while something else used the machine .* by more than 25% .*: "
-                     r"la attention T = 128 \(60%\)\.$", text, re.M), text
+    assert re.search(r"^Profile points whose `profile.repeats` = 1 timed runs differ by more than 25% of their median .*: "
+                     r"la attention T = 128 \(60.0%\)\.$", text, re.M), text
     assert "Best variant: **la** at 2.250 bpb" in text
     assert f"**{unigram_bpb(tmp_path / 'prepared'):.3f} bpb**" in text
     for name in ("learning_curves", "bpb_vs_throughput", "time_vs_T", "memory_vs_T"):

@@ -42,7 +42,8 @@ from .variants import build_attention
 
 log = logging.getLogger(__name__)
 
-# spread: (slowest - fastest) / median of a point's timed repeats; large where something else used the machine.
+# spread: (slowest - fastest) / median of a point's timed repeats; large where another load shared the machine or
+# the step is too short to time steadily.
 # Above NOISY_SPREAD the point is counted in profile.json's noisy_points and named by the report.
 NOISY_SPREAD = 0.25
 FIELDS = ["variant", "scope", "T", "batch", "seconds", "spread", "tokens_per_s", "memory_bytes", "memory_method", "status"]

@@ -140,10 +140,10 @@ def figures(summary: pd.DataFrame, curves: pd.DataFrame, profiles: pd.DataFrame,
 
 
 def noisy_points(profiles: pd.DataFrame) -> list[str]:
-    """The profile points timed while something else used the machine: their ratios and exponents are unreliable."""
+    """The profile points whose timed repeats disagree (profile.NOISY_SPREAD): their ratios and exponents are unreliable."""
     spread = profiles["spread"] if "spread" in profiles else pd.Series(np.nan, index=profiles.index)
     noisy = profiles[(profiles.status == "ok") & (spread > NOISY_SPREAD)]
-    return [f"{r.variant} {r.scope} T = {r.T} ({100 * r.spread:.0f}%)" for r in noisy.itertuples()]
+    return [f"{r.variant} {r.scope} T = {r.T} ({100 * r.spread:.1f}%)" for r in noisy.itertuples()]
 
 
 # One format per column, so a column reads alike at every magnitude.
@@ -234,9 +234,10 @@ def report(params: Params, variants_dir: Path, data_dir: Path, out_dir: Path, su
         "",
         *([f"Not in this report: {', '.join(left_out)} (of the params file's {len(params.variants)} variants).", ""] if left_out else []),
         *([f"Profile points that did not run: {', '.join(failed)}.", ""] if failed else []),
-        *([f"Profile points timed while something else used the machine (their `profile.repeats` = {params.profile.repeats} "
-           f"runs differ by more than {100 * NOISY_SPREAD:.0f}% of their median; exponents and x sdpa drawn from them are "
-           f"unreliable: profile again on a quiet machine, or with more repeats): {', '.join(noisy)}.", ""] if noisy else []),
+        *([f"Profile points whose `profile.repeats` = {params.profile.repeats} timed runs differ by more than "
+           f"{100 * NOISY_SPREAD:.0f}% of their median (another load on the machine, or a step too short to time "
+           f"steadily; exponents and x sdpa drawn from them are unreliable: profile on a quiet machine, or with more "
+           f"repeats): {', '.join(noisy)}.", ""] if noisy else []),
         "Exponents are log-log slopes against T of time and memory per sequence over the profile's lengths "
         f"({', '.join(map(str, params.profile.seq_lens))}); profiled on {summaries[variants[0]]['profile']['device']}. "
         f"`spec exp`: the spec's compute-vs-T exponent (variants.md), {agreement}. "
