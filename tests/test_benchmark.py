@@ -41,7 +41,7 @@ def test_markdown_shows_ratios_to_sdpa_and_the_training_baseline():
     cells = [c.strip() for c in ca_row.strip("|").split("|")]
     # ca per token: 1/4 of sdpa's at 2K, sqrt(4)/4 / 4 = 1/8 at 8K, sqrt(16)/4 / 16 = 1/16 at 32K.
     assert cells[-4:] == ["1.50", "1.5", "8.00", "16.00"], ca_row  # exponent, the spec's, ratios at 8K and 32K
-    assert "every row within 0.25 of it" in text
+    assert "every fitted row within 0.25 of it" in text
     assert "| plain GPT (mha, flash) | d512 L8 H8 | 40.0 | 1.600 | 30.0% | 12.3 | True |" in text
     assert "| ca | d512 L8 H8 | oom" in text
 
@@ -56,7 +56,7 @@ def test_markdown_names_the_exponents_off_the_spec():
     text = markdown(rows, [], "H100", params.benchmark, params)
     spec = {line.split("|")[1].strip(): line.split("|")[-4].strip() for line in text.splitlines() if line.startswith("| ") and "variant" not in line}
     assert spec == {"sdpa": "2", "ca (compiled)": "1.5", "ca (graphs)": "1.5", "mha (graphs)": "2"}, spec
-    assert "off it by more than 0.25: ca (graphs) 1.24 (spec 1.5))." in text, text
+    assert "off it by more than 0.25: ca (graphs) 1.24, spec 1.5)." in text, text
 
 
 def test_markdown_shows_only_the_parts_that_ran():

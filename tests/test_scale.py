@@ -290,18 +290,21 @@ def test_sigterm_to_a_torchrun_train_stage_ends_it_as_one_process_ends(tmp_path,
 def test_the_launcher_or_else_rank_0_alone_reports_an_interruption(monkeypatch):
     """Ctrl-C under train.nproc 2 printed the interrupted line three times: the launcher's and each worker's. Now the
     launcher's (its workers carry ATTNBENCH_LAUNCHED), or under a torchrun started by hand rank 0's."""
-    from attnbench.signals import LAUNCHED, reports_the_end
+    from attnbench.signals import LAUNCHED, reports_interruption
 
-    for name in (LAUNCHED, "RANK"):
+    for name in (LAUNCHED, "RANK", "LOCAL_RANK"):
         monkeypatch.delenv(name, raising=False)
-    assert reports_the_end()  # one process, or the launcher
+    assert reports_interruption()  # one process, or the launcher
+    monkeypatch.setenv("RANK", "3")
+    assert reports_interruption()  # a RANK without torchrun (a cluster launcher's, one process per pod)
+    monkeypatch.setenv("LOCAL_RANK", "0")
     monkeypatch.setenv("RANK", "0")
-    assert reports_the_end()  # rank 0 of a hand-started torchrun
+    assert reports_interruption()  # rank 0 of a hand-started torchrun
     monkeypatch.setenv("RANK", "1")
-    assert not reports_the_end()
+    assert not reports_interruption()
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv(LAUNCHED, "1")
-    assert not reports_the_end()  # rank 0 of attnbench's own launch: its launcher reports
+    assert not reports_interruption()  # rank 0 of attnbench's own launch: its launcher reports
 
 
 # --- 2. GPU slots ---------------------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import multiprocessing
+import os
 import socket
 import threading
 import time
@@ -116,20 +117,31 @@ def test_a_tracking_server_that_never_answers_fails_naming_the_setting(monkeypat
 
 
 def test_a_tracking_uri_of_a_server_that_is_not_mlflows_fails_naming_the_setting(monkeypatch):
-    """Another web service there (an HTML 404) gave MLflow's raw error with the page's HTML in it."""
+    """Another web service there (an HTML 404) gave MLflow's raw error with the page's HTML in it; another API's JSON
+    is no MLflow answer either, and a proxy's 502 is named as such."""
     no_proxy(monkeypatch)
-    with http_server(404, b"<!DOCTYPE HTML><title>Not Found</title>", "text/html") as uri:
-        with pytest.raises(ConnectionError, match=rf"tracking.uri = '{uri}': a server answers, but not MLflow's "
-                                                  r"\(GET /api/2.0/mlflow/experiments/get-by-name: HTTP 404, text/html\)"):
+    for status, body, kind in ((404, b"<!DOCTYPE HTML><title>Not Found</title>", "text/html"),
+                               (404, b'{"detail": "Not Found"}', "application/json")):
+        with http_server(status, body, kind) as uri:
+            with pytest.raises(ConnectionError, match=rf"tracking.uri = '{uri}': a server answers, but not MLflow's "
+                                                      rf"\(GET /api/2.0/mlflow/experiments/get-by-name: HTTP 404, {kind}\); start one"):
+                check_server(uri)
+    with http_server(502, b"<html>Bad Gateway</html>", "text/html") as uri:
+        with pytest.raises(ConnectionError, match=rf"tracking.uri = '{uri}': HTTP 502 from the server or a proxy before it"):
             check_server(uri)
+    # Credentials, which MLflow's client sends (MLFLOW_TRACKING_USERNAME, MLFLOW_TRACKING_TOKEN) and the probe does not:
+    # a 401, or a redirect to a login page, is left to the client.
     with http_server(401, b"login first", "text/plain") as uri:
-        check_server(uri)  # credentials: MLflow's client sends them (MLFLOW_TRACKING_USERNAME, ...), the probe does not
+        check_server(uri)
+    with http_server(302, b"", "text/html") as uri:
+        check_server(uri)
 
 
 def test_a_store_lost_mid_run_costs_log_lines_not_the_stage(tmp_path, monkeypatch, caplog):
     """A server gone mid-run stalled training for minutes, then failed the stage (a user's check), and Snakemake
-    deletes a failed job's outputs. Now each failed call warns once, the calls of the next minute are left out
-    (not each stalled), the run still ends FINISHED when the store is back, and the last line counts the loss."""
+    deletes a failed job's outputs. Now a failed call warns (once for a run of failures), the run's calls are left
+    out for a minute, then for twice as long while the store stays away, the run still ends FINISHED when the store
+    is back, and the last line counts the loss."""
     from mlflow.tracking import MlflowClient as Client
 
     monkeypatch.chdir(tmp_path)
@@ -145,16 +157,59 @@ def test_a_store_lost_mid_run_costs_log_lines_not_the_stage(tmp_path, monkeypatc
     monkeypatch.setattr(Client, "log_batch", flaky_log_batch)
     with stage_run(params, "train", "mha") as tracker:
         tracker.log_metrics({"loss": 1.0}, step=1)
-        tracker.log_metrics({"loss": 0.9}, step=2)  # within a minute of the failure: left out, not tried
-        tracker.retry_at = 0.0  # a minute on
-        tracker.log_metrics({"val_bpb": 2.0}, step=3)
-    assert calls == [["loss"], ["val_bpb"]]
+        assert tracker.pause == 60
+        tracker.log_metrics({"loss": 0.9}, step=2)  # within the minute: left out, not tried
+        tracker.retry_at = 0.0  # the minute is over; the store is still away
+        tracker.log_metrics({"loss": 0.8}, step=3)
+        assert tracker.pause == 120
+        tracker.retry_at = 0.0
+        tracker.log_metrics({"val_bpb": 2.0}, step=4)  # back
+        assert tracker.pause == 0
+        tracker.log_metrics({"loss": 0.7}, step=5)  # away again: a new warning
+    assert calls == [["loss"], ["loss"], ["val_bpb"], ["loss"]]
     client, [run] = runs(params.tracking.uri)
     assert run.info.status == "FINISHED" and run.data.metrics == {"val_bpb": 2.0}
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
-    assert len(warnings) == 2, warnings
-    assert "mlflow: metrics did not reach" in warnings[0] and "server gone" in warnings[0] and "the stage goes on" in warnings[0]
-    assert warnings[1].endswith("lacks 2 of its calls (params, metrics, artifacts or status); the stage's files have them")
+    assert len(warnings) == 3, warnings
+    assert all("mlflow: metrics did not reach" in w and "(ConnectionError: ...server gone)" in w for w in warnings[:2]), warnings
+    assert warnings[2].endswith("lacks 4 of its calls (params, metrics, artifacts or its status, FINISHED here); the stage's files have them")
+
+
+def test_a_call_the_store_refuses_is_raised_not_taken_for_an_outage(tmp_path, monkeypatch):
+    """Only an unavailable store is weathered: a call's own fault (here a metric name MLflow refuses) is raised, and
+    the run ends FAILED."""
+    from mlflow.exceptions import MlflowException
+
+    monkeypatch.chdir(tmp_path)
+    params = params_at(f"sqlite:///{tmp_path / 'a.db'}")
+    with pytest.raises(MlflowException), stage_run(params, "train", "mha") as tracker:
+        tracker.log_metrics({"val bpb (end)!": 1.0}, step=1)
+    _, [run] = runs(params.tracking.uri)
+    assert run.info.status == "FAILED"
+
+
+def test_an_interrupted_stage_does_not_wait_on_a_store_that_is_away(tmp_path, monkeypatch, caplog):
+    """A SIGTERM's grace is shorter than a call to a hung server: with the store away, the KILLED status is not tried
+    (the run lacks it, and the last line says so); the bounded retries are the stage's only: user-set values win,
+    and the defaults are gone after it."""
+    from mlflow.tracking import MlflowClient as Client
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "5")
+    monkeypatch.delenv("MLFLOW_HTTP_REQUEST_TIMEOUT", raising=False)
+    params = params_at(f"sqlite:///{tmp_path / 'a.db'}")
+    seen = {}
+    with pytest.raises(KeyboardInterrupt), stage_run(params, "train", "mha") as tracker:
+        seen = {v: os.environ.get(v) for v in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")}
+        monkeypatch.setattr(Client, "log_batch", lambda *args, **kwargs: (_ for _ in ()).throw(ConnectionError("gone")))
+        monkeypatch.setattr(Client, "set_terminated", lambda *args, **kwargs: pytest.fail("waited on the store"))
+        tracker.log_metrics({"loss": 1.0}, step=1)
+        tracker.retry_at = 0.0  # its minute is over, and the store has not answered since
+        raise KeyboardInterrupt
+    assert seen == {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "5", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+    assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "5" and "MLFLOW_HTTP_REQUEST_TIMEOUT" not in os.environ
+    assert caplog.records[-1].getMessage().endswith("lacks 2 of its calls (params, metrics, artifacts or its status, KILLED here); "
+                                                    "the stage's files have them")
 
 
 def test_a_run_of_a_dvc_experiment_is_tagged_with_its_name_and_baseline(tmp_path, monkeypatch):

@@ -285,8 +285,8 @@ def attention_section(attention: list[dict], settings: BenchmarkConfig) -> list[
         lines.append(f"| {label} | " + " | ".join(cells) + f" | {'—' if slope is None else f'{slope:.2f}'} | {specs[label]:g} "
                      f"| {ratio(label, 8192)} | {ratio(label, 32768)} |")
     off = off_spec(slopes, specs)
-    agreement = (f"off it by more than {SPEC_EXPONENT_TOLERANCE:g}: {', '.join(off)}" if off
-                 else f"every row within {SPEC_EXPONENT_TOLERANCE:g} of it")
+    agreement = (f"off it by more than {SPEC_EXPONENT_TOLERANCE:g}: {'; '.join(off)}" if off
+                 else f"every fitted row within {SPEC_EXPONENT_TOLERANCE:g} of it")
     return lines + ["", "Time exponent: slope of log(time per sequence) against log T, i.e. the spec's compute-vs-T exponent "
                     f"(`spec`, variants.md's table; {agreement}). "
                     "`sdpa`: the fused causal kernel in mha's order (cuDNN first), the bar of the ratio columns; "

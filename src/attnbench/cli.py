@@ -14,7 +14,7 @@ import signal
 import sys
 from pathlib import Path
 
-from .signals import Terminated, reports_the_end, sigterm_raises
+from .signals import Terminated, reports_interruption, sigterm_raises
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -148,14 +148,15 @@ def run(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s attnbench {args.stage}: %(message)s", datefmt="%H:%M:%S", force=True)
-    for noisy in ("mlflow", "alembic", "urllib3", "filelock", "git"):
+    for noisy in ("mlflow", "alembic", "filelock", "git"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    logging.getLogger("urllib3").setLevel(logging.ERROR)  # its "Retrying" lines: tracking's one warning says it
     try:
         with sigterm_raises():
             run(args)
     except KeyboardInterrupt as err:
         signum = signal.SIGTERM if isinstance(err, Terminated) else signal.SIGINT
-        if reports_the_end():
+        if reports_interruption():
             print(f"attnbench {args.stage}: interrupted ({signum.name}); each output written is whole (train's checkpoint "
                   "and fetch's partial download are kept to resume from)", file=sys.stderr)
         return 128 + signum

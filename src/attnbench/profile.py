@@ -15,7 +15,7 @@ weights and the input, which were there before the step as in the CUDA base.
 torch is seeded before each point (`profile.seed`), so that lca's and sca's
 clusters, on which their saved bytes depend, are the same on every run.
 A point that runs out of memory is recorded as `oom` and the rest still run. Each point's time is the median of
-`profile.repeats` runs, and its `spread` says how far they disagreed (the report names the points above 25%).
+`profile.repeats` runs, and its `spread` says how far they disagreed (the report names the points above 10%).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import logging
+import math
 import statistics
 import time
 import weakref
@@ -42,10 +43,11 @@ from .variants import build_attention
 
 log = logging.getLogger(__name__)
 
-# spread: (slowest - fastest) / median of a point's timed repeats; large where another load shared the machine or
-# the step is too short to time steadily.
-# Above NOISY_SPREAD the point is counted in profile.json's noisy_points and named by the report.
-NOISY_SPREAD = 0.25
+# spread: the median absolute deviation of a point's timed repeats over their median, large where another load shared
+# the machine or the step is too short to time steadily; unlike the range it does not grow with the repeats, and one
+# stall, which the median leaves out, does not move it. Above NOISY_SPREAD (half the runs more than 10% from the
+# median) the point is counted in profile.json's noisy_points and named by the report.
+NOISY_SPREAD = 0.1
 FIELDS = ["variant", "scope", "T", "batch", "seconds", "spread", "tokens_per_s", "memory_bytes", "memory_method", "status"]
 
 
@@ -56,7 +58,7 @@ def _sync(device: torch.device) -> None:
 
 class Measurement(NamedTuple):
     seconds: float  # the median of the repeats
-    spread: float  # (slowest - fastest) / median
+    spread: float  # median absolute deviation / median
     memory_bytes: int
     memory_method: str
 
@@ -139,7 +141,7 @@ def measure(step: Callable[[], None], device: torch.device, warmup: int, repeats
         _sync(device)
         times.append(time.perf_counter() - t0)
     median = statistics.median(times)
-    return Measurement(median, (max(times) - min(times)) / median if median else 0.0, memory, method)
+    return Measurement(median, statistics.median(abs(t - median) for t in times) / median, memory, method)
 
 
 def layer_step(params: Params, variant: str, options, T: int, batch: int, device: torch.device) -> Step:
@@ -193,9 +195,10 @@ SPEC_EXPONENT_TOLERANCE = 0.25
 
 
 def off_spec(fitted: dict[str, float | None], spec: dict[str, float]) -> list[str]:
-    """'name fitted (spec s)' for each fitted time exponent further than the tolerance from its spec's."""
-    return [f"{name} {value:.2f} (spec {spec[name]:g})" for name, value in fitted.items()
-            if value is not None and abs(value - spec[name]) > SPEC_EXPONENT_TOLERANCE]
+    """'name fitted, spec s' for each fitted time exponent further than the tolerance from its spec's (None or NaN:
+    not fitted, not judged)."""
+    return [f"{name} {value:.2f}, spec {spec[name]:g}" for name, value in fitted.items()
+            if value is not None and not math.isnan(value) and abs(value - spec[name]) > SPEC_EXPONENT_TOLERANCE]
 
 
 def profile(params: Params, variant: str) -> tuple[list[dict], dict]:
@@ -251,6 +254,6 @@ def main(params: Params, variant: str, out_dir: Path) -> dict:
         tracker.log_metrics({k: v for k, v in summary.items() if (k.endswith("exponent") or k == "noisy_points") and v is not None})
         tracker.log_artifact(out_dir / "profile.csv")
     shown = ", ".join(f"{k} {v:.2f}" for k, v in summary.items() if k.endswith("exponent") and v is not None)
-    noisy = f"; {summary['noisy_points']} timed with repeats more than {NOISY_SPREAD:.0%} apart" if summary["noisy_points"] else ""
+    noisy = f"; {summary['noisy_points']} with repeats spread over {NOISY_SPREAD:.0%}" if summary["noisy_points"] else ""
     log.info("profile %s: %d points on %s; %s%s", variant, len(rows), summary["device"], shown, noisy)
     return summary

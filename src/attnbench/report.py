@@ -207,8 +207,8 @@ def report(params: Params, variants_dir: Path, data_dir: Path, out_dir: Path, su
     failed = [f"{r.variant} {r.scope} T = {r.T} ({r.status})" for r in profiles.itertuples() if r.scope != "reference" and r.status != "ok"]
     noisy = noisy_points(profiles)
     off = off_spec(dict(zip(summary["variant"], summary["time exp (attn)"])), dict(zip(summary["variant"], summary["spec exp"])))
-    agreement = (f"which these attention time exponents miss by more than {SPEC_EXPONENT_TOLERANCE:g}: {', '.join(off)}" if off
-                 else f"which every attention time exponent here meets within {SPEC_EXPONENT_TOLERANCE:g}")
+    agreement = (f"which these attention time exponents miss by more than {SPEC_EXPONENT_TOLERANCE:g}: {'; '.join(off)}" if off
+                 else f"which every fitted attention time exponent here meets within {SPEC_EXPONENT_TOLERANCE:g}")
     best = summary.loc[summary["test bpb"].idxmin()]
     m, t = params.model, params.train
     manifest = read_json(Path(data_dir) / MANIFEST)
@@ -234,10 +234,12 @@ def report(params: Params, variants_dir: Path, data_dir: Path, out_dir: Path, su
         "",
         *([f"Not in this report: {', '.join(left_out)} (of the params file's {len(params.variants)} variants).", ""] if left_out else []),
         *([f"Profile points that did not run: {', '.join(failed)}.", ""] if failed else []),
-        *([f"Profile points whose `profile.repeats` = {params.profile.repeats} timed runs differ by more than "
-           f"{100 * NOISY_SPREAD:.0f}% of their median (another load on the machine, or a step too short to time "
-           f"steadily; exponents and x sdpa drawn from them are unreliable: profile on a quiet machine, or with more "
-           f"repeats): {', '.join(noisy)}.", ""] if noisy else []),
+        *([f"Profile points whose timed runs (`profile.repeats`: {params.profile.repeats}) spread over "
+           f"{100 * NOISY_SPREAD:.0f}% about their median (median absolute deviation: another load on the machine, or "
+           "a step too short to time steadily), so that exponents and x sdpa drawn from them are unreliable (profile on "
+           f"a quiet machine, or with more `profile.tokens_per_step`): {', '.join(noisy)}.", ""] if noisy else []),
+        *([f"`profile.repeats` is {params.profile.repeats}: too few runs to tell a noisy timing.", ""]
+          if params.profile.repeats < 3 else []),
         "Exponents are log-log slopes against T of time and memory per sequence over the profile's lengths "
         f"({', '.join(map(str, params.profile.seq_lens))}); profiled on {summaries[variants[0]]['profile']['device']}. "
         f"`spec exp`: the spec's compute-vs-T exponent (variants.md), {agreement}. "

@@ -32,7 +32,8 @@ def sigterm_raises() -> Iterator[None]:
 LAUNCHED = "ATTNBENCH_LAUNCHED"
 
 
-def reports_the_end() -> bool:
-    """Whether this process tells the user how the stage ended (an interruption): the launcher where attnbench
-    started the workers, else rank 0 (a torchrun started by hand), not every worker."""
-    return LAUNCHED not in os.environ and os.environ.get("RANK", "0") == "0"
+def reports_interruption() -> bool:
+    """Whether this process says that the stage was interrupted: the launcher where attnbench started the workers,
+    else rank 0 of a torchrun started by hand (LOCAL_RANK marks its workers), not every worker."""
+    torchrun_worker = "LOCAL_RANK" in os.environ
+    return LAUNCHED not in os.environ and (not torchrun_worker or os.environ.get("RANK") == "0")

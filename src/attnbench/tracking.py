@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import requests
-from filelock import FileLock
+from filelock import FileLock, Timeout
 
 from .config import Params
 
@@ -41,21 +41,46 @@ def flatten(d: Mapping, prefix: str = "") -> dict[str, object]:
     return out
 
 
-# MLflow's client retries a failed call for over 4 minutes by default (7 retries, backoff doubling from 2 s), which
-# stalled a training loop whose server had gone. These bound it to seconds; the variables, where set, win.
+# MLflow's client retries a failed call for over 4 minutes by default (7 retries, backoff doubling from 2 s, 120 s
+# timeouts), which stalled a training loop whose server had gone. Inside a stage's run these bound a call to seconds
+# (a refused connection) or about 35 s (a server that hangs); the variables, where set, win.
 RETRY_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-                  "MLFLOW_HTTP_REQUEST_TIMEOUT": "60"}
-# After a failed call, the calls of the next RETRY_AFTER seconds are left out rather than each stalling the stage.
-RETRY_AFTER = 60.0
+                  "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+# After a failed call the run's calls are left out for a minute, then for twice as long after each further failure.
+RETRY_AFTER, RETRY_AFTER_MAX = 60.0, 960.0
+# MLflow's error codes for a store that is down, overloaded or locked (a connection error comes as INTERNAL_ERROR);
+# any other (a bad metric name, say) is the call's own fault and is raised.
+UNAVAILABLE = {"INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED"}
+
+
+def unavailable(err: Exception) -> bool:
+    """Whether `err` says the store could not be reached or could not take the call now."""
+    from mlflow.exceptions import MlflowException
+
+    if isinstance(err, MlflowException):
+        return err.error_code in UNAVAILABLE
+    return isinstance(err, (OSError, requests.RequestException, Timeout))
+
+
+@contextlib.contextmanager
+def bounded_retries() -> Iterator[None]:
+    """RETRY_DEFAULTS in the environment for the duration, the variables already set kept, the rest removed after."""
+    added = [variable for variable in RETRY_DEFAULTS if variable not in os.environ]
+    os.environ.update({variable: RETRY_DEFAULTS[variable] for variable in added})
+    try:
+        yield
+    finally:
+        for variable in added:
+            os.environ.pop(variable, None)
 
 
 class Tracker:
     """A thin handle on one MLflow run; use `stage_run` to open one.
 
-    Once the run is open, a failed call (a server gone mid-run, a store locked too long) is a warning, not the
-    stage's end: the stage's own files hold every figure it logs, and Snakemake deletes a failed job's outputs,
-    which would cost a whole training for a log line. The calls after a failure are left out for RETRY_AFTER
-    seconds, then tried again; the stage's last line counts those that did not land."""
+    Once the run is open, a store that becomes unavailable (a server gone mid-run, a store locked too long) costs
+    warnings, not the stage: its own files hold every figure it logs, and Snakemake deletes a failed job's outputs,
+    which would cost a whole training for a log line. After a failed call the run's calls are left out for a while
+    (RETRY_AFTER, doubling while the store stays away), then tried again; stage_run's last line counts the lost."""
 
     def __init__(self, uri: str, run_id: str):
         from mlflow.tracking import MlflowClient
@@ -63,78 +88,90 @@ class Tracker:
         self.uri = uri
         self.run_id = run_id
         self.lost = 0  # calls that failed or were left out
-        self.failing = False  # since the last call that landed
+        self.pause = 0.0  # seconds calls are left out after the last failure; 0 while calls land
         self.retry_at = 0.0
         with _store_lock(uri):  # opening a store may create or migrate its tables
             self.client = MlflowClient(tracking_uri=uri)
 
-    def call(self, what: str, fn: Callable, *args, **kwargs) -> None:
-        """fn(*args, **kwargs) under the store's lock; a failure warns (the first of a run of them) instead of raising."""
+    def _call(self, what: str, fn: Callable, *args, **kwargs) -> None:
+        """fn(*args, **kwargs) under the store's lock; an unavailable store warns (at the first failure of a run of
+        them) instead of raising."""
         if time.monotonic() < self.retry_at:
             self.lost += 1
             return
         try:
             with _store_lock(self.uri):
                 fn(*args, **kwargs)
-        except Exception as err:  # MLflow's, requests', the lock's timeout: whatever the store did, the stage goes on
+        except Exception as err:
+            if not unavailable(err):
+                raise
             self.lost += 1
-            if not self.failing:
-                log.warning("mlflow: %s did not reach %s (%s); the stage goes on, its files hold every figure, and the "
-                            "run's calls are tried again in %.0f s", what, self.uri, " ".join(str(err).split())[:300], RETRY_AFTER)
-            self.failing, self.retry_at = True, time.monotonic() + RETRY_AFTER
+            if not self.pause:
+                reason = " ".join(str(err).split())
+                log.warning("mlflow: %s did not reach %s (%s: ...%s); the stage goes on, its files hold every figure, "
+                            "and the run's calls are left out for %.0f s", what, self.uri, type(err).__name__, reason[-160:], RETRY_AFTER)
+            self.pause = min(2 * self.pause, RETRY_AFTER_MAX) if self.pause else RETRY_AFTER
+            self.retry_at = time.monotonic() + self.pause
         else:
-            self.failing = False
+            self.pause = 0.0
 
     def log_params(self, params: Mapping) -> None:
         from mlflow.entities import Param
 
         items = [Param(k, str(v)[:6000]) for k, v in flatten(params).items()]
         for start in range(0, len(items), 100):
-            self.call("params", self.client.log_batch, self.run_id, params=items[start : start + 100])
+            self._call("params", self.client.log_batch, self.run_id, params=items[start : start + 100])
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
         items = [Metric(k, float(v), now, step or 0) for k, v in metrics.items() if v is not None]
-        self.call("metrics", self.client.log_batch, self.run_id, metrics=items)
+        self._call("metrics", self.client.log_batch, self.run_id, metrics=items)
 
     def log_artifact(self, path: str | Path) -> None:
-        self.call(f"artifact {Path(path).name}", self.client.log_artifact, self.run_id, str(path))
+        self._call(f"artifact {Path(path).name}", self.client.log_artifact, self.run_id, str(path))
 
     def set_tags(self, tags: Mapping[str, str]) -> None:
         from mlflow.entities import RunTag
 
-        self.call("tags", self.client.log_batch, self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+        self._call("tags", self.client.log_batch, self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
 
 def check_server(uri: str, connect_timeout: float = 5.0, answer_timeout: float = 60.0) -> None:
     """Fail fast, naming tracking.uri, where an http(s) store is not an MLflow server that answers: MLflow's client
     would retry for minutes before saying so (4 min 10 s against a closed port, about 15 min against a server that
     takes the connection and never answers), and without naming the setting. A slow answer is waited for up to
-    `answer_timeout` (a server busy while many stages start); a TLS handshake that only MLflow's own certificate
-    settings complete, and a server that asks for credentials (which MLflow's client sends), are left to the client."""
+    `answer_timeout` (a server busy while many stages start). Left to MLflow's client, which may get through where
+    this bare probe cannot: a TLS handshake that needs MLflow's certificate settings, and a request for
+    credentials (401, 403, or a redirect to a login page)."""
     if not uri.startswith(("http://", "https://")):
         return
-    probe = "/api/2.0/mlflow/experiments/get-by-name"  # a store's plainest call: JSON, 200 or 404, from any MLflow server
+    probe = "/api/2.0/mlflow/experiments/get-by-name"  # a store's plainest call: every MLflow server answers it in JSON
+    fix = "start one (README: An MLflow server) or set tracking.uri: null for the local store"
     try:
         answer = requests.get(f"{uri.rstrip('/')}{probe}", params={"experiment_name": "attnbench"},
-                              timeout=(connect_timeout, answer_timeout))
+                              timeout=(connect_timeout, answer_timeout), allow_redirects=False)
     except requests.exceptions.SSLError:
         return
     except requests.exceptions.ReadTimeout:
         raise ConnectionError(f"tracking.uri = {uri!r}: the server took the connection but sent no answer in "
-                              f"{answer_timeout:g} s") from None
+                              f"{answer_timeout:g} s; check that it is an MLflow server and runs, or {fix}") from None
     except requests.ConnectionError as err:  # refused, unresolvable, or no connection within the timeout
-        raise ConnectionError(f"tracking.uri = {uri!r}: no server answers ({type(err).__name__}); start one (README: "
-                              "An MLflow server) or set tracking.uri: null for the local store") from None
-    if answer.status_code in (401, 403):
+        raise ConnectionError(f"tracking.uri = {uri!r}: no server answers ({type(err).__name__}); {fix}") from None
+    if answer.status_code in (401, 403) or 300 <= answer.status_code < 400:
         return
+    if answer.status_code >= 500:
+        raise ConnectionError(f"tracking.uri = {uri!r}: HTTP {answer.status_code} from the server or a proxy before it "
+                              f"(GET {probe}); check that the MLflow server runs, or {fix}")
     try:
-        answer.json()
+        body = answer.json()
     except ValueError:
+        body = None
+    # A 200 names the experiment; MLflow's errors carry an error_code (404 RESOURCE_DOES_NOT_EXIST here).
+    if not isinstance(body, dict) or not ({"experiment", "error_code"} & body.keys()):
         raise ConnectionError(f"tracking.uri = {uri!r}: a server answers, but not MLflow's (GET {probe}: HTTP "
-                              f"{answer.status_code}, {answer.headers.get('Content-Type', 'no content type')})") from None
+                              f"{answer.status_code}, {answer.headers.get('Content-Type', 'no content type')}); {fix}")
 
 
 def sqlite_file(uri: str) -> str | None:
@@ -172,8 +209,6 @@ def stage_run(params: Params, stage: str, variant: str | None = None) -> Iterato
     from mlflow.tracking import MlflowClient
 
     uri = tracking_uri(params)
-    for variable, value in RETRY_DEFAULTS.items():
-        os.environ.setdefault(variable, value)
     check_server(uri)
     name = params.experiment
     with _store_lock(uri):
@@ -186,20 +221,28 @@ def stage_run(params: Params, stage: str, variant: str | None = None) -> Iterato
         tags |= {v.lower(): os.environ[v] for v in ("DVC_EXP_NAME", "DVC_EXP_BASELINE_REV") if v in os.environ}
         run = client.create_run(experiment_id, run_name=f"{stage}-{variant}" if variant else stage, tags=tags)
     tracker = Tracker(uri, run.info.run_id)
+    status = "FAILED"
     try:
-        yield tracker
-    except BaseException as err:
-        tracker.retry_at = 0.0  # the run's status is worth one more try
-        tracker.call("the run's status", client.set_terminated, run.info.run_id,
-                     status="KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
-        raise
-    tracker.retry_at = 0.0
-    tracker.call("the run's status", client.set_terminated, run.info.run_id, status="FINISHED")
-    if tracker.lost:
-        log.warning("mlflow: %s run %s in experiment %r at %s lacks %d of its calls (params, metrics, artifacts or "
-                    "status); the stage's files have them", stage, run.info.run_id[:8], name, uri, tracker.lost)
-    else:
-        log.info("mlflow: %s run %s in experiment %r at %s", stage, run.info.run_id[:8], name, uri)
+        with bounded_retries():
+            try:
+                yield tracker
+                status = "FINISHED"
+            except KeyboardInterrupt:
+                status = "KILLED"
+                raise
+            finally:
+                if status == "KILLED" and tracker.pause:
+                    tracker.lost += 1  # the store is away, and a SIGTERM's grace is shorter than a call to a hung server
+                else:
+                    tracker.retry_at = 0.0  # the status is worth one more try
+                    tracker._call("the run's status", client.set_terminated, run.info.run_id, status=status)
+    finally:
+        if tracker.lost:
+            log.warning("mlflow: %s run %s in experiment %r at %s lacks %d of its calls (params, metrics, artifacts or "
+                        "its status, %s here); the stage's files have them", stage, run.info.run_id[:8], name, uri,
+                        tracker.lost, status)
+        else:
+            log.info("mlflow: %s run %s in experiment %r at %s", stage, run.info.run_id[:8], name, uri)
 
 
 def import_runs(params: Params, source_uri: str) -> int:

@@ -87,8 +87,8 @@ class Attention(nn.Module):
     """
 
     Options: ClassVar[type[VariantOptions]] = VariantOptions
-    # The spec's "compute vs T" exponent (variants.md's table), which a variant must declare (register checks): the
-    # report and the benchmark set the fitted time exponent beside it.
+    # The spec's "compute vs T" exponent (variants.md's table), which each variant's class declares itself (register
+    # checks, inherited or not): the report and the benchmark set the fitted time exponent beside it.
     compute_exponent: ClassVar[float]
     # Inductor settings the variant's kernels want when a model or layer holding it is compiled (torch.compile options).
     compile_options: ClassVar[dict[str, object]] = {}
@@ -189,7 +189,7 @@ def register(name: str):
     def add(cls: type[Attention]) -> type[Attention]:
         if name in REGISTRY:
             raise ValueError(f"variant {name!r} is registered twice: {REGISTRY[name].__name__} and {cls.__name__}")
-        if not hasattr(cls, "compute_exponent"):
+        if "compute_exponent" not in vars(cls):  # its own: a subclass of mha would otherwise take mha's 2 unasked
             raise TypeError(f"variant {name!r}: {cls.__name__} declares no compute_exponent (the spec's compute-vs-T "
                             "exponent, e.g. 1.5 for T^1.5)")
         REGISTRY[name] = cls

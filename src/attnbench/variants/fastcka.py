@@ -57,6 +57,8 @@ def flex_block_causal_attention(
 class FastClusterKernelAttention(ClusterKernelAttention):
     """cka's function and parameters (reference path inherited); efficient path in O(T) memory on GPU."""
 
+    compute_exponent = 1.5  # cka's, without its T x b scores kept
+
     def efficient(self, q, k, v, x):
         attend = flex_block_causal_attention if q.is_cuda else block_causal_attention
         o_intra, lse = attend(q, k, v, self.block, self.scale)  # (B, H, T, D), (B, H, T)

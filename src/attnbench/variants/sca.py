@@ -144,6 +144,7 @@ def clique_partition(scores: torch.Tensor, cliques: int) -> tuple[torch.Tensor, 
 @register("sca")
 class SuperClusterAttention(LearnedClusterAttention):
     Options = SuperClusterOptions
+    compute_exponent = 1.5  # lca's, plus T log T (sort) and (T / b) C^2 D (mixing): T^1.5 with b = C = sqrt(T)
 
     @property
     def causal(self) -> bool:
