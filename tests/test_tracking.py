@@ -184,8 +184,10 @@ def test_a_call_the_store_refuses_is_raised_not_taken_for_an_outage(tmp_path, mo
     params = params_at(f"sqlite:///{tmp_path / 'a.db'}")
     with pytest.raises(MlflowException), stage_run(params, "train", "mha") as tracker:
         tracker.log_metrics({"val bpb (end)!": 1.0}, step=1)
-    _, [run] = runs(params.tracking.uri)
-    assert run.info.status == "FAILED"
+    with pytest.raises(FileNotFoundError), stage_run(params, "train", "la") as tracker:  # an OSError, but no outage
+        tracker.log_artifact(tmp_path / "no-such-file.json")
+    _, found = runs(params.tracking.uri)
+    assert [r.info.status for r in found] == ["FAILED", "FAILED"]
 
 
 def test_an_interrupted_stage_does_not_wait_on_a_store_that_is_away(tmp_path, monkeypatch, caplog):

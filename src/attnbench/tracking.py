@@ -59,7 +59,8 @@ def unavailable(err: Exception) -> bool:
 
     if isinstance(err, MlflowException):
         return err.error_code in UNAVAILABLE
-    return isinstance(err, (OSError, requests.RequestException, Timeout))
+    # Not every OSError: a missing artifact file is the call's own fault.
+    return isinstance(err, (ConnectionError, TimeoutError, requests.RequestException, Timeout))
 
 
 @contextlib.contextmanager
