@@ -42,6 +42,9 @@ def test_markdown_shows_ratios_to_sdpa_and_the_training_baseline():
     # ca per token: 1/4 of sdpa's at 2K, sqrt(4)/4 / 4 = 1/8 at 8K, sqrt(16)/4 / 16 = 1/16 at 32K.
     assert cells[-4:] == ["1.50", "1.5", "8.00", "16.00"], ca_row  # exponent, the spec's, ratios at 8K and 32K
     assert "every fitted row within 0.25 of it" in text
+    # A table's delimiter row has a cell for each header cell, or Markdown renders no table.
+    header = next(i for i, line in enumerate(text.splitlines()) if line.startswith("| variant | ") and "time exponent" in line)
+    assert [line.count("|") for line in text.splitlines()[header : header + 3]] == [ca_row.count("|")] * 3
     assert "| plain GPT (mha, flash) | d512 L8 H8 | 40.0 | 1.600 | 30.0% | 12.3 | True |" in text
     assert "| ca | d512 L8 H8 | oom" in text
 

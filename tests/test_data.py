@@ -469,6 +469,36 @@ def test_check_warns_of_a_missing_local_corpus(tmp_path, monkeypatch, capsys):
     assert re.search(r"attnbench check: .*params\.yaml: data\.path = 'corpus\.txt': no such file; the fetch stage reads it", err), err
 
 
+def test_check_warns_of_a_local_corpus_that_is_a_folder_and_not_of_another_source(tmp_path, monkeypatch, capsys):
+    """A folder at data.path is no corpus either; a source other than local (sample, enwik8) reads no data.path, so
+    `check` says nothing of it."""
+    from attnbench import cli
+    from tests.tiny import write_params
+
+    monkeypatch.chdir(tmp_path)
+    path, _ = write_params(tmp_path, {"data": {"path": "texts"}})
+    (tmp_path / "texts").mkdir()
+    assert cli.main(["check", "--params", str(path)]) == 0
+    assert "data.path = 'texts': no such file" in capsys.readouterr().err
+    path, _ = write_params(tmp_path, {"data": {"source": "sample", "path": None}})
+    assert cli.main(["check", "--params", str(path)]) == 0
+    assert "no such file" not in capsys.readouterr().err
+
+
+def test_the_cli_keeps_urllib3s_retry_warnings_off(tmp_path, monkeypatch, capsys):
+    """urllib3 warns at each retry of a store that is away ("Retrying ..."); tracking's one warning says it instead."""
+    import logging
+
+    from attnbench import cli
+    from tests.tiny import write_params
+
+    monkeypatch.chdir(tmp_path)
+    path, _ = write_params(tmp_path)
+    assert cli.main(["check", "--params", str(path)]) == 0
+    logging.getLogger("urllib3.connectionpool").warning("Retrying (Retry(total=1)) after connection broken")
+    assert "Retrying" not in capsys.readouterr().err
+
+
 def test_local_empty_file_is_refused(tmp_path):
     empty = tmp_path / "empty.txt"
     empty.write_bytes(b"")

@@ -128,10 +128,11 @@ def test_report_from_fixture_metrics(tmp_path, monkeypatch):
     assert "which every fitted attention time exponent here meets within 0.25." in text
 
 
-def test_the_page_names_the_time_exponents_off_the_spec(tmp_path, monkeypatch):
+@pytest.mark.parametrize("repeats", [1, 2])
+def test_the_page_names_the_time_exponents_off_the_spec(tmp_path, monkeypatch, repeats):
     """variants.md's tolerance is 0.25: la at 1.30 misses its 1, mha at 1.80 meets its 2. profile.repeats 1 measures
-    no spread, which the page says."""
-    params = prepared_params(tmp_path, monkeypatch, {"variants": {v: {} for v in FIXTURE}, "profile": {"repeats": 1}})
+    no spread, and 2 too few to tell one noisy run, which the page says."""
+    params = prepared_params(tmp_path, monkeypatch, {"variants": {v: {} for v in FIXTURE}, "profile": {"repeats": repeats}})
     for variant, exponent in (("mha", 1.8), ("la", 1.3)):
         write_variant(tmp_path / "variants" / variant, variant, *FIXTURE[variant][:2], exponent)
 
@@ -139,7 +140,7 @@ def test_the_page_names_the_time_exponents_off_the_spec(tmp_path, monkeypatch):
 
     text = (tmp_path / "out" / "comparison.md").read_text()
     assert "which these attention time exponents miss by more than 0.25: la 1.30, spec 1." in text, text
-    assert "`profile.repeats` is 1: too few runs to tell a noisy timing." in text
+    assert f"`profile.repeats` is {repeats}: too few runs to tell a noisy timing." in text
 
 
 def test_an_exponent_not_fitted_is_not_judged_against_the_spec():
@@ -147,6 +148,21 @@ def test_an_exponent_not_fitted_is_not_judged_against_the_spec():
     from attnbench.profile import off_spec
 
     assert off_spec({"a": float("nan"), "b": None, "c": 1.3, "d": 1.2}, {"a": 1, "b": 1, "c": 1, "d": 1}) == ["c 1.30, spec 1"]
+
+
+def test_an_exponent_at_the_tolerance_meets_the_spec():
+    """Within the tolerance includes 0.25 itself: 1.25 and 0.75 meet a spec of 1 (exact in binary), 1.5 misses it."""
+    from attnbench.profile import off_spec
+
+    assert off_spec({"a": 1.25, "b": 0.75, "c": 1.5}, {"a": 1, "b": 1, "c": 1}) == ["c 1.50, spec 1"]
+
+
+def test_a_profile_without_a_spread_column_has_no_noisy_points():
+    """A profile.csv written before the spread column names no point noisy, and is not an error."""
+    from attnbench.report import noisy_points
+
+    profiles = pd.DataFrame({"variant": ["mha"], "scope": ["attention"], "T": [64], "status": ["ok"]})
+    assert noisy_points(profiles) == []
 
 
 def test_fit_exponent_is_the_log_log_slope_over_the_usable_points():

@@ -59,13 +59,16 @@ def no_proxy(monkeypatch):
 
 
 @contextlib.contextmanager
-def http_server(status: int, body: bytes, content_type: str, delay: float = 0.0):
-    """An HTTP server on 127.0.0.1 that answers every GET with `status` and `body` after `delay` seconds: its URI."""
+def http_server(status: int, body: bytes, content_type: str, delay: float = 0.0, headers: dict | None = None):
+    """An HTTP server on 127.0.0.1 that answers every GET with `status`, `headers` and `body` after `delay` seconds:
+    its URI."""
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self):
             time.sleep(delay)
             self.send_response(status)
             self.send_header("Content-Type", content_type)
+            for name, value in (headers or {}).items():
+                self.send_header(name, value)
             self.end_headers()
             self.wfile.write(body)
 
@@ -99,10 +102,11 @@ def test_a_tracking_server_that_does_not_answer_fails_at_once_naming_the_setting
 
 
 def test_a_tracking_server_that_answers_late_is_waited_for(monkeypatch):
-    """A server busy while many stages start answers late: that is a server, within the answer timeout."""
+    """A server busy while many stages start answers late: that is a server, within the answer timeout (the connect
+    timeout, shorter here than the delay, does not bound the answer)."""
     no_proxy(monkeypatch)
     with http_server(404, MLFLOW_404, "application/json", delay=0.3) as uri:
-        check_server(uri, answer_timeout=5)
+        check_server(uri, connect_timeout=0.1, answer_timeout=5)
 
 
 def test_a_tracking_server_that_never_answers_fails_naming_the_setting(monkeypatch):
@@ -134,6 +138,31 @@ def test_a_tracking_uri_of_a_server_that_is_not_mlflows_fails_naming_the_setting
     with http_server(401, b"login first", "text/plain") as uri:
         check_server(uri)
     with http_server(302, b"", "text/html") as uri:
+        check_server(uri)
+
+
+def test_a_tracking_servers_other_answers_are_taken_or_named(monkeypatch):
+    """MLflow's 200 (the experiment exists) is a server's answer, and a 403 (credentials, as a 401) is left to MLflow's
+    client; a 500 is named as the server's or a proxy's, and another service's 400 is no MLflow answer."""
+    no_proxy(monkeypatch)
+    with http_server(200, b'{"experiment": {"experiment_id": "1", "name": "attnbench"}}', "application/json") as uri:
+        check_server(uri)
+    with http_server(403, b"forbidden", "text/plain") as uri:
+        check_server(uri)
+    with (http_server(500, b"<html>Internal Server Error</html>", "text/html") as uri,
+          pytest.raises(ConnectionError, match=rf"tracking.uri = '{uri}': HTTP 500 from the server or a proxy before it")):
+        check_server(uri)
+    with (http_server(400, b"<html>Bad Request</html>", "text/html") as uri,
+          pytest.raises(ConnectionError, match=rf"tracking.uri = '{uri}': a server answers, but not MLflow's")):
+        check_server(uri)
+
+
+def test_a_redirect_to_a_login_page_is_left_to_mlflows_client(monkeypatch):
+    """The probe does not follow a redirect: the login page it leads to (HTML, not MLflow's JSON) would fail a server
+    that MLflow's client, with its credentials, gets through to."""
+    no_proxy(monkeypatch)
+    with (http_server(200, b"<html>Sign in</html>", "text/html") as login,
+          http_server(302, b"", "text/html", headers={"Location": f"{login}/login"}) as uri):
         check_server(uri)
 
 
@@ -175,6 +204,41 @@ def test_a_store_lost_mid_run_costs_log_lines_not_the_stage(tmp_path, monkeypatc
     assert warnings[2].endswith("lacks 4 of its calls (params, metrics, artifacts or its status, FINISHED here); the stage's files have them")
 
 
+@pytest.mark.parametrize("code", ["INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED"])
+def test_mlflows_errors_for_a_store_away_are_weathered(tmp_path, monkeypatch, code):
+    """MLflow's client reports a connection it gave up on as INTERNAL_ERROR, a store overloaded or locked as
+    TEMPORARILY_UNAVAILABLE or REQUEST_LIMIT_EXCEEDED: each costs the call and a pause, not the stage."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos import databricks_pb2
+    from mlflow.tracking import MlflowClient as Client
+
+    monkeypatch.chdir(tmp_path)
+    params = params_at(f"sqlite:///{tmp_path / 'a.db'}")
+    with stage_run(params, "train", "mha") as tracker:
+        error = MlflowException("store away", error_code=getattr(databricks_pb2, code))
+        monkeypatch.setattr(Client, "log_batch", lambda *args, **kwargs: (_ for _ in ()).throw(error))
+        tracker.log_metrics({"loss": 1.0}, step=1)
+        assert (tracker.lost, tracker.pause) == (1, 60)
+    _, [run] = runs(params.tracking.uri)
+    assert run.info.status == "FINISHED"
+
+
+def test_the_pause_doubles_while_the_store_stays_away_up_to_16_minutes(tmp_path, monkeypatch):
+    """1, 2, 4, 8, then 16 minutes, and no longer: a store away for hours is still tried every 16 minutes."""
+    from mlflow.tracking import MlflowClient as Client
+
+    monkeypatch.chdir(tmp_path)
+    params = params_at(f"sqlite:///{tmp_path / 'a.db'}")
+    pauses = []
+    with stage_run(params, "train", "mha") as tracker:
+        monkeypatch.setattr(Client, "log_batch", lambda *args, **kwargs: (_ for _ in ()).throw(ConnectionError("gone")))
+        for step in range(7):
+            tracker.retry_at = 0.0  # each pause over, the store still away
+            tracker.log_metrics({"loss": 1.0}, step=step)
+            pauses.append(tracker.pause)
+    assert pauses == [60, 120, 240, 480, 960, 960, 960]
+
+
 def test_a_call_the_store_refuses_is_raised_not_taken_for_an_outage(tmp_path, monkeypatch):
     """Only an unavailable store is weathered: a call's own fault (here a metric name MLflow refuses) is raised, and
     the run ends FAILED."""
@@ -212,6 +276,30 @@ def test_an_interrupted_stage_does_not_wait_on_a_store_that_is_away(tmp_path, mo
     assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "5" and "MLFLOW_HTTP_REQUEST_TIMEOUT" not in os.environ
     assert caplog.records[-1].getMessage().endswith("lacks 2 of its calls (params, metrics, artifacts or its status, KILLED here); "
                                                     "the stage's files have them")
+
+
+def test_an_interrupted_stage_with_its_store_there_ends_its_run_killed(tmp_path, monkeypatch):
+    """Only a store that is away is spared the status call: with it there, an interrupted stage's run ends KILLED."""
+    monkeypatch.chdir(tmp_path)
+    params = params_at(f"sqlite:///{tmp_path / 'a.db'}")
+    with pytest.raises(KeyboardInterrupt), stage_run(params, "train", "mha"):
+        raise KeyboardInterrupt
+    _, [run] = runs(params.tracking.uri)
+    assert run.info.status == "KILLED"
+
+
+def test_bounded_retries_bound_mlflows_client_where_the_user_has_not(monkeypatch):
+    """Unset, MLflow's client retries a call 7 times, for over 4 minutes; inside a run 2 retries, a backoff factor of
+    1 and 10-s timeouts (about 35 s against a hung server), and nothing left set after it."""
+    from attnbench.tracking import RETRY_DEFAULTS, bounded_retries
+
+    for variable in RETRY_DEFAULTS:
+        monkeypatch.delenv(variable, raising=False)
+    with bounded_retries():
+        inside = {variable: os.environ.get(variable) for variable in RETRY_DEFAULTS}
+    assert inside == {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                      "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+    assert not any(variable in os.environ for variable in RETRY_DEFAULTS)
 
 
 def test_a_run_of_a_dvc_experiment_is_tagged_with_its_name_and_baseline(tmp_path, monkeypatch):

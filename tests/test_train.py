@@ -197,6 +197,15 @@ def test_each_log_point_records_its_windows_largest_gradient_norm(tiny, tmp_path
 SHORT = {"train": {"steps": 4, "log_every": 2, "eval_every": 4, "checkpoint_every": 4}}
 
 
+def test_the_world_size_logged_is_the_processes_that_ran_not_train_nproc(tiny, tmp_path):
+    """world_size is what ran: train.nproc 2 trained in this one process (as under a torchrun started by hand with
+    another count) logs 1."""
+    params, prepared = tiny(merge(SHORT, {"train": {"nproc": 2, "grad_accum": 2}}))
+    recorder = Recorder({})
+    train_mod.train(params, "mha", prepared, tmp_path / "mha", recorder)
+    assert recorder.params["world_size"] == 1
+
+
 def test_each_checkpoint_but_the_last_is_logged_with_its_step(tiny, tmp_path, caplog):
     """After a Ctrl-C the log's last checkpoint line says where the next run resumes; the last step's checkpoint is
     removed when the run ends, so it is not announced."""

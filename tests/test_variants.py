@@ -366,6 +366,46 @@ def test_profile_counts_the_points_whose_repeats_disagree(tmp_path, monkeypatch)
     assert summary["noisy_points"] == 1
 
 
+def test_a_point_out_of_memory_has_no_spread_and_is_not_counted_noisy(tmp_path, monkeypatch):
+    """An oom row's measurement fields, spread among them, are empty (None), and noisy_points counts only ok points."""
+    from attnbench import profile as profile_mod
+    from tests.tiny import write_params
+
+    _, params = write_params(tmp_path, {"profile": {"seq_lens": [16, 32], "tokens_per_step": 128, "whole_model": False},
+                                        "variants": {"mha": {}}})
+    spreads = iter([0.5, None, 0.0, 0.05])  # attention at 16 and 32 (out of memory), then the reference at 16 and 32
+
+    def measure(*args):
+        spread = next(spreads)
+        if spread is None:
+            raise torch.OutOfMemoryError("fixture")
+        return profile_mod.Measurement(1.0, spread, 0, "fixture")
+
+    monkeypatch.setattr(profile_mod, "measure", measure)
+    rows, summary = profile_mod.profile(params, "mha")
+    assert [(r["T"], r["status"], r["spread"]) for r in rows] == [(16, "ok", 0.5), (32, "oom", None), (16, "ok", 0.0), (32, "ok", 0.05)]
+    assert summary["noisy_points"] == 1
+
+
+def test_the_profile_stage_logs_its_noisy_points_to_mlflow(tmp_path, monkeypatch):
+    """noisy_points is a metric of the profile's MLflow run beside the exponents, so that runs can be sorted by it."""
+    from mlflow.tracking import MlflowClient
+
+    from attnbench import profile as profile_mod
+    from tests.tiny import write_params
+
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    _, params = write_params(tmp_path, {"profile": {"seq_lens": [16, 32], "tokens_per_step": 128, "whole_model": False},
+                                        "variants": {"mha": {}}, "tracking": {"uri": uri}})
+    spreads = iter([0.5, 0.1, 0.0, 0.05])
+    monkeypatch.setattr(profile_mod, "measure", lambda *args: profile_mod.Measurement(1.0, next(spreads), 0, "fixture"))
+    profile_mod.main(params, "mha", tmp_path / "mha")
+    client = MlflowClient(tracking_uri=uri)
+    [run] = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert run.data.metrics["noisy_points"] == 1
+
+
 def test_profile_tokens_per_s_counts_every_sequence_of_the_batch(tmp_path):
     """A point's throughput is batch x T tokens per measured second, at every ok point of every scope."""
     from attnbench import profile as profile_mod
