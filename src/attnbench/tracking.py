@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import requests
-from filelock import FileLock, Timeout
+from filelock import FileLock
 
 from .config import Params
 
@@ -59,8 +59,8 @@ def unavailable(err: Exception) -> bool:
 
     if isinstance(err, MlflowException):
         return err.error_code in UNAVAILABLE
-    # Not every OSError: a missing artifact file is the call's own fault.
-    return isinstance(err, (ConnectionError, TimeoutError, requests.RequestException, Timeout))
+    # Not every OSError: a missing artifact file is the call's own fault. (The store lock's Timeout is a TimeoutError.)
+    return isinstance(err, (ConnectionError, TimeoutError, requests.RequestException))
 
 
 @contextlib.contextmanager
@@ -83,16 +83,13 @@ class Tracker:
     which would cost a whole training for a log line. After a failed call the run's calls are left out for a while
     (RETRY_AFTER, doubling while the store stays away), then tried again; stage_run's last line counts the lost."""
 
-    def __init__(self, uri: str, run_id: str):
-        from mlflow.tracking import MlflowClient
-
+    def __init__(self, client, uri: str, run_id: str):
+        self.client = client
         self.uri = uri
         self.run_id = run_id
         self.lost = 0  # calls that failed or were left out
         self.pause = 0.0  # seconds calls are left out after the last failure; 0 while calls land
         self.retry_at = 0.0
-        with _store_lock(uri):  # opening a store may create or migrate its tables
-            self.client = MlflowClient(tracking_uri=uri)
 
     def _call(self, what: str, fn: Callable, *args, **kwargs) -> None:
         """fn(*args, **kwargs) under the store's lock; an unavailable store warns (at the first failure of a run of
@@ -221,7 +218,7 @@ def stage_run(params: Params, stage: str, variant: str | None = None) -> Iterato
         # Under `dvc exp run` the experiment's name and baseline commit (DVC's variables): what `dvc exp apply` takes.
         tags |= {v.lower(): os.environ[v] for v in ("DVC_EXP_NAME", "DVC_EXP_BASELINE_REV") if v in os.environ}
         run = client.create_run(experiment_id, run_name=f"{stage}-{variant}" if variant else stage, tags=tags)
-    tracker = Tracker(uri, run.info.run_id)
+    tracker = Tracker(client, uri, run.info.run_id)
     status = "FAILED"
     try:
         with bounded_retries():
