@@ -81,9 +81,9 @@ def run(args: argparse.Namespace) -> None:
         logging.info("%s: valid; run %s (results in %s), %d variants: %s", args.params, params.run.name, results,
                      len(params.variants), ", ".join(params.variants))
         # Not an error: a corpus already fetched needs no source, and only fetch reads it.
-        if params.data.source == "local" and not Path(params.data.path).is_file():
-            logging.warning("%s: data.path = %r: no such file; the fetch stage reads it (put the text there, or point "
-                            "data.path at yours)", args.params, params.data.path)
+        if missing := data.missing_local_source(params.data):
+            logging.warning("%s: %s; the fetch stage reads it (put the text there, or point data.path at yours)",
+                            args.params, missing)
     elif args.stage == "fetch":
         out = args.out or results / "data" / "corpus.bin"
         from .tracking import stage_run

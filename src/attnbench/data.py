@@ -180,6 +180,13 @@ def stream_to_file(src, dest: Path, expected_md5: str | None = None, max_bytes: 
 # ---------------------------------------------------------------- stages
 
 
+def missing_local_source(cfg: DataConfig) -> str | None:
+    """What is wrong with a local source whose file is not there; None where it is, or for another source."""
+    if cfg.source == "local" and not Path(cfg.path).is_file():
+        return f"data.path = {cfg.path!r}: no such file"
+    return None
+
+
 def fetch(cfg: DataConfig, corpus: Path, download_dir: Path) -> dict:
     """Produce the raw corpus file `corpus` from the configured source; return a summary."""
     corpus = Path(corpus)
@@ -194,9 +201,9 @@ def fetch(cfg: DataConfig, corpus: Path, download_dir: Path) -> dict:
             raise DataError(f"{cfg.url}: {err}; the download was removed, re-run to fetch it again") from None
         origin = cfg.url
     elif cfg.source == "local":
+        if missing := missing_local_source(cfg):
+            raise DataError(missing)
         path = Path(cfg.path)
-        if not path.is_file():
-            raise DataError(f"data.path = {cfg.path!r}: no such file")
         if path.suffix == ".zip":
             md5 = safe_extract_member(path, None if cfg.member == "enwik8" else cfg.member, corpus, cfg.max_archive_ratio)
         else:
