@@ -176,10 +176,10 @@ def test_launch_gives_torchrun_the_jobs_threads_and_then_restores_the_callers(mo
 def test_the_launcher_checks_the_tracking_server_before_starting_workers(tmp_path, monkeypatch):
     """A closed port stops train.nproc 2 in one line before torchrun, not in every worker after they start (a
     user's check: five lines of gloo's and torchrun's)."""
+    from tests.test_tracking import no_proxy
+
     monkeypatch.delenv("LOCAL_RANK", raising=False)
-    for var in ("http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    no_proxy(monkeypatch)
     monkeypatch.setattr(distributed, "launch", lambda *args: pytest.fail("workers started"))
     with socket.socket() as probe:  # a port nothing listens on
         probe.bind(("127.0.0.1", 0))
