@@ -118,6 +118,10 @@ def test_report_from_fixture_metrics(tmp_path, monkeypatch):
                      r"la attention T = 128 \(60.0%\)\.$", text, re.M), text
     assert "too few runs" not in text
     assert "Best variant: **la** at 2.250 bpb" in text
+    # la is better and faster in training; at the largest T only la was timed (mha ran out of memory there).
+    assert ("by training tok/s (T = 32), **la**, which dominates every other variant timed; by attention-layer tok/s "
+            "at T = 512, **la** (mha not timed there).") in text, text
+    assert result["pareto_front"] == {"train": ["la"], "attention": ["la"]}
     assert f"**{unigram_bpb(tmp_path / 'prepared'):.3f} bpb**" in text
     for name in ("learning_curves", "bpb_vs_throughput", "time_vs_T", "memory_vs_T"):
         png = tmp_path / "out" / "figures" / f"{name}.png"
@@ -126,6 +130,50 @@ def test_report_from_fixture_metrics(tmp_path, monkeypatch):
     assert [r["variant"] for r in result["variants"]] == list(FIXTURE)
     assert {v: cells[header.index("spec exp")] for v, cells in table.items()} == {"mha": "2", "la": "1"}
     assert "which every fitted attention time exponent here meets within 0.25." in text
+
+
+def test_the_pareto_front_keeps_what_no_other_variant_dominates():
+    """Dominated: another as good in test bpb (as printed, 3 decimals) and in speed, better in one. An exact twin
+    dominates neither way; a variant not timed at that speed is left out."""
+    from attnbench.report import pareto_front
+
+    points = {"a": (3.0, 100.0), "b": (3.2, 300.0), "c": (3.1, 200.0), "d": (3.2, 150.0), "e": (3.0004, 90.0),
+              "f": (2.9, float("nan")), "g": (3.1, 200.0)}
+    summary = pd.DataFrame([{"variant": v, "test bpb": bpb, "speed": speed} for v, (bpb, speed) in points.items()])
+
+    # Keys by test bpb, best first; each dominated variant with the front's variants that dominate it.
+    assert list(pareto_front(summary, "speed").items()) == [
+        ("a", []), ("e", ["a"]), ("c", []), ("g", []), ("b", []), ("d", ["c", "g", "b"])]
+
+
+def test_each_front_is_one_clause_naming_what_dominates_the_rest():
+    from attnbench.report import front_sentence
+
+    assert front_sentence({"ca": [], "mha": ["ca"], "la": ["ca"]}, "speed", ["mha", "la", "ca"]) == (
+        "by speed, **ca**, which dominates every other variant timed")
+    assert front_sentence({"ca": [], "la": [], "lca": ["ca"], "sca": ["ca", "la"]}, "speed", ["ca", "la", "lca", "sca", "mha"]) == (
+        "by speed, **ca, la** (dominated: lca by ca, sca by ca and la) (mha not timed there)")
+    assert front_sentence({"ca": [], "la": []}, "speed", ["ca", "la"]) == "by speed, **ca, la**"
+
+
+def test_the_throughput_figure_draws_the_front_where_it_has_two_variants(tmp_path, monkeypatch):
+    """mha is slower and worse than la and la2, which trade bpb for speed: the front is la2 - la, drawn as a line
+    from the faster to the better, with its own legend entry."""
+    params = prepared_params(tmp_path, monkeypatch, {"variants": {"mha": {}, "la": {}, "ca": {}}})
+    for variant, bpb, speed in (("mha", 2.75, 1000.0), ("la", 2.25, 3000.0), ("ca", 2.00, 2000.0)):
+        write_variant(tmp_path / "variants" / variant, variant, bpb, speed, 1.0)
+    lines = {}
+    real_legend_beside = report_mod.legend_beside
+    monkeypatch.setattr(report_mod, "legend_beside", lambda ax: real_legend_beside(ax) or lines.update(
+        {ax.get_title(): ([t.get_text() for t in ax.get_legend().get_texts()], [line.get_xydata().tolist() for line in ax.get_lines() if len(line.get_xdata())])}))
+
+    result = report(params, tmp_path / "variants", tmp_path / "prepared", tmp_path / "out")
+
+    assert result["pareto_front"]["train"] == ["ca", "la"]
+    legend, drawn = lines[FIGURES["bpb_vs_throughput"]]
+    assert legend == ["mha", "la", "ca", "Pareto front"], legend
+    assert drawn == [[[2000.0, 2.0], [3000.0, 2.25]]], drawn  # (seaborn's legend handles are lines without points)
+    assert "by training tok/s (T = 32), **ca, la** (dominated: mha by ca and la)" in (tmp_path / "out" / "comparison.md").read_text()
 
 
 @pytest.mark.parametrize("repeats", [1, 2])
@@ -203,6 +251,7 @@ def test_the_report_run_logs_the_files_it_wrote_and_nothing_else_in_the_folder(t
     [run] = client.search_runs([client.get_experiment_by_name(params.experiment).experiment_id])
     files = {f.path for f in client.list_artifacts(run.info.run_id)}
     assert files == {"comparison.md", "learning_curves.png", "bpb_vs_throughput.png", "time_vs_T.png", "memory_vs_T.png"}, files
+    assert run.data.tags["pareto_front.train"] == "la" and run.data.tags["pareto_front.attention"] == "la", run.data.tags
 
 
 def test_sampled_routing_variants_get_both_readings_in_their_own_table(tmp_path, monkeypatch):

@@ -113,7 +113,8 @@ def learning_curves_figure(curves: pd.DataFrame, path: Path, title: str) -> None
     _save(fig, path)
 
 
-def figures(summary: pd.DataFrame, curves: pd.DataFrame, profiles: pd.DataFrame, out_dir: Path) -> list[Path]:
+def figures(summary: pd.DataFrame, curves: pd.DataFrame, profiles: pd.DataFrame, front: list[str], out_dir: Path) -> list[Path]:
+    """The four figures; `front`: the variants on the Pareto front of test bpb against training tok/s."""
     sns.set_theme(style="whitegrid", context="notebook")
     paths = {name: out_dir / "figures" / f"{name}.png" for name in FIGURES}
 
@@ -122,6 +123,9 @@ def figures(summary: pd.DataFrame, curves: pd.DataFrame, profiles: pd.DataFrame,
     fig, ax = plt.subplots(figsize=(6.5, 4))
     # A legend, not labels beside the points: variants of nearly equal speed and bpb would print their names over each other.
     sns.scatterplot(summary, x="train tok/s", y="test bpb", hue="variant", style="variant", s=80, ax=ax)
+    if len(front) > 1:  # along the front, faster means worse bpb: a line from the best bpb to the fastest
+        on_front = summary.set_index("variant").loc[front].sort_values("train tok/s")
+        ax.plot(on_front["train tok/s"], on_front["test bpb"], color="0.6", linestyle="--", zorder=0, label="Pareto front")
     ax.set(xlabel="training tokens/s", ylabel="test bits/byte (lower is better)", title=FIGURES["bpb_vs_throughput"])
     legend_beside(ax)
     ax.xaxis.set_major_formatter(StrMethodFormatter("{x:,.0f}"))
@@ -137,6 +141,40 @@ def figures(summary: pd.DataFrame, curves: pd.DataFrame, profiles: pd.DataFrame,
         log_length_axes(ax, ok["T"])
         _save(fig, paths[name])
     return list(paths.values())
+
+
+def pareto_front(summary: pd.DataFrame, speed: str) -> dict[str, list[str]]:
+    """Quality for its cost: per variant with a measured `speed`, the variants on the front that dominate it (as good
+    or better in test bpb and in speed, better in one); [] for the front itself, which no variant dominates. Every
+    variant off the front is dominated by one on it (dominance is a strict partial order), so naming those suffices.
+    bpb is compared as the page prints it (3 decimals): a smaller difference is no evidence of better quality.
+    Keys in order of test bpb, best first."""
+    timed = summary.dropna(subset=[speed]).sort_values("test bpb", kind="stable")
+    points = dict(zip(timed["variant"], zip(timed["test bpb"].round(3), timed[speed])))
+
+    def beats(a, b):
+        (bpb_a, speed_a), (bpb_b, speed_b) = points[a], points[b]
+        return bpb_a <= bpb_b and speed_a >= speed_b and (bpb_a, speed_a) != (bpb_b, speed_b)
+
+    front = [v for v in points if not any(beats(u, v) for u in points)]
+    return {v: [u for u in front if beats(u, v)] for v in points}
+
+
+def spoken_list(names: list[str]) -> str:
+    """a; a and b; a, b and c."""
+    return " and ".join([", ".join(names[:-1]), names[-1]] if len(names) > 1 else names)
+
+
+def front_sentence(dominators: dict[str, list[str]], speed: str, variants: list[str]) -> str:
+    """One cost axis's front (bold), what dominates each variant off it, and the variants it could not place."""
+    front = [v for v, by in dominators.items() if not by]
+    behind = [f"{v} by {spoken_list(by)}" for v, by in dominators.items() if by]
+    untimed = [v for v in variants if v not in dominators]
+    if len(front) == 1 and behind:
+        placed = f"**{front[0]}**, which dominates every other variant timed"
+    else:
+        placed = f"**{', '.join(front)}**" + (f" (dominated: {', '.join(behind)})" if behind else "")
+    return f"by {speed}, {placed}" + (f" ({', '.join(untimed)} not timed there)" if untimed else "")
 
 
 def noisy_points(profiles: pd.DataFrame) -> list[str]:
@@ -203,13 +241,17 @@ def report(params: Params, variants_dir: Path, data_dir: Path, out_dir: Path, su
     summary, curves, profiles = collect(variants_dir, summaries)
     baseline = unigram_bpb(data_dir)
     out_dir = Path(out_dir)
-    figure_paths = figures(summary, curves, profiles, out_dir)
     failed = [f"{r.variant} {r.scope} T = {r.T} ({r.status})" for r in profiles.itertuples() if r.scope != "reference" and r.status != "ok"]
     noisy = noisy_points(profiles)
     off = off_spec(dict(zip(summary["variant"], summary["time exp (attn)"])), dict(zip(summary["variant"], summary["spec exp"])))
     agreement = (f"which these attention time exponents miss by more than {SPEC_EXPONENT_TOLERANCE:g}: {'; '.join(off)}" if off
                  else f"which every fitted attention time exponent here meets within {SPEC_EXPONENT_TOLERANCE:g}")
     best = summary.loc[summary["test bpb"].idxmin()]
+    costs = {"train": ("train tok/s", f"training tok/s (T = {params.model.seq_len})"),
+             "attention": ("attn tok/s @ max T", f"attention-layer tok/s at T = {profiles['T'].max()}")}
+    fronts = {key: pareto_front(summary, column) for key, (column, _) in costs.items()}
+    on_front = {key: [v for v, by in dominators.items() if not by] for key, dominators in fronts.items()}
+    figure_paths = figures(summary, curves, profiles, on_front["train"], out_dir)
     m, t = params.model, params.train
     manifest = read_json(Path(data_dir) / MANIFEST)
     devices = sorted({outputs["train"]["device"] for outputs in summaries.values()})
@@ -229,6 +271,10 @@ def report(params: Params, variants_dir: Path, data_dir: Path, out_dir: Path, su
         f"Best variant: **{best['variant']}** at {best['test bpb']:.3f} bpb."
         + (f" Test bpb predicts {' to '.join(f'{n:,}' for n in scored)} of the test split's {test_bytes:,} bytes "
            "(evaluate.max_tokens: evenly spaced windows)." if scored[0] < test_bytes - 1 else ""),
+        "",
+        "Quality for its cost, the Pareto fronts (the variants no other dominates, i.e. is at least as good in test "
+        "bpb, as printed, and in speed, and better in one): "
+        + "; ".join(front_sentence(fronts[key], label, variants) for key, (_, label) in costs.items()) + ".",
         "",
         markdown_table(summary, SUMMARY_FORMATS),
         "",
@@ -253,7 +299,9 @@ def report(params: Params, variants_dir: Path, data_dir: Path, out_dir: Path, su
         text += [f"## {FIGURES[path.stem]}", "", f"![{path.stem}](figures/{path.name})", ""]
     write_text(out_dir / "comparison.md", "\n".join(text))
     log.info("%d variants -> %s (best %s %.3f bpb; unigram %.3f)", len(variants), out_dir / "comparison.md", best["variant"], best["test bpb"], baseline)
-    return {"variants": summary.to_dict(orient="records"), "unigram_bpb": baseline, "files": [out_dir / "comparison.md", *figure_paths]}
+    return {"variants": summary.to_dict(orient="records"), "unigram_bpb": baseline,
+            "pareto_front": on_front,
+            "files": [out_dir / "comparison.md", *figure_paths]}
 
 
 def main(params: Params, variants_dir: Path, data_dir: Path, out_dir: Path, subset: list[str] | None = None) -> dict:
@@ -263,6 +311,7 @@ def main(params: Params, variants_dir: Path, data_dir: Path, out_dir: Path, subs
     with stage_run(params, "report") as tracker:
         result = report(params, variants_dir, data_dir, out_dir, subset)
         tracker.log_metrics({"unigram_bpb": result["unigram_bpb"]} | {f"test_bpb.{r['variant']}": r["test bpb"] for r in result["variants"]})
+        tracker.set_tags({f"pareto_front.{key}": ", ".join(front) for key, front in result["pareto_front"].items()})
         for path in result["files"]:  # what this run wrote, not whatever else the folder holds
             tracker.log_artifact(path)
     return result
