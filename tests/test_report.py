@@ -70,7 +70,7 @@ def prepared_params(tmp_path, monkeypatch, overrides: dict):
 
 
 def test_report_from_fixture_metrics(tmp_path, monkeypatch):
-    params = prepared_params(tmp_path, monkeypatch, {"variants": {v: {} for v in FIXTURE}, "profile": {"repeats": 3}})
+    params = prepared_params(tmp_path, monkeypatch, {"variants": {v: {} for v in FIXTURE}, "profile": {"repeats": 3}, "train": {"seed": 3}})
     for variant, figures in FIXTURE.items():
         write_variant(tmp_path / "variants" / variant, variant, *figures, out_of_memory_at=512 if variant == "mha" else None,
                       noisy_at=128 if variant == "la" else None)
@@ -120,7 +120,7 @@ def test_report_from_fixture_metrics(tmp_path, monkeypatch):
     assert "Best variant: **la** at 2.250 bpb" in text
     # la is better and faster in training; at the largest T only la was timed (mha ran out of memory there).
     assert ("by training tok/s (T = 32), **la**, which dominates every other variant timed; by attention-layer tok/s "
-            "at T = 512, **la** (mha not timed there).") in text, text
+            "at T = 512, **la** (mha not timed there). Each variant is one training run (`train.seed`: 3)") in text, text
     assert result["pareto_front"] == {"train": ["la"], "attention": ["la"]}
     assert f"**{unigram_bpb(tmp_path / 'prepared'):.3f} bpb**" in text
     for name in ("learning_curves", "bpb_vs_throughput", "time_vs_T", "memory_vs_T"):

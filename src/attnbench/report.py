@@ -274,7 +274,9 @@ def report(params: Params, variants_dir: Path, data_dir: Path, out_dir: Path, su
         "",
         "Quality for its cost, the Pareto fronts (the variants no other dominates, i.e. is at least as good in test "
         "bpb, as printed, and in speed, and better in one): "
-        + "; ".join(front_sentence(fronts[key], label, variants) for key, (_, label) in costs.items()) + ".",
+        + "; ".join(front_sentence(fronts[key], label, variants) for key, (_, label) in costs.items()) + ". "
+        f"Each variant is one training run (`train.seed`: {t.seed}): a small difference in test bpb may be the seed's, "
+        "not the variant's.",
         "",
         markdown_table(summary, SUMMARY_FORMATS),
         "",
