@@ -119,8 +119,9 @@ def test_report_from_fixture_metrics(tmp_path, monkeypatch):
     assert "too few runs" not in text
     assert "Best variant: **la** at 2.250 bpb" in text
     # la is better and faster in training; at the largest T only la was timed (mha ran out of memory there).
-    assert ("by training tok/s (T = 32), **la**, which dominates every other variant timed; by attention-layer tok/s "
-            "at T = 512, **la** (mha not timed there). Each variant is one training run (`train.seed`: 3)") in text, text
+    assert "- Training tok/s (T = 32): **la**, best in test bpb and fastest, so ahead of every other variant timed.\n" in text, text
+    assert "- Attention-layer tok/s at T = 512: only **la** was timed there; not timed: mha.\n" in text, text
+    assert "Each variant is one training run (`train.seed`: 3)" in text, text
     assert result["pareto_front"] == {"train": ["la"], "attention": ["la"]}
     assert f"**{unigram_bpb(tmp_path / 'prepared'):.3f} bpb**" in text
     for name in ("learning_curves", "bpb_vs_throughput", "time_vs_T", "memory_vs_T"):
@@ -133,27 +134,50 @@ def test_report_from_fixture_metrics(tmp_path, monkeypatch):
 
 
 def test_the_pareto_front_keeps_what_no_other_variant_dominates():
-    """Dominated: another as good in test bpb (as printed, 3 decimals) and in speed, better in one. An exact twin
-    dominates neither way; a variant not timed at that speed is left out."""
+    """Dominated: another at least as good in test bpb as printed (3 decimals, as the table's format rounds, halves
+    up from 3.4445) and in speed, better in one. An exact twin dominates neither way; a variant not timed at that
+    speed is left out; a variant is named with the front's variants that dominate it only, not the others (d also
+    beats h)."""
     from attnbench.report import pareto_front
 
-    points = {"a": (3.0, 100.0), "b": (3.2, 300.0), "c": (3.1, 200.0), "d": (3.2, 150.0), "e": (3.0004, 90.0),
-              "f": (2.9, float("nan")), "g": (3.1, 200.0)}
+    points = {"b": (3.2, 300.0), "a": (3.0, 100.0), "c": (3.1, 200.0), "d": (3.2, 150.0), "e": (2.9996, 90.0),
+              "f": (2.9, float("nan")), "g": (3.1, 200.0), "h": (3.3, 140.0), "x": (3.4445, 1000.0), "y": (3.4448, 2000.0),
+              "p": (3.501, 2500.0), "q": (3.504, 2600.0)}
     summary = pd.DataFrame([{"variant": v, "test bpb": bpb, "speed": speed} for v, (bpb, speed) in points.items()])
 
-    # Keys by test bpb, best first; each dominated variant with the front's variants that dominate it.
+    # By printed bpb, best first, then the faster: a (3.000, 100) before e (3.000, 90), which only the printed bpb
+    # puts behind a; x and y both print 3.445, so the faster y dominates x; p and q differ in the third decimal only.
     assert list(pareto_front(summary, "speed").items()) == [
-        ("a", []), ("e", ["a"]), ("c", []), ("g", []), ("b", []), ("d", ["c", "g", "b"])]
+        ("a", []), ("e", ["a"]), ("c", []), ("g", []), ("b", []), ("d", ["c", "g", "b"]), ("h", ["c", "g", "b"]),
+        ("y", []), ("x", ["y"]), ("p", []), ("q", [])]
 
 
-def test_each_front_is_one_clause_naming_what_dominates_the_rest():
-    from attnbench.report import front_sentence
+def test_each_front_is_one_line_naming_what_dominates_the_rest():
+    from attnbench.report import front_line
 
-    assert front_sentence({"ca": [], "mha": ["ca"], "la": ["ca"]}, "speed", ["mha", "la", "ca"]) == (
-        "by speed, **ca**, which dominates every other variant timed")
-    assert front_sentence({"ca": [], "la": [], "lca": ["ca"], "sca": ["ca", "la"]}, "speed", ["ca", "la", "lca", "sca", "mha"]) == (
-        "by speed, **ca, la** (dominated: lca by ca, sca by ca and la) (mha not timed there)")
-    assert front_sentence({"ca": [], "la": []}, "speed", ["ca", "la"]) == "by speed, **ca, la**"
+    assert front_line({"ca": [], "mha": ["ca"], "la": ["ca"]}, "Speed", ["mha", "la", "ca"]) == (
+        "- Speed: **ca**, best in test bpb and fastest, so ahead of every other variant timed.")
+    assert front_line({"ca": [], "la": [], "lca": ["ca"], "sca": ["ca", "la"], "cka": ["ca"]}, "Speed", ["ca", "la", "lca", "sca", "cka", "mha"]) == (
+        "- Speed: **ca, la**; lca and cka behind ca; sca behind ca and la; not timed: mha.")
+    # Groups in the order of their best dominated variant's bpb (the keys' order), not by their dominators.
+    assert front_line({"ca": [], "la": [], "sca": ["la"], "lca": ["ca"]}, "Speed", ["ca", "la", "lca", "sca"]) == (
+        "- Speed: **ca, la**; sca behind la; lca behind ca.")
+    assert front_line({"ca": [], "la": []}, "Speed", ["ca", "la"]) == "- Speed: **ca, la**."
+    assert front_line({"la": []}, "Speed", ["mha", "la"]) == "- Speed: only **la** was timed there; not timed: mha."
+    assert front_line({}, "Speed", ["mha", "la"]) == "- Speed: no variant was timed there."
+
+
+def test_variants_that_tie_as_printed_are_all_best(tmp_path, monkeypatch):
+    """mha 3.4496 and la 3.4504 both print 3.450: the page names both best, and la, faster, on the front alone."""
+    params = prepared_params(tmp_path, monkeypatch, {"variants": {"mha": {}, "la": {}}})
+    for variant, bpb, speed in (("mha", 3.4496, 1000.0), ("la", 3.4504, 2000.0)):
+        write_variant(tmp_path / "variants" / variant, variant, bpb, speed, 1.0)
+
+    report(params, tmp_path / "variants", tmp_path / "prepared", tmp_path / "out")
+
+    text = (tmp_path / "out" / "comparison.md").read_text()
+    assert "Best variants: **mha, la** at 3.450 bpb." in text, text
+    assert "- Training tok/s (T = 32): **la**, best in test bpb and fastest" in text, text
 
 
 def test_the_throughput_figure_draws_the_front_where_it_has_two_variants(tmp_path, monkeypatch):
@@ -173,7 +197,7 @@ def test_the_throughput_figure_draws_the_front_where_it_has_two_variants(tmp_pat
     legend, drawn = lines[FIGURES["bpb_vs_throughput"]]
     assert legend == ["mha", "la", "ca", "Pareto front"], legend
     assert drawn == [[[2000.0, 2.0], [3000.0, 2.25]]], drawn  # (seaborn's legend handles are lines without points)
-    assert "by training tok/s (T = 32), **ca, la** (dominated: mha by ca and la)" in (tmp_path / "out" / "comparison.md").read_text()
+    assert "- Training tok/s (T = 32): **ca, la**; mha behind ca and la.\n" in (tmp_path / "out" / "comparison.md").read_text()
 
 
 @pytest.mark.parametrize("repeats", [1, 2])

@@ -143,40 +143,6 @@ def figures(summary: pd.DataFrame, curves: pd.DataFrame, profiles: pd.DataFrame,
     return list(paths.values())
 
 
-def pareto_front(summary: pd.DataFrame, speed: str) -> dict[str, list[str]]:
-    """Quality for its cost: per variant with a measured `speed`, the variants on the front that dominate it (as good
-    or better in test bpb and in speed, better in one); [] for the front itself, which no variant dominates. Every
-    variant off the front is dominated by one on it (dominance is a strict partial order), so naming those suffices.
-    bpb is compared as the page prints it (3 decimals): a smaller difference is no evidence of better quality.
-    Keys in order of test bpb, best first."""
-    timed = summary.dropna(subset=[speed]).sort_values("test bpb", kind="stable")
-    points = dict(zip(timed["variant"], zip(timed["test bpb"].round(3), timed[speed])))
-
-    def beats(a, b):
-        (bpb_a, speed_a), (bpb_b, speed_b) = points[a], points[b]
-        return bpb_a <= bpb_b and speed_a >= speed_b and (bpb_a, speed_a) != (bpb_b, speed_b)
-
-    front = [v for v in points if not any(beats(u, v) for u in points)]
-    return {v: [u for u in front if beats(u, v)] for v in points}
-
-
-def spoken_list(names: list[str]) -> str:
-    """a; a and b; a, b and c."""
-    return " and ".join([", ".join(names[:-1]), names[-1]] if len(names) > 1 else names)
-
-
-def front_sentence(dominators: dict[str, list[str]], speed: str, variants: list[str]) -> str:
-    """One cost axis's front (bold), what dominates each variant off it, and the variants it could not place."""
-    front = [v for v, by in dominators.items() if not by]
-    behind = [f"{v} by {spoken_list(by)}" for v, by in dominators.items() if by]
-    untimed = [v for v in variants if v not in dominators]
-    if len(front) == 1 and behind:
-        placed = f"**{front[0]}**, which dominates every other variant timed"
-    else:
-        placed = f"**{', '.join(front)}**" + (f" (dominated: {', '.join(behind)})" if behind else "")
-    return f"by {speed}, {placed}" + (f" ({', '.join(untimed)} not timed there)" if untimed else "")
-
-
 def noisy_points(profiles: pd.DataFrame) -> list[str]:
     """The profile points whose timed repeats disagree (profile.NOISY_SPREAD): their ratios and exponents are unreliable."""
     spread = profiles["spread"] if "spread" in profiles else pd.Series(np.nan, index=profiles.index)
@@ -194,6 +160,53 @@ ROUTING_FORMATS = {
     "test bpb (argmax)": "{:.3f}", "test bpb (sampled)": "{:.3f}", "largest cluster % (argmax)": "{:.1f}",
     "largest cluster % (sampled)": "{:.1f}", "empty clusters (argmax)": "{:.2f}", "empty clusters (sampled)": "{:.2f}",
 }
+
+
+def printed_bpb(summary: pd.DataFrame) -> pd.Series:
+    """Test bpb as the page prints it: a smaller difference is no evidence of better quality."""
+    return summary["test bpb"].map(SUMMARY_FORMATS["test bpb"].format).astype(float)
+
+
+def pareto_front(summary: pd.DataFrame, speed: str) -> dict[str, list[str]]:
+    """Quality for its cost: per variant with a measured `speed`, the variants on the front that dominate it (at
+    least as good in printed test bpb and in speed, better in one); [] for the front itself. Every variant off the
+    front is dominated by one on it (dominance is a strict partial order), so naming those suffices. Keys by printed
+    bpb, best first, then by speed, fastest first."""
+    timed = summary.assign(bpb=printed_bpb(summary)).dropna(subset=[speed]).sort_values(["bpb", speed], ascending=[True, False], kind="stable")
+    points = dict(zip(timed["variant"], zip(timed["bpb"], timed[speed])))
+
+    def beats(a, b):
+        (bpb_a, speed_a), (bpb_b, speed_b) = points[a], points[b]
+        return bpb_a <= bpb_b and speed_a >= speed_b and (bpb_a, speed_a) != (bpb_b, speed_b)
+
+    front = [v for v in points if not any(beats(u, v) for u in points)]
+    return {v: [u for u in front if beats(u, v)] for v in points}
+
+
+def spoken_list(names: list[str]) -> str:
+    """a; a and b; a, b and c."""
+    return " and ".join([", ".join(names[:-1]), names[-1]] if len(names) > 1 else names)
+
+
+def front_line(dominators: dict[str, list[str]], speed: str, variants: list[str]) -> str:
+    """One cost axis's front (bold, best bpb first) and the variants off it, grouped by the front's variants that
+    dominate them; the variants without a measured speed are named apart."""
+    front = [v for v, by in dominators.items() if not by]
+    untimed = [v for v in variants if v not in dominators]
+    behind: dict[tuple[str, ...], list[str]] = {}
+    for v, by in dominators.items():
+        if by:
+            behind.setdefault(tuple(by), []).append(v)
+    if not front:
+        placed = "no variant was timed there"
+    elif len(dominators) == 1:
+        placed = f"only **{front[0]}** was timed there"
+    elif len(front) == 1:
+        placed = f"**{front[0]}**, best in test bpb and fastest, so ahead of every other variant timed"
+    else:
+        placed = f"**{', '.join(front)}**" + "".join(
+            f"; {spoken_list(off)} behind {spoken_list(list(by))}" for by, off in behind.items())
+    return f"- {speed}: {placed}" + (f"; not timed: {', '.join(untimed)}" if untimed and front else "") + "."
 
 
 def markdown_table(df: pd.DataFrame, formats: dict[str, str]) -> str:
@@ -246,9 +259,10 @@ def report(params: Params, variants_dir: Path, data_dir: Path, out_dir: Path, su
     off = off_spec(dict(zip(summary["variant"], summary["time exp (attn)"])), dict(zip(summary["variant"], summary["spec exp"])))
     agreement = (f"which these attention time exponents miss by more than {SPEC_EXPONENT_TOLERANCE:g}: {'; '.join(off)}" if off
                  else f"which every fitted attention time exponent here meets within {SPEC_EXPONENT_TOLERANCE:g}")
-    best = summary.loc[summary["test bpb"].idxmin()]
-    costs = {"train": ("train tok/s", f"training tok/s (T = {params.model.seq_len})"),
-             "attention": ("attn tok/s @ max T", f"attention-layer tok/s at T = {profiles['T'].max()}")}
+    bpb = printed_bpb(summary)
+    best = summary[bpb == bpb.min()]  # all that tie as printed, so the page never calls a variant it ranks equal worse
+    costs = {"train": ("train tok/s", f"Training tok/s (T = {params.model.seq_len})"),
+             "attention": ("attn tok/s @ max T", f"Attention-layer tok/s at T = {profiles['T'].max()}")}
     fronts = {key: pareto_front(summary, column) for key, (column, _) in costs.items()}
     on_front = {key: [v for v, by in dominators.items() if not by] for key, dominators in fronts.items()}
     figure_paths = figures(summary, curves, profiles, on_front["train"], out_dir)
@@ -268,15 +282,18 @@ def report(params: Params, variants_dir: Path, data_dir: Path, out_dir: Path, su
         f"lr {t.lr:g}, on {', '.join(devices)}.",
         "",
         f"Unigram byte model of this corpus (train-split frequencies on the test split): **{baseline:.3f} bpb**. "
-        f"Best variant: **{best['variant']}** at {best['test bpb']:.3f} bpb."
+        f"Best variant{'s' if len(best) > 1 else ''}: **{', '.join(best['variant'])}** at {bpb.min():.3f} bpb."
         + (f" Test bpb predicts {' to '.join(f'{n:,}' for n in scored)} of the test split's {test_bytes:,} bytes "
            "(evaluate.max_tokens: evenly spaced windows)." if scored[0] < test_bytes - 1 else ""),
         "",
-        "Quality for its cost, the Pareto fronts (the variants no other dominates, i.e. is at least as good in test "
-        "bpb, as printed, and in speed, and better in one): "
-        + "; ".join(front_sentence(fronts[key], label, variants) for key, (_, label) in costs.items()) + ". "
-        f"Each variant is one training run (`train.seed`: {t.seed}): a small difference in test bpb may be the seed's, "
-        "not the variant's.",
+        "Quality for its cost, as Pareto fronts (a variant is off a front where another is at least as good in test "
+        "bpb, as printed, and in speed, and better in one):",
+        "",
+        *(front_line(fronts[key], label, variants) for key, (_, label) in costs.items()),
+        "",
+        f"Each variant is one training run (`train.seed`: {t.seed}), timed in one process: a difference smaller than "
+        "another seed or another process would make, which this page does not measure, is no evidence for one variant "
+        "over another.",
         "",
         markdown_table(summary, SUMMARY_FORMATS),
         "",
@@ -300,7 +317,7 @@ def report(params: Params, variants_dir: Path, data_dir: Path, out_dir: Path, su
     for path in figure_paths:
         text += [f"## {FIGURES[path.stem]}", "", f"![{path.stem}](figures/{path.name})", ""]
     write_text(out_dir / "comparison.md", "\n".join(text))
-    log.info("%d variants -> %s (best %s %.3f bpb; unigram %.3f)", len(variants), out_dir / "comparison.md", best["variant"], best["test bpb"], baseline)
+    log.info("%d variants -> %s (best %s %.3f bpb; unigram %.3f)", len(variants), out_dir / "comparison.md", ", ".join(best["variant"]), bpb.min(), baseline)
     return {"variants": summary.to_dict(orient="records"), "unigram_bpb": baseline,
             "pareto_front": on_front,
             "files": [out_dir / "comparison.md", *figure_paths]}
@@ -313,7 +330,7 @@ def main(params: Params, variants_dir: Path, data_dir: Path, out_dir: Path, subs
     with stage_run(params, "report") as tracker:
         result = report(params, variants_dir, data_dir, out_dir, subset)
         tracker.log_metrics({"unigram_bpb": result["unigram_bpb"]} | {f"test_bpb.{r['variant']}": r["test bpb"] for r in result["variants"]})
-        tracker.set_tags({f"pareto_front.{key}": ", ".join(front) for key, front in result["pareto_front"].items()})
+        tracker.set_tags({f"pareto_front.{key}": ", ".join(front) for key, front in result["pareto_front"].items() if front})
         for path in result["files"]:  # what this run wrote, not whatever else the folder holds
             tracker.log_artifact(path)
     return result
