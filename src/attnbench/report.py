@@ -31,11 +31,49 @@ FIGURES = {
 }
 
 
-def unigram_bpb(data_dir: Path) -> float:
-    """Bits per byte of the test split under the train split's byte frequencies (add-one smoothed): the floor any LM must beat."""
+NGRAMS = ("unigram", "bigram", "trigram")  # byte models with 0, 1 and 2 bytes of context
+
+
+def ngram_bpb(data_dir: Path, order: int, chunk: int = 1 << 23) -> float:
+    """Bits per byte of the test split under a byte model of `order` bytes of context counted on the train split: a
+    bar any LM must beat to show it learned more than those counts give. Order 0: add-one smoothed frequencies.
+    Longer contexts: Witten-Bell interpolation, so a context seen s times, followed by n distinct bytes, gives
+    P(x | context) = (count(context, x) + n P(x | shorter context)) / (s + n), and an unseen one the shorter
+    context's P. Scores the test bytes that have `order` bytes before them; counts in chunks of `chunk` bytes."""
     train, test = load_split(data_dir, "train", verify=False), load_split(data_dir, "test", verify=False)
-    p = (np.bincount(train, minlength=256) + 1.0) / (len(train) + 256)
-    return float(-np.log2(p[test]).mean())
+    probs = ((np.bincount(train, minlength=256) + 1.0) / (len(train) + 256))[None]  # (contexts, 256); one context
+    for k in range(1, order + 1):
+        counts = np.zeros(256 ** (k + 1))
+        for start in range(0, len(train) - k, chunk):  # (context, next byte) as one number: oldest byte first
+            stop = min(start + chunk, len(train) - k)
+            counts += np.bincount(sum(train[start + i : stop + i].astype(np.int64) * 256 ** (k - i) for i in range(k + 1)),
+                                  minlength=256 ** (k + 1))
+        counts = counts.reshape(256**k, 256)
+        seen, kinds = counts.sum(axis=1, keepdims=True), (counts > 0).sum(axis=1, keepdims=True)
+        shorter = probs[np.arange(256**k) % 256 ** (k - 1)]  # each context's model without its oldest byte
+        probs = np.where(seen > 0, (counts + kinds * shorter) / np.maximum(seen + kinds, 1), shorter)
+    context = sum(test[i : len(test) - order + i].astype(np.int64) * 256 ** (order - 1 - i) for i in range(order))
+    return float(-np.log2(probs[context, test[order:]]).mean())
+
+
+def ngram_verdict(summary: pd.DataFrame, baselines: dict[str, float]) -> str:
+    """Which variants the count models beat (bpb as printed): those behind the longest model, then those behind each
+    shorter one too."""
+    printed = printed_bpb(summary)
+    lines = []
+    for order, (name, bar) in reversed(list(enumerate(baselines.items()))):
+        behind = list(summary["variant"][printed >= float(SUMMARY_FORMATS["test bpb"].format(bar))])
+        if not lines and len(behind) == len(summary):
+            lines.append(f"No variant beats the {name} model: at this training budget none predicts better than counts of "
+                         f"the previous {order} bytes, so the ranking shows how fast each variant learns early on, which a "
+                         "longer training may change.")
+        elif not lines:
+            lines.append(f"Behind the {name} model: {spoken_list(behind)}." if behind else f"Every variant beats the {name} model.")
+        elif behind:
+            lines.append(f"Behind the {name} model too: {spoken_list(behind)}.")
+        if not behind:
+            break
+    return " ".join(lines)
 
 
 def read_summaries(variants_dir: Path, variants: list[str]) -> dict[str, dict]:
@@ -252,7 +290,7 @@ def report(params: Params, variants_dir: Path, data_dir: Path, out_dir: Path, su
     variants, left_out = chosen_variants(params, subset)
     summaries = read_summaries(variants_dir, variants)
     summary, curves, profiles = collect(variants_dir, summaries)
-    baseline = unigram_bpb(data_dir)
+    baselines = {name: ngram_bpb(data_dir, order) for order, name in enumerate(NGRAMS)}
     out_dir = Path(out_dir)
     failed = [f"{r.variant} {r.scope} T = {r.T} ({r.status})" for r in profiles.itertuples() if r.scope != "reference" and r.status != "ok"]
     noisy = noisy_points(profiles)
@@ -281,8 +319,10 @@ def report(params: Params, variants_dir: Path, data_dir: Path, out_dir: Path, su
         f"Training: {t.steps if t.steps else f'{t.tokens:,} tokens'}{' steps' if t.steps else ''}, batch {t.batch_size} x {t.grad_accum}, "
         f"lr {t.lr:g}, on {', '.join(devices)}.",
         "",
-        f"Unigram byte model of this corpus (train-split frequencies on the test split): **{baseline:.3f} bpb**. "
-        f"Best variant{'s' if len(best) > 1 else ''}: **{', '.join(best['variant'])}** at {bpb.min():.3f} bpb."
+        "Byte models of this corpus from counts (on the train split; Witten-Bell smoothed; scored on the test split): "
+        + ", ".join(f"{name} **{value:.3f} bpb**" for name, value in baselines.items()) + ". "
+        f"Best variant{'s' if len(best) > 1 else ''}: **{', '.join(best['variant'])}** at {bpb.min():.3f} bpb. "
+        + ngram_verdict(summary, baselines)
         + (f" Test bpb predicts {' to '.join(f'{n:,}' for n in scored)} of the test split's {test_bytes:,} bytes "
            "(evaluate.max_tokens: evenly spaced windows)." if scored[0] < test_bytes - 1 else ""),
         "",
@@ -317,8 +357,9 @@ def report(params: Params, variants_dir: Path, data_dir: Path, out_dir: Path, su
     for path in figure_paths:
         text += [f"## {FIGURES[path.stem]}", "", f"![{path.stem}](figures/{path.name})", ""]
     write_text(out_dir / "comparison.md", "\n".join(text))
-    log.info("%d variants -> %s (best %s %.3f bpb; unigram %.3f)", len(variants), out_dir / "comparison.md", ", ".join(best["variant"]), bpb.min(), baseline)
-    return {"variants": summary.to_dict(orient="records"), "unigram_bpb": baseline,
+    log.info("%d variants -> %s (best %s %.3f bpb; %s)", len(variants), out_dir / "comparison.md", ", ".join(best["variant"]), bpb.min(),
+             ", ".join(f"{name} {value:.3f}" for name, value in baselines.items()))
+    return {"variants": summary.to_dict(orient="records"), "ngram_bpb": baselines,
             "pareto_front": on_front,
             "files": [out_dir / "comparison.md", *figure_paths]}
 
@@ -329,7 +370,8 @@ def main(params: Params, variants_dir: Path, data_dir: Path, out_dir: Path, subs
     chosen_variants(params, subset)  # before the MLflow run: a name that is not configured leaves no failed run
     with stage_run(params, "report") as tracker:
         result = report(params, variants_dir, data_dir, out_dir, subset)
-        tracker.log_metrics({"unigram_bpb": result["unigram_bpb"]} | {f"test_bpb.{r['variant']}": r["test bpb"] for r in result["variants"]})
+        tracker.log_metrics({f"{name}_bpb": value for name, value in result["ngram_bpb"].items()}
+                            | {f"test_bpb.{r['variant']}": r["test bpb"] for r in result["variants"]})
         tracker.set_tags({f"pareto_front.{key}": ", ".join(front) for key, front in result["pareto_front"].items() if front})
         for path in result["files"]:  # what this run wrote, not whatever else the folder holds
             tracker.log_artifact(path)
