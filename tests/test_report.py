@@ -50,7 +50,7 @@ def write_variant(folder, variant, bpb, tokens_per_s, exponent, val_bpb=None, ou
                 continue
             seconds = batch * 1e-6 * T**scope_exponent
             rows.append({"variant": variant, "scope": scope, "T": T, "batch": batch, "seconds": seconds,
-                         "spread": 0.6 if (scope, T) == ("attention", noisy_at) else 0.1, "tokens_per_s": batch * T / seconds, "memory_bytes": batch * T * 1000, "memory_method": "fixture",
+                         "spread": 0.6 if (scope, T) == ("attention", noisy_at) else 0.1, "tokens_per_s": batch * T / seconds, "memory_bytes": batch * T * 1000, "memory_method": "saved_activations",
                          "status": "ok"})
     with open(folder / "profile.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=FIELDS)
@@ -228,6 +228,37 @@ def test_an_exponent_at_the_tolerance_meets_the_spec():
     from attnbench.profile import off_spec
 
     assert off_spec({"a": 1.25, "b": 0.75, "c": 1.5}, {"a": 1, "b": 1, "c": 1}) == ["c 1.50, spec 1"]
+
+
+def test_the_reference_layers_spread_between_profiles_bounds_the_speed_differences():
+    """The reference is the same layer in every variant's profile: its range at the largest T, over the profiles where
+    it ran there, is the page's bar for speed differences; a smaller T's rows and a failed point do not count."""
+    from attnbench.report import reference_spread
+
+    rows = [("mha", 512, 100.0, "ok"), ("la", 512, 150.0, "ok"), ("ca", 512, 120.0, "ok"), ("lca", 512, None, "oom"),
+            ("sca", 256, 1000.0, "ok"), ("mha", 512, 999.0, "ok")]
+    profiles = pd.DataFrame([{"variant": v, "scope": "reference" if i < 5 else "attention", "T": T, "tokens_per_s": speed,
+                              "status": status} for i, (v, T, speed, status) in enumerate(rows)])
+    assert reference_spread(profiles) == (
+        "The reference layer, the same code in each of the 3 profiles, ran at 100 to 150 tok/s at T = 512 (1.50x): a "
+        "difference in speed between variants smaller than that is within this machine's noise between processes.")
+    assert reference_spread(profiles[profiles.variant.isin(["mha", "lca"])]) is None
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_the_page_says_how_memory_was_measured_and_what_cpu_timings_show(tmp_path, monkeypatch, device):
+    params = prepared_params(tmp_path, monkeypatch, {"variants": {v: {} for v in FIXTURE}})
+    for variant, figures in FIXTURE.items():
+        folder = tmp_path / "variants" / variant
+        write_variant(folder, variant, *figures)
+        write_json(folder / "profile.json", read_json(folder / "profile.json") | {"device": device})
+
+    report(params, tmp_path / "variants", tmp_path / "prepared", tmp_path / "out")
+
+    text = (tmp_path / "out" / "comparison.md").read_text()
+    assert "Memory (`saved_activations`): the peak of the bytes autograd holds for the backward pass" in text, text
+    assert ("CPU timings are for trends only" in text) == (device == "cpu"), text
+    assert "ran at 1,953 to 1,953 tok/s at T = 512 (1.00x)" in text, text  # the fixture's reference: 1e6 / T in both
 
 
 def test_a_profile_without_a_spread_column_has_no_noisy_points():

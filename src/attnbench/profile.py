@@ -48,6 +48,12 @@ log = logging.getLogger(__name__)
 # stall, which the median leaves out, does not move it. Above NOISY_SPREAD (half the runs more than 10% from the
 # median) the point is counted in profile.json's noisy_points and named by the report.
 NOISY_SPREAD = 0.1
+# How a point's memory was measured (profile.csv's memory_method), as the report explains it.
+MEMORY_METHODS = {
+    "cuda_peak": "the CUDA allocator's peak above what the step started with",
+    "saved_activations": "the peak of the bytes autograd holds for the backward pass (a CPU keeps no allocator "
+                         "statistics), not the process's memory",
+}
 FIELDS = ["variant", "scope", "T", "batch", "seconds", "spread", "tokens_per_s", "memory_bytes", "memory_method", "status"]
 
 
@@ -128,7 +134,7 @@ def measure(step: Callable[[], None], device: torch.device, warmup: int, repeats
         base = torch.cuda.memory_allocated(device)
         step()
         _sync(device)
-        memory, method = torch.cuda.max_memory_allocated(device) - base, "cuda_peak"
+        memory, method = torch.cuda.max_memory_allocated(device) - base, "cuda_peak"  # MEMORY_METHODS
     else:
         with SavedActivations(resident) as saved:
             step()

@@ -17,7 +17,7 @@ from matplotlib.ticker import StrMethodFormatter  # noqa: E402
 from .config import Params  # noqa: E402
 from .files import atomic_path, read_json, write_text  # noqa: E402
 from .plots import legend_beside, log_length_axes  # noqa: E402
-from .profile import NOISY_SPREAD, SPEC_EXPONENT_TOLERANCE, off_spec  # noqa: E402
+from .profile import MEMORY_METHODS, NOISY_SPREAD, SPEC_EXPONENT_TOLERANCE, off_spec  # noqa: E402
 from .splits import MANIFEST, load_split  # noqa: E402
 from .variants import REGISTRY  # noqa: E402
 
@@ -188,6 +188,19 @@ def noisy_points(profiles: pd.DataFrame) -> list[str]:
     return [f"{r.variant} {r.scope} T = {r.T} ({100 * r.spread:.1f}%)" for r in noisy.itertuples()]
 
 
+def reference_spread(profiles: pd.DataFrame) -> str | None:
+    """The same layer (the reference, mha's) timed in each variant's profile: how far its speed at the largest T moved
+    from one profile process to the next, a bar for the speed differences between variants. None with fewer than two."""
+    reference = profiles[(profiles.scope == "reference") & (profiles.status == "ok")]
+    at_largest = reference[reference["T"] == profiles["T"].max()]["tokens_per_s"]
+    if len(at_largest) < 2:
+        return None
+    low, high = at_largest.min(), at_largest.max()
+    return (f"The reference layer, the same code in each of the {len(at_largest)} profiles, ran at {low:,.0f} to "
+            f"{high:,.0f} tok/s at T = {profiles['T'].max()} ({high / low:.2f}x): a difference in speed between variants "
+            "smaller than that is within this machine's noise between processes.")
+
+
 # One format per column, so a column reads alike at every magnitude.
 SUMMARY_FORMATS = {
     "params (M)": "{:.3f}", "test bpb": "{:.3f}", "val bpb (end)": "{:.3f}", "train tok/s": "{:,.0f}", "MFU %": "{:.1f}",
@@ -294,6 +307,7 @@ def report(params: Params, variants_dir: Path, data_dir: Path, out_dir: Path, su
     out_dir = Path(out_dir)
     failed = [f"{r.variant} {r.scope} T = {r.T} ({r.status})" for r in profiles.itertuples() if r.scope != "reference" and r.status != "ok"]
     noisy = noisy_points(profiles)
+    profiled_on = summaries[variants[0]]["profile"]["device"]
     off = off_spec(dict(zip(summary["variant"], summary["time exp (attn)"])), dict(zip(summary["variant"], summary["spec exp"])))
     agreement = (f"which these attention time exponents miss by more than {SPEC_EXPONENT_TOLERANCE:g}: {'; '.join(off)}" if off
                  else f"which every fitted attention time exponent here meets within {SPEC_EXPONENT_TOLERANCE:g}")
@@ -343,14 +357,18 @@ def report(params: Params, variants_dir: Path, data_dir: Path, out_dir: Path, su
            f"{100 * NOISY_SPREAD:.0f}% about their median (median absolute deviation: another load on the machine, or "
            "a step too short to time steadily), so that exponents and x sdpa drawn from them are unreliable (profile on "
            f"a quiet machine, or with more `profile.tokens_per_step`): {', '.join(noisy)}.", ""] if noisy else []),
+        *([spread, ""] if (spread := reference_spread(profiles)) else []),
         *([f"`profile.repeats` is {params.profile.repeats}: too few runs to tell a noisy timing.", ""]
           if params.profile.repeats < 3 else []),
         "Exponents are log-log slopes against T of time and memory per sequence over the profile's lengths "
-        f"({', '.join(map(str, params.profile.seq_lens))}); profiled on {summaries[variants[0]]['profile']['device']}. "
+        f"({', '.join(map(str, params.profile.seq_lens))}); profiled on {profiled_on}. "
         f"`spec exp`: the spec's compute-vs-T exponent (variants.md), {agreement}. "
         "x sdpa: the attention sub-layer's speed over mha's (the fused causal sdpa, default options) at the same shapes, "
-        "measured in the same profile run (scope `reference` of profile.csv). CPU timings are for trends only; absolute "
-        "speeds count on a GPU.",
+        "measured in the same profile run (scope `reference` of profile.csv). "
+        + " ".join(f"Memory (`{method}`): {MEMORY_METHODS[method]}." for method in sorted(set(profiles["memory_method"].dropna())))
+        + (" CPU timings are for trends only: at these sizes the costs per token (projections, the framework's overhead) "
+           "weigh more at short T and flatten the slopes; absolute speeds and the spec's exponents count on a GPU (the "
+           "`benchmark` target fits them over 2K-32K)." if profiled_on == "cpu" else ""),
         "",
         *routing_section(routing_summary(summaries), params.train.seed),
     ]
