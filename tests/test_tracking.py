@@ -14,6 +14,7 @@ from types import SimpleNamespace
 import pytest
 from mlflow.tracking import MlflowClient
 
+from attnbench import tracking
 from attnbench.config import parse_params
 from attnbench.tracking import _experiment_id, _store_lock, check_server, import_runs, sqlite_file, stage_run
 
@@ -312,6 +313,40 @@ def test_a_run_of_a_dvc_experiment_is_tagged_with_its_name_and_baseline(tmp_path
         pass
     _, [run] = runs(params.tracking.uri)
     assert {k: run.data.tags[k] for k in ("dvc_exp_name", "dvc_exp_baseline_rev")} == {"dvc_exp_name": "urban-sign", "dvc_exp_baseline_rev": "0123abc"}
+
+
+def test_a_run_is_tagged_with_the_commit_of_the_code_it_ran(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(tracking, "git_tags", lambda: {"mlflow.source.git.commit": "0123abc", "package_modified": "false"})
+    params = params_at(f"sqlite:///{tmp_path / 'a.db'}")
+    with stage_run(params, "evaluate", "mha"):
+        pass
+    _, [run] = runs(params.tracking.uri)
+    assert {k: run.data.tags[k] for k in ("mlflow.source.git.commit", "package_modified")} == {
+        "mlflow.source.git.commit": "0123abc", "package_modified": "false"}
+
+
+def test_git_tags_name_the_commit_and_whether_the_package_differs_from_it(tmp_path):
+    """The package's own files count (a changed file beside it in the tree does not); no tags outside a Git tree."""
+    import subprocess
+
+    def git(*args):
+        return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True,
+                              capture_output=True, text=True).stdout.strip()
+
+    package = tmp_path / "src" / "pkg"
+    package.mkdir(parents=True)
+    assert tracking.git_tags(package) == {}
+    (package / "code.py").write_text("x = 1\n")
+    (tmp_path / "dvc.lock").write_text("a\n")
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-q", "-m", "first")
+    commit = git("rev-parse", "HEAD")
+    (tmp_path / "dvc.lock").write_text("b\n")  # a stage's bookkeeping, not its code
+    assert tracking.git_tags(package) == {"mlflow.source.git.commit": commit, "package_modified": "false"}
+    (package / "code.py").write_text("x = 2\n")
+    assert tracking.git_tags(package) == {"mlflow.source.git.commit": commit, "package_modified": "true"}
 
 
 def log_one(uri: str, index: int) -> None:

@@ -107,6 +107,9 @@ def test_resume_after_interruption_equals_uninterrupted_run(tiny, tmp_path, monk
     assert recorder.params["model"] == params.model.model_dump()
     assert recorder.params["variant_options"] == params.variant_options("lca")
     assert recorder.params["world_size"] == 1
+    # The options as the layers ran them at T = 32: ceil(sqrt(32)) = 6 clusters, the auto balance 0.01.
+    resolved = {"clusters": 6, "router": "head", "tau_start": 1.0, "tau_end": 0.1, "balance": 0.01}
+    assert recorder.params["resolved_options"] == summary["resolved_options"] == resolved, recorder.params
     with open(tmp_path / "resumed" / "curve.csv") as f:
         elapsed = [float(r["elapsed_s"]) for r in csv.DictReader(f)]
     assert summary["train_seconds"] > 1000.0 and all(e > 1000.0 for e in elapsed[1:]), "resume restarted the clock"

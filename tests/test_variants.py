@@ -131,6 +131,9 @@ def test_auto_options_resolve_to_the_spec_values(name, T):
     assert resolved == {key: expected[key] for key in resolved}, resolved
     assert name not in {"ca", "cka", "fastcka", "sca"} or "block" in resolved
     assert name not in {"lca", "sca"} or {"clusters", "balance"} <= resolved.keys()
+    # What train logs: every option, the auto ones resolved here, the others as given (la's kernel is chosen per call).
+    given = layer.options.model_dump()
+    assert layer.resolved_options == {key: expected[key] if key in resolved else value for key, value in given.items()}, layer.resolved_options
 
 
 def test_the_registry_files_each_variant_once_under_its_file_name():

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import subprocess
 import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -199,6 +200,20 @@ def _experiment_id(client, name: str, uri: str) -> str:
         return client.get_experiment_by_name(name).experiment_id
 
 
+def git_tags(package: Path = Path(__file__).parent) -> dict[str, str]:
+    """The commit of the Git tree `package` is in, under MLflow's own tag (its UI shows it), and whether the
+    package's tracked files differ from it (`package_modified`), so that runs of different code in one experiment can
+    be told apart; none where the package is not in a Git tree (an installed copy)."""
+    try:
+        def git(*args: str) -> str:
+            return subprocess.run(["git", *args], cwd=package, capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+
+        commit, changes = git("rev-parse", "HEAD"), git("status", "--porcelain", "--untracked-files=no", "--", ".")
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    return {"mlflow.source.git.commit": commit, "package_modified": str(bool(changes)).lower()}
+
+
 @contextlib.contextmanager
 def stage_run(params: Params, stage: str, variant: str | None = None) -> Iterator[Tracker]:
     """Open an MLflow run for `stage` (and `variant`); it ends FINISHED, KILLED if the body is interrupted (SIGINT,
@@ -212,7 +227,7 @@ def stage_run(params: Params, stage: str, variant: str | None = None) -> Iterato
     with _store_lock(uri):
         client = MlflowClient(tracking_uri=uri)
         experiment_id = _experiment_id(client, name, uri)
-        tags = {"stage": stage, "config": params.run.name}
+        tags = {"stage": stage, "config": params.run.name} | git_tags()
         if variant:
             tags["variant"] = variant
         # Under `dvc exp run` the experiment's name and baseline commit (DVC's variables): what `dvc exp apply` takes.

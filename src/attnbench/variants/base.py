@@ -124,6 +124,13 @@ class Attention(nn.Module):
     def scale(self) -> float:
         return self.head_dim**-0.5
 
+    @property
+    def resolved_options(self) -> dict:
+        """The options as this layer runs them: an option the variant resolves against T (a property of the option's
+        name, such as ca's `block`) at its value here, the others as given."""
+        return {name: getattr(self, name) if isinstance(getattr(type(self), name, None), property) else value
+                for name, value in self.options.model_dump().items()}
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (B, H, T, D)
