@@ -341,7 +341,8 @@ def report(params: Params, variants_dir: Path, data_dir: Path, out_dir: Path, su
            "(evaluate.max_tokens: evenly spaced windows)." if scored[0] < test_bytes - 1 else ""),
         "",
         "Quality for its cost, as Pareto fronts (a variant is off a front where another is at least as good in test "
-        "bpb, as printed, and in speed, and better in one):",
+        f"bpb, as printed, and in speed, and better in one; the bpb is the model's at T = {m.seq_len}, the speeds each "
+        "at its own T, with the variant's auto options resolved there):",
         "",
         *(front_line(fronts[key], label, variants) for key, (_, label) in costs.items()),
         "",
