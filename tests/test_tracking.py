@@ -327,25 +327,30 @@ def test_a_run_is_tagged_with_the_commit_of_the_code_it_ran(tmp_path, monkeypatc
 
 
 def test_git_tags_name_the_commit_and_whether_the_package_differs_from_it(tmp_path):
-    """The package's own files count (a changed file beside it in the tree does not); no tags outside a Git tree."""
+    """The package's own tracked files count: neither a changed file beside it in the tree nor an untracked one in
+    it. No tags outside a Git tree, nor for a copy of the package in an ignored folder of one (an installed copy)."""
     import subprocess
 
     def git(*args):
         return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True,
                               capture_output=True, text=True).stdout.strip()
 
-    package = tmp_path / "src" / "pkg"
-    package.mkdir(parents=True)
+    package, installed = tmp_path / "src" / "pkg", tmp_path / ".venv" / "site-packages" / "pkg"
+    for folder in (package, installed):
+        folder.mkdir(parents=True)
+        (folder / "__init__.py").write_text("x = 1\n")
     assert tracking.git_tags(package) == {}
-    (package / "code.py").write_text("x = 1\n")
+    (tmp_path / ".gitignore").write_text(".venv/\n")
     (tmp_path / "dvc.lock").write_text("a\n")
     git("init", "-q")
     git("add", ".")
     git("commit", "-q", "-m", "first")
     commit = git("rev-parse", "HEAD")
     (tmp_path / "dvc.lock").write_text("b\n")  # a stage's bookkeeping, not its code
+    (package / "scratch.py").write_text("")  # untracked
     assert tracking.git_tags(package) == {"mlflow.source.git.commit": commit, "package_modified": "false"}
-    (package / "code.py").write_text("x = 2\n")
+    assert tracking.git_tags(installed) == {}
+    (package / "__init__.py").write_text("x = 2\n")
     assert tracking.git_tags(package) == {"mlflow.source.git.commit": commit, "package_modified": "true"}
 
 

@@ -57,20 +57,20 @@ def ngram_bpb(data_dir: Path, order: int, chunk: int = 1 << 23) -> float:
 
 
 def ngram_verdict(summary: pd.DataFrame, baselines: dict[str, float]) -> str:
-    """Which variants the count models beat (bpb as printed): those behind the longest model, then those behind each
-    shorter one too."""
+    """Which variants the count models beat, strongest model (lowest bpb) first: those not better than it, bpb
+    compared as printed; each weaker model then names the variants not better than it either (fewer or the same)."""
     printed = printed_bpb(summary)
     lines = []
-    for order, (name, bar) in reversed(list(enumerate(baselines.items()))):
+    for name, bar in sorted(baselines.items(), key=lambda item: item[1]):
         behind = list(summary["variant"][printed >= float(SUMMARY_FORMATS["test bpb"].format(bar))])
         if not lines and len(behind) == len(summary):
-            lines.append(f"No variant beats the {name} model: at this training budget none predicts better than counts of "
-                         f"the previous {order} bytes, so the ranking shows how fast each variant learns early on, which a "
-                         "longer training may change.")
+            lines.append(f"No variant is better than the {name} model: at this training budget none predicts better than "
+                         f"counts of the previous {NGRAMS.index(name)} bytes, so the comparison shows how fast each "
+                         "variant learns early on, which a longer training may change.")
         elif not lines:
-            lines.append(f"Behind the {name} model: {spoken_list(behind)}." if behind else f"Every variant beats the {name} model.")
+            lines.append(f"Not better than the {name} model: {spoken_list(behind)}." if behind else f"Every variant beats the {name} model.")
         elif behind:
-            lines.append(f"Behind the {name} model too: {spoken_list(behind)}.")
+            lines.append(f"Not better than the {name} model either: {spoken_list(behind)}.")
         if not behind:
             break
     return " ".join(lines)
@@ -82,6 +82,11 @@ def read_summaries(variants_dir: Path, variants: list[str]) -> dict[str, dict]:
             for v in variants}
 
 
+def measured(rows: pd.DataFrame, scope: str) -> pd.DataFrame:
+    """The profile rows of `scope` that ran."""
+    return rows[(rows.scope == scope) & (rows.status == "ok")]
+
+
 def collect(variants_dir: Path, summaries: dict[str, dict]) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """Per-variant summary, learning curves and profile rows, from each variant's stage outputs."""
     summary, curves, profiles = [], [], []
@@ -91,9 +96,9 @@ def collect(variants_dir: Path, summaries: dict[str, dict]) -> tuple[pd.DataFram
         rows = pd.read_csv(d / "profile.csv")
         # The profile's largest T for every variant (its lengths are the params file's): a variant that ran out of
         # memory there shows "—", not a figure at a smaller T in the same column.
-        attn = rows[(rows.scope == "attention") & (rows.status == "ok") & (rows["T"] == rows["T"].max())]
+        attn = measured(rows, "attention")[lambda d: d["T"] == rows["T"].max()]
         largest = attn.iloc[0] if len(attn) else None
-        reference = rows[(rows.scope == "reference") & (rows.status == "ok")].set_index("T")["tokens_per_s"]  # mha's layer
+        reference = measured(rows, "reference").set_index("T")["tokens_per_s"]  # mha's layer
         summary.append({
             "variant": v,
             "params (M)": train["params_non_embedding"] / 1e6,
@@ -191,15 +196,14 @@ def noisy_points(profiles: pd.DataFrame) -> list[str]:
 
 def reference_spread(profiles: pd.DataFrame) -> str | None:
     """The same layer (the reference, mha's) timed in each variant's profile: how far its speed at the largest T moved
-    from one profile process to the next, a bar for the speed differences between variants. None with fewer than two."""
-    reference = profiles[(profiles.scope == "reference") & (profiles.status == "ok")]
-    at_largest = reference[reference["T"] == profiles["T"].max()]["tokens_per_s"]
+    from one profile process to the next, a bar for the attention speeds' differences. None with fewer than two."""
+    at_largest = measured(profiles, "reference")[lambda d: d["T"] == profiles["T"].max()]["tokens_per_s"]
     if len(at_largest) < 2:
         return None
     low, high = at_largest.min(), at_largest.max()
-    return (f"The reference layer, the same code in each of the {len(at_largest)} profiles, ran at {low:,.0f} to "
-            f"{high:,.0f} tok/s at T = {profiles['T'].max()} ({high / low:.2f}x): a difference in speed between variants "
-            "smaller than that is within this machine's noise between processes.")
+    return (f"the attention layers' speeds vary by up to {high / low:.2f}x between processes on this machine (the "
+            f"reference layer, the same code in each of the {len(at_largest)} profiles, ran at {low:,.0f} to {high:,.0f} "
+            f"tok/s at T = {profiles['T'].max()})")
 
 
 # One format per column, so a column reads alike at every magnitude.
@@ -254,7 +258,7 @@ def front_line(dominators: dict[str, list[str]], speed: str, variants: list[str]
     elif len(dominators) == 1:
         placed = f"only **{front[0]}** was timed there"
     elif len(front) == 1:
-        placed = f"**{front[0]}**, best in test bpb and fastest, so ahead of every other variant timed"
+        placed = f"**{front[0]}**, the best in test bpb and the fastest of the variants timed, so ahead of every other one"
     else:
         placed = f"**{', '.join(front)}**" + "".join(
             f"; {spoken_list(off)} behind {spoken_list(list(by))}" for by, off in behind.items())
@@ -308,7 +312,7 @@ def report(params: Params, variants_dir: Path, data_dir: Path, out_dir: Path, su
     out_dir = Path(out_dir)
     failed = [f"{r.variant} {r.scope} T = {r.T} ({r.status})" for r in profiles.itertuples() if r.scope != "reference" and r.status != "ok"]
     noisy = noisy_points(profiles)
-    profiled_on = summaries[variants[0]]["profile"]["device"]
+    profiled_on = sorted({outputs["profile"]["device"] for outputs in summaries.values()})
     off = off_spec(dict(zip(summary["variant"], summary["time exp (attn)"])), dict(zip(summary["variant"], summary["spec exp"])))
     agreement = (f"which these attention time exponents miss by more than {SPEC_EXPONENT_TOLERANCE:g}: {'; '.join(off)}" if off
                  else f"which every fitted attention time exponent here meets within {SPEC_EXPONENT_TOLERANCE:g}")
@@ -334,8 +338,9 @@ def report(params: Params, variants_dir: Path, data_dir: Path, out_dir: Path, su
         f"Training: {t.steps if t.steps else f'{t.tokens:,} tokens'}{' steps' if t.steps else ''}, batch {t.batch_size} x {t.grad_accum}, "
         f"lr {t.lr:g}, on {', '.join(devices)}.",
         "",
-        "Byte models of this corpus from counts (on the train split; Witten-Bell smoothed; scored on the test split): "
-        + ", ".join(f"{name} **{value:.3f} bpb**" for name, value in baselines.items()) + ". "
+        "Byte models of this corpus from counts (on the train split, scored on the test split; the unigram add-one "
+        "smoothed, the longer ones Witten-Bell interpolated): "
+        + ", ".join(f"{name} **{SUMMARY_FORMATS['test bpb'].format(value)} bpb**" for name, value in baselines.items()) + ". "
         f"Best variant{'s' if len(best) > 1 else ''}: **{', '.join(best['variant'])}** at {bpb.min():.3f} bpb. "
         + ngram_verdict(summary, baselines)
         + (f" Test bpb predicts {' to '.join(f'{n:,}' for n in scored)} of the test split's {test_bytes:,} bytes "
@@ -347,9 +352,10 @@ def report(params: Params, variants_dir: Path, data_dir: Path, out_dir: Path, su
         "",
         *(front_line(fronts[key], label, variants) for key, (_, label) in costs.items()),
         "",
-        f"Each variant is one training run (`train.seed`: {t.seed}), timed in one process: a difference smaller than "
-        "another seed or another process would make, which this page does not measure, is no evidence for one variant "
-        "over another.",
+        f"Each variant is one training run (`train.seed`: {t.seed}), timed in one process: a front decided by a "
+        "difference smaller than another seed or another process would make is no evidence for one variant over "
+        "another. This page does not measure the seeds' spread, nor that of the training speeds; "
+        + (f"{spread}." if (spread := reference_spread(profiles)) else "nor that of the attention speeds (it needs two profiles with the reference at the largest T)."),
         "",
         markdown_table(summary, SUMMARY_FORMATS),
         "",
@@ -359,18 +365,17 @@ def report(params: Params, variants_dir: Path, data_dir: Path, out_dir: Path, su
            f"{100 * NOISY_SPREAD:.0f}% about their median (median absolute deviation: another load on the machine, or "
            "a step too short to time steadily), so that exponents and x sdpa drawn from them are unreliable (profile on "
            f"a quiet machine, or with more `profile.tokens_per_step`): {', '.join(noisy)}.", ""] if noisy else []),
-        *([spread, ""] if (spread := reference_spread(profiles)) else []),
         *([f"`profile.repeats` is {params.profile.repeats}: too few runs to tell a noisy timing.", ""]
           if params.profile.repeats < 3 else []),
         "Exponents are log-log slopes against T of time and memory per sequence over the profile's lengths "
-        f"({', '.join(map(str, params.profile.seq_lens))}); profiled on {profiled_on}. "
+        f"({', '.join(map(str, params.profile.seq_lens))}); profiled on {', '.join(profiled_on)}. "
         f"`spec exp`: the spec's compute-vs-T exponent (variants.md), {agreement}. "
         "x sdpa: the attention sub-layer's speed over mha's (the fused causal sdpa, default options) at the same shapes, "
         "measured in the same profile run (scope `reference` of profile.csv). "
         + " ".join(f"Memory (`{method}`): {MEMORY_METHODS[method]}." for method in sorted(set(profiles["memory_method"].dropna())))
         + (" CPU timings are for trends only: at these sizes the costs per token (projections, the framework's overhead) "
            "weigh more at short T and flatten the slopes; absolute speeds and the spec's exponents count on a GPU (the "
-           "`benchmark` target fits them over 2K-32K)." if profiled_on == "cpu" else ""),
+           "`benchmark` target fits them over 2K-32K)." if "cpu" in profiled_on else ""),
         "",
         *routing_section(routing_summary(summaries), params.train.seed),
     ]

@@ -201,13 +201,16 @@ def _experiment_id(client, name: str, uri: str) -> str:
 
 
 def git_tags(package: Path = Path(__file__).parent) -> dict[str, str]:
-    """The commit of the Git tree `package` is in, under MLflow's own tag (its UI shows it), and whether the
-    package's tracked files differ from it (`package_modified`), so that runs of different code in one experiment can
-    be told apart; none where the package is not in a Git tree (an installed copy)."""
+    """The commit of the Git tree whose tracked files `package` is, under MLflow's own tag (its UI shows it), and
+    whether the package's tracked files differ from it (`package_modified`), so that runs of different code in one
+    experiment can be told apart; none where the package is no tracked part of a Git tree (an installed copy, even
+    one inside a repository's ignored folder). Reads only: no index lock, undecodable names replaced."""
     try:
         def git(*args: str) -> str:
-            return subprocess.run(["git", *args], cwd=package, capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+            return subprocess.run(["git", "--no-optional-locks", *args], cwd=package, capture_output=True, text=True,
+                                  errors="replace", timeout=10, check=True).stdout.strip()
 
+        git("ls-files", "--error-unmatch", "__init__.py")
         commit, changes = git("rev-parse", "HEAD"), git("status", "--porcelain", "--untracked-files=no", "--", ".")
     except (OSError, subprocess.SubprocessError):
         return {}
@@ -224,10 +227,11 @@ def stage_run(params: Params, stage: str, variant: str | None = None) -> Iterato
     uri = tracking_uri(params)
     check_server(uri)
     name = params.experiment
+    code = git_tags()  # before the store's lock: other stages wait on it
     with _store_lock(uri):
         client = MlflowClient(tracking_uri=uri)
         experiment_id = _experiment_id(client, name, uri)
-        tags = {"stage": stage, "config": params.run.name} | git_tags()
+        tags = {"stage": stage, "config": params.run.name} | code
         if variant:
             tags["variant"] = variant
         # Under `dvc exp run` the experiment's name and baseline commit (DVC's variables): what `dvc exp apply` takes.
