@@ -24,16 +24,11 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from .config import check_shardable
-from .signals import LAUNCHED, Terminated
+from .signals import LAUNCHED, Terminated, under_torchrun
 
 log = logging.getLogger(__name__)
 
 TIMEOUT = timedelta(minutes=60)  # the other ranks wait this long for rank 0's evaluation and checkpoint
-
-
-def under_torchrun() -> bool:
-    """True in a worker that torchrun started (it sets LOCAL_RANK, RANK, WORLD_SIZE)."""
-    return "LOCAL_RANK" in os.environ
 
 
 def needs_launch(nproc: int) -> bool:

@@ -29,6 +29,8 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
+from .signals import under_torchrun
+
 log = logging.getLogger(__name__)
 
 POLL_SECONDS = 0.5
@@ -59,7 +61,7 @@ def gpu_slots(n: int = 1, folder: Path | None = None) -> Iterator[list[str] | No
     """Hold n of this machine's GPUs for the duration: CUDA_VISIBLE_DEVICES names them inside the
     block and is restored after it, and the slots are released even when the block raises.
     Yields the devices, or None where slots do not apply (see the module docstring) or n is 0."""
-    if n == 0 or os.environ.get("SLURM_JOB_ID") or "LOCAL_RANK" in os.environ:
+    if n == 0 or os.environ.get("SLURM_JOB_ID") or under_torchrun():
         yield None
         return
     devices = visible_gpus()

@@ -32,8 +32,12 @@ def sigterm_raises() -> Iterator[None]:
 LAUNCHED = "ATTNBENCH_LAUNCHED"
 
 
+def under_torchrun() -> bool:
+    """True in a worker that torchrun started (it sets LOCAL_RANK, RANK, WORLD_SIZE)."""
+    return "LOCAL_RANK" in os.environ
+
+
 def reports_interruption() -> bool:
     """Whether this process says that the stage was interrupted: the launcher where attnbench started the workers,
-    else rank 0 of a torchrun started by hand (LOCAL_RANK marks its workers), not every worker."""
-    torchrun_worker = "LOCAL_RANK" in os.environ
-    return LAUNCHED not in os.environ and (not torchrun_worker or os.environ.get("RANK") == "0")
+    else rank 0 of a torchrun started by hand, not every worker."""
+    return LAUNCHED not in os.environ and (not under_torchrun() or os.environ.get("RANK") == "0")
