@@ -199,6 +199,7 @@ def train(params: Params, variant: str, data_dir: Path, out_dir: Path, tracker=N
         compile_seconds = time.perf_counter() - compile_start
 
     n_params = model.num_params()
+    resolved_options = model.attention_layers[0].resolved_options  # "auto" as T = model.seq_len resolves it
     peak = peak_flops(device)
     tokens_per_step = cfg.batch_size * cfg.grad_accum * T  # the global batch, over all processes
     log.info("train %s: %d steps x %d tokens, %.2fM non-embedding params, %s%s", variant, steps, tokens_per_step, n_params / 1e6, device,
@@ -206,7 +207,7 @@ def train(params: Params, variant: str, data_dir: Path, out_dir: Path, tracker=N
     if tracker is not None:  # every run, a resumed one too: each is its own MLflow run
         # world_size: the processes that ran, which a hand-started torchrun decides whatever train.nproc says
         tracker.log_params(params.logged(variant, "train") | {"params_non_embedding": n_params, "world_size": world,
-                                                               "resolved_options": model.attention_layers[0].resolved_options})
+                                                               "resolved_options": resolved_options})
         tracker.set_tags({"resumed_from_step": str(start), "compiled": str(compiled)})
 
     bad_step = torch.tensor(-1, device=device)  # first step with a non-finite loss or gradient, found without a host sync
@@ -293,7 +294,7 @@ def train(params: Params, variant: str, data_dir: Path, out_dir: Path, tracker=N
         "mfu": None if peak is None else model.flops_per_token() * steady_tokens_per_s / (peak * world),
         "train_seconds": elapsed,  # in training steps: validation passes and checkpoints not counted
         "params_non_embedding": n_params,
-        "resolved_options": model.attention_layers[0].resolved_options,  # "auto" as T = model.seq_len resolves it
+        "resolved_options": resolved_options,
         "device": device.type if world == 1 else f"{device.type} x{world}",
         "nproc": world,
         "compiled": compiled,  # False where train.compile is off, or torch.compile failed and training fell back to eager
