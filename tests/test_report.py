@@ -124,7 +124,8 @@ def test_report_from_fixture_metrics(tmp_path, monkeypatch):
     assert "- Attention-layer tok/s at T = 512: only **la** was timed there; not timed: mha.\n" in text, text
     assert "Each variant is one training run (`train.seed`: 3)" in text, text
     assert result["pareto_front"] == {"train": ["la"], "attention": ["la"]}
-    assert f"unigram **{ngram_bpb(tmp_path / 'prepared', 0):.3f} bpb**, bigram **{ngram_bpb(tmp_path / 'prepared', 1):.3f} bpb**" in text
+    unigram, bigram, _ = ngram_bpb(tmp_path / "prepared", 2)
+    assert f"unigram **{unigram:.3f} bpb**, bigram **{bigram:.3f} bpb**" in text
     for name in ("learning_curves", "bpb_vs_throughput", "time_vs_T", "memory_vs_T"):
         png = tmp_path / "out" / "figures" / f"{name}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
@@ -378,7 +379,7 @@ def test_the_unigram_bpb_of_a_two_byte_corpus(tmp_path):
     (tmp_path / "corpus.bin").write_bytes(b"ab" * 400)
     data.prepare(tmp_path / "corpus.bin", tmp_path / "prepared", 10**6, split)
     # Two equally frequent bytes, add-one smoothing over 256: a little above 1 bit.
-    assert ngram_bpb(tmp_path / "prepared", 0) == pytest.approx(-math.log2(201 / 656), rel=1e-9)
+    assert ngram_bpb(tmp_path / "prepared", 0) == [pytest.approx(-math.log2(201 / 656), rel=1e-9)]
 
 
 def test_the_unigram_bpb_scores_the_test_split_with_the_train_splits_frequencies(tmp_path):
@@ -388,7 +389,7 @@ def test_the_unigram_bpb_scores_the_test_split_with_the_train_splits_frequencies
     (tmp_path / "corpus.bin").write_bytes(b"ab" * 200 + b"c" * 200 + b"a" * 200)
     data.prepare(tmp_path / "corpus.bin", tmp_path / "prepared", 10**6, split)
     # 'a': 200 of train's 400 bytes, add-one smoothed over 256 byte values.
-    assert ngram_bpb(tmp_path / "prepared", 0) == pytest.approx(-math.log2(201 / 656), rel=1e-9)
+    assert ngram_bpb(tmp_path / "prepared", 0) == [pytest.approx(-math.log2(201 / 656), rel=1e-9)]
 
 
 def naive_witten_bell_bpb(train: bytes, test: bytes, order: int) -> float:
@@ -418,14 +419,14 @@ def test_ngram_bpb_equals_the_naive_witten_bell_model(tmp_path, order):
     data.prepare(tmp_path / "corpus.bin", tmp_path / "prepared", 10**6, split)
     train, test = (bytes(load_split(tmp_path / "prepared", name, verify=False)) for name in ("train", "test"))
     assert b"!" in test and b"!" not in train
-    assert ngram_bpb(tmp_path / "prepared", order, chunk=97) == pytest.approx(naive_witten_bell_bpb(train, test, order), rel=1e-12)
+    assert ngram_bpb(tmp_path / "prepared", order, chunk=97)[order] == pytest.approx(naive_witten_bell_bpb(train, test, order), rel=1e-12)
 
 
 def test_a_longer_context_predicts_a_periodic_text_almost_surely(tmp_path):
     split = data.SplitFractions(train=0.5, val=0.25, test=0.25)
     (tmp_path / "corpus.bin").write_bytes(b"abc" * 400)
     data.prepare(tmp_path / "corpus.bin", tmp_path / "prepared", 10**6, split)
-    unigram, bigram = ngram_bpb(tmp_path / "prepared", 0), ngram_bpb(tmp_path / "prepared", 1)
+    unigram, bigram = ngram_bpb(tmp_path / "prepared", 1)
     # Three bytes of 600 each, add-one smoothed over 256; after one byte of context the next is all but certain.
     assert unigram == pytest.approx(-math.log2(201 / 856), rel=1e-9) and bigram < 0.01, (unigram, bigram)
 

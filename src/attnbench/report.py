@@ -34,15 +34,22 @@ FIGURES = {
 NGRAMS = ("unigram", "bigram", "trigram")  # byte models with 0, 1 and 2 bytes of context
 
 
-def ngram_bpb(data_dir: Path, order: int, chunk: int = 1 << 23) -> float:
-    """Bits per byte of the test split under a byte model of `order` bytes of context counted on the train split: a
-    bar any LM must beat to show it learned more than those counts give. Order 0: add-one smoothed frequencies.
-    Longer contexts: Witten-Bell interpolation, so a context seen s times, followed by n distinct bytes, gives
-    P(x | context) = (count(context, x) + n P(x | shorter context)) / (s + n), and an unseen one the shorter
-    context's P. Scores the test bytes that have `order` bytes before them; counts in chunks of `chunk` bytes."""
+def ngram_bpb(data_dir: Path, max_order: int, chunk: int = 1 << 23) -> list[float]:
+    """Bits per byte of the test split under byte models of 0 .. `max_order` bytes of context counted on the train
+    split, one pass building each on the last: bars any LM must beat to show it learned more than those counts give.
+    Order 0: add-one smoothed frequencies. Longer contexts: Witten-Bell interpolation, so a context seen s times,
+    followed by n distinct bytes, gives P(x | context) = (count(context, x) + n P(x | shorter context)) / (s + n), and
+    an unseen one the shorter context's P. Each order scores the test bytes that have that many bytes before them;
+    counts in chunks of `chunk` bytes."""
     train, test = load_split(data_dir, "train", verify=False), load_split(data_dir, "test", verify=False)
+
+    def score(probs: np.ndarray, order: int) -> float:
+        context = sum(test[i : len(test) - order + i].astype(np.int64) * 256 ** (order - 1 - i) for i in range(order))
+        return float(-np.log2(probs[context, test[order:]]).mean())
+
     probs = ((np.bincount(train, minlength=256) + 1.0) / (len(train) + 256))[None]  # (contexts, 256); one context
-    for k in range(1, order + 1):
+    scores = [score(probs, 0)]
+    for k in range(1, max_order + 1):
         counts = np.zeros(256 ** (k + 1))
         for start in range(0, len(train) - k, chunk):  # (context, next byte) as one number: oldest byte first
             stop = min(start + chunk, len(train) - k)
@@ -52,8 +59,8 @@ def ngram_bpb(data_dir: Path, order: int, chunk: int = 1 << 23) -> float:
         seen, kinds = counts.sum(axis=1, keepdims=True), (counts > 0).sum(axis=1, keepdims=True)
         shorter = probs[np.arange(256**k) % 256 ** (k - 1)]  # each context's model without its oldest byte
         probs = np.where(seen > 0, (counts + kinds * shorter) / np.maximum(seen + kinds, 1), shorter)
-    context = sum(test[i : len(test) - order + i].astype(np.int64) * 256 ** (order - 1 - i) for i in range(order))
-    return float(-np.log2(probs[context, test[order:]]).mean())
+        scores.append(score(probs, k))
+    return scores
 
 
 def ngram_verdict(summary: pd.DataFrame, baselines: dict[str, float]) -> str:
@@ -308,7 +315,7 @@ def report(params: Params, variants_dir: Path, data_dir: Path, out_dir: Path, su
     variants, left_out = chosen_variants(params, subset)
     summaries = read_summaries(variants_dir, variants)
     summary, curves, profiles = collect(variants_dir, summaries)
-    baselines = {name: ngram_bpb(data_dir, order) for order, name in enumerate(NGRAMS)}
+    baselines = dict(zip(NGRAMS, ngram_bpb(data_dir, len(NGRAMS) - 1)))
     out_dir = Path(out_dir)
     failed = [f"{r.variant} {r.scope} T = {r.T} ({r.status})" for r in profiles.itertuples() if r.scope != "reference" and r.status != "ok"]
     noisy = noisy_points(profiles)
