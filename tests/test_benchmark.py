@@ -201,6 +201,22 @@ def test_an_unknown_variant_is_refused_before_any_work(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_an_entry_with_its_own_seed_is_not_benchmarked_again():
+    """mha-seed1 trains mha again: its layer and untrained model are mha's, so the benchmark neither runs it by
+    default nor takes it by name."""
+    import pytest
+
+    from attnbench.benchmark import benchmarked
+    from attnbench.config import ConfigError
+
+    params = parse_params({"variants": {"mha": {}, "mha-seed1": {}, "la-seed2": {}}})
+    assert benchmarked(params, None) == ["mha"]
+    assert benchmarked(params, ["sdpa", "mha"]) == ["mha"]
+    with pytest.raises(ConfigError, match=r"unknown 'mha-seed1' \(not a reference row nor one of the params file's variants without a "
+                                          r"seed of its own\); allowed: sdpa, sdpa-flash, mha$"):
+        benchmarked(params, ["mha-seed1"])
+
+
 def test_the_params_file_says_what_is_measured_and_each_flag_overrides_its_key(tmp_path, monkeypatch, capsys):
     """The front ends' benchmark target runs the command without flags, so a preset's benchmark section must reach
     the measuring; a flag replaces one key, and a bad flag is one line, exit 2, before any work."""

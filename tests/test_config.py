@@ -36,7 +36,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from attnbench.config import ConfigError, Params, load_params, parse_params
-from attnbench.variants import REGISTRY
+from attnbench.variants import REGISTRY, parse_entry
 
 REPO = Path(__file__).resolve().parents[1]
 PARAMS = REPO / "params.yaml"
@@ -80,12 +80,12 @@ def test_repo_params_file_validates():
     raw = yaml.safe_load(PARAMS.read_text())
     assert params.run.name == raw["run"]["name"]
     assert set(params.variants) == set(raw["variants"])
-    assert all(name in REGISTRY for name in params.variants)
+    assert {parse_entry(name)[0] for name in params.variants} == set(REGISTRY), "the default runs every variant"
     assert params.model.d_model % params.model.n_heads == 0
     assert params.results_dir == Path("results") / params.run.name
     for name in params.variants:
         model = params.model_for(name)
-        assert model.variant == name
+        assert model.variant == parse_entry(name)[0]
 
 
 def test_defaults_validate_and_are_frozen():
@@ -121,6 +121,10 @@ BAD = [
     ("unknown-nested-key", "train.foo", 1, ["train.foo: unknown key; allowed: steps, tokens, batch_size,"]),
     ("misspelt-key", "train.stepz", 1, ["train.stepz: unknown key (did you mean 'steps'?); allowed: steps,"]),
     ("unknown-variant", "variants", {"xyz": {}}, ["variants", "'xyz'", f"allowed: {ALLOWED_VARIANTS}"]),
+    ("unknown-seeded-variant", "variants", {"gpt-seed1": {}}, ["variants", "'gpt-seed1'", f"allowed: {ALLOWED_VARIANTS}", "<variant>-seed<N>"]),
+    ("seed-not-a-number", "variants", {"mha-seedx": {}}, ["variants", "'mha-seedx'", "<variant>-seed<N>"]),
+    ("seed-leading-zero", "variants", {"mha-seed01": {}}, ["variants", "'mha-seed01'", "<variant>-seed<N>"]),
+    ("seeded-variant-option", "variants", {"ca-seed1": {"blok": 1}}, ["variants.ca-seed1.blok: unknown key (did you mean 'block'?); allowed: block, lookback"]),
     ("no-variants", "variants", {}, ["variants", "must map variant names"]),
     ("unknown-variant-option", "variants", {"lca": {"clusterz": 1}}, ["variants.lca.clusterz: unknown key (did you mean 'clusters'?); allowed: clusters, router,"]),
     ("variant-options-not-mapping", "variants", {"la": 5}, ["variants.la = 5:", "dictionary"]),
@@ -289,3 +293,18 @@ def test_dump_keeps_each_variants_own_options():
     """Snakemake's rule params come from this dump: losing an option would hide its changes from the DAG."""
     params = parse_params({"train": {"steps": 1}, "variants": {"la": {"chunk": 8}, "mha": {}}})
     assert params.model_dump()["variants"] == {"la": {"chunk": 8, "eps": 1e-6, "kernel": "auto"}, "mha": {"kernels": ["cudnn", "flash", "efficient", "math"]}}
+
+
+def test_a_seeded_entry_is_its_variant_trained_with_its_own_seed(base):
+    """`<variant>-seed<N>` is another entry of `variants`, so both front ends run it as they run any: the same model
+    and options as its variant (its own copy of them), train.seed N in training and in what training logs."""
+    params = parse_params(mutate(mutate(base, "train.seed", 3), "variants", {"ca": {"block": 8}, "ca-seed0": {"block": 16}, "mha-seed12": {}}))
+    assert parse_entry("ca") == ("ca", None) and parse_entry("ca-seed0") == ("ca", 0) and parse_entry("mha-seed12") == ("mha", 12)
+    assert params.model_for("ca-seed0").variant == "ca" and params.model_for("ca-seed0").variant_options["block"] == 16
+    assert params.model_for("mha-seed12").variant == "mha"
+    assert [params.train_for(v).seed for v in params.variants] == [3, 0, 12]
+    assert params.train_for("mha-seed12").model_dump() == params.train.model_dump() | {"seed": 12}
+    assert params.logged("mha-seed12", "train", "evaluate")["train"]["seed"] == 12
+    assert params.logged("ca", "train")["train"]["seed"] == 3
+    with pytest.raises(ConfigError, match=r"variant 'la-seed1' is not in this params file's variants"):
+        params.train_for("la-seed1")

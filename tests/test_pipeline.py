@@ -41,7 +41,7 @@ def snakemake_stages(cwd: Path) -> dict[str, dict[str, set[str] | str]]:
         fields = dict(re.findall(r"^    (\w+): (.*)$", block, re.M))
         command = re.search(r"^Shell command: (.*)$", block, re.M)
         assert command is not None, f"rule {rule}: no shell command in the dry run"
-        variant = re.search(r"variant=(\w+)", fields.get("wildcards", ""))
+        variant = re.search(r"variant=([\w-]+)", fields.get("wildcards", ""))
         name = f"{rule}@{variant.group(1)}" if variant else rule
         stages[name] = {
             "outs": set(fields.get("output", "").split(", ")) - {""},

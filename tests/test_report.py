@@ -122,7 +122,7 @@ def test_report_from_fixture_metrics(tmp_path, monkeypatch):
     # la is better and faster in training; at the largest T only la was timed (mha ran out of memory there).
     assert "- Training tok/s (T = 32): **la**, the best in test bpb and the fastest of the variants timed, so ahead of every other one.\n" in text, text
     assert "- Attention-layer tok/s at T = 512: only **la** was timed there; not timed: mha.\n" in text, text
-    assert "Each variant is one training run (`train.seed`: 3)" in text, text
+    assert "Each row is one training run (`train.seed`: 3; a params entry `<variant>-seed<N>` trains its variant again with seed N)" in text, text
     assert result["pareto_front"] == {"train": ["la"], "attention": ["la"]}
     unigram, bigram, _ = ngram_bpb(tmp_path / "prepared", 2)
     assert f"unigram **{unigram:.3f} bpb**, bigram **{bigram:.3f} bpb**" in text
@@ -363,6 +363,46 @@ def test_sampled_routing_variants_get_both_readings_in_their_own_table(tmp_path,
     assert "| lca | 3.205 | 3.022 | 17.6 | 9.1 | 5.11 | 0.07 |" in text
     assert "lca routes tokens by sampling in training" in text and f"seed {params.train.seed}" in text
     assert text.count("| mha |") == 1, "mha does not sample its routing: no row of its own in the routing table"
+
+
+def test_seed_spread_gives_each_seeded_variants_range_and_which_ranges_lie_apart():
+    from attnbench.report import seed_spread
+
+    def spread(bpb: dict[str, float]) -> str | None:
+        return seed_spread(pd.DataFrame({"variant": list(bpb), "test bpb": list(bpb.values())}))
+
+    assert spread({"mha": 2.385, "la": 2.5, "ca": 2.426}) is None, "one run per variant: no spread to give"
+    assert spread({"mha": 2.385, "mha-seed1": 2.391, "ca": 2.426, "ca-seed1": 2.4304, "la": 2.5}) == (
+        "Test bpb over seeds: **mha** 2.385 to 2.391 over 2 seeds, **ca** 2.426 to 2.430 over 2 seeds; apart in every "
+        "seed: mha ahead of ca.")
+    # Ranges that meet as printed (2.390 both) overlap; a variant whose only entries are seeded ones is grouped too;
+    # a third variant ahead of the others is named pair by pair.
+    assert spread({"ca": 2.3904, "ca-seed1": 2.37, "mha-seed1": 2.3896, "mha-seed2": 2.41, "la-seed3": 2.2, "la-seed4": 2.21}) == (
+        "Test bpb over seeds: **ca** 2.370 to 2.390 over 2 seeds, **mha** 2.390 to 2.410 over 2 seeds, **la** 2.200 to "
+        "2.210 over 2 seeds; apart in every seed: la ahead of ca; la ahead of mha, and not told apart by their seeds: "
+        "ca and mha.")
+
+
+def test_a_page_with_seeded_entries_gives_their_spread_and_their_seeds(tmp_path, monkeypatch):
+    """Each entry is a row of its own; the spread replaces the sentence that says it is not measured; the sampled
+    routing of lca's two runs is seeded by each one's training seed."""
+    params = prepared_params(tmp_path, monkeypatch, {"variants": {"la": None, "lca": {}, "lca-seed7": {}}})
+    write_variant(tmp_path / "variants" / "mha", "mha", *FIXTURE["mha"])
+    for entry, bpb in (("lca", 3.205), ("lca-seed7", 3.1)):
+        write_variant(tmp_path / "variants" / entry, entry, bpb, 2000.0, 1.0)
+        write_json(tmp_path / "variants" / entry / "eval.json", {
+            "variant": entry, "test_bpb": bpb, "test_tokens": 999, "test_bpb_sampled": 3.0,
+            "routing": {mode: {"max_cluster_frac": 0.1, "empty_clusters": 1.0} for mode in ("argmax", "sampled")}})
+
+    report(params, tmp_path / "variants", tmp_path / "prepared", tmp_path / "out")
+
+    text = (tmp_path / "out" / "comparison.md").read_text()
+    _, table = markdown_rows(text, "| variant | params (M)")
+    assert list(table) == ["mha", "lca", "lca-seed7"]
+    assert ("Test bpb over seeds: **lca** 3.100 to 3.205 over 2 seeds. This page does not measure the spread of the "
+            "training speeds; the attention layers' speeds") in text, text
+    assert "seeds' spread" not in text
+    assert "scored as they trained (noise from the training seed of each run," in text, text
 
 
 def test_report_names_a_missing_variant_output(tmp_path, monkeypatch):

@@ -16,6 +16,7 @@ def test_a_variant_runs_what_it_imports_and_nothing_of_the_others():
     assert {"src/attnbench/variants/lca.py", "src/attnbench/variants/fused_supernodes.py"} <= set(variant_sources("sca"))
     assert "src/attnbench/variants/sca.py" not in variant_sources("lca")
     assert variant_sources("mha") == ["src/attnbench/variants/base.py", "src/attnbench/variants/mha.py"]
+    assert variant_sources("lca-seed2") == variant_sources("lca")  # a seeded entry runs its variant's code
 
 
 def test_a_stage_runs_its_modules_but_not_every_variant():
@@ -35,7 +36,7 @@ def test_a_stage_runs_its_modules_but_not_every_variant():
 def test_unknown_stage_or_variant_is_a_clear_error():
     with pytest.raises(ValueError, match=r"stage 'fit': not one of fetch, prepare"):
         stage_sources("fit")
-    with pytest.raises(ValueError, match=r"variant 'gpt': not one of mha, la"):
+    with pytest.raises(ValueError, match=r"unknown variant 'gpt'; allowed: mha, la"):
         variant_sources("gpt")
 
 

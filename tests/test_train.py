@@ -84,6 +84,22 @@ def test_train_writes_its_outputs_and_learns(tiny, tmp_path):
     assert summary["tokens"] == 12 * 4 * 32
 
 
+def test_a_seeded_entry_trains_as_its_variant_would_with_that_train_seed(tiny, tmp_path):
+    """mha-seed5 in a file whose train.seed is 0 gives the weights mha gives with train.seed 5 (initialisation and
+    batches both follow the seed), and not those of mha with seed 0; train.json and the resume key carry its seed."""
+    params, prepared = tiny({"variants": {"mha": {}, "mha-seed5": {}}})
+    train_mod.train(params, "mha", prepared, tmp_path / "mha")
+    train_mod.train(params, "mha-seed5", prepared, tmp_path / "mha-seed5")
+    seed5, _ = tiny({"train": {"seed": 5}, "variants": {"mha": {}}})
+    train_mod.train(seed5, "mha", prepared, tmp_path / "mha5")
+    same = [torch.equal(a, b) for a, b in zip(weights(tmp_path / "mha-seed5" / "model.pt").values(), weights(tmp_path / "mha5" / "model.pt").values())]
+    assert all(same) and len(same) > 0
+    assert not torch.equal(*(weights(tmp_path / v / "model.pt")["tok_emb.weight"] for v in ("mha", "mha-seed5")))
+    manifest = read_json(prepared / "manifest.json")
+    assert train_mod.fingerprint(params, "mha-seed5", manifest) == train_mod.fingerprint(seed5, "mha", manifest)
+    assert {k: read_json(tmp_path / "mha-seed5" / "train.json")[k] for k in ("variant", "seed")} == {"variant": "mha-seed5", "seed": 5}
+
+
 def test_resume_after_interruption_equals_uninterrupted_run(tiny, tmp_path, monkeypatch):
     """Bitwise, with noise in the model (dropout, lca's Gumbel routing): the noise of a step does not depend on
     what the process drew before. The resumed run is its own MLflow run, with the params and where it resumed."""

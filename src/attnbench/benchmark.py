@@ -43,7 +43,7 @@ from .model import ByteLM, ModelConfig
 from .plots import length_label, log_length_axes
 from .profile import SPEC_EXPONENT_TOLERANCE, fit_exponent, off_spec
 from .runtime import autocast, one_line, peak_flops, resolve_device
-from .variants import REGISTRY, build_attention
+from .variants import REGISTRY, build_attention, parse_entry
 from .variants.mha import MultiHeadOptions, sdpa_backends
 
 log = logging.getLogger(__name__)
@@ -387,15 +387,24 @@ def tracked_metrics(attention: list[dict], training: list[dict]) -> dict[int | N
     return by_step
 
 
+def benchmarked(params: Params, variants: list[str] | None) -> list[str]:
+    """The variants whose rows the benchmark measures besides the references (which always run, once): `variants`, or
+    the params file's. Not an entry with a seed of its own (`<variant>-seed<N>`): its layer and model are its
+    variant's. A variant's rows use its options in the params file, so a name must be configured there (not only
+    registered): a clear error before any work otherwise."""
+    allowed = [v for v in params.variants if parse_entry(v)[1] is None]
+    if unknown := [v for v in variants or [] if v not in allowed and v not in REFERENCES]:
+        raise ConfigError(f"--variants: unknown {', '.join(map(repr, unknown))} (not a reference row nor one of the params file's "
+                          f"variants without a seed of its own); allowed: {', '.join([*REFERENCES, *allowed])}")
+    return [v for v in variants if v not in REFERENCES] if variants else allowed
+
+
 def main(params: Params, out_dir: Path, variants: list[str] | None = None, settings: BenchmarkConfig | None = None,
          trace: bool = False) -> str:
-    """Measure as `settings` (default: params.benchmark) say; `variants` default to the params file's."""
+    """Measure as `settings` (default: params.benchmark) say; `variants` default to the params file's, less the
+    entries with a seed of their own (`<variant>-seed<N>`: the same layer and model as their variant's)."""
     settings = settings or params.benchmark
-    # A variant's rows use its options in the params file, so a name must be configured there (not only registered).
-    unknown = [v for v in variants or [] if v not in params.variants and v not in REFERENCES]
-    if unknown:
-        raise ConfigError(f"--variants: unknown {', '.join(map(repr, unknown))} (not a reference row nor one of the params file's "
-                          f"variants); allowed: {', '.join([*REFERENCES, *params.variants])}")
+    variants = benchmarked(params, variants)
     if resolve_device(params.train.device).type != "cuda":
         raise RuntimeError("benchmark needs a CUDA device (absolute speeds count on a GPU only)")
     from .tracking import stage_run
@@ -404,7 +413,6 @@ def main(params: Params, out_dir: Path, variants: list[str] | None = None, setti
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
     attention, training = [], []
-    variants = [v for v in variants or params.variants if v not in REFERENCES]  # the references always run, once
     suffixes = ("-attention.csv", "-train.csv", ".md", ".png", "-kernels.md")
     attention_csv, train_csv, page, png, kernels = (out_dir / f"{device}{suffix}" for suffix in suffixes)
     steps = [("attention", [name]) for name in [*REFERENCES, *variants]] if "attention" in settings.parts else []

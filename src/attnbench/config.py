@@ -16,7 +16,7 @@ import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator, model_validator
 
 from .model import ModelConfig
-from .variants import REGISTRY, NoBooleanNumbers, PositiveAutoInt, VariantOptions
+from .variants import REGISTRY, NoBooleanNumbers, PositiveAutoInt, VariantOptions, parse_entry
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 
@@ -225,10 +225,9 @@ class Params(Strict):
             raise ValueError(f"must map variant names to their options, got {raw!r}")
         parsed = {}
         for name, options in raw.items():
-            if name not in REGISTRY:
-                raise ValueError(f"unknown variant {name!r}; allowed: {', '.join(REGISTRY)}")
+            variant, _ = parse_entry(name)
             try:
-                parsed[name] = REGISTRY[name].Options.model_validate(options or {})
+                parsed[name] = REGISTRY[variant].Options.model_validate(options or {})
             except ValidationError as err:
                 raise _VariantOptionsError(_first_error(err, prefix=f"variants.{name}.")) from None
         return parsed
@@ -241,8 +240,14 @@ class Params(Strict):
     def experiment(self) -> str:
         return self.tracking.experiment or f"attnbench/{self.run.name}"
 
-    def model_for(self, variant: str) -> ModelConfig:
-        return ModelConfig(variant=variant, **self.model.model_dump(), variant_options=self.variant_options(variant))
+    def model_for(self, entry: str) -> ModelConfig:
+        return ModelConfig(variant=parse_entry(entry)[0], **self.model.model_dump(), variant_options=self.variant_options(entry))
+
+    def train_for(self, entry: str) -> TrainConfig:
+        """The train section as `entry` trains: with its own seed for `<variant>-seed<N>`."""
+        self.variant_options(entry)  # a clear error for an entry this file does not configure
+        seed = parse_entry(entry)[1]
+        return self.train if seed is None else self.train.model_copy(update={"seed": seed})
 
     def benchmark_with(self, overrides: dict[str, Any]) -> BenchmarkConfig:
         """The benchmark section with the command line's values in place of the file's, validated as the file is."""
@@ -253,9 +258,9 @@ class Params(Strict):
 
     def logged(self, variant: str, *sections: str) -> dict:
         """What a stage run of `variant` logs to MLflow as params: the variant, the model, its options, and the
-        named sections of this file."""
-        return {"variant": variant, "model": self.model.model_dump(), "variant_options": self.variant_options(variant),
-                **{name: getattr(self, name).model_dump() for name in sections}}
+        named sections of this file (train as `variant` trains: `train_for`)."""
+        sections_as_run = {name: (self.train_for(variant) if name == "train" else getattr(self, name)).model_dump() for name in sections}
+        return {"variant": variant, "model": self.model.model_dump(), "variant_options": self.variant_options(variant), **sections_as_run}
 
     def variant_options(self, name: str) -> dict:
         """The options of `name` as plain data (what goes into checkpoints and MLflow)."""
@@ -269,9 +274,10 @@ def _keys_of_section(path: list[str]) -> list[str] | None:
     model: type[BaseModel] = Params
     while path:
         if model is Params and path[0] == "variants":
-            if len(path) < 2 or path[1] not in REGISTRY:
+            try:
+                model, path = REGISTRY[parse_entry(path[1])[0]].Options, path[2:]
+            except (IndexError, ValueError):
                 return None
-            model, path = REGISTRY[path[1]].Options, path[2:]
             continue
         annotation = model.model_fields[path[0]].annotation if path[0] in model.model_fields else None
         if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):

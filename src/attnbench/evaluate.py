@@ -84,7 +84,7 @@ def evaluate(params: Params, variant: str, data_dir: Path, model_path: Path) -> 
     result = bits_per_byte(model, test, batch_size, max_tokens, progress=f"evaluate {variant}{routed}")
     metrics = {"variant": variant, "test_bpb": result["bpb"], "test_tokens": result["tokens"], "seconds": result["seconds"], "device": str(device)}
     if model.noisy_routing:  # test_bpb is the spec's argmax routing; also score the model as it trained
-        torch.manual_seed(params.train.seed)
+        torch.manual_seed(params.train_for(variant).seed)
         with model.sampled_routing():
             sampled = bits_per_byte(model, test, batch_size, max_tokens, progress=f"evaluate {variant} (sampled routing)")
         metrics |= {

@@ -39,7 +39,7 @@ from .config import Params
 from .files import atomic_path, write_json
 from .model import ByteLM
 from .runtime import autocast, resolve_device, use_cpu_threads
-from .variants import build_attention
+from .variants import build_attention, parse_entry
 
 log = logging.getLogger(__name__)
 
@@ -165,7 +165,7 @@ def layer_step(params: Params, variant: str, options, T: int, batch: int, device
 
 
 def attention_step(params: Params, variant: str, T: int, batch: int, device: torch.device) -> Step:
-    return layer_step(params, variant, params.variants[variant], T, batch, device)
+    return layer_step(params, parse_entry(variant)[0], params.variants[variant], T, batch, device)
 
 
 def reference_step(params: Params, variant: str, T: int, batch: int, device: torch.device) -> Step:

@@ -19,7 +19,7 @@ from .files import atomic_path, read_json, write_text  # noqa: E402
 from .plots import legend_beside, log_length_axes  # noqa: E402
 from .profile import MEMORY_METHODS, NOISY_SPREAD, SPEC_EXPONENT_TOLERANCE, off_spec  # noqa: E402
 from .splits import MANIFEST, load_split  # noqa: E402
-from .variants import REGISTRY  # noqa: E402
+from .variants import REGISTRY, parse_entry  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +117,7 @@ def collect(variants_dir: Path, summaries: dict[str, dict]) -> tuple[pd.DataFram
             "x sdpa @ max T": largest["tokens_per_s"] / reference[largest["T"]] if largest is not None and largest["T"] in reference else None,
             "attn MiB @ max T": None if largest is None else largest["memory_bytes"] / 2**20,
             "time exp (attn)": prof.get("attention_time_exponent"),
-            "spec exp": REGISTRY[v].compute_exponent,
+            "spec exp": REGISTRY[parse_entry(v)[0]].compute_exponent,
             "memory exp (attn)": prof.get("attention_memory_exponent"),
             "time exp (model)": prof.get("model_time_exponent"),
         })
@@ -246,6 +246,28 @@ def pareto_front(summary: pd.DataFrame, speed: str) -> dict[str, list[str]]:
     return {v: [u for u in front if beats(u, v)] for v in points}
 
 
+def seed_spread(summary: pd.DataFrame) -> str | None:
+    """The variants trained with several seeds (params entries `<variant>-seed<N>` beside `<variant>`): each one's
+    printed test bpb over its seeds, and whether two such variants' ranges lie apart (one ahead in every seed) or
+    overlap (no evidence for either). None where no variant has two runs."""
+    runs = summary.assign(kind=summary["variant"].map(lambda v: parse_entry(v)[0]), bpb=printed_bpb(summary))
+    ranges = {kind: (group["bpb"].min(), group["bpb"].max(), len(group)) for kind, group in runs.groupby("kind", sort=False) if len(group) > 1}
+    if not ranges:
+        return None
+    fmt = SUMMARY_FORMATS["test bpb"].format
+    spans = [f"**{kind}** {fmt(low)} to {fmt(high)} over {n} seeds" for kind, (low, high, n) in ranges.items()]
+    ahead, overlap = [], []
+    for i, (a, (low_a, high_a, _)) in enumerate(ranges.items()):
+        for b, (low_b, high_b, _) in list(ranges.items())[i + 1 :]:
+            if high_a < low_b or high_b < low_a:
+                ahead.append(f"{a} ahead of {b}" if high_a < low_b else f"{b} ahead of {a}")
+            else:
+                overlap.append(f"{a} and {b}")
+    verdicts = ([f"apart in every seed: {'; '.join(ahead)}"] if ahead else []) + (
+        [f"not told apart by their seeds: {'; '.join(overlap)}"] if overlap else [])
+    return f"Test bpb over seeds: {', '.join(spans)}" + (f"; {', and '.join(verdicts)}" if verdicts else "") + "."
+
+
 def spoken_list(names: list[str]) -> str:
     """a; a and b; a, b and c."""
     return " and ".join([", ".join(names[:-1]), names[-1]] if len(names) > 1 else names)
@@ -283,14 +305,15 @@ def markdown_table(df: pd.DataFrame, formats: dict[str, str]) -> str:
     return "\n".join(lines)
 
 
-def routing_section(routing: pd.DataFrame, seed: int) -> list[str]:
+def routing_section(routing: pd.DataFrame, seeds: list[int]) -> list[str]:
     """The lines on the sampled-routing variants: why their test bpb has two readings, and both (none if none)."""
     if routing.empty:
         return []
     return [
         f"{', '.join(routing['variant'])} route{'s' if len(routing) == 1 else ''} tokens by sampling in training: argmax(r + g) with Gumbel noise g draws "
         "the cluster from softmax(r), whatever tau. The table's test bpb is the spec's evaluation, the noiseless argmax "
-        f"of r; scored as they trained (noise from seed {seed}, a code length a decoder that shares the seed attains). "
+        f"of r; scored as they trained (noise from {f'seed {seeds[0]}' if len(seeds) == 1 else 'the training seed of each run'}, a code "
+        "length a decoder that shares the seed attains). "
         "Cluster sizes are counted in each sequence for each router, then averaged over routers, layers and test "
         "windows (so a count of empty clusters can be fractional):",
         "",
@@ -336,6 +359,7 @@ def report(params: Params, variants_dir: Path, data_dir: Path, out_dir: Path, su
     # Every byte of the test split but the first is predicted when evaluate scores it whole (no evaluate.max_tokens).
     test_bytes = manifest["splits"]["test"]["bytes"]
     scored = sorted({outputs["eval"]["test_tokens"] for outputs in summaries.values()})
+    routing = routing_summary(summaries)
     text = [
         f"# attnbench comparison: `{params.run.name}`",
         "",
@@ -359,9 +383,11 @@ def report(params: Params, variants_dir: Path, data_dir: Path, out_dir: Path, su
         "",
         *(front_line(fronts[key], label, variants) for key, (_, label) in costs.items()),
         "",
-        f"Each variant is one training run (`train.seed`: {t.seed}), timed in one process: a front decided by a "
-        "difference smaller than another seed or another process would make is no evidence for one variant over "
-        "another. This page does not measure the seeds' spread, nor that of the training speeds; "
+        f"Each row is one training run (`train.seed`: {t.seed}; a params entry `<variant>-seed<N>` trains its variant "
+        "again with seed N), timed in one process: a front decided by a difference smaller than another seed or another "
+        "process would make is no evidence for one variant over another. "
+        + (f"{seeds} This page does not measure the spread of the training speeds; " if (seeds := seed_spread(summary))
+           else "This page does not measure the seeds' spread, nor that of the training speeds; ")
         + (f"{spread}." if (spread := reference_spread(profiles)) else "nor that of the attention speeds (it needs two profiles with the reference at the largest T)."),
         "",
         markdown_table(summary, SUMMARY_FORMATS),
@@ -384,7 +410,7 @@ def report(params: Params, variants_dir: Path, data_dir: Path, out_dir: Path, su
            "weigh more at short T and flatten the slopes; absolute speeds and the spec's exponents count on a GPU (the "
            "`benchmark` target fits them over 2K-32K)." if "cpu" in profiled_on else ""),
         "",
-        *routing_section(routing_summary(summaries), params.train.seed),
+        *routing_section(routing, sorted({params.train_for(v).seed for v in routing.get("variant", [])})),
     ]
     for path in figure_paths:
         text += [f"## {FIGURES[path.stem]}", "", f"![{path.stem}](figures/{path.name})", ""]

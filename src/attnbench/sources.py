@@ -90,13 +90,11 @@ def stage_sources(stage: str) -> list[str]:
     return closure([f"{PACKAGE}.{name}" for name in STAGE_MODULES[stage]], follow_registry=stage == "benchmark")
 
 
-def variant_sources(variant: str) -> list[str]:
-    """The files variant `variant` runs: its module and the package's modules it imports."""
-    from .variants import REGISTRY
+def variant_sources(entry: str) -> list[str]:
+    """The files a params entry's variant runs (`mha-seed1`: mha's): its module and the package's modules it imports."""
+    from .variants import REGISTRY, parse_entry
 
-    if variant not in REGISTRY:
-        raise ValueError(f"variant {variant!r}: not one of {', '.join(REGISTRY)}")
-    return closure([REGISTRY[variant].__module__])
+    return closure([REGISTRY[parse_entry(entry)[0]].__module__])
 
 
 def write_manifest(variant: str, out: Path) -> tuple[dict, bool]:

@@ -91,7 +91,7 @@ def make_optimizer(model: ByteLM, cfg: TrainConfig, device: torch.device) -> tor
 def fingerprint(params: Params, variant: str, manifest: dict) -> str:
     """What a checkpoint must match to be resumed: model, variant options, training recipe and the data.
     Not nproc: any number of processes trains on the same global batches."""
-    recipe = params.train.model_dump(exclude={"eval_every", "eval_batches", "checkpoint_every", "log_every", "device", "compile", "nproc"})
+    recipe = params.train_for(variant).model_dump(exclude={"eval_every", "eval_batches", "checkpoint_every", "log_every", "device", "compile", "nproc"})
     blob = json.dumps([params.model_for(variant).to_dict(), recipe, manifest["splits"]], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
@@ -154,7 +154,7 @@ def load_checkpoint(path: Path, expected_fingerprint: str, device: torch.device)
 def train(params: Params, variant: str, data_dir: Path, out_dir: Path, tracker=None) -> dict | None:
     """Train `variant`; write model.pt, train.json and curve.csv to `out_dir`; return the summary.
     In a data-parallel run (distributed.process_group) only rank 0 writes and returns it; the others return None."""
-    cfg = params.train
+    cfg = params.train_for(variant)
     device = distributed.local_device(resolve_device(cfg.device))
     rank, world = distributed.rank(), distributed.world_size()
     shard = distributed.shard(cfg.grad_accum, cfg.batch_size, rank, world)  # this rank's (micro-batch, rows) of each step
@@ -285,6 +285,7 @@ def train(params: Params, variant: str, data_dir: Path, out_dir: Path, tracker=N
     steady_tokens_per_s = float(np.median(rates or first_rates))
     summary = {
         "variant": variant,
+        "seed": cfg.seed,
         "steps": steps,
         "tokens": steps * tokens_per_step,
         "train_loss_final": curve[-1]["train_loss"],
