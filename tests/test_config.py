@@ -124,6 +124,12 @@ BAD = [
     ("unknown-seeded-variant", "variants", {"gpt-seed1": {}}, ["variants", "'gpt-seed1'", f"allowed: {ALLOWED_VARIANTS}", "<variant>-seed<N>"]),
     ("seed-not-a-number", "variants", {"mha-seedx": {}}, ["variants", "'mha-seedx'", "<variant>-seed<N>"]),
     ("seed-leading-zero", "variants", {"mha-seed01": {}}, ["variants", "'mha-seed01'", "<variant>-seed<N>"]),
+    ("seeded-entry-repeats-a-seed", "variants", {"mha": {}, "mha-seed0": {}}, ["variants.mha-seed0: seed 0 is mha's too (train.seed: 0)"]),
+    ("entry-name-with-a-space", "variants", {"la-seed2": {}, "la-seed2 ": {}}, ["'la-seed2 '", "<variant>-seed<N>"]),
+    ("seeded-entry-other-options", "variants", {"ca": {"block": 8}, "ca-seed1": {}}, [
+        "variants.ca-seed1: options {'block': 'auto', 'lookback': 'auto'} differ from ca's {'block': 8, 'lookback': 'auto'}", "copy its options"]),
+    ("seed-too-large", "variants", {"mha-seed9223372036854775808": {}}, ["variants.mha-seed9223372036854775808: seed 9223372036854775808 is too large; allowed: 0 to 2**63 - 1"]),
+    ("train-seed-negative", "train.seed", -1, ["train.seed = -1", "greater than or equal to 0"]),
     ("seeded-variant-option", "variants", {"ca-seed1": {"blok": 1}}, ["variants.ca-seed1.blok: unknown key (did you mean 'block'?); allowed: block, lookback"]),
     ("no-variants", "variants", {}, ["variants", "must map variant names"]),
     ("unknown-variant-option", "variants", {"lca": {"clusterz": 1}}, ["variants.lca.clusterz: unknown key (did you mean 'clusters'?); allowed: clusters, router,"]),
@@ -298,9 +304,9 @@ def test_dump_keeps_each_variants_own_options():
 def test_a_seeded_entry_is_its_variant_trained_with_its_own_seed(base):
     """`<variant>-seed<N>` is another entry of `variants`, so both front ends run it as they run any: the same model
     and options as its variant (its own copy of them), train.seed N in training and in what training logs."""
-    params = parse_params(mutate(mutate(base, "train.seed", 3), "variants", {"ca": {"block": 8}, "ca-seed0": {"block": 16}, "mha-seed12": {}}))
+    params = parse_params(mutate(mutate(base, "train.seed", 3), "variants", {"ca": {"block": 8}, "ca-seed0": {"block": 8}, "mha-seed12": {}}))
     assert parse_entry("ca") == ("ca", None) and parse_entry("ca-seed0") == ("ca", 0) and parse_entry("mha-seed12") == ("mha", 12)
-    assert params.model_for("ca-seed0").variant == "ca" and params.model_for("ca-seed0").variant_options["block"] == 16
+    assert params.model_for("ca-seed0").variant == "ca" and params.model_for("ca-seed0").variant_options["block"] == 8
     assert params.model_for("mha-seed12").variant == "mha"
     assert [params.train_for(v).seed for v in params.variants] == [3, 0, 12]
     assert params.train_for("mha-seed12").model_dump() == params.train.model_dump() | {"seed": 12}
@@ -308,3 +314,9 @@ def test_a_seeded_entry_is_its_variant_trained_with_its_own_seed(base):
     assert params.logged("ca", "train")["train"]["seed"] == 3
     with pytest.raises(ConfigError, match=r"variant 'la-seed1' is not in this params file's variants"):
         params.train_for("la-seed1")
+
+
+def test_a_registered_name_that_looks_seeded_is_that_variant(monkeypatch):
+    monkeypatch.setitem(REGISTRY, "mix-seed2", REGISTRY["mha"])
+    assert parse_entry("mix-seed2") == ("mix-seed2", None)
+    assert parse_entry("mix-seed2-seed3") == ("mix-seed2", 3)

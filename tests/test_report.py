@@ -122,7 +122,7 @@ def test_report_from_fixture_metrics(tmp_path, monkeypatch):
     # la is better and faster in training; at the largest T only la was timed (mha ran out of memory there).
     assert "- Training tok/s (T = 32): **la**, the best in test bpb and the fastest of the variants timed, so ahead of every other one.\n" in text, text
     assert "- Attention-layer tok/s at T = 512: only **la** was timed there; not timed: mha.\n" in text, text
-    assert "Each row is one training run (`train.seed`: 3; a params entry `<variant>-seed<N>` trains its variant again with seed N)" in text, text
+    assert "Each row is one training run (`train.seed`: 3; a params entry `<variant>-seed<N>` trains its variant with seed N)" in text, text
     assert result["pareto_front"] == {"train": ["la"], "attention": ["la"]}
     unigram, bigram, _ = ngram_bpb(tmp_path / "prepared", 2)
     assert f"unigram **{unigram:.3f} bpb**, bigram **{bigram:.3f} bpb**" in text
@@ -375,8 +375,12 @@ def test_seed_spread_gives_each_seeded_variants_range_and_which_ranges_lie_apart
     assert spread({"mha": 2.385, "mha-seed1": 2.391, "ca": 2.426, "ca-seed1": 2.4304, "la": 2.5}) == (
         "Test bpb over seeds: **mha** 2.385 to 2.391 over 2 seeds, **ca** 2.426 to 2.430 over 2 seeds; apart in every "
         "seed: mha ahead of ca.")
-    # Ranges that meet as printed (2.390 both) overlap; a variant whose only entries are seeded ones is grouped too;
-    # a third variant ahead of the others is named pair by pair.
+    # Ranges apart in the raw figures but meeting as printed (2.390 both) overlap; a variant whose only entries are
+    # seeded ones is grouped too; three seeds are counted as three.
+    assert spread({"ca": 2.3901, "ca-seed1": 2.37, "mha-seed1": 2.3904, "mha-seed2": 2.41, "mha-seed3": 2.40}) == (
+        "Test bpb over seeds: **ca** 2.370 to 2.390 over 2 seeds, **mha** 2.390 to 2.410 over 3 seeds; not told apart by "
+        "their seeds: ca and mha.")
+    # A third variant ahead of the others is named pair by pair.
     assert spread({"ca": 2.3904, "ca-seed1": 2.37, "mha-seed1": 2.3896, "mha-seed2": 2.41, "la-seed3": 2.2, "la-seed4": 2.21}) == (
         "Test bpb over seeds: **ca** 2.370 to 2.390 over 2 seeds, **mha** 2.390 to 2.410 over 2 seeds, **la** 2.200 to "
         "2.210 over 2 seeds; apart in every seed: la ahead of ca; la ahead of mha, and not told apart by their seeds: "
@@ -399,9 +403,12 @@ def test_a_page_with_seeded_entries_gives_their_spread_and_their_seeds(tmp_path,
     text = (tmp_path / "out" / "comparison.md").read_text()
     _, table = markdown_rows(text, "| variant | params (M)")
     assert list(table) == ["mha", "lca", "lca-seed7"]
-    assert ("Test bpb over seeds: **lca** 3.100 to 3.205 over 2 seeds. This page does not measure the spread of the "
-            "training speeds; the attention layers' speeds") in text, text
-    assert "seeds' spread" not in text
+    assert ("Test bpb over seeds: **lca** 3.100 to 3.205 over 2 seeds. The other variant (mha) is one run: this page does "
+            "not measure its seeds' spread, nor that of the training speeds; the attention layers' speeds") in text, text
+    # The best variant and the fronts compare lca by its runs' mean (3.1525, and 2000 tok/s in training), never one of
+    # its runs against the other.
+    assert "Best variant: **mha** at 2.750 bpb (a variant with several runs: their mean, here and on the fronts)." in text, text
+    assert "- Training tok/s (T = 32): **mha, lca**.\n" in text, text
     assert "scored as they trained (noise from the training seed of each run," in text, text
 
 

@@ -84,20 +84,25 @@ def test_train_writes_its_outputs_and_learns(tiny, tmp_path):
     assert summary["tokens"] == 12 * 4 * 32
 
 
-def test_a_seeded_entry_trains_as_its_variant_would_with_that_train_seed(tiny, tmp_path):
-    """mha-seed5 in a file whose train.seed is 0 gives the weights mha gives with train.seed 5 (initialisation and
-    batches both follow the seed), and not those of mha with seed 0; train.json and the resume key carry its seed."""
-    params, prepared = tiny({"variants": {"mha": {}, "mha-seed5": {}}})
-    train_mod.train(params, "mha", prepared, tmp_path / "mha")
-    train_mod.train(params, "mha-seed5", prepared, tmp_path / "mha-seed5")
-    seed5, _ = tiny({"train": {"seed": 5}, "variants": {"mha": {}}})
-    train_mod.train(seed5, "mha", prepared, tmp_path / "mha5")
-    same = [torch.equal(a, b) for a, b in zip(weights(tmp_path / "mha-seed5" / "model.pt").values(), weights(tmp_path / "mha5" / "model.pt").values())]
-    assert all(same) and len(same) > 0
-    assert not torch.equal(*(weights(tmp_path / v / "model.pt")["tok_emb.weight"] for v in ("mha", "mha-seed5")))
+def test_a_seeded_entry_trains_and_scores_as_its_variant_would_with_that_train_seed(tiny, tmp_path):
+    """lca-seed5 in a file whose train.seed is 0 gives the weights lca gives with train.seed 5 (initialisation,
+    batches and the Gumbel noise all follow the seed), and not those of lca with seed 0; its sampled-routing score
+    is drawn with that seed too; train.json and the resume key carry its seed."""
+    params, prepared = tiny({"variants": {"lca": {}, "lca-seed5": {}}})
+    seed5, _ = tiny({"train": {"seed": 5}, "variants": {"lca": {}}})
+    runs = {"lca": (params, "lca"), "lca-seed5": (params, "lca-seed5"), "lca with seed 5": (seed5, "lca")}
+    scores = {}
+    for name, (run_params, entry) in runs.items():
+        train_mod.train(run_params, entry, prepared, tmp_path / name)
+        scores[name] = {k: v for k, v in evaluate(run_params, entry, prepared, tmp_path / name / "model.pt").items() if k.startswith("test_bpb")}
+    trained = {name: weights(tmp_path / name / "model.pt") for name in runs}
+    assert trained["lca-seed5"].keys() == trained["lca with seed 5"].keys()
+    assert all(torch.equal(trained["lca-seed5"][k], trained["lca with seed 5"][k]) for k in trained["lca-seed5"])
+    assert not torch.equal(trained["lca"]["tok_emb.weight"], trained["lca-seed5"]["tok_emb.weight"])
+    assert scores["lca-seed5"] == scores["lca with seed 5"] != scores["lca"], scores
     manifest = read_json(prepared / "manifest.json")
-    assert train_mod.fingerprint(params, "mha-seed5", manifest) == train_mod.fingerprint(seed5, "mha", manifest)
-    assert {k: read_json(tmp_path / "mha-seed5" / "train.json")[k] for k in ("variant", "seed")} == {"variant": "mha-seed5", "seed": 5}
+    assert train_mod.fingerprint(params, "lca-seed5", manifest) == train_mod.fingerprint(seed5, "lca", manifest)
+    assert {k: read_json(tmp_path / "lca-seed5" / "train.json")[k] for k in ("variant", "seed")} == {"variant": "lca-seed5", "seed": 5}
 
 
 def test_resume_after_interruption_equals_uninterrupted_run(tiny, tmp_path, monkeypatch):

@@ -300,14 +300,16 @@ def test_importing_the_model_leaves_flex_attention_unimported():
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_profile_measures_the_same_memory_on_every_run(variant, tmp_path):
     """The profile stage's memory is the bytes saved for the backward, which for lca and sca depend on their random
-    clusters: two runs of one params file give the same bytes at every point (the profile's seed)."""
+    clusters: two runs of one params file give the same bytes at every point (the profile's seed), the second of an
+    entry that trains the variant with another seed (its profile is the variant's)."""
     from attnbench import profile as profile_mod
     from tests.tiny import write_params
 
-    _, params = write_params(tmp_path, {"profile": {"seq_lens": [16, 256], "tokens_per_step": 512}, "variants": {variant: {}}})
+    entries = [variant, f"{variant}-seed1"]
+    _, params = write_params(tmp_path, {"profile": {"seq_lens": [16, 256], "tokens_per_step": 512}, "variants": dict.fromkeys(entries, {})})
     runs = []
-    for _ in range(2):
-        rows, _ = profile_mod.profile(params, variant)
+    for entry in entries:
+        rows, _ = profile_mod.profile(params, entry)
         runs.append([(r["scope"], r["T"], r["memory_bytes"]) for r in rows])
     assert runs[0] == runs[1]
 

@@ -19,6 +19,7 @@ from .model import ModelConfig
 from .variants import REGISTRY, NoBooleanNumbers, PositiveAutoInt, VariantOptions, parse_entry
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+SEED_LIMIT = 2**63  # torch.manual_seed takes less
 
 
 def _positive_increasing(v: list[int]) -> list[int]:
@@ -114,7 +115,8 @@ class TrainConfig(Strict):
     beta1: float = Field(0.9, gt=0, lt=1)
     beta2: float = Field(0.95, gt=0, lt=1)
     grad_clip: float = Field(1.0, gt=0)
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=SEED_LIMIT, description="of the weights, the batches and the noise; an entry `<variant>-seed<N>` "
+                      "of `variants` trains with N instead")
     eval_every: int = Field(50, gt=0)
     eval_batches: int = Field(8, gt=0)
     checkpoint_every: int = Field(100, gt=0)
@@ -232,6 +234,28 @@ class Params(Strict):
                 raise _VariantOptionsError(_first_error(err, prefix=f"variants.{name}.")) from None
         return parsed
 
+    @model_validator(mode="after")
+    def _entries_of_a_variant_differ_in_their_seed_only(self):
+        """So that the report's spread over a variant's entries is its seeds' spread."""
+        seen: dict[str, dict[int, str]] = {}  # variant -> {seed: entry}
+        for entry, options in self.variants.items():
+            variant, seed = parse_entry(entry)
+            seed = self.train.seed if seed is None else seed
+            if seed >= SEED_LIMIT:
+                raise ValueError(f"variants.{entry}: seed {seed} is too large; allowed: 0 to 2**63 - 1")
+            if not (same := seen.setdefault(variant, {})):
+                same[seed] = entry
+                continue
+            first = next(iter(same.values()))
+            if options != self.variants[first]:
+                raise ValueError(f"variants.{entry}: options {options.model_dump()} differ from {first}'s {self.variants[first].model_dump()}; "
+                                 "the entries of one variant differ in their seed only (copy its options)")
+            if seed in same:
+                raise ValueError(f"variants.{entry}: seed {seed} is {same[seed]}'s too (train.seed: {self.train.seed}); the entries "
+                                 "of one variant need seeds of their own")
+            same[seed] = entry
+        return self
+
     @property
     def results_dir(self) -> Path:
         return Path("results") / self.run.name
@@ -247,7 +271,7 @@ class Params(Strict):
         """The train section as `entry` trains: with its own seed for `<variant>-seed<N>`."""
         self.variant_options(entry)  # a clear error for an entry this file does not configure
         seed = parse_entry(entry)[1]
-        return self.train if seed is None else self.train.model_copy(update={"seed": seed})
+        return self.train if seed is None else TrainConfig.model_validate(self.train.model_dump() | {"seed": seed})
 
     def benchmark_with(self, overrides: dict[str, Any]) -> BenchmarkConfig:
         """The benchmark section with the command line's values in place of the file's, validated as the file is."""

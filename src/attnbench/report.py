@@ -126,6 +126,13 @@ def collect(variants_dir: Path, summaries: dict[str, dict]) -> tuple[pd.DataFram
     return pd.DataFrame(summary), pd.concat(curves, ignore_index=True), pd.concat(profiles, ignore_index=True)
 
 
+def by_variant(summary: pd.DataFrame) -> pd.DataFrame:
+    """One row per variant, what the best variant and the fronts compare: a variant with several runs (params entries
+    `<variant>-seed<N>`) by the means of their test bpb and speeds, so that no run is ranked against its own seeds."""
+    runs = summary.set_index(summary["variant"].map(lambda v: parse_entry(v)[0]).rename("kind"))
+    return runs[["test bpb", "train tok/s", "attn tok/s @ max T"]].groupby(level="kind", sort=False).mean().rename_axis("variant").reset_index()
+
+
 def routing_summary(summaries: dict[str, dict]) -> pd.DataFrame:
     """For the variants that route by sampling in training (eval.json has test_bpb_sampled): test bpb and cluster
     sizes with the spec's argmax routing and with training's sampled routing."""
@@ -164,8 +171,8 @@ def learning_curves_figure(curves: pd.DataFrame, path: Path, title: str) -> None
     _save(fig, path)
 
 
-def figures(summary: pd.DataFrame, curves: pd.DataFrame, profiles: pd.DataFrame, front: list[str], out_dir: Path) -> list[Path]:
-    """The four figures; `front`: the variants on the Pareto front of test bpb against training tok/s."""
+def figures(summary: pd.DataFrame, curves: pd.DataFrame, profiles: pd.DataFrame, front: pd.DataFrame, out_dir: Path) -> list[Path]:
+    """The four figures; `front`: the points (by_variant's rows) on the Pareto front of test bpb against training tok/s."""
     sns.set_theme(style="whitegrid", context="notebook")
     paths = {name: out_dir / "figures" / f"{name}.png" for name in FIGURES}
 
@@ -175,7 +182,7 @@ def figures(summary: pd.DataFrame, curves: pd.DataFrame, profiles: pd.DataFrame,
     # A legend, not labels beside the points: variants of nearly equal speed and bpb would print their names over each other.
     sns.scatterplot(summary, x="train tok/s", y="test bpb", hue="variant", style="variant", s=80, ax=ax)
     if len(front) > 1:  # along the front, faster means worse bpb: a line from the best bpb to the fastest
-        on_front = summary.set_index("variant").loc[front].sort_values("train tok/s")
+        on_front = front.sort_values("train tok/s")
         ax.plot(on_front["train tok/s"], on_front["test bpb"], color="0.6", linestyle="--", zorder=0, label="Pareto front")
     ax.set(xlabel="training tokens/s", ylabel="test bits/byte (lower is better)", title=FIGURES["bpb_vs_throughput"])
     legend_beside(ax)
@@ -268,6 +275,21 @@ def seed_spread(summary: pd.DataFrame) -> str | None:
     return f"Test bpb over seeds: {', '.join(spans)}" + (f"; {', and '.join(verdicts)}" if verdicts else "") + "."
 
 
+def seeds_measured(summary: pd.DataFrame) -> str:
+    """What the page measured of the seeds' spread (seed_spread), and of which variants it did not, up to the clause
+    on the speeds that follows."""
+    spread = seed_spread(summary)
+    if spread is None:
+        return "This page does not measure the seeds' spread, nor that of the training speeds; "
+    kinds = summary["variant"].map(lambda v: parse_entry(v)[0])
+    single = [v for v in kinds[~kinds.duplicated(keep=False)]]
+    if not single:
+        return f"{spread} This page does not measure the spread of the training speeds; "
+    return (f"{spread} {'The other variants' if len(single) > 1 else 'The other variant'} ({', '.join(single)}) "
+            f"{'are one run each' if len(single) > 1 else 'is one run'}: this page does not measure "
+            f"{'their' if len(single) > 1 else 'its'} seeds' spread, nor that of the training speeds; ")
+
+
 def spoken_list(names: list[str]) -> str:
     """a; a and b; a, b and c."""
     return " and ".join([", ".join(names[:-1]), names[-1]] if len(names) > 1 else names)
@@ -346,13 +368,15 @@ def report(params: Params, variants_dir: Path, data_dir: Path, out_dir: Path, su
     off = off_spec(dict(zip(summary["variant"], summary["time exp (attn)"])), dict(zip(summary["variant"], summary["spec exp"])))
     agreement = (f"which these attention time exponents miss by more than {SPEC_EXPONENT_TOLERANCE:g}: {'; '.join(off)}" if off
                  else f"which every fitted attention time exponent here meets within {SPEC_EXPONENT_TOLERANCE:g}")
-    bpb = printed_bpb(summary)
-    best = summary[bpb == bpb.min()]  # all that tie as printed, so the page never calls a variant it ranks equal worse
+    variant_means = by_variant(summary)
+    several_runs = len(variant_means) < len(summary)
+    bpb = printed_bpb(variant_means)
+    best = variant_means[bpb == bpb.min()]  # all that tie as printed, so the page never calls a variant it ranks equal worse
     costs = {"train": ("train tok/s", f"Training tok/s (T = {params.model.seq_len})"),
              "attention": ("attn tok/s @ max T", f"Attention-layer tok/s at T = {profiles['T'].max()}")}
-    fronts = {key: pareto_front(summary, column) for key, (column, _) in costs.items()}
+    fronts = {key: pareto_front(variant_means, column) for key, (column, _) in costs.items()}
     on_front = {key: [v for v, by in dominators.items() if not by] for key, dominators in fronts.items()}
-    figure_paths = figures(summary, curves, profiles, on_front["train"], out_dir)
+    figure_paths = figures(summary, curves, profiles, variant_means.set_index("variant").loc[on_front["train"]], out_dir)
     m, t = params.model, params.train
     manifest = read_json(Path(data_dir) / MANIFEST)
     devices = sorted({outputs["train"]["device"] for outputs in summaries.values()})
@@ -372,7 +396,8 @@ def report(params: Params, variants_dir: Path, data_dir: Path, out_dir: Path, su
         "Byte models of this corpus from counts (on the train split, scored on the test split; the unigram add-one "
         "smoothed, the longer ones Witten-Bell interpolated): "
         + ", ".join(f"{name} **{SUMMARY_FORMATS['test bpb'].format(value)} bpb**" for name, value in baselines.items()) + ". "
-        f"Best variant{'s' if len(best) > 1 else ''}: **{', '.join(best['variant'])}** at {bpb.min():.3f} bpb. "
+        f"Best variant{'s' if len(best) > 1 else ''}: **{', '.join(best['variant'])}** at {bpb.min():.3f} bpb"
+        + (" (a variant with several runs: their mean, here and on the fronts). " if several_runs else ". ")
         + ngram_verdict(summary, baselines)
         + (f" Test bpb predicts {' to '.join(f'{n:,}' for n in scored)} of the test split's {test_bytes:,} bytes "
            "(evaluate.max_tokens: evenly spaced windows)." if scored[0] < test_bytes - 1 else ""),
@@ -381,13 +406,12 @@ def report(params: Params, variants_dir: Path, data_dir: Path, out_dir: Path, su
         f"bpb, as printed, and in speed, and better in one; the bpb is the model's at T = {m.seq_len}, the speeds each "
         "at its own T, with the variant's auto options resolved there):",
         "",
-        *(front_line(fronts[key], label, variants) for key, (_, label) in costs.items()),
+        *(front_line(fronts[key], label, list(variant_means["variant"])) for key, (_, label) in costs.items()),
         "",
         f"Each row is one training run (`train.seed`: {t.seed}; a params entry `<variant>-seed<N>` trains its variant "
-        "again with seed N), timed in one process: a front decided by a difference smaller than another seed or another "
+        "with seed N), timed in one process: a front decided by a difference smaller than another seed or another "
         "process would make is no evidence for one variant over another. "
-        + (f"{seeds} This page does not measure the spread of the training speeds; " if (seeds := seed_spread(summary))
-           else "This page does not measure the seeds' spread, nor that of the training speeds; ")
+        + seeds_measured(summary)
         + (f"{spread}." if (spread := reference_spread(profiles)) else "nor that of the attention speeds (it needs two profiles with the reference at the largest T)."),
         "",
         markdown_table(summary, SUMMARY_FORMATS),

@@ -17,7 +17,7 @@ rule benchmark:
     params:
         model=section("model"),
         benchmark=section("benchmark"),
-        variants=section("variants"),
+        variants=section("variants", exclude=SEEDED_ENTRIES),
         device=section("train", "device"),
     shell:
         f"{stage('benchmark')} --out {BENCHMARKS} {TO_LOG}"

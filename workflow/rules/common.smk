@@ -8,6 +8,7 @@ from snakemake.exceptions import WorkflowError
 from attnbench.config import ConfigError, load_params
 from attnbench.gpu_slots import visible_gpus
 from attnbench.sources import stage_sources, variant_sources
+from attnbench.variants import parse_entry
 
 # Presets are complete params files: the last --configfile wins whole (Snakemake's own
 # config merge would union the variant lists). Validated before any job starts.
@@ -31,6 +32,8 @@ except ConfigError as err:
     sys.exit(f"attnbench: error: {err}")
 RESULTS = str(PARAMS.results_dir)
 VARIANTS = list(PARAMS.variants)
+# Entries <variant>-seed<N>: their variant trained with another seed, which the benchmark does not time again.
+SEEDED_ENTRIES = [v for v in VARIANTS if parse_entry(v)[1] is not None]
 LOGS = f"logs/{PARAMS.run.name}"
 CLI = f"python -m attnbench {{stage}} --params {shlex.quote(PARAMS_FILE)}"
 

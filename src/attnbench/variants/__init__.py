@@ -25,6 +25,8 @@ SEEDED_ENTRY = re.compile(r"(?P<variant>.+)-seed(?P<seed>0|[1-9][0-9]*)")
 def parse_entry(name: str) -> tuple[str, int | None]:
     """The registered variant a params entry runs and its own training seed (None: train.seed); a ValueError naming
     what is allowed for a name that is neither a variant nor `<variant>-seed<N>`."""
+    if name in REGISTRY:
+        return name, None
     seeded = SEEDED_ENTRY.fullmatch(name)
     variant, seed = (seeded["variant"], int(seeded["seed"])) if seeded else (name, None)
     if variant not in REGISTRY:
