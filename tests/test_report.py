@@ -398,11 +398,18 @@ def test_a_page_with_seeded_entries_gives_their_spread_and_their_seeds(tmp_path,
             "variant": entry, "test_bpb": bpb, "test_tokens": 999, "test_bpb_sampled": 3.0,
             "routing": {mode: {"max_cluster_frac": 0.1, "empty_clusters": 1.0} for mode in ("argmax", "sampled")}})
 
+    drawn = {}  # the throughput figure's points, by legend label
+    real_legend_beside = report_mod.legend_beside
+    monkeypatch.setattr(report_mod, "legend_beside", lambda ax: real_legend_beside(ax) or drawn.update(
+        {ax.get_title(): [t.get_text() for t in ax.get_legend().get_texts()]}))
+
     report(params, tmp_path / "variants", tmp_path / "prepared", tmp_path / "out")
 
     text = (tmp_path / "out" / "comparison.md").read_text()
     _, table = markdown_rows(text, "| variant | params (M)")
     assert list(table) == ["mha", "lca", "lca-seed7"]
+    # Each run a point; lca's mean, which the front runs through, one more.
+    assert drawn[FIGURES["bpb_vs_throughput"]] == ["mha", "lca", "lca-seed7", "mean of a variant's runs", "Pareto front"], drawn
     assert ("Test bpb over seeds: **lca** 3.100 to 3.205 over 2 seeds. The other variant (mha) is one run: this page does "
             "not measure its seeds' spread, nor that of the training speeds; the attention layers' speeds") in text, text
     # The best variant and the fronts compare lca by its runs' mean (3.1525, and 2000 tok/s in training), never one of

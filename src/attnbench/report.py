@@ -171,8 +171,10 @@ def learning_curves_figure(curves: pd.DataFrame, path: Path, title: str) -> None
     _save(fig, path)
 
 
-def figures(summary: pd.DataFrame, curves: pd.DataFrame, profiles: pd.DataFrame, front: pd.DataFrame, out_dir: Path) -> list[Path]:
-    """The four figures; `front`: the points (by_variant's rows) on the Pareto front of test bpb against training tok/s."""
+def figures(summary: pd.DataFrame, curves: pd.DataFrame, profiles: pd.DataFrame, variant_means: pd.DataFrame, front: list[str],
+            out_dir: Path) -> list[Path]:
+    """The four figures; `variant_means`: by_variant's rows, `front`: those on the Pareto front of test bpb against
+    training tok/s."""
     sns.set_theme(style="whitegrid", context="notebook")
     paths = {name: out_dir / "figures" / f"{name}.png" for name in FIGURES}
 
@@ -181,8 +183,13 @@ def figures(summary: pd.DataFrame, curves: pd.DataFrame, profiles: pd.DataFrame,
     fig, ax = plt.subplots(figsize=(6.5, 4))
     # A legend, not labels beside the points: variants of nearly equal speed and bpb would print their names over each other.
     sns.scatterplot(summary, x="train tok/s", y="test bpb", hue="variant", style="variant", s=80, ax=ax)
+    means = variant_means.set_index("variant")
+    runs = summary["variant"].map(lambda v: parse_entry(v)[0]).value_counts()
+    several = means.loc[[v for v in means.index if runs[v] > 1]]  # variants with seed entries
+    if len(several):  # the points the best variant and the fronts compare them by
+        ax.scatter(several["train tok/s"], several["test bpb"], s=140, facecolors="none", edgecolors="0.2", label="mean of a variant's runs")
     if len(front) > 1:  # along the front, faster means worse bpb: a line from the best bpb to the fastest
-        on_front = front.sort_values("train tok/s")
+        on_front = means.loc[front].sort_values("train tok/s")
         ax.plot(on_front["train tok/s"], on_front["test bpb"], color="0.6", linestyle="--", zorder=0, label="Pareto front")
     ax.set(xlabel="training tokens/s", ylabel="test bits/byte (lower is better)", title=FIGURES["bpb_vs_throughput"])
     legend_beside(ax)
@@ -376,7 +383,7 @@ def report(params: Params, variants_dir: Path, data_dir: Path, out_dir: Path, su
              "attention": ("attn tok/s @ max T", f"Attention-layer tok/s at T = {profiles['T'].max()}")}
     fronts = {key: pareto_front(variant_means, column) for key, (column, _) in costs.items()}
     on_front = {key: [v for v, by in dominators.items() if not by] for key, dominators in fronts.items()}
-    figure_paths = figures(summary, curves, profiles, variant_means.set_index("variant").loc[on_front["train"]], out_dir)
+    figure_paths = figures(summary, curves, profiles, variant_means, on_front["train"], out_dir)
     m, t = params.model, params.train
     manifest = read_json(Path(data_dir) / MANIFEST)
     devices = sorted({outputs["train"]["device"] for outputs in summaries.values()})
