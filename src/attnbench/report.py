@@ -126,10 +126,15 @@ def collect(variants_dir: Path, summaries: dict[str, dict]) -> tuple[pd.DataFram
     return pd.DataFrame(summary), pd.concat(curves, ignore_index=True), pd.concat(profiles, ignore_index=True)
 
 
+def variant_of(summary: pd.DataFrame) -> pd.Series:
+    """Each row's variant: `mha` for the params entries `mha` and `mha-seed1` alike."""
+    return summary["variant"].map(lambda entry: parse_entry(entry)[0])
+
+
 def by_variant(summary: pd.DataFrame) -> pd.DataFrame:
     """One row per variant, what the best variant and the fronts compare: a variant with several runs (params entries
     `<variant>-seed<N>`) by the means of their test bpb and speeds, so that no run is ranked against its own seeds."""
-    runs = summary.set_index(summary["variant"].map(lambda v: parse_entry(v)[0]).rename("kind"))
+    runs = summary.set_index(variant_of(summary).rename("kind"))
     return runs[["test bpb", "train tok/s", "attn tok/s @ max T"]].groupby(level="kind", sort=False).mean().rename_axis("variant").reset_index()
 
 
@@ -184,7 +189,7 @@ def figures(summary: pd.DataFrame, curves: pd.DataFrame, profiles: pd.DataFrame,
     # A legend, not labels beside the points: variants of nearly equal speed and bpb would print their names over each other.
     sns.scatterplot(summary, x="train tok/s", y="test bpb", hue="variant", style="variant", s=80, ax=ax)
     means = variant_means.set_index("variant")
-    runs = summary["variant"].map(lambda v: parse_entry(v)[0]).value_counts()
+    runs = variant_of(summary).value_counts()
     several = means.loc[[v for v in means.index if runs[v] > 1]]  # variants with seed entries
     if len(several):  # the points the best variant and the fronts compare them by
         ax.scatter(several["train tok/s"], several["test bpb"], s=140, facecolors="none", edgecolors="0.2", label="mean of a variant's runs")
@@ -264,7 +269,7 @@ def seed_spread(summary: pd.DataFrame) -> str | None:
     """The variants trained with several seeds (params entries `<variant>-seed<N>` beside `<variant>`): each one's
     printed test bpb over its seeds, and whether two such variants' ranges lie apart (one ahead in every seed) or
     overlap (no evidence for either). None where no variant has two runs."""
-    runs = summary.assign(kind=summary["variant"].map(lambda v: parse_entry(v)[0]), bpb=printed_bpb(summary))
+    runs = summary.assign(kind=variant_of(summary), bpb=printed_bpb(summary))
     ranges = {kind: (group["bpb"].min(), group["bpb"].max(), len(group)) for kind, group in runs.groupby("kind", sort=False) if len(group) > 1}
     if not ranges:
         return None
@@ -288,8 +293,8 @@ def seeds_measured(summary: pd.DataFrame) -> str:
     spread = seed_spread(summary)
     if spread is None:
         return "This page does not measure the seeds' spread, nor that of the training speeds; "
-    kinds = summary["variant"].map(lambda v: parse_entry(v)[0])
-    single = [v for v in kinds[~kinds.duplicated(keep=False)]]
+    kinds = variant_of(summary)
+    single = list(kinds[~kinds.duplicated(keep=False)])
     if not single:
         return f"{spread} This page does not measure the spread of the training speeds; "
     return (f"{spread} {'The other variants' if len(single) > 1 else 'The other variant'} ({', '.join(single)}) "
