@@ -209,11 +209,11 @@ def test_an_entry_with_its_own_seed_is_not_benchmarked_again():
     from attnbench.benchmark import benchmarked
     from attnbench.config import ConfigError
 
-    params = parse_params({"variants": {"mha": {}, "mha-seed1": {}, "la-seed2": {}}})
-    assert benchmarked(params, None) == ["mha"]
+    params = parse_params({"variants": {"mha": {}, "mha-seed1": {}, "la": {}, "la-seed2": {}}})
+    assert benchmarked(params, None) == ["mha", "la"]
     assert benchmarked(params, ["sdpa", "mha"]) == ["mha"]
     with pytest.raises(ConfigError, match=r"unknown 'mha-seed1' \(not a reference row nor one of the params file's variants without a "
-                                          r"seed of its own\); allowed: sdpa, sdpa-flash, mha$"):
+                                          r"seed of its own\); allowed: sdpa, sdpa-flash, mha, la$"):
         benchmarked(params, ["mha-seed1"])
 
 

@@ -128,7 +128,9 @@ BAD = [
     ("entry-name-with-a-space", "variants", {"la-seed2": {}, "la-seed2 ": {}}, ["'la-seed2 '", "<variant>-seed<N>"]),
     ("seeded-entry-other-options", "variants", {"ca": {"block": 8}, "ca-seed1": {}}, [
         "variants.ca-seed1: options {'block': 'auto', 'lookback': 'auto'} differ from ca's {'block': 8, 'lookback': 'auto'}", "copy its options"]),
-    ("seed-too-large", "variants", {"mha-seed9223372036854775808": {}}, ["variants.mha-seed9223372036854775808: seed 9223372036854775808 is too large; allowed: 0 to 2**63 - 1"]),
+    ("seeded-entry-without-its-variant", "variants", {"mha": {}, "la-seed2": {}}, [
+        "variants.la-seed2: trains la with another seed, but la is not in variants; add it, with the same options"]),
+    ("seed-too-large", "variants", {"mha": {}, "mha-seed9223372036854775808": {}}, ["variants.mha-seed9223372036854775808: seed 9223372036854775808 is too large; allowed: 0 to 2**63 - 1"]),
     ("train-seed-negative", "train.seed", -1, ["train.seed = -1", "greater than or equal to 0"]),
     ("seeded-variant-option", "variants", {"ca-seed1": {"blok": 1}}, ["variants.ca-seed1.blok: unknown key (did you mean 'block'?); allowed: block, lookback"]),
     ("no-variants", "variants", {}, ["variants", "must map variant names"]),
@@ -304,11 +306,11 @@ def test_dump_keeps_each_variants_own_options():
 def test_a_seeded_entry_is_its_variant_trained_with_its_own_seed(base):
     """`<variant>-seed<N>` is another entry of `variants`, so both front ends run it as they run any: the same model
     and options as its variant (its own copy of them), train.seed N in training and in what training logs."""
-    params = parse_params(mutate(mutate(base, "train.seed", 3), "variants", {"ca": {"block": 8}, "ca-seed0": {"block": 8}, "mha-seed12": {}}))
+    params = parse_params(mutate(mutate(base, "train.seed", 3), "variants", {"ca": {"block": 8}, "ca-seed0": {"block": 8}, "mha": {}, "mha-seed12": {}}))
     assert parse_entry("ca") == ("ca", None) and parse_entry("ca-seed0") == ("ca", 0) and parse_entry("mha-seed12") == ("mha", 12)
     assert params.model_for("ca-seed0").variant == "ca" and params.model_for("ca-seed0").variant_options["block"] == 8
     assert params.model_for("mha-seed12").variant == "mha"
-    assert [params.train_for(v).seed for v in params.variants] == [3, 0, 12]
+    assert [params.train_for(v).seed for v in params.variants] == [3, 0, 3, 12]
     assert params.train_for("mha-seed12").model_dump() == params.train.model_dump() | {"seed": 12}
     assert params.logged("mha-seed12", "train", "evaluate")["train"]["seed"] == 12
     assert params.logged("ca", "train")["train"]["seed"] == 3

@@ -387,35 +387,69 @@ def test_seed_spread_gives_each_seeded_variants_range_and_which_ranges_lie_apart
         "ca and mha.")
 
 
-def test_a_page_with_seeded_entries_gives_their_spread_and_their_seeds(tmp_path, monkeypatch):
-    """Each entry is a row of its own; the spread replaces the sentence that says it is not measured; the sampled
-    routing of lca's two runs is seeded by each one's training seed."""
+def test_where_every_variant_has_seeds_the_page_names_no_single_run_and_its_widest_training_speed_gap():
+    from attnbench.report import noise_caveat
+
+    summary = pd.DataFrame({"variant": ["mha", "mha-seed1", "ca", "ca-seed1", "ca-seed2"], "test bpb": [2.4, 2.41, 2.5, 2.52, 2.51],
+                            "train tok/s": [100.0, 110.0, 200.0, 200.0, 190.0]})
+    profiles = pd.DataFrame(columns=["variant", "scope", "T", "tokens_per_s", "status"])
+    assert noise_caveat(summary, profiles) == (
+        "Test bpb over seeds: **mha** 2.400 to 2.410 over 2 seeds, **ca** 2.500 to 2.520 over 3 seeds; apart in every seed: mha "
+        "ahead of ca. The training speeds of one variant's runs, each in a process of its own, differ by up to 1.10x (mha: 100 "
+        "to 110 tok/s), a bar for the training speeds' differences. This page does not measure the spread of the attention "
+        "speeds (it needs two profiles with the reference at the largest T).")
+
+
+def test_by_variant_takes_a_variant_with_several_runs_by_their_means():
+    from attnbench.report import by_variant
+
+    summary = pd.DataFrame({"variant": ["ca", "mha", "ca-seed1", "ca-seed2"], "test bpb": [2.5, 2.4, 2.7, 2.9],
+                            "train tok/s": [100.0, 50.0, 200.0, 300.0], "attn tok/s @ max T": [1.0, 2.0, None, 3.0], "MFU %": None})
+    assert by_variant(summary).to_dict(orient="list") == {
+        "variant": ["ca", "mha"], "test bpb": [pytest.approx(2.7), 2.4], "train tok/s": [200.0, 50.0], "attn tok/s @ max T": [2.0, 2.0]}
+
+
+@pytest.mark.parametrize("bpbs", [(3.205, 3.1), (2.6, 2.8)], ids=["mha-best", "lca-best-by-its-mean"])
+def test_a_page_with_seeded_entries_gives_their_spread_and_their_seeds(tmp_path, monkeypatch, bpbs):
+    """Each entry is a row of its own; the spread replaces the sentence that says it is not measured; the best
+    variant, the fronts and the throughput figure's front take lca by its runs' mean; the sampled routing of lca's
+    two runs is seeded by each one's training seed."""
     params = prepared_params(tmp_path, monkeypatch, {"variants": {"la": None, "lca": {}, "lca-seed7": {}}})
-    write_variant(tmp_path / "variants" / "mha", "mha", *FIXTURE["mha"])
-    for entry, bpb in (("lca", 3.205), ("lca-seed7", 3.1)):
-        write_variant(tmp_path / "variants" / entry, entry, bpb, 2000.0, 1.0)
+    write_variant(tmp_path / "variants" / "mha", "mha", *FIXTURE["mha"])  # 2.75 bpb, 1000 tok/s
+    for entry, bpb, speed in (("lca", bpbs[0], 2000.0), ("lca-seed7", bpbs[1], 2500.0)):
+        write_variant(tmp_path / "variants" / entry, entry, bpb, speed, 1.0)
         write_json(tmp_path / "variants" / entry / "eval.json", {
             "variant": entry, "test_bpb": bpb, "test_tokens": 999, "test_bpb_sampled": 3.0,
             "routing": {mode: {"max_cluster_frac": 0.1, "empty_clusters": 1.0} for mode in ("argmax", "sampled")}})
+    lca_mean = sum(bpbs) / 2
 
-    drawn = {}  # the throughput figure's points, by legend label
+    drawn = {}  # the throughput figure's legend, lines drawn (seaborn adds empty ones for its legend) and last scatter
     real_legend_beside = report_mod.legend_beside
-    monkeypatch.setattr(report_mod, "legend_beside", lambda ax: real_legend_beside(ax) or drawn.update(
-        {ax.get_title(): [t.get_text() for t in ax.get_legend().get_texts()]}))
+    monkeypatch.setattr(report_mod, "legend_beside", lambda ax: real_legend_beside(ax) or drawn.setdefault(ax.get_title(), (
+        [t.get_text() for t in ax.get_legend().get_texts()], [xy for line in ax.lines if (xy := line.get_xydata().tolist())],
+        ax.collections[-1].get_offsets().tolist())))
 
     report(params, tmp_path / "variants", tmp_path / "prepared", tmp_path / "out")
 
     text = (tmp_path / "out" / "comparison.md").read_text()
-    _, table = markdown_rows(text, "| variant | params (M)")
+    header, table = markdown_rows(text, "| variant | params (M)")
     assert list(table) == ["mha", "lca", "lca-seed7"]
-    # Each run a point; lca's mean, which the front runs through, one more.
-    assert drawn[FIGURES["bpb_vs_throughput"]] == ["mha", "lca", "lca-seed7", "mean of a variant's runs", "Pareto front"], drawn
-    assert ("Test bpb over seeds: **lca** 3.100 to 3.205 over 2 seeds. The other variant (mha) is one run: this page does "
-            "not measure its seeds' spread, nor that of the training speeds; the attention layers' speeds") in text, text
-    # The best variant and the fronts compare lca by its runs' mean (3.1525, and 2000 tok/s in training), never one of
-    # its runs against the other.
-    assert "Best variant: **mha** at 2.750 bpb (a variant with several runs: their mean, here and on the fronts)." in text, text
-    assert "- Training tok/s (T = 32): **mha, lca**.\n" in text, text
+    assert table["lca-seed7"][header.index("spec exp")] == "1.5", "lca's spec exponent"
+    legend, lines, means = drawn[FIGURES["bpb_vs_throughput"]]
+    assert means == [[2250.0, pytest.approx(lca_mean)]], means
+    assert ("Test bpb over seeds: **lca** {:.3f} to {:.3f} over 2 seeds. The training speeds of one variant's runs, each in a "
+            "process of its own, differ by up to 1.25x (lca: 2,000 to 2,500 tok/s), a bar for the training speeds' differences. "
+            "The other variant (mha) is one run: this page does not measure its seeds' spread. The attention layers' speeds "
+            ).format(min(bpbs), max(bpbs)) in text, text
+    assert "; a variant with several runs by their means):" in text, text
+    if lca_mean > 2.75:  # mha best; lca faster: both on the training front, its line from mha to lca's mean
+        assert legend == ["mha", "lca", "lca-seed7", "mean of a variant's runs", "Pareto front"], legend
+        assert lines == [[[1000.0, 2.75], [2250.0, pytest.approx(lca_mean)]]], lines
+        assert "Best variant: **mha** at 2.750 bpb. " in text, text
+        assert "- Training tok/s (T = 32): **mha, lca**.\n" in text, text
+    else:  # lca's mean (2.700) beats mha, though one of its runs (2.800) does not
+        assert "Best variant: **lca** at 2.700 bpb (the mean of its runs). " in text, text
+        assert "- Training tok/s (T = 32): **lca**, the best in test bpb and the fastest" in text, text
     assert "scored as they trained (noise from the training seed of each run," in text, text
 
 
@@ -537,7 +571,7 @@ def test_report_of_a_subset_names_the_variants_left_out(tmp_path, monkeypatch):
     result = report(params, tmp_path / "variants", tmp_path / "prepared", tmp_path / "out", subset=["mha"])
 
     assert [r["variant"] for r in result["variants"]] == ["mha"]
-    assert "Not in this report: la, ca (of the params file's 3 variants)." in (tmp_path / "out" / "comparison.md").read_text()
+    assert "Not in this report: la, ca (of the params file's 3 entries)." in (tmp_path / "out" / "comparison.md").read_text()
     with pytest.raises(ConfigError, match="'cka' is not in this params file's variants; present: mha, la, ca"):
         report(params, tmp_path / "variants", tmp_path / "prepared", tmp_path / "out2", subset=["mha", "cka"])
 

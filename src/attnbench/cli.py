@@ -25,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help)
         p.add_argument("--params", default="params.yaml", type=Path, help="params file (default: params.yaml)")
         if variant:
-            p.add_argument("--variant", required=True, help="a variant named in the params file's `variants`")
+            p.add_argument("--variant", required=True, help="an entry of the params file's `variants`: a variant, or <variant>-seed<N>")
         return p
 
     stage("check", "validate the params file against the schema (every stage does so first; this does only that)")
@@ -78,7 +78,7 @@ def run(args: argparse.Namespace) -> None:
     results = params.results_dir
     prepared = results / "data" / "prepared"
     if args.stage == "check":
-        logging.info("%s: valid; run %s (results in %s), %d variants: %s", args.params, params.run.name, results,
+        logging.info("%s: valid; run %s (results in %s), %d entries of variants: %s", args.params, params.run.name, results,
                      len(params.variants), ", ".join(params.variants))
         # Not an error: a corpus already fetched needs no source, and only fetch reads it.
         if missing := data.missing_local_source(params.data):

@@ -19,7 +19,7 @@ from .model import ModelConfig
 from .variants import REGISTRY, NoBooleanNumbers, PositiveAutoInt, VariantOptions, parse_entry
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
-SEED_LIMIT = 2**63  # torch.manual_seed takes less
+SEED_LIMIT = 2**63  # a signed 64-bit integer: a bound every reader of a seed takes
 
 
 def _positive_increasing(v: list[int]) -> list[int]:
@@ -236,10 +236,14 @@ class Params(Strict):
 
     @model_validator(mode="after")
     def _entries_of_a_variant_differ_in_their_seed_only(self):
-        """So that the report's spread over a variant's entries is its seeds' spread."""
+        """So that the report's spread over a variant's entries is its seeds' spread, and the variant itself is one of
+        them (what the benchmark times)."""
         seen: dict[str, dict[int, str]] = {}  # variant -> {seed: entry}
         for entry, options in self.variants.items():
             variant, seed = parse_entry(entry)
+            if variant not in self.variants:
+                raise ValueError(f"variants.{entry}: trains {variant} with another seed, but {variant} is not in variants; add it, "
+                                 "with the same options")
             seed = self.train.seed if seed is None else seed
             if seed >= SEED_LIMIT:
                 raise ValueError(f"variants.{entry}: seed {seed} is too large; allowed: 0 to 2**63 - 1")

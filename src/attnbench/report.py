@@ -190,7 +190,7 @@ def figures(summary: pd.DataFrame, curves: pd.DataFrame, profiles: pd.DataFrame,
     sns.scatterplot(summary, x="train tok/s", y="test bpb", hue="variant", style="variant", s=80, ax=ax)
     means = variant_means.set_index("variant")
     runs = variant_of(summary).value_counts()
-    several = means.loc[[v for v in means.index if runs[v] > 1]]  # variants with seed entries
+    several = means.loc[runs.index[runs > 1]]  # variants with seed entries
     if len(several):  # the points the best variant and the fronts compare them by
         ax.scatter(several["train tok/s"], several["test bpb"], s=140, facecolors="none", edgecolors="0.2", label="mean of a variant's runs")
     if len(front) > 1:  # along the front, faster means worse bpb: a line from the best bpb to the fastest
@@ -287,19 +287,28 @@ def seed_spread(summary: pd.DataFrame) -> str | None:
     return f"Test bpb over seeds: {', '.join(spans)}" + (f"; {', and '.join(verdicts)}" if verdicts else "") + "."
 
 
-def seeds_measured(summary: pd.DataFrame) -> str:
-    """What the page measured of the seeds' spread (seed_spread), and of which variants it did not, up to the clause
-    on the speeds that follows."""
-    spread = seed_spread(summary)
-    if spread is None:
-        return "This page does not measure the seeds' spread, nor that of the training speeds; "
+def noise_caveat(summary: pd.DataFrame, profiles: pd.DataFrame) -> str:
+    """What the page measured of the noise its comparisons sit in, and what it did not: the seeds' spread
+    (seed_spread), the training speeds of one variant's runs, and the attention speeds (reference_spread)."""
+    attention = reference_spread(profiles)
+    seeds = seed_spread(summary)
+    if seeds is None:
+        return ("This page does not measure the seeds' spread, nor that of the training speeds; "
+                + (f"{attention}." if attention else "nor that of the attention speeds (it needs two profiles with the reference at the largest T)."))
     kinds = variant_of(summary)
+    speeds = summary["train tok/s"].groupby(kinds, sort=False).agg(["min", "max", "size"])[lambda d: d["size"] > 1]
+    widest = (speeds["max"] / speeds["min"]).idxmax()
+    low, high = speeds.loc[widest, "min"], speeds.loc[widest, "max"]
     single = list(kinds[~kinds.duplicated(keep=False)])
-    if not single:
-        return f"{spread} This page does not measure the spread of the training speeds; "
-    return (f"{spread} {'The other variants' if len(single) > 1 else 'The other variant'} ({', '.join(single)}) "
-            f"{'are one run each' if len(single) > 1 else 'is one run'}: this page does not measure "
-            f"{'their' if len(single) > 1 else 'its'} seeds' spread, nor that of the training speeds; ")
+    parts = [seeds, f"The training speeds of one variant's runs, each in a process of its own, differ by up to {high / low:.2f}x "
+                    f"({widest}: {low:,.0f} to {high:,.0f} tok/s), a bar for the training speeds' differences."]
+    if single:
+        parts.append(f"{'The other variants' if len(single) > 1 else 'The other variant'} ({', '.join(single)}) "
+                     f"{'are one run each' if len(single) > 1 else 'is one run'}: this page does not measure "
+                     f"{'their' if len(single) > 1 else 'its'} seeds' spread.")
+    parts.append(f"{attention[0].upper()}{attention[1:]}." if attention else
+                 "This page does not measure the spread of the attention speeds (it needs two profiles with the reference at the largest T).")
+    return " ".join(parts)
 
 
 def spoken_list(names: list[str]) -> str:
@@ -381,7 +390,7 @@ def report(params: Params, variants_dir: Path, data_dir: Path, out_dir: Path, su
     agreement = (f"which these attention time exponents miss by more than {SPEC_EXPONENT_TOLERANCE:g}: {'; '.join(off)}" if off
                  else f"which every fitted attention time exponent here meets within {SPEC_EXPONENT_TOLERANCE:g}")
     variant_means = by_variant(summary)
-    several_runs = len(variant_means) < len(summary)
+    runs = variant_of(summary).value_counts()
     bpb = printed_bpb(variant_means)
     best = variant_means[bpb == bpb.min()]  # all that tie as printed, so the page never calls a variant it ranks equal worse
     costs = {"train": ("train tok/s", f"Training tok/s (T = {params.model.seq_len})"),
@@ -409,26 +418,26 @@ def report(params: Params, variants_dir: Path, data_dir: Path, out_dir: Path, su
         "smoothed, the longer ones Witten-Bell interpolated): "
         + ", ".join(f"{name} **{SUMMARY_FORMATS['test bpb'].format(value)} bpb**" for name, value in baselines.items()) + ". "
         f"Best variant{'s' if len(best) > 1 else ''}: **{', '.join(best['variant'])}** at {bpb.min():.3f} bpb"
-        + (" (a variant with several runs: their mean, here and on the fronts). " if several_runs else ". ")
+        + (" (the mean of its runs). " if any(runs[v] > 1 for v in best["variant"]) else ". ")
         + ngram_verdict(summary, baselines)
         + (f" Test bpb predicts {' to '.join(f'{n:,}' for n in scored)} of the test split's {test_bytes:,} bytes "
            "(evaluate.max_tokens: evenly spaced windows)." if scored[0] < test_bytes - 1 else ""),
         "",
         "Quality for its cost, as Pareto fronts (a variant is off a front where another is at least as good in test "
         f"bpb, as printed, and in speed, and better in one; the bpb is the model's at T = {m.seq_len}, the speeds each "
-        "at its own T, with the variant's auto options resolved there):",
+        "at its own T, with the variant's auto options resolved there"
+        + ("; a variant with several runs by their means" if len(runs) < len(summary) else "") + "):",
         "",
         *(front_line(fronts[key], label, list(variant_means["variant"])) for key, (_, label) in costs.items()),
         "",
         f"Each row is one training run (`train.seed`: {t.seed}; a params entry `<variant>-seed<N>` trains its variant "
         "with seed N), timed in one process: a front decided by a difference smaller than another seed or another "
         "process would make is no evidence for one variant over another. "
-        + seeds_measured(summary)
-        + (f"{spread}." if (spread := reference_spread(profiles)) else "nor that of the attention speeds (it needs two profiles with the reference at the largest T)."),
+        + noise_caveat(summary, profiles),
         "",
         markdown_table(summary, SUMMARY_FORMATS),
         "",
-        *([f"Not in this report: {', '.join(left_out)} (of the params file's {len(params.variants)} variants).", ""] if left_out else []),
+        *([f"Not in this report: {', '.join(left_out)} (of the params file's {len(params.variants)} entries).", ""] if left_out else []),
         *([f"Profile points that did not run: {', '.join(failed)}.", ""] if failed else []),
         *([f"Profile points whose timed runs (`profile.repeats`: {params.profile.repeats}) spread over "
            f"{100 * NOISY_SPREAD:.0f}% about their median (median absolute deviation: another load on the machine, or "
