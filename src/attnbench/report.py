@@ -295,11 +295,11 @@ def noise_caveat(summary: pd.DataFrame, profiles: pd.DataFrame) -> str:
     if seeds is None:
         return ("This page does not measure the seeds' spread, nor that of the training speeds; "
                 + (f"{attention}." if attention else "nor that of the attention speeds (it needs two profiles with the reference at the largest T)."))
-    kinds = variant_of(summary)
-    speeds = summary["train tok/s"].groupby(kinds, sort=False).agg(["min", "max", "size"])[lambda d: d["size"] > 1]
+    speeds = summary["train tok/s"].groupby(variant_of(summary), sort=False).agg(["min", "max", "size"])
+    single = list(speeds.index[speeds["size"] == 1])
+    speeds = speeds[speeds["size"] > 1]
     widest = (speeds["max"] / speeds["min"]).idxmax()
     low, high = speeds.loc[widest, "min"], speeds.loc[widest, "max"]
-    single = list(kinds[~kinds.duplicated(keep=False)])
     parts = [seeds, f"The training speeds of one variant's runs, each in a process of its own, differ by up to {high / low:.2f}x "
                     f"({widest}: {low:,.0f} to {high:,.0f} tok/s), a bar for the training speeds' differences."]
     if single:
