@@ -26,17 +26,23 @@ def band_reference(q, k, v, lo, scale):
     return masked_softmax_attention(q.float(), k.float(), v.float(), allowed, scale)
 
 
+# Where the kernels read the keys' side (k, v): both sorted; both in q's order at the sort's rows (lca); k there and v
+# sorted (sca, whose values are its supernode path's output in sorted order).
+KEY_SIDES = {"sorted": (False, False), "at-rows": (True, True), "keys-at-rows": (True, False)}
+
+
 @pytest.mark.gpu
+@pytest.mark.parametrize("key_side", KEY_SIDES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("value_gated", [True, False], ids=["value-gate", "no-value-gate"])
 @pytest.mark.parametrize("B, H, R, T, C, layout", [(2, 2, 2, 1, 1, "model"), (1, 2, 1, 37, 3, "contiguous"), (2, 2, 2, 200, 9, "model"),
                                                    (1, 3, 3, 300, 17, "contiguous"), (2, 2, 1, 130, 1, "model")], ids=str)
-def test_band_attention_equals_reference(B, H, R, T, C, layout, value_gated, dtype):
+def test_band_attention_equals_reference(B, H, R, T, C, layout, value_gated, dtype, key_side):
     """Output and the gradients of q, k and v: bands per head (R = H) and shared (R = 1), a segment longer than two
     64-row tiles, T not a multiple of a tile, T = 1, and one band over everything (C = 1: causal attention); the
-    queries and the output in an order of their own (random permutations `rows`), the keys and values sorted; and
-    the gradients of straight-through gates on the output and (where value_gated; lca's, not sca's) on v, one per
-    head (R = H) or shared. Layout "model": q, k, v
+    queries and the output in an order of their own (random permutations `rows`), the keys and values sorted or in
+    the queries' order (KEY_SIDES); and the gradients of straight-through gates on the output and (where value_gated;
+    lca's, not sca's) on v, one per head (R = H) or shared, in v's order. Layout "model": q, k, v
     views of one (B, T, 3, H, D) projection and the output read as (B, T, H * D) in place, as the model does, so that
     q and the output's gradient reach the kernels strided; "contiguous": both contiguous (B, H, T, D)."""
     device = triton_device()
@@ -47,10 +53,14 @@ def test_band_attention_equals_reference(B, H, R, T, C, layout, value_gated, dty
     lo, hi = (t.to(device) for t in segment_bands(B, R, T, C, generator))
     rows = torch.rand(B, R, T, generator=generator).argsort(dim=-1).to(device)  # sorted query i is q[..., rows[i], :]
     qkv = torch.randn(B, T, 3, H, D, generator=generator).to(device).requires_grad_(True)
-    y, y_value = (torch.rand(B, R, T, 1, generator=generator).to(device).requires_grad_(True) for _ in range(2))  # y_value sorted
+    y, y_value = (torch.rand(B, R, T, 1, generator=generator).to(device).requires_grad_(True) for _ in range(2))  # y_value in v's order
     weight = torch.randn(B, T, H * D, generator=generator).to(device)
     scale = D**-0.5
     to_sorted, to_own = (i.unsqueeze(-1).expand(B, H, T, D) for i in (rows, rows.argsort(dim=-1)))
+    keys_at_rows, values_at_rows = KEY_SIDES[key_side]
+
+    def sorted_keys(u, at_rows):
+        return u.gather(2, to_sorted) if at_rows else u
 
     def run(attend):
         q, k, v = qkv.to(dtype).permute(2, 0, 3, 1, 4)
@@ -63,9 +73,11 @@ def test_band_attention_equals_reference(B, H, R, T, C, layout, value_gated, dty
             loss = (out * weight.view(B, T, H, D).transpose(1, 2).contiguous()).sum()
         return out, *torch.autograd.grad(loss, (qkv, y, y_value) if value_gated else (qkv, y))
 
-    got = run(lambda q, k, v, lo, gate, value_gate, scale: fused_band.band_attention(q, k, v, lo, hi, rows.int(), scale, gate, value_gate))
-    expected = run(lambda q, k, v, lo, gate, value_gate, scale:
-                   band_reference(q.gather(2, to_sorted), k, v if value_gate is None else v * value_gate, lo, scale).gather(2, to_own) * gate)
+    got = run(lambda q, k, v, lo, gate, value_gate, scale: fused_band.band_attention(
+        q, k, v, lo, hi, rows.int(), scale, gate, value_gate, keys_at_rows=keys_at_rows, values_at_rows=values_at_rows))
+    expected = run(lambda q, k, v, lo, gate, value_gate, scale: band_reference(
+        q.gather(2, to_sorted), sorted_keys(k, keys_at_rows), sorted_keys(v if value_gate is None else v * value_gate, values_at_rows),
+        lo, scale).gather(2, to_own) * gate)
     # bf16: the kernels round the probabilities to bf16 for their products, the reference keeps them in fp32.
     tol = FP32_RTOL if dtype == torch.float32 else 2e-2
     for name, a, b in zip(["output", "grad qkv", "grad gate", "grad value gate"], got, expected):
@@ -76,9 +88,9 @@ def test_band_attention_equals_reference(B, H, R, T, C, layout, value_gated, dty
 
 # Small fp32 cases of every Triton kernel family: a few seconds each under the interpreter.
 INTERPRETED = [
-    "tests/test_fused_band.py::test_band_attention_equals_reference[1-2-1-37-3-contiguous-no-value-gate-torch.float32]",
-    "tests/test_fused_band.py::test_band_attention_equals_reference[2-2-2-200-9-model-value-gate-torch.float32]",
-    "tests/test_fused_band.py::test_band_attention_equals_reference[2-2-1-130-1-model-no-value-gate-torch.float32]",
+    "tests/test_fused_band.py::test_band_attention_equals_reference[1-2-1-37-3-contiguous-no-value-gate-torch.float32-sorted]",
+    "tests/test_fused_band.py::test_band_attention_equals_reference[2-2-2-200-9-model-value-gate-torch.float32-at-rows]",
+    "tests/test_fused_band.py::test_band_attention_equals_reference[2-2-1-130-1-model-no-value-gate-torch.float32-keys-at-rows]",
     "tests/test_lca.py::test_fused_routing_equals_plain[2-37-3-5-8-torch.float32]",
     "tests/test_lca.py::test_fused_routing_equals_plain[1-40-2-170-16-torch.float32]",
     "tests/test_sca.py::test_fused_mixing_equals_sdpa_mixing[3-91-64-head-torch.float32]",

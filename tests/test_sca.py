@@ -252,7 +252,7 @@ def test_fused_mixing_equals_sdpa_mixing(S, C, D, router, dtype, monkeypatch):
 def test_fused_supernodes_equal_position_order(T, C, block, router, dtype, monkeypatch):
     """The CUDA path's gated v', computed in sorted order by fused_supernodes' kernels, against the CPU path's
     position-order PyTorch (scatter-add, cumulative sum, gather), sorted: the gated v' and the gradients of k, v, the
-    own gates, W_u and the gate.
+    own gates, W_u and the gate. k and v are strided views of one array, as the model's are of its projection.
     The last cluster is empty; at T = 700 the steps span two of the kernels' tiles and a cluster several token tiles."""
     from attnbench.variants import fused_mixing, fused_supernodes, sca
     from attnbench.variants.lca import gated, sort_by_cluster
@@ -267,7 +267,7 @@ def test_fused_supernodes_equal_position_order(T, C, block, router, dtype, monke
     layer = sca_layer(T, H, D, clusters=C, block=block, router=router).to(device)
     # Both paths mix with fused_mixing's kernels, as on CUDA (the plain path picks sdpa on a CPU tensor).
     monkeypatch.setattr(layer, "mix", lambda n, m, total, fused=False: sca.SuperClusterAttention.mix(layer, n, m, total, fused=True))
-    k, v = (torch.randn(B, H, T, D, device=device, requires_grad=True) for _ in range(2))
+    kv = torch.randn(B, T, 2, H, D, device=device, requires_grad=True)
     y = torch.rand(B, R, T, 1, device=device, requires_grad=True)
     cluster = torch.randint(0, max(C - 1, 1), (B, R, T), device=device)
     order, _, counts, starts = sort_by_cluster(cluster, C)
@@ -279,20 +279,19 @@ def test_fused_supernodes_equal_position_order(T, C, block, router, dtype, monke
     def run(fused, dtype):
         with torch.autocast(device, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
             own = straight_through(y)
-            k_in, v_in = k.to(dtype), v.to(dtype)
+            k_in, v_in = kv.to(dtype).permute(2, 0, 3, 1, 4)  # (B, H, T, D) each, strided
             if fused:
-                values = layer.sorted_supernode_values(to_sorted(k_in), to_sorted(v_in), to_sorted(own), order,
-                                                       cluster.gather(-1, order), counts, starts)
+                values = layer.sorted_supernode_values(k_in, v_in, own, order, cluster, counts, starts)
             else:
                 values = to_sorted(gated(layer.supernode_values(k_in, v_in, cluster, own), own))
-        grads = torch.autograd.grad((values.float() * weight).sum(), (k, v, y, layer.supernode_query.weight, layer.gate))
+        grads = torch.autograd.grad((values.float() * weight).sum(), (kv, y, layer.supernode_query.weight, layer.gate))
         return values.float(), *grads
 
     # bf16: within twice the plain path's own bf16 error, both against the plain path in fp32 (the fused path stores
     # n and m in bf16, the plain one keeps them in fp32 until the mixing casts them; a gradient summed over all tokens,
     # as the gate's, cancels, which magnifies rounding). Four times under Triton's interpreter, whose fp32 -> bf16
     # casts truncate where the GPU's round to nearest.
-    names = ["v'", "grad k", "grad v", "grad own", "grad W_u", "grad gate"]
+    names = ["v'", "grad k and v", "grad own", "grad W_u", "grad gate"]
     exact = run(False, torch.float32)
     plain = exact if dtype == torch.float32 else run(False, dtype)
     factor = 2 if device == "cuda" else 4

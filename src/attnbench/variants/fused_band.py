@@ -13,12 +13,13 @@ kernels read and write by that index. lca's queries and outputs are in position 
 dq are copied into and out of the sorted order (four passes over a (B, H, T, D) array per step). q and do may have any
 batch, head and row strides (head dims contiguous), and o is laid out (B, T, H, D): in the model q is a view of the
 qkv projection, o goes into the output projection as (B, T, H * D), and do comes back in that layout, so none of the
-three is copied to or from a contiguous (B, H, T, D).
+three is copied to or from a contiguous (B, H, T, D). The key side (k, v, dk, dv) may be in the same order, read and
+written at rows[j] (lca's k and v, sca's k), or in sorted order (sca's values, its supernode path's output).
 
 The forward stores each row's log-sum-exp (base 2); the backward is flash-style, dq per query tile (which also
 stores delta = rowsum(do * o)) and then dk, dv per key tile. Every row holds its own key, so no row is empty.
 
-Arrays: q (B, H, T, D) with contiguous head dims, k, v (B, H, T, D) contiguous; lo, hi and rows (B|1, H|1, T) int32
+Arrays: q, k, v (B, H, T, D) with contiguous head dims (any other strides); lo, hi and rows (B|1, H|1, T) int32
 of one shape, lo and hi non-decreasing along T, rows a permutation of 0..T-1 along T, a dimension of size 1 shared
 (stride 0). Products run in the inputs' dtype with fp32 accumulation; fp32 inputs use IEEE products.
 """
@@ -30,26 +31,14 @@ import triton
 import triton.language as tl
 
 from .fused_mixing import LOG2E, NEG, dot, dot_options, online_softmax_step
-from .fused_supernodes import store_token_tile as store_rows, token_tile as rows_of
-
-
-def row_strides(t: torch.Tensor) -> tuple[int, int, int]:
-    """Batch, head and row strides of a (B, H, T, D) array, for the kernels' strided query side, whose offsets within
-    a (batch row, head) slice are int32."""
-    extent = 1 + sum((n - 1) * stride for n, stride in zip(t.shape, t.stride()))  # elements that t's rows span
-    assert extent < 2**31, f"an array spanning {extent} elements: the band kernels index rows in int32"
-    return t.stride(0), t.stride(1), t.stride(2)
-
-
-def rows_contiguous(t: torch.Tensor) -> torch.Tensor:
-    """t where its head dims are contiguous (what the query side needs), else a contiguous copy."""
-    return t if t.stride(-1) == 1 else t.contiguous()
+from .fused_supernodes import row_strides, rows_contiguous, slice_offset, store_strided_rows, strided_rows
+from .fused_supernodes import store_token_tile as store_rows
 
 
 def kernel_layouts(q, k, v, lo, hi, rows) -> tuple[torch.Tensor, ...]:
-    """The op's arrays in the layouts the kernels read: q with contiguous head dims, the rest contiguous (no copy
-    where they already are)."""
-    return rows_contiguous(q), *(t.contiguous() for t in (k, v, lo, hi, rows))
+    """The op's arrays in the layouts the kernels read: q, k, v with contiguous head dims, the rest contiguous (no
+    copy where they already are)."""
+    return *(rows_contiguous(t) for t in (q, k, v)), *(t.contiguous() for t in (lo, hi, rows))
 
 # Query rows and keys per program and per loop step, warps and pipeline stages: the fastest of seven to nine settings
 # each on lca's sorted segments (H200, do_bench, bf16, 65,536 tokens, stop 33; reports/benchmarks/NVIDIA-H200-stop33-probes.log),
@@ -62,23 +51,12 @@ TILES = {"forward": dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=3),
 
 
 @triton.jit
-def slice_offset(bh, H, stride_b, stride_h):
-    """Where (bh)'s slice starts in an array of these batch and head strides (0 where broadcast, as lo's may be)."""
-    return bh // H * stride_b + bh % H * stride_h
-
-
-@triton.jit
-def strided_rows(X, bh, H, stride_b, stride_h, stride_t, index, ok, dims, D):
-    """Rows `index` of (bh)'s (T, D) slice of X of these strides (head dims contiguous), zero where not ok or past D."""
-    address = slice_offset(bh, H, stride_b, stride_h) + index[:, None] * stride_t + dims[None, :]
-    return tl.load(X + address, mask=ok[:, None] & (dims < D)[None, :], other=0.0)
-
-
-@triton.jit
-def store_strided_rows(X, value, bh, H, stride_b, stride_h, stride_t, index, ok, dims, D):
-    """value into rows `index` of (bh)'s (T, D) slice of X, in X's dtype (`strided_rows`'s store)."""
-    address = slice_offset(bh, H, stride_b, stride_h) + index[:, None] * stride_t + dims[None, :]
-    tl.store(X + address, value.to(X.dtype.element_ty), mask=ok[:, None] & (dims < D)[None, :])
+def key_index(ROWS, offset, cols, col_ok, AT_ROWS: tl.constexpr):
+    """Where sorted keys `cols` are in an array of the keys' side: at the sort's rows (an array in q's order), or at
+    cols themselves (an array in sorted order)."""
+    if AT_ROWS:
+        return tl.load(ROWS + offset + cols, mask=col_ok, other=0)
+    return cols
 
 
 @triton.jit
@@ -104,18 +82,21 @@ def query_tile(Q, q_sb, q_sh, q_st, LO, ROWS, T, H, D, stride_b, stride_h, BLOCK
 
 
 @triton.jit
-def forward_kernel(Q, K, V, LO, ROWS, O, LSE, T, H, D, stride_b, stride_h, q_sb, q_sh, q_st, o_sb, o_sh, o_st, scale,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr):
+def forward_kernel(Q, K, V, LO, ROWS, O, LSE, T, H, D, stride_b, stride_h, q_sb, q_sh, q_st, o_sb, o_sh, o_st, k_sb, k_sh, k_st,
+                   v_sb, v_sh, v_st, scale, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                   IEEE: tl.constexpr, K_AT_ROWS: tl.constexpr, V_AT_ROWS: tl.constexpr):
     bh, rows, row_ok, at, dims, lo, q, key_start, key_end = query_tile(Q, q_sb, q_sh, q_st, LO, ROWS, T, H, D, stride_b, stride_h,
                                                                        BLOCK_M, BLOCK_D)
     scale2 = scale * LOG2E  # scores in base 2: exp2 is one instruction
     row_max = tl.full([BLOCK_M], NEG, tl.float32)
     row_sum = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    offset = slice_offset(bh, H, stride_b, stride_h)
     for start in range(key_start, key_end, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
-        k = rows_of(K, bh, T, cols, cols < T, dims, D)
-        v = rows_of(V, bh, T, cols, cols < T, dims, D)
+        col_ok = cols < T
+        k = strided_rows(K, bh, H, k_sb, k_sh, k_st, key_index(ROWS, offset, cols, col_ok, K_AT_ROWS), col_ok, dims, D)
+        v = strided_rows(V, bh, H, v_sb, v_sh, v_st, key_index(ROWS, offset, cols, col_ok, V_AT_ROWS), col_ok, dims, D)
         s = tl.where(in_band(lo, rows, cols), dot(q, tl.trans(k), IEEE) * scale2, float("-inf"))
         row_max, row_sum, acc = online_softmax_step(s, v, row_max, row_sum, acc, IEEE)
     store_strided_rows(O, acc / tl.where(row_sum > 0, row_sum, 1.0)[:, None], bh, H, o_sb, o_sh, o_st, at, row_ok, dims, D)
@@ -124,7 +105,8 @@ def forward_kernel(Q, K, V, LO, ROWS, O, LSE, T, H, D, stride_b, stride_h, q_sb,
 
 @triton.jit
 def dq_kernel(Q, K, V, LO, ROWS, O, LSE, DO, DQ, DELTA, T, H, D, stride_b, stride_h, q_sb, q_sh, q_st, o_sb, o_sh, o_st,
-              do_sb, do_sh, do_st, scale, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr):
+              do_sb, do_sh, do_st, k_sb, k_sh, k_st, v_sb, v_sh, v_st, scale, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              BLOCK_D: tl.constexpr, IEEE: tl.constexpr, K_AT_ROWS: tl.constexpr, V_AT_ROWS: tl.constexpr):
     bh, rows, row_ok, at, dims, lo, q, key_start, key_end = query_tile(Q, q_sb, q_sh, q_st, LO, ROWS, T, H, D, stride_b, stride_h,
                                                                        BLOCK_M, BLOCK_D)
     do = strided_rows(DO, bh, H, do_sb, do_sh, do_st, at, row_ok, dims, D)
@@ -134,10 +116,12 @@ def dq_kernel(Q, K, V, LO, ROWS, O, LSE, DO, DQ, DELTA, T, H, D, stride_b, strid
     lse = tl.load(LSE + bh * T + rows, mask=row_ok, other=0.0)
     scale2 = scale * LOG2E
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    offset = slice_offset(bh, H, stride_b, stride_h)
     for start in range(key_start, key_end, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
-        k = rows_of(K, bh, T, cols, cols < T, dims, D)
-        v = rows_of(V, bh, T, cols, cols < T, dims, D)
+        col_ok = cols < T
+        k = strided_rows(K, bh, H, k_sb, k_sh, k_st, key_index(ROWS, offset, cols, col_ok, K_AT_ROWS), col_ok, dims, D)
+        v = strided_rows(V, bh, H, v_sb, v_sh, v_st, key_index(ROWS, offset, cols, col_ok, V_AT_ROWS), col_ok, dims, D)
         prob = tl.where(in_band(lo, rows, cols), tl.exp2(dot(q, tl.trans(k), IEEE) * scale2 - lse[:, None]), 0.0)
         grad_scores = prob * (dot(do, tl.trans(v), IEEE) - delta[:, None])
         dq += dot(grad_scores.to(k.dtype), k, IEEE)
@@ -146,15 +130,18 @@ def dq_kernel(Q, K, V, LO, ROWS, O, LSE, DO, DQ, DELTA, T, H, D, stride_b, strid
 
 @triton.jit
 def dkdv_kernel(Q, K, V, LO, HI, ROWS, LSE, DO, DELTA, DK, DV, VALUE_DELTA, T, H, D, stride_b, stride_h, q_sb, q_sh, q_st, do_sb, do_sh,
-                do_st, scale, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr,
-                VALUE_GATE: tl.constexpr):
+                do_st, k_sb, k_sh, k_st, v_sb, v_sh, v_st, scale, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_D: tl.constexpr, IEEE: tl.constexpr, VALUE_GATE: tl.constexpr, K_AT_ROWS: tl.constexpr,
+                V_AT_ROWS: tl.constexpr):
     bh = tl.program_id(1).to(tl.int64)
     first = tl.program_id(0) * BLOCK_N
     cols, dims = first + tl.arange(0, BLOCK_N), tl.arange(0, BLOCK_D)
     col_ok = cols < T
     offset = slice_offset(bh, H, stride_b, stride_h)
-    k = rows_of(K, bh, T, cols, col_ok, dims, D)
-    v = rows_of(V, bh, T, cols, col_ok, dims, D)
+    k_at = key_index(ROWS, offset, cols, col_ok, K_AT_ROWS)
+    v_at = key_index(ROWS, offset, cols, col_ok, V_AT_ROWS)
+    k = strided_rows(K, bh, H, k_sb, k_sh, k_st, k_at, col_ok, dims, D)
+    v = strided_rows(V, bh, H, v_sb, v_sh, v_st, v_at, col_ok, dims, D)
     scale2 = scale * LOG2E
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
@@ -175,11 +162,11 @@ def dkdv_kernel(Q, K, V, LO, HI, ROWS, LSE, DO, DELTA, DK, DV, VALUE_DELTA, T, H
         dv += dot(prob_t.to(do.dtype), do, IEEE)
         grad_scores_t = prob_t * (dot(v, tl.trans(do), IEEE) - delta[None, :])
         dk += dot(grad_scores_t.to(q.dtype), q, IEEE)
-    store_rows(DK, dk * scale, bh, T, cols, col_ok, dims, D)
-    store_rows(DV, dv, bh, T, cols, col_ok, dims, D)
+    store_rows(DK, dk * scale, bh, T, k_at, col_ok, dims, D)  # dk, dv contiguous, in k's and v's order
+    store_rows(DV, dv, bh, T, v_at, col_ok, dims, D)
     if VALUE_GATE:  # its gradient. v read again: kept live through the loop, it made this kernel a third slower (stop 40)
-        v = rows_of(V, bh, T, cols, col_ok, dims, D)
-        tl.store(VALUE_DELTA + bh * T + cols, tl.sum(dv * v.to(tl.float32), 1), mask=col_ok)
+        v = strided_rows(V, bh, H, v_sb, v_sh, v_st, v_at, col_ok, dims, D)
+        tl.store(VALUE_DELTA + bh * T + v_at, tl.sum(dv * v.to(tl.float32), 1), mask=col_ok)
 
 
 def broadcast_bands(q: torch.Tensor, *bands: torch.Tensor) -> tuple[list[torch.Tensor], int, int]:
@@ -201,85 +188,93 @@ def kernel_options(kernel: str, q: torch.Tensor) -> dict:
 @torch.library.custom_op("attnbench::band_attention", mutates_args=())
 def band_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
                            rows: torch.Tensor, gate: torch.Tensor | None, value_gate: torch.Tensor | None,
-                           scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+                           scale: float, keys_at_rows: bool, values_at_rows: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """o (B, H, T, D) in q's dtype, in q's order, laid out (B, T, H, D), and the sorted rows' log-sum-exp in base 2
     (B, H, T) fp32; hi and the gates (whose forward values are 1) are for the backward."""
     q, k, v, lo, hi, rows = kernel_layouts(q, k, v, lo, hi, rows)
-    o, lse = band_attention_forward_fake(q, k, v, lo, hi, rows, gate, value_gate, scale)
+    o, lse = band_attention_forward_fake(q, k, v, lo, hi, rows, gate, value_gate, scale, keys_at_rows, values_at_rows)
     B, H, T, D = q.shape
     (band, at), stride_b, stride_h = broadcast_bands(q, lo, rows)
     options = kernel_options("forward", q)
     forward_kernel[(triton.cdiv(T, options["BLOCK_M"]), B * H)](q, k, v, band, at, o, lse, T, H, D, stride_b, stride_h,
-                                                                *row_strides(q), *row_strides(o), scale, **options)
+                                                                *row_strides(q), *row_strides(o), *row_strides(k),
+                                                                *row_strides(v), scale, K_AT_ROWS=keys_at_rows,
+                                                                V_AT_ROWS=values_at_rows, **options)
     return o, lse
 
 
 @band_attention_forward.register_fake
-def band_attention_forward_fake(q, k, v, lo, hi, rows, gate, value_gate, scale):
+def band_attention_forward_fake(q, k, v, lo, hi, rows, gate, value_gate, scale, keys_at_rows, values_at_rows):
     B, H, T, D = q.shape
     return q.new_empty(B, T, H, D).transpose(1, 2), torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
 
 
 @torch.library.custom_op("attnbench::band_attention_backward", mutates_args=())
 def band_attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, rows: torch.Tensor,
-                            o: torch.Tensor, lse: torch.Tensor, grad_o: torch.Tensor, scale: float,
-                            value_gate: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """dq, dk, dv; delta = sum(o * grad_o) over D (B, H, T) fp32 in q's order: the flash backward's row term, and
-    the gradient of a gate of value 1 on o; and where value_gate, sum(v * dv) over D (B, H, T) fp32 in sorted order:
-    the gradient of a gate of value 1 on v (else an empty tensor)."""
+                            o: torch.Tensor, lse: torch.Tensor, grad_o: torch.Tensor, scale: float, value_gate: bool,
+                            keys_at_rows: bool, values_at_rows: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dq, dk, dv (dk and dv contiguous, in k's and v's order); delta = sum(o * grad_o) over D (B, H, T) fp32 in q's
+    order: the flash backward's row term, and the gradient of a gate of value 1 on o; and where value_gate,
+    sum(v * dv) over D (B, H, T) fp32 in v's order: the gradient of a gate of value 1 on v (else an empty tensor)."""
     q, k, v, lo, hi, rows = kernel_layouts(q, k, v, lo, hi, rows)
     o, grad_o = rows_contiguous(o), rows_contiguous(grad_o)
-    dq, dk, dv, delta, value_delta = band_attention_backward_fake(q, k, v, lo, hi, rows, o, lse, grad_o, scale, value_gate)
+    dq, dk, dv, delta, value_delta = band_attention_backward_fake(q, k, v, lo, hi, rows, o, lse, grad_o, scale, value_gate,
+                                                                  keys_at_rows, values_at_rows)
     B, H, T, D = q.shape
     (band, ends, at), stride_b, stride_h = broadcast_bands(q, lo, hi, rows)
-    q_strides, do_strides = row_strides(q), row_strides(grad_o)  # both kernels read q and do
+    # Both kernels read q and do; the keys' side by its own strides, at the sort's rows where it is in q's order.
+    strides = (*row_strides(q), *row_strides(k), *row_strides(v), *row_strides(grad_o))
+    key_side = dict(K_AT_ROWS=keys_at_rows, V_AT_ROWS=values_at_rows)
     options = kernel_options("dq", q)
     dq_kernel[(triton.cdiv(T, options["BLOCK_M"]), B * H)](q, k, v, band, at, o, lse, grad_o, dq, delta, T, H, D,
-                                                           stride_b, stride_h, *q_strides, *row_strides(o),
-                                                           *do_strides, scale, **options)
+                                                           stride_b, stride_h, *strides[:3], *row_strides(o),
+                                                           *strides[9:], *strides[3:9], scale, **key_side, **options)
     options = kernel_options("dkdv", q)
     dkdv_kernel[(triton.cdiv(T, options["BLOCK_N"]), B * H)](q, k, v, band, ends, at, lse, grad_o, delta, dk, dv, value_delta, T, H, D,
-                                                             stride_b, stride_h, *q_strides, *do_strides,
-                                                             scale, VALUE_GATE=value_gate, **options)
+                                                             stride_b, stride_h, *strides[:3], *strides[9:], *strides[3:9],
+                                                             scale, VALUE_GATE=value_gate, **key_side, **options)
     return dq, dk, dv, delta, value_delta
 
 
 @band_attention_backward.register_fake
-def band_attention_backward_fake(q, k, v, lo, hi, rows, o, lse, grad_o, scale, value_gate):
-    return *(t.new_empty(t.shape) for t in (q, k, v)), torch.empty_like(lse), lse.new_empty(lse.shape if value_gate else 0)
+def band_attention_backward_fake(q, k, v, lo, hi, rows, o, lse, grad_o, scale, value_gate, keys_at_rows, values_at_rows):
+    return *(torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v)), torch.empty_like(lse), \
+        lse.new_empty(lse.shape if value_gate else 0)
 
 
 def setup_context(ctx, inputs, output):
-    *arrays, gate, value_gate, scale = inputs
+    *arrays, gate, value_gate, scale, keys_at_rows, values_at_rows = inputs
     o, lse = output
     ctx.save_for_backward(*arrays, o, lse)
-    ctx.scale = scale
+    ctx.scale, ctx.key_side = scale, (keys_at_rows, values_at_rows)
     ctx.gate_shapes = [None if g is None else g.shape for g in (gate, value_gate)]
 
 
 def backward(ctx, grad_o, _grad_lse):
     *arrays, o, lse = ctx.saved_tensors
     value_gated = ctx.gate_shapes[1] is not None
-    dq, dk, dv, delta, value_delta = band_attention_backward(*arrays, o, lse, grad_o, ctx.scale, value_gated)
+    dq, dk, dv, delta, value_delta = band_attention_backward(*arrays, o, lse, grad_o, ctx.scale, value_gated, *ctx.key_side)
     grad_gate, grad_value_gate = (None if shape is None else d.unsqueeze(-1).sum_to_size(shape)  # over shared heads
                                   for d, shape in zip((delta, value_delta), ctx.gate_shapes))
-    return dq, dk, dv, None, None, None, grad_gate, grad_value_gate, None
+    return dq, dk, dv, None, None, None, grad_gate, grad_value_gate, None, None, None
 
 
 band_attention_forward.register_autograd(backward, setup_context=setup_context)
 
 
 def band_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, rows: torch.Tensor,
-                   scale: float, gate: torch.Tensor | None = None, value_gate: torch.Tensor | None = None) -> torch.Tensor:
-    """Softmax attention of sorted query i over sorted keys lo[i] <= j <= i: k, v (B, H, T, D) in sorted order, q
-    (B, H, T, D) in its own, sorted query i being q[..., rows[i], :], and the output in q's order; lo, hi, rows
+                   scale: float, gate: torch.Tensor | None = None, value_gate: torch.Tensor | None = None,
+                   keys_at_rows: bool = False, values_at_rows: bool = False) -> torch.Tensor:
+    """Softmax attention of sorted query i over sorted keys lo[i] <= j <= i: q (B, H, T, D) in its own order, sorted
+    query i being q[..., rows[i], :], and the output in q's order; k and v (B, H, T, D) in sorted order, or, with
+    keys_at_rows / values_at_rows, in q's order (sorted key j at rows[j], and its gradient there); lo, hi, rows
     (B|1, H|1, T) int32 of one shape, hi[j] = 1 + the last query whose band holds key j (the end of j's segment),
     lo and hi non-decreasing.
 
     gate (B, H|1, T, 1), in q's order, or None: a straight-through gate on the output whose forward value is exactly 1
     (`routing.straight_through`), so the output o * gate is o, unmade; its gradient, sum(o * grad) over D, is the
-    backward's delta, which the dq kernel forms anyway. value_gate (B, H|1, T, 1), in sorted order, or None: the same
+    backward's delta, which the dq kernel forms anyway. value_gate (B, H|1, T, 1), in v's order, or None: the same
     on v (the attention reads v, unmade); its gradient, sum(v * dv) over D, the dk, dv kernel forms from the dv it holds."""
     # Here, once, so that the tensors saved for the backward are those the op's body reads (no copy of its own).
     q, k, v, lo, hi, rows = kernel_layouts(q, k, v, lo, hi, rows)
-    return band_attention_forward(q, k, v, lo, hi, rows, gate, value_gate, scale)[0]
+    return band_attention_forward(q, k, v, lo, hi, rows, gate, value_gate, scale, keys_at_rows, values_at_rows)[0]

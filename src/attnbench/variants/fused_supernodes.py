@@ -8,22 +8,27 @@ cluster), with no atomics and no (T, C) tensor:
   blocks <= j (the same for m with k), for every step j < S: one (steps x tokens) 0/1 matrix times the tokens'
   (w v, w k) per tile. In its backward a token in block i collects sum_{j >= i} dA^(j) and sum_{j >= i} dW^(j),
   dA = dn / W, dW = -(dn . n + dm . m) / W: suffix sums over the steps in one more kernel (`suffix_sums`, a
-  program per (batch row, head, 8 clusters) walking the steps from the last), then a gather per token in PyTorch,
-  which Inductor fuses with the sum of k's and v's gradients from their other paths.
+  program per (batch row, head, 8 clusters) walking the steps from the last), then a gather per token in position
+  order in PyTorch, which Inductor fuses with the sum of k's and v's gradients from their other paths.
 - `read_values`: the values the attention reads, w_t v'_t with v'_t = v_t + gate w_t z^(i - 1)[c_t] for token t in
-  block i (sca's `read_supernodes` and `add_to_values`, then lca's gating), in one pass that never stores the
-  read z as a (T, D) tensor. Its backward gives dv per token and dz^(j)[c], the sum of the read's gradients over
-  the segment's tokens in block j + 1: the same masked product with the mask "block = j + 1".
+  block i (sca's `read_supernodes` and `add_to_values`, then lca's gating), in sorted order, in one pass that never
+  stores the read z as a (T, D) tensor. Its backward gives dv per token and dz^(j)[c], the sum of the read's
+  gradients over the segment's tokens in block j + 1: the same masked product with the mask "block = j + 1".
+
+The kernels walk the sorted order but read k, v and w where they are, in position order, at the sort's order (the
+position of each sorted token), and write v's and w's gradients there: no (B, H, T, D) array is gathered into the
+sorted order or out of it (sca's k and v are views of the model's projection, read by their strides).
 
 The plain-PyTorch twin, in position order (scatter-add per (block, cluster), cumulative sum over blocks, gather),
 is sca's `prefix_supernodes` / `read_supernodes`, which the CPU path runs and tests compare these kernels to.
 
-Arrays: k, v (B, H, T, D) in sorted order, contiguous; weights w (B, R, T) fp32 (the tokens' own gates, R = H or
-1 routing rows), blocks (B, R, T) int32 (the block of each sorted token's position), starts and counts (B, R, C)
-int32 (each cluster's segment), and for the prefix's backward alone clusters (B, R, T) int32 (each sorted token's
-cluster). Outputs (B, H, S, C8, D) in k's dtype, C8 = C padded to 8 (the padding clusters
-are empty), and W (B, H, S, C8) fp32. The masks are exact in any dtype; w rides in the products' dtype,
-which is exact for the straight-through gates, whose forward value is 1; fp32 inputs use IEEE products.
+Arrays: k, v (B, H, T, D) in position order with contiguous head dims (any batch, head and row strides); weights w
+(B, R, T) fp32 in position order (the tokens' own gates, R = H or 1 routing rows); order (B, R, T) int32 (sorted
+index -> position, from lca's sort), the block size b (a token's block is its position // b), starts and counts
+(B, R, C) int32 (each cluster's segment), and for the prefix's backward alone clusters (B, R, T) int32 (each
+position's cluster). Outputs (B, H, S, C8, D) in k's dtype, C8 = C padded to 8 (the padding clusters are empty),
+and W (B, H, S, C8) fp32. The masks are exact in any dtype; w rides in the products' dtype, which is exact for the
+straight-through gates, whose forward value is 1; fp32 inputs use IEEE products.
 """
 
 from __future__ import annotations
@@ -59,10 +64,18 @@ def segment_of_program(STARTS, COUNTS, H, R, C, C8):
 
 
 @triton.jit
-def token_lanes(start, token0, count, BLOCK_L: tl.constexpr):
-    """Sorted indices of the segment's tokens token0 .. token0 + BLOCK_L - 1, and which of them are in the segment."""
+def token_lanes(ORDER, routing_row, T, start, token0, count, BLOCK_L: tl.constexpr):
+    """Sorted indices of the segment's tokens token0 .. token0 + BLOCK_L - 1, which of them are in the segment, and
+    their positions (0 outside it)."""
     lanes = token0 + tl.arange(0, BLOCK_L)
-    return start + lanes, lanes < count
+    ok = lanes < count
+    return start + lanes, ok, tl.load(ORDER + routing_row * T + start + lanes, mask=ok, other=0)
+
+
+@triton.jit
+def last_block_of(ORDER, routing_row, T, start, token0, count, block_size, BLOCK_L: tl.constexpr):
+    """The block of the tile's last token in the segment (positions never decrease along it)."""
+    return tl.load(ORDER + routing_row * T + start + tl.minimum(token0 + BLOCK_L, count) - 1) // block_size
 
 
 @triton.jit
@@ -75,6 +88,26 @@ def store_steps(X, value, rows, steps, S, dims, D):
 def token_tile(X, bh, T, index, ok, dims, D):
     """Rows `index` of (bh)'s (T, D) slice of X, zero where not ok or past D."""
     return tl.load(X + (bh * T + index)[:, None] * D + dims[None, :], mask=ok[:, None] & (dims < D)[None, :], other=0.0)
+
+
+@triton.jit
+def slice_offset(bh, H, stride_b, stride_h):
+    """Where (bh)'s slice starts in an array of these batch and head strides (0 where broadcast)."""
+    return bh // H * stride_b + bh % H * stride_h
+
+
+@triton.jit
+def strided_rows(X, bh, H, stride_b, stride_h, stride_t, index, ok, dims, D):
+    """Rows `index` of (bh)'s (T, D) slice of X of these strides (head dims contiguous), zero where not ok or past D."""
+    address = slice_offset(bh, H, stride_b, stride_h) + index[:, None] * stride_t + dims[None, :]
+    return tl.load(X + address, mask=ok[:, None] & (dims < D)[None, :], other=0.0)
+
+
+@triton.jit
+def store_strided_rows(X, value, bh, H, stride_b, stride_h, stride_t, index, ok, dims, D):
+    """value into rows `index` of (bh)'s (T, D) slice of X, in X's dtype (`strided_rows`'s store)."""
+    address = slice_offset(bh, H, stride_b, stride_h) + index[:, None] * stride_t + dims[None, :]
+    tl.store(X + address, value.to(X.dtype.element_ty), mask=ok[:, None] & (dims < D)[None, :])
 
 
 @triton.jit
@@ -121,8 +154,8 @@ def store_prefix(N, M, TOTAL, acc_k, acc_v, acc_w, bh, c, step0, S, C8, dims, D,
 
 
 @triton.jit
-def prefix_kernel(K, V, W, BLOCKS, STARTS, COUNTS, N, M, TOTAL, T, H, R, C, C8, S, D,
-                  BLOCK_S: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr):
+def prefix_kernel(K, V, W, ORDER, STARTS, COUNTS, N, M, TOTAL, T, H, R, C, C8, S, D, block_size, k_sb, k_sh, k_st,
+                  v_sb, v_sh, v_st, BLOCK_S: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr):
     bh, routing_row, c, start, count = segment_of_program(STARTS, COUNTS, H, R, C, C8)
     dims = tl.arange(0, BLOCK_D)
     # One pass over the tokens, whose blocks never decrease: a tile of steps is stored once the tokens have passed
@@ -132,13 +165,13 @@ def prefix_kernel(K, V, W, BLOCKS, STARTS, COUNTS, N, M, TOTAL, T, H, R, C, C8, 
     acc_v = tl.zeros([BLOCK_S, BLOCK_D], tl.float32)
     acc_w = tl.zeros([BLOCK_S], tl.float32)
     for token0 in range(0, count, BLOCK_L):
-        index, ok = token_lanes(start, token0, count, BLOCK_L)
-        block = tl.load(BLOCKS + routing_row * T + index, mask=ok, other=S)  # S: in no step's prefix
-        w = tl.load(W + routing_row * T + index, mask=ok, other=0.0)
-        k = token_tile(K, bh, T, index, ok, dims, D)
-        v = token_tile(V, bh, T, index, ok, dims, D)
+        _, ok, at = token_lanes(ORDER, routing_row, T, start, token0, count, BLOCK_L)
+        block = tl.where(ok, at // block_size, S)  # S: in no step's prefix
+        w = tl.load(W + routing_row * T + at, mask=ok, other=0.0)
+        k = strided_rows(K, bh, H, k_sb, k_sh, k_st, at, ok, dims, D)
+        v = strided_rows(V, bh, H, v_sb, v_sh, v_st, at, ok, dims, D)
         wk, wv = (k * w[:, None]).to(k.dtype), (v * w[:, None]).to(v.dtype)
-        last_block = tl.load(BLOCKS + routing_row * T + start + tl.minimum(token0 + BLOCK_L, count) - 1)
+        last_block = last_block_of(ORDER, routing_row, T, start, token0, count, block_size, BLOCK_L)
         while last_block >= step0 + BLOCK_S:  # the tile reaches past this tile of steps: finish it
             acc_k, acc_v, acc_w = add_to_prefix(acc_k, acc_v, acc_w, block, w, wk, wv, step0, BLOCK_S, IEEE)
             acc_k, acc_v, acc_w = store_prefix(N, M, TOTAL, acc_k, acc_v, acc_w, bh, c, step0, S, C8, dims, D, BLOCK_S)
@@ -150,13 +183,15 @@ def prefix_kernel(K, V, W, BLOCKS, STARTS, COUNTS, N, M, TOTAL, T, H, R, C, C8, 
 
 
 @triton.jit
-def read_tiles(V, Z, W, BLOCKS, bh, routing_row, c, index, ok, dims, T, C8, S, D):
-    """A token tile's block numbers, own gates w, v and the read z^(block - 1)[c] (zero in block 0), fp32."""
-    block = tl.load(BLOCKS + routing_row * T + index, mask=ok, other=0)  # 0: reads nothing
-    w = tl.load(W + routing_row * T + index, mask=ok, other=0.0)
+def read_tiles(V, Z, W, at, bh, routing_row, c, ok, dims, T, H, C8, S, D, block_size, v_sb, v_sh, v_st):
+    """Block numbers, own gates w, v and the read z^(block - 1)[c] (zero in block 0), fp32, of the tokens at
+    positions `at`."""
+    block = tl.where(ok, at // block_size, 0)  # 0: reads nothing
+    w = tl.load(W + routing_row * T + at, mask=ok, other=0.0)
     rows = step_rows(bh, block - 1, S, C8, c)
     z = tl.load(Z + rows[:, None] * D + dims[None, :], mask=(ok & (block > 0))[:, None] & (dims < D)[None, :], other=0.0)
-    return block, w, token_tile(V, bh, T, index, ok, dims, D).to(tl.float32), z.to(tl.float32)
+    v = strided_rows(V, bh, H, v_sb, v_sh, v_st, at, ok, dims, D)
+    return block, w, v.to(tl.float32), z.to(tl.float32)
 
 
 @triton.jit
@@ -173,20 +208,21 @@ def add_reads(acc, block, grad_read, step0, BLOCK_S: tl.constexpr, IEEE: tl.cons
 
 
 @triton.jit
-def read_values_kernel(V, Z, W, GATE, BLOCKS, STARTS, COUNTS, OUT, T, H, R, C, C8, S, D,
+def read_values_kernel(V, Z, W, GATE, ORDER, STARTS, COUNTS, OUT, T, H, R, C, C8, S, D, block_size, v_sb, v_sh, v_st,
                        BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
     bh, routing_row, c, start, count = segment_of_program(STARTS, COUNTS, H, R, C, C8)
     dims = tl.arange(0, BLOCK_D)
     gate = tl.load(GATE + bh % H)
     for token0 in range(0, count, BLOCK_L):
-        index, ok = token_lanes(start, token0, count, BLOCK_L)
-        _, w, v, z = read_tiles(V, Z, W, BLOCKS, bh, routing_row, c, index, ok, dims, T, C8, S, D)
+        index, ok, at = token_lanes(ORDER, routing_row, T, start, token0, count, BLOCK_L)
+        _, w, v, z = read_tiles(V, Z, W, at, bh, routing_row, c, ok, dims, T, H, C8, S, D, block_size, v_sb, v_sh, v_st)
         store_token_tile(OUT, values_read(v, z, w, gate, V.dtype.element_ty) * w[:, None], bh, T, index, ok, dims, D)
 
 
 @triton.jit
-def read_values_backward_kernel(G, V, Z, W, GATE, BLOCKS, STARTS, COUNTS, DV, DZ, DOT_OWN, DOT_GATE, T, H, R, C, C8, S, D,
-                                BLOCK_S: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr):
+def read_values_backward_kernel(G, V, Z, W, GATE, ORDER, STARTS, COUNTS, DV, DZ, DOT_OWN, DOT_GATE, T, H, R, C, C8, S, D,
+                                block_size, v_sb, v_sh, v_st, BLOCK_S: tl.constexpr, BLOCK_L: tl.constexpr,
+                                BLOCK_D: tl.constexpr, IEEE: tl.constexpr):
     bh, routing_row, c, start, count = segment_of_program(STARTS, COUNTS, H, R, C, C8)
     dims = tl.arange(0, BLOCK_D)
     gate = tl.load(GATE + bh % H)
@@ -196,17 +232,17 @@ def read_values_backward_kernel(G, V, Z, W, GATE, BLOCKS, STARTS, COUNTS, DV, DZ
     step0 = tl.full([], 0, tl.int32)
     acc = tl.zeros([BLOCK_S, BLOCK_D], tl.float32)
     for token0 in range(0, count, BLOCK_L):
-        index, ok = token_lanes(start, token0, count, BLOCK_L)
-        block, w, v, z = read_tiles(V, Z, W, BLOCKS, bh, routing_row, c, index, ok, dims, T, C8, S, D)
+        index, ok, at = token_lanes(ORDER, routing_row, T, start, token0, count, BLOCK_L)
+        block, w, v, z = read_tiles(V, Z, W, at, bh, routing_row, c, ok, dims, T, H, C8, S, D, block_size, v_sb, v_sh, v_st)
         g = token_tile(G, bh, T, index, ok, dims, D).to(tl.float32)
         values = values_read(v, z, w, gate, V.dtype.element_ty)
         grad_values = (g * w[:, None]).to(V.dtype.element_ty)
-        store_token_tile(DV, grad_values, bh, T, index, ok, dims, D)
+        store_token_tile(DV, grad_values, bh, T, at, ok, dims, D)  # in position order
         read_dot = tl.sum(grad_values.to(tl.float32) * z, 1)  # dv' . z
-        tl.store(DOT_OWN + bh * T + index, tl.sum(g * values, 1) + gate * read_dot, mask=ok)
-        tl.store(DOT_GATE + bh * T + index, w * read_dot, mask=ok)
+        tl.store(DOT_OWN + bh * T + at, tl.sum(g * values, 1) + gate * read_dot, mask=ok)
+        tl.store(DOT_GATE + bh * T + at, w * read_dot, mask=ok)
         grad_read = (gate * w[:, None] * grad_values.to(tl.float32)).to(Z.dtype.element_ty)
-        last_block = tl.load(BLOCKS + routing_row * T + start + tl.minimum(token0 + BLOCK_L, count) - 1)
+        last_block = last_block_of(ORDER, routing_row, T, start, token0, count, block_size, BLOCK_L)
         while last_block - 1 >= step0 + BLOCK_S:  # the tile reaches past this tile of steps: finish it
             acc = add_reads(acc, block, grad_read, step0, BLOCK_S, IEEE)
             steps = step0 + tl.arange(0, BLOCK_S)
@@ -258,6 +294,7 @@ def suffix_sums_kernel(DN, DM, N, M, TOTAL, SUMS_KV, SUMS_W, S, C8, D,
 def launch_options(kernel: str, x: torch.Tensor, C8: int, B: int, H: int) -> tuple[tuple[int], dict]:
     """The grid, one program per (batch row, head, padded cluster), and the kernel's tiles."""
     assert x.numel() < 2**31, f"{x.numel()} elements: the supernode kernels index in int32 within a row"
+    row_strides(x)  # the rows' extent, checked
     options = dict(TILES[kernel], num_warps=NUM_WARPS, **dot_options(x))
     if "BLOCK_S" not in options:  # only the kernels with products over step tiles take IEEE
         del options["IEEE"]
@@ -265,22 +302,38 @@ def launch_options(kernel: str, x: torch.Tensor, C8: int, B: int, H: int) -> tup
 
 
 # Opaque custom ops, as fused_mixing's (Inductor's code generation for user-defined Triton kernels failed there).
+def row_strides(t: torch.Tensor) -> tuple[int, int, int]:
+    """Batch, head and row strides of a (B, H, T, D) array with contiguous head dims, whose offsets within a (batch
+    row, head) slice the kernels take in int32."""
+    assert t.stride(-1) == 1, f"strides {t.stride()}: the kernels read rows with contiguous head dims"
+    extent = 1 + sum((n - 1) * stride for n, stride in zip(t.shape, t.stride()))  # elements that t's rows span
+    assert extent < 2**31, f"an array spanning {extent} elements: the kernels index rows in int32"
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def rows_contiguous(t: torch.Tensor) -> torch.Tensor:
+    """t where its head dims are contiguous (what the kernels' strided rows need), else a contiguous copy."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
 @torch.library.custom_op("attnbench::supernode_prefix_means", mutates_args=())
-def prefix_means(k: torch.Tensor, v: torch.Tensor, weights: torch.Tensor, blocks: torch.Tensor, starts: torch.Tensor,
-                 counts: torch.Tensor, clusters: torch.Tensor, steps: int, padded_clusters: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def prefix_means(k: torch.Tensor, v: torch.Tensor, weights: torch.Tensor, order: torch.Tensor, starts: torch.Tensor,
+                 counts: torch.Tensor, clusters: torch.Tensor, block: int, steps: int,
+                 padded_clusters: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """n, m (B, H, S, C8, D) and W (B, H, S, C8) fp32 for S = `steps`, C8 = `padded_clusters` (module docstring)."""
-    n, m, total = prefix_means_fake(k, v, weights, blocks, starts, counts, clusters, steps, padded_clusters)
+    n, m, total = prefix_means_fake(k, v, weights, order, starts, counts, clusters, block, steps, padded_clusters)
+    k, v = rows_contiguous(k), rows_contiguous(v)
     B, H, T, D = k.shape
     if steps > 0:
         grid, options = launch_options("prefix", k, padded_clusters, B, H)
-        prefix_kernel[grid](k.contiguous(), v.contiguous(), weights.contiguous(), blocks.contiguous(), starts.contiguous(),
-                            counts.contiguous(), n, m, total, T, H, weights.shape[1], starts.shape[-1], padded_clusters,
-                            steps, D, **options)
+        prefix_kernel[grid](k, v, weights.contiguous(), order.contiguous(), starts.contiguous(), counts.contiguous(), n, m,
+                            total, T, H, weights.shape[1], starts.shape[-1], padded_clusters, steps, D, block,
+                            *row_strides(k), *row_strides(v), **options)
     return n, m, total
 
 
 @prefix_means.register_fake
-def prefix_means_fake(k, v, weights, blocks, starts, counts, clusters, steps, padded_clusters):
+def prefix_means_fake(k, v, weights, order, starts, counts, clusters, block, steps, padded_clusters):
     B, H, T, D = k.shape
     n, m = (k.new_empty(B, H, steps, padded_clusters, D) for _ in range(2))
     return n, m, k.new_empty(B, H, steps, padded_clusters, dtype=torch.float32)
@@ -292,7 +345,8 @@ def per_routing_row(grad: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
 
 
 def setup_prefix_context(ctx, inputs, output):
-    ctx.save_for_backward(*inputs[:4], inputs[6], *output)  # k, v, weights, blocks, clusters; n, m, total
+    ctx.save_for_backward(*inputs[:3], inputs[6], *output)  # k, v, weights, clusters; n, m, total
+    ctx.block = inputs[7]
 
 
 @torch.library.custom_op("attnbench::supernode_suffix_sums", mutates_args=())
@@ -320,72 +374,79 @@ def suffix_sums_fake(grad_n, grad_m, n, m, total):
 
 def prefix_backward(ctx, grad_n, grad_m, _grad_total):
     """A token in block i collects sum_{j >= i} of dA and dW (module docstring): `suffix_sums` over the steps of every
-    (step, cluster) row, then one gather per token in PyTorch, which Inductor fuses with the sum of k's and v's
-    gradients from their other paths when compiled."""
-    k, v, weights, blocks, clusters, n, m, total = ctx.saved_tensors
+    (step, cluster) row, then one gather per token in position order, which Inductor fuses with the sum of k's and
+    v's gradients from their other paths when compiled."""
+    k, v, weights, clusters, n, m, total = ctx.saved_tensors
     B, H, S, C8, D = n.shape
     grad_n, grad_m = (torch.zeros_like(x) if g is None else g for g, x in ((grad_n, n), (grad_m, m)))
     sums_kv, sums_w = suffix_sums(grad_n, grad_m, n, m, total)
-    slot = blocks.long() * C8 + clusters.long()  # (B, R, T)
+    blocks = torch.arange(k.shape[2], device=k.device) // ctx.block  # (T,)
+    slot = blocks * C8 + clusters.long()  # (B, R, T)
     # (B, H, T, D) each, in the sums' dtype: the products with the fp32 w and k.float() promote them exactly
     sums_k, sums_v = sums_kv.gather(2, slot.unsqueeze(-1).expand(B, H, -1, 2 * D)).split(D, dim=-1)
     w = weights.unsqueeze(-1)  # (B, R, T, 1)
     grad_k, grad_v = (sums_k * w).to(k.dtype), (sums_v * w).to(v.dtype)
     grad_w = sums_w.gather(2, slot.expand(B, H, -1)) + (k.float() * sums_k).sum(-1) + (v.float() * sums_v).sum(-1)  # (B, H, T)
-    return grad_k, grad_v, per_routing_row(grad_w, weights), None, None, None, None, None, None
+    return grad_k, grad_v, per_routing_row(grad_w, weights), None, None, None, None, None, None, None
 
 
 prefix_means.register_autograd(prefix_backward, setup_context=setup_prefix_context)
 
 
 @torch.library.custom_op("attnbench::supernode_read_values", mutates_args=())
-def read_values(v: torch.Tensor, z: torch.Tensor, weights: torch.Tensor, gate: torch.Tensor, blocks: torch.Tensor,
-                starts: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """w_t v'_t in v's dtype (B, H, T, D), v'_t = v_t + gate_h w_t z^(block_t - 1)[c_t] rounded to v's dtype (no read in
-    block 0): v sorted, z (B, H, S, C8, D) from the mixing, gate (H,) fp32 (module docstring for the rest)."""
-    out = torch.empty_like(v)
+def read_values(v: torch.Tensor, z: torch.Tensor, weights: torch.Tensor, gate: torch.Tensor, order: torch.Tensor,
+                starts: torch.Tensor, counts: torch.Tensor, block: int) -> torch.Tensor:
+    """w_t v'_t in v's dtype (B, H, T, D), contiguous, in sorted order, v'_t = v_t + gate_h w_t z^(block_t - 1)[c_t]
+    rounded to v's dtype (no read in block 0): v in position order, z (B, H, S, C8, D) from the mixing, gate (H,) fp32
+    (module docstring for the rest)."""
+    out = read_values_fake(v, z, weights, gate, order, starts, counts, block)
+    v = rows_contiguous(v)
     B, H, T, D = v.shape
     grid, options = launch_options("read_values", v, z.shape[3], B, H)
-    read_values_kernel[grid](v.contiguous(), z.contiguous(), weights.contiguous(), gate.contiguous(), blocks.contiguous(),
+    read_values_kernel[grid](v, z.contiguous(), weights.contiguous(), gate.contiguous(), order.contiguous(),
                              starts.contiguous(), counts.contiguous(), out, T, H, weights.shape[1], starts.shape[-1],
-                             z.shape[3], z.shape[2], D, **options)
+                             z.shape[3], z.shape[2], D, block, *row_strides(v), **options)
     return out
 
 
 @read_values.register_fake
-def read_values_fake(v, z, weights, gate, blocks, starts, counts):
-    return torch.empty_like(v)
+def read_values_fake(v, z, weights, gate, order, starts, counts, block):
+    return torch.empty(v.shape, dtype=v.dtype, device=v.device)
 
 
 @torch.library.custom_op("attnbench::supernode_read_values_backward", mutates_args=())
 def read_values_backward(grad: torch.Tensor, v: torch.Tensor, z: torch.Tensor, weights: torch.Tensor, gate: torch.Tensor,
-                         blocks: torch.Tensor, starts: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """dv (B, H, T, D), dz (B, H, S, C8, D) in z's dtype, and per head and token (B, H, T) fp32 the weights'
-    gradient g . v' + gate dv' . z and the gate's summands w dv' . z (dv' = g w, the gradient of v')."""
-    grad_v, grad_z, dot_own, dot_gate = read_values_backward_fake(grad, v, z, weights, gate, blocks, starts, counts)
+                         order: torch.Tensor, starts: torch.Tensor, counts: torch.Tensor,
+                         block: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dv (B, H, T, D) contiguous, in position order, dz (B, H, S, C8, D) in z's dtype, and per head and token
+    (B, H, T) fp32, in position order, the weights' gradient g . v' + gate dv' . z and the gate's summands w dv' . z
+    (dv' = g w, the gradient of v'; grad in sorted order)."""
+    grad_v, grad_z, dot_own, dot_gate = read_values_backward_fake(grad, v, z, weights, gate, order, starts, counts, block)
     B, H, T, D = v.shape
     grid, options = launch_options("read_values_backward", v, z.shape[3], B, H)
-    read_values_backward_kernel[grid](grad.contiguous(), v, z, weights, gate, blocks, starts, counts, grad_v, grad_z,
+    read_values_backward_kernel[grid](grad.contiguous(), v, z, weights, gate, order, starts, counts, grad_v, grad_z,
                                       dot_own, dot_gate, T, H, weights.shape[1], starts.shape[-1], z.shape[3], z.shape[2],
-                                      D, **options)
+                                      D, block, *row_strides(v), **options)
     return grad_v, grad_z, dot_own, dot_gate
 
 
 @read_values_backward.register_fake
-def read_values_backward_fake(grad, v, z, weights, gate, blocks, starts, counts):
+def read_values_backward_fake(grad, v, z, weights, gate, order, starts, counts, block):
     # Left unfilled: the segments cover every token, and the kernel stores every step of every (padded) cluster.
     dots = (torch.empty(v.shape[:3], dtype=torch.float32, device=v.device) for _ in range(2))
-    return torch.empty_like(v), torch.empty_like(z), *dots
+    return torch.empty(v.shape, dtype=v.dtype, device=v.device), torch.empty_like(z), *dots
 
 
 def setup_read_context(ctx, inputs, output):
-    ctx.save_for_backward(*(t.contiguous() for t in inputs))
+    v, *arrays, block = inputs
+    ctx.save_for_backward(rows_contiguous(v), *(t.contiguous() for t in arrays))
+    ctx.block = block
 
 
 def read_values_gradients(ctx, grad):
-    v, z, weights, gate, blocks, starts, counts = ctx.saved_tensors
-    grad_v, grad_z, dot_own, dot_gate = read_values_backward(grad, v, z, weights, gate, blocks, starts, counts)
-    return grad_v, grad_z, per_routing_row(dot_own, weights), dot_gate.sum(dim=(0, 2)), None, None, None
+    v, z, weights, gate, order, starts, counts = ctx.saved_tensors
+    grad_v, grad_z, dot_own, dot_gate = read_values_backward(grad, v, z, weights, gate, order, starts, counts, ctx.block)
+    return grad_v, grad_z, per_routing_row(dot_own, weights), dot_gate.sum(dim=(0, 2)), None, None, None, None
 
 
 read_values.register_autograd(read_values_gradients, setup_context=setup_read_context)

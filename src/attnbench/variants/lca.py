@@ -23,8 +23,9 @@ Paths:
 - efficient, CPU: stable sort by (cluster, position) (a counting sort, `sort_by_cluster`), each cluster's segment
   padded to whole chunks, `chunked_segment_attention` (ca.py), scatter back;
 - efficient, CUDA: the same sort, then attention over the band segment_start[i] <= j <= i in sorted order by
-  fused_band's Triton kernels (64-row tiles, each over exactly its rows' keys; they read the queries and write the
-  output in position order, and the output's gate gets its gradient from their backward), or by FlexAttention with that
+  fused_band's Triton kernels (64-row tiles, each over exactly its rows' keys; they read q, k, v and write the output
+  and the gradients in position order, at the sort's order, and the gates on v and o get their gradients from their
+  backward), or by FlexAttention with that
   band's block mask (flex.py, tile lists in O(T / 128)) where Triton is absent; on CPU the eager Flex forward,
   for tests.
 Inside a cluster a_s[c_t] = a_s[c_s], so the efficient paths need one gate per
@@ -170,29 +171,31 @@ class Permute(torch.autograd.Function):
 def cluster_attention_sorted(q, k, v, cluster, gate, C, scale, sorted_values=None):
     """The CUDA path (eager Flex on CPU, forward only): sorted order, band attention over each segment, back to positions.
 
-    One sort and one gather per key-side tensor in; fused_band's kernels read the queries and write the output in
-    position order by the sort's order, where Flex needs the queries gathered in and its output gathered out (by the
-    inverse permutation). The gates ride on v and o: fused_band takes both as inputs (their forward values are 1, so it
-    reads v and writes o unmade, and its backward forms their gradients); with Flex they are multiplied.
-    sorted_values(k, v, gate, order, cluster, counts, starts), all in sorted order, gives the values the attention reads
-    in place of gated(v, gate) (sca's v' with its supernodes, which need the sorted k and v).
+    fused_band's kernels read q, k and v and write the output and the gradients of q, k and v in position order, at
+    the sort's order, so no (B, H, T, D) array is gathered into the sorted order or out of it; Flex needs q, k and v
+    gathered in and its output gathered out (by the inverse permutation). The gates ride on v and o: fused_band takes
+    both as inputs (their forward values are 1, so it reads v and writes o unmade, and its backward forms their
+    gradients); with Flex they are multiplied.
+    sorted_values(k, v, gate, order, cluster, counts, starts), k, v, gate and cluster in position order, gives the
+    values the attention reads in sorted order in place of gated(v, gate) (sca's v' with its supernodes; Triton only).
     """
     B, H, T, D = q.shape
     order, inverse, counts, starts = sort_by_cluster(cluster, C)
     sorted_cluster = cluster.gather(-1, order)  # (B, R, T)
     lo = starts.gather(-1, sorted_cluster)  # (B, R, T): in sorted order, where each entry's segment begins
-    to_sorted, to_positions = (i.unsqueeze(-1).expand(B, H, T, D) for i in (order, inverse))
-    k, v = (Permute.apply(t, to_sorted, to_positions) for t in (k, v))  # (B, H, T, D), sorted
-    gate_sorted = None if gate is None else Permute.apply(gate, order.unsqueeze(-1), inverse.unsqueeze(-1))
-    if sorted_values is None:  # lca: v's gate is applied by the attention
-        values, value_gate = v, gate_sorted
-    else:  # sca: the supernodes' values, their gate applied
-        values, value_gate = sorted_values(k, v, gate_sorted, order, sorted_cluster, counts, starts), None
     if q.is_cuda and fused_band is not None:
         hi = (starts + counts).gather(-1, sorted_cluster)  # (B, R, T): where each entry's segment ends
-        return fused_band.band_attention(q, k, values, lo.int(), hi.int(), order.int(), scale, gate, value_gate)
-    q = Permute.apply(q, to_sorted, to_positions)
-    out = flex_band_attention(q, k, gated(values, value_gate), lo, scale)
+        if sorted_values is None:  # lca: v's gate is applied by the attention
+            values, value_gate, values_at_rows = v, gate, True
+        else:  # sca: the supernodes' values in sorted order, their gate applied
+            values, value_gate, values_at_rows = sorted_values(k, v, gate, order, cluster, counts, starts), None, False
+        return fused_band.band_attention(q, k, values, lo.int(), hi.int(), order.int(), scale, gate, value_gate,
+                                         keys_at_rows=True, values_at_rows=values_at_rows)
+    to_sorted, to_positions = (i.unsqueeze(-1).expand(B, H, T, D) for i in (order, inverse))
+    assert sorted_values is None, "sorted values are read by fused_band's kernels only"
+    q, k, v = (Permute.apply(t, to_sorted, to_positions) for t in (q, k, v))  # (B, H, T, D), sorted
+    gate_sorted = None if gate is None else Permute.apply(gate, order.unsqueeze(-1), inverse.unsqueeze(-1))
+    out = flex_band_attention(q, k, gated(v, gate_sorted), lo, scale)
     return gated(Permute.apply(out, to_positions, to_sorted), gate)
 
 

@@ -24,7 +24,8 @@ Paths (both call the router once per forward):
   T x T and no T x C tensor; each token reads its own cluster's state by one
   gather; the mixing costs (T/b) C^2 D; then lca's chunked attention over v';
 - efficient, CUDA: the same states computed in lca's sorted order, where each cluster is one
-  segment, by fused_supernodes' Triton kernels (per-segment masked products, no atomics), the
+  segment, by fused_supernodes' Triton kernels (per-segment masked products, no atomics; k, v and the gates read
+  in position order, at the sort's order), the
   mixing by fused_mixing's, the read and the gated v' in one more of fused_supernodes' kernels,
   then lca's band attention (fused_band's kernels) over v'.
 
@@ -224,15 +225,15 @@ class SuperClusterAttention(LearnedClusterAttention):
         return self.add_to_values(v, read_supernodes(z, slots, own))
 
     def sorted_supernode_values(self, k, v, own, order, cluster, counts, starts):
-        """The gated v' the attention reads, in lca's sorted order, by fused_supernodes' kernels: k, v (B, H, T, D),
-        own gates (B, R, T, 1) or None and cluster ids (B, R, T), sorted; order, counts, starts from `sort_by_cluster`."""
+        """The gated v' the attention reads, in lca's sorted order, by fused_supernodes' kernels, which read k, v
+        (B, H, T, D) and the own gates (B, R, T, 1) or None in position order, at the sort's order; cluster ids (B, R, T)
+        in position order, and order, counts, starts from `sort_by_cluster`."""
         steps, padded = (v.shape[-2] - 1) // self.block, self.clusters + -self.clusters % 8
-        blocks = order // self.block  # (B, R, T): the block of each sorted token's position
-        weights = torch.ones_like(blocks, dtype=torch.float32) if own is None else own.squeeze(-1).float()
-        segments = (blocks.int(), starts.int(), counts.int())
-        n, m, total = fused_supernodes.prefix_means(k, v, weights, *segments, cluster.int(), steps, padded)  # (B, H, S, C8, D)
+        weights = torch.ones_like(cluster, dtype=torch.float32) if own is None else own.squeeze(-1).float()
+        segments = (order.int(), starts.int(), counts.int())
+        n, m, total = fused_supernodes.prefix_means(k, v, weights, *segments, cluster.int(), self.block, steps, padded)  # (B, H, S, C8, D)
         z = self.mix(n, m, total, fused=True)
-        return fused_supernodes.read_values(v, z, weights, self.gate.float(), *segments)
+        return fused_supernodes.read_values(v, z, weights, self.gate.float(), *segments, self.block)
 
     def reference(self, q, k, v, x):
         if not self.options.causal:
