@@ -18,7 +18,7 @@ import torch
 
 from .base import from_blocks, register, to_blocks
 from .cka import ClusterKernelAttention, block_scores
-from .flex import band_block_mask, flex_kernel
+from .flex import band_block_mask, flex_kernel, kernel_options
 
 
 def block_causal_attention(
@@ -48,7 +48,8 @@ def flex_block_causal_attention(
     T = q.shape[-2]
     block_start = torch.arange(T, device=q.device) // block * block  # (T,): first key each query sees
     out, aux = flex_kernel(q.device)(
-        q, k, v, block_mask=band_block_mask(block_start.view(1, 1, T)), scale=scale, return_aux=AuxRequest(lse=True)
+        q, k, v, block_mask=band_block_mask(block_start.view(1, 1, T)), scale=scale, return_aux=AuxRequest(lse=True),
+        kernel_options=kernel_options(q),
     )
     return out, aux.lse
 

@@ -41,7 +41,8 @@ TILE = 128  # FlexAttention's default sparse block size, for queries and keys
 # tiles skip more of what the mask removes. The Flex call alone on the H200 (do_bench, one call; forward and
 # backward times of seven configurations, reports/benchmarks/NVIDIA-H200-flex-configs-probe.csv): the fastest
 # forward and the fastest backward, added, against the defaults: lca's segments 0.84 -> 0.71 ms at 8K, 0.91 -> 0.77
-# at 32K, 0.82 -> 0.78 at 2K; ca's band at 2K 0.91 -> 0.69. fastcka keeps the defaults (its mask was not probed).
+# at 32K, 0.82 -> 0.78 at 2K; ca's band at 2K 0.91 -> 0.69. fastcka's own-block band: its whole layer 3.9-10.8% faster
+# at 2K-32K on the H100 (reports/benchmarks/NVIDIA-H100-80GB-HBM3-stop51-tile-probe.csv).
 SMALL_TILES = {
     "fwd_BLOCK_M": 64, "fwd_BLOCK_N": 64, "fwd_num_stages": 3, "fwd_num_warps": 4,
     "bwd_BLOCK_M1": 64, "bwd_BLOCK_N1": 64, "bwd_BLOCK_M2": 64, "bwd_BLOCK_N2": 64, "bwd_num_stages": 3, "bwd_num_warps": 4,
