@@ -246,13 +246,16 @@ def test_fused_mixing_equals_sdpa_mixing(S, C, D, router, dtype, monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype, gates", [(torch.float32, "straight-through"), (torch.bfloat16, "straight-through"),
+                                          (torch.float32, "random")], ids=str)
 @pytest.mark.parametrize("router", ROUTERS)
 @pytest.mark.parametrize("T, C, block", [(1, 1, 16), (37, 3, 16), (300, 17, 8), (700, 5, 8)], ids=str)
-def test_fused_supernodes_equal_position_order(T, C, block, router, dtype, monkeypatch):
+def test_fused_supernodes_equal_position_order(T, C, block, router, dtype, gates, monkeypatch):
     """The CUDA path's gated v', computed in sorted order by fused_supernodes' kernels, against the CPU path's
     position-order PyTorch (scatter-add, cumulative sum, gather), sorted: the gated v' and the gradients of k, v, the
-    own gates, W_u and the gate. k and v are strided views of one array, as the model's are of its projection.
+    own gates, W_u and the gate. k and v are strided views of one array, as the model's are of its projection. The
+    gates are the straight-through ones (forward value 1), or random weights in (0, 1) (fp32), whose values the
+    kernels must read at each token's own position.
     The last cluster is empty; at T = 700 the steps span two of the kernels' tiles and a cluster several token tiles."""
     from attnbench.variants import fused_mixing, fused_supernodes, sca
     from attnbench.variants.lca import gated, sort_by_cluster
@@ -278,7 +281,7 @@ def test_fused_supernodes_equal_position_order(T, C, block, router, dtype, monke
 
     def run(fused, dtype):
         with torch.autocast(device, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
-            own = straight_through(y)
+            own = straight_through(y) if gates == "straight-through" else y
             k_in, v_in = kv.to(dtype).permute(2, 0, 3, 1, 4)  # (B, H, T, D) each, strided
             if fused:
                 values = layer.sorted_supernode_values(k_in, v_in, own, order, cluster, counts, starts)

@@ -175,9 +175,12 @@ def broadcast_bands(q: torch.Tensor, *bands: torch.Tensor) -> tuple[list[torch.T
     B, H, T, D = q.shape
     assert q.numel() < 2**31, f"{q.numel()} elements: the band kernels index rows in int32"
     assert B * H < 2**16, f"batch x heads = {B * H}: the band kernels' grid holds at most 65,535 in its second dimension"
-    assert len({(t.shape, t.stride()) for t in bands}) == 1, f"bands of shapes {[tuple(t.shape) for t in bands]}: one shape, contiguous"
+    assert len({t.shape for t in bands}) == 1 and all(t.is_contiguous() for t in bands), \
+        f"bands of shapes {[tuple(t.shape) for t in bands]}: one shape, contiguous"
     broadcast = [t.expand(B, H, T) for t in bands]
-    return broadcast, broadcast[0].stride(0), broadcast[0].stride(1)
+    # A dimension of size 1 may carry any stride in a contiguous tensor (lca's sort gives `order` (1, 1, T) strides
+    # (64, 64, 1), where lo's are (T, T, 1)); its index is always 0, so its stride is taken as 0, one pair for all.
+    return broadcast, *(stride if n > 1 else 0 for n, stride in zip(broadcast[0].shape[:2], broadcast[0].stride()[:2]))
 
 
 def kernel_options(kernel: str, q: torch.Tensor) -> dict:
@@ -223,23 +226,22 @@ def band_attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, l
     B, H, T, D = q.shape
     (band, ends, at), stride_b, stride_h = broadcast_bands(q, lo, hi, rows)
     # Both kernels read q and do; the keys' side by its own strides, at the sort's rows where it is in q's order.
-    strides = (*row_strides(q), *row_strides(k), *row_strides(v), *row_strides(grad_o))
+    q_strides, do_strides, kv_strides = row_strides(q), row_strides(grad_o), (*row_strides(k), *row_strides(v))
     key_side = dict(K_AT_ROWS=keys_at_rows, V_AT_ROWS=values_at_rows)
     options = kernel_options("dq", q)
     dq_kernel[(triton.cdiv(T, options["BLOCK_M"]), B * H)](q, k, v, band, at, o, lse, grad_o, dq, delta, T, H, D,
-                                                           stride_b, stride_h, *strides[:3], *row_strides(o),
-                                                           *strides[9:], *strides[3:9], scale, **key_side, **options)
+                                                           stride_b, stride_h, *q_strides, *row_strides(o),
+                                                           *do_strides, *kv_strides, scale, **key_side, **options)
     options = kernel_options("dkdv", q)
     dkdv_kernel[(triton.cdiv(T, options["BLOCK_N"]), B * H)](q, k, v, band, ends, at, lse, grad_o, delta, dk, dv, value_delta, T, H, D,
-                                                             stride_b, stride_h, *strides[:3], *strides[9:], *strides[3:9],
+                                                             stride_b, stride_h, *q_strides, *do_strides, *kv_strides,
                                                              scale, VALUE_GATE=value_gate, **key_side, **options)
     return dq, dk, dv, delta, value_delta
 
 
 @band_attention_backward.register_fake
 def band_attention_backward_fake(q, k, v, lo, hi, rows, o, lse, grad_o, scale, value_gate, keys_at_rows, values_at_rows):
-    return *(torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v)), torch.empty_like(lse), \
-        lse.new_empty(lse.shape if value_gate else 0)
+    return *(t.new_empty(t.shape) for t in (q, k, v)), torch.empty_like(lse), lse.new_empty(lse.shape if value_gate else 0)
 
 
 def setup_context(ctx, inputs, output):

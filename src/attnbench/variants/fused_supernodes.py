@@ -294,14 +294,12 @@ def suffix_sums_kernel(DN, DM, N, M, TOTAL, SUMS_KV, SUMS_W, S, C8, D,
 def launch_options(kernel: str, x: torch.Tensor, C8: int, B: int, H: int) -> tuple[tuple[int], dict]:
     """The grid, one program per (batch row, head, padded cluster), and the kernel's tiles."""
     assert x.numel() < 2**31, f"{x.numel()} elements: the supernode kernels index in int32 within a row"
-    row_strides(x)  # the rows' extent, checked
     options = dict(TILES[kernel], num_warps=NUM_WARPS, **dot_options(x))
     if "BLOCK_S" not in options:  # only the kernels with products over step tiles take IEEE
         del options["IEEE"]
     return (B * H * C8,), options
 
 
-# Opaque custom ops, as fused_mixing's (Inductor's code generation for user-defined Triton kernels failed there).
 def row_strides(t: torch.Tensor) -> tuple[int, int, int]:
     """Batch, head and row strides of a (B, H, T, D) array with contiguous head dims, whose offsets within a (batch
     row, head) slice the kernels take in int32."""
@@ -316,6 +314,7 @@ def rows_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+# Opaque custom ops, as fused_mixing's (Inductor's code generation for user-defined Triton kernels failed there).
 @torch.library.custom_op("attnbench::supernode_prefix_means", mutates_args=())
 def prefix_means(k: torch.Tensor, v: torch.Tensor, weights: torch.Tensor, order: torch.Tensor, starts: torch.Tensor,
                  counts: torch.Tensor, clusters: torch.Tensor, block: int, steps: int,

@@ -23,9 +23,9 @@ Paths:
 - efficient, CPU: stable sort by (cluster, position) (a counting sort, `sort_by_cluster`), each cluster's segment
   padded to whole chunks, `chunked_segment_attention` (ca.py), scatter back;
 - efficient, CUDA: the same sort, then attention over the band segment_start[i] <= j <= i in sorted order by
-  fused_band's Triton kernels (64-row tiles, each over exactly its rows' keys; they read q, k, v and write the output
-  and the gradients in position order, at the sort's order, and the gates on v and o get their gradients from their
-  backward), or by FlexAttention with that
+  fused_band's Triton kernels (`band_cluster_attention`: 64-row tiles, each over exactly its rows' keys; they read q,
+  k, v and write the output and the gradients in position order, at the sort's order, and the gates on v and o get
+  their gradients from their backward), or by FlexAttention with that
   band's block mask (flex.py, tile lists in O(T / 128)) where Triton is absent; on CPU the eager Flex forward,
   for tests.
 Inside a cluster a_s[c_t] = a_s[c_s], so the efficient paths need one gate per
@@ -168,31 +168,37 @@ class Permute(torch.autograd.Function):
         return grad.gather(2, inverse), None, None
 
 
-def cluster_attention_sorted(q, k, v, cluster, gate, C, scale, sorted_values=None):
-    """The CUDA path (eager Flex on CPU, forward only): sorted order, band attention over each segment, back to positions.
+def band_cluster_attention(q, k, v, cluster, gate, C, scale, sorted_values=None):
+    """Attention inside each cluster by fused_band's kernels (CUDA; the CPU under Triton's interpreter, for tests): the
+    sort, then band attention over each cluster's segment in sorted order.
 
-    fused_band's kernels read q, k and v and write the output and the gradients of q, k and v in position order, at
-    the sort's order, so no (B, H, T, D) array is gathered into the sorted order or out of it; Flex needs q, k and v
-    gathered in and its output gathered out (by the inverse permutation). The gates ride on v and o: fused_band takes
-    both as inputs (their forward values are 1, so it reads v and writes o unmade, and its backward forms their
-    gradients); with Flex they are multiplied.
-    sorted_values(k, v, gate, order, cluster, counts, starts), k, v, gate and cluster in position order, gives the
-    values the attention reads in sorted order in place of gated(v, gate) (sca's v' with its supernodes; Triton only).
+    The kernels read q, k and v and write the output and the gradients of q, k and v in position order, at the sort's
+    order, so no (B, H, T, D) array is gathered into the sorted order or out of it. The gates ride on v and o as the
+    kernels' inputs (their forward values are 1, so they read v and write o unmade, and their backward forms the gates'
+    gradients). sorted_values(k, v, gate, order, cluster, counts, starts), k, v, gate and cluster in position order,
+    gives the values the attention reads, in sorted order, in place of gated(v, gate) (sca's v' with its supernodes).
     """
-    B, H, T, D = q.shape
-    order, inverse, counts, starts = sort_by_cluster(cluster, C)
+    order, _, counts, starts = sort_by_cluster(cluster, C)
     sorted_cluster = cluster.gather(-1, order)  # (B, R, T)
-    lo = starts.gather(-1, sorted_cluster)  # (B, R, T): in sorted order, where each entry's segment begins
+    lo, hi = (x.gather(-1, sorted_cluster).int() for x in (starts, starts + counts))  # (B, R, T): each entry's segment
+    if sorted_values is None:  # lca: v's gate is applied by the attention
+        values, value_gate, values_at_rows = v, gate, True
+    else:  # sca: the supernodes' values in sorted order, their gate applied
+        values, value_gate, values_at_rows = sorted_values(k, v, gate, order, cluster, counts, starts), None, False
+    return fused_band.band_attention(q, k, values, lo, hi, order.int(), scale, gate, value_gate, keys_at_rows=True,
+                                     values_at_rows=values_at_rows)
+
+
+def cluster_attention_sorted(q, k, v, cluster, gate, C, scale):
+    """lca's CUDA path: `band_cluster_attention`, or, where Triton is absent (and on CPU, forward only, for tests), the
+    same band by Flex, which needs q, k and v gathered into the sorted order and its output gathered out (by the
+    inverse permutation), the gates multiplied."""
     if q.is_cuda and fused_band is not None:
-        hi = (starts + counts).gather(-1, sorted_cluster)  # (B, R, T): where each entry's segment ends
-        if sorted_values is None:  # lca: v's gate is applied by the attention
-            values, value_gate, values_at_rows = v, gate, True
-        else:  # sca: the supernodes' values in sorted order, their gate applied
-            values, value_gate, values_at_rows = sorted_values(k, v, gate, order, cluster, counts, starts), None, False
-        return fused_band.band_attention(q, k, values, lo.int(), hi.int(), order.int(), scale, gate, value_gate,
-                                         keys_at_rows=True, values_at_rows=values_at_rows)
+        return band_cluster_attention(q, k, v, cluster, gate, C, scale)
+    B, H, T, D = q.shape
+    order, inverse, _, starts = sort_by_cluster(cluster, C)
+    lo = starts.gather(-1, cluster.gather(-1, order))  # (B, R, T): in sorted order, where each entry's segment begins
     to_sorted, to_positions = (i.unsqueeze(-1).expand(B, H, T, D) for i in (order, inverse))
-    assert sorted_values is None, "sorted values are read by fused_band's kernels only"
     q, k, v = (Permute.apply(t, to_sorted, to_positions) for t in (q, k, v))  # (B, H, T, D), sorted
     gate_sorted = None if gate is None else Permute.apply(gate, order.unsqueeze(-1), inverse.unsqueeze(-1))
     out = flex_band_attention(q, k, gated(v, gate_sorted), lo, scale)

@@ -80,7 +80,8 @@ from pydantic import Field
 from torch import nn
 
 from .base import PositiveAutoInt, masked_softmax_attention, pow2_block, register
-from .lca import LearnedClusterAttention, LearnedClusterOptions, cluster_attention_sorted, cluster_attention_reference
+from . import lca
+from .lca import LearnedClusterAttention, LearnedClusterOptions, band_cluster_attention, cluster_attention_reference
 from .routing import block_cluster_slots, own_gate, straight_through_gates
 
 fused_mixing = fused_supernodes = None  # the Triton kernels of the mixing and of the supernode states, for CUDA tensors only
@@ -250,10 +251,10 @@ class SuperClusterAttention(LearnedClusterAttention):
         return cluster, own, self.supernode_values(k, v, cluster, own)
 
     def sorted_attention(self, q, k, v, x):
-        if fused_supernodes is None or not q.is_cuda:
+        if fused_supernodes is None or lca.fused_band is None or not q.is_cuda:
             return super().sorted_attention(q, k, v, x)
         cluster, own = self.route_own(x)
-        return cluster_attention_sorted(q, k, v, cluster, own, self.clusters, self.scale, self.sorted_supernode_values)
+        return band_cluster_attention(q, k, v, cluster, own, self.clusters, self.scale, self.sorted_supernode_values)
 
     # Non-causal form (tests and profiles only).
 
