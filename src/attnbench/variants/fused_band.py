@@ -188,9 +188,12 @@ def broadcast_bands(q: torch.Tensor, *bands: torch.Tensor) -> tuple[list[torch.T
     B, H, T, D = q.shape
     assert q.numel() < 2**31, f"{q.numel()} elements: the band kernels index rows in int32"
     assert B * H < 2**16, f"batch x heads = {B * H}: the band kernels' grid holds at most 65,535 in its second dimension"
-    assert len({(t.shape, t.stride()) for t in bands}) == 1, f"bands of shapes {[tuple(t.shape) for t in bands]}: one shape, contiguous"
+    assert len({t.shape for t in bands}) == 1 and all(t.is_contiguous() for t in bands), \
+        f"bands of shapes {[tuple(t.shape) for t in bands]}: one shape, contiguous"
     broadcast = [t.expand(B, H, T) for t in bands]
-    return broadcast, broadcast[0].stride(0), broadcast[0].stride(1)
+    # A dimension of size 1 may carry any stride in a contiguous tensor (lca's sort gives `order` (1, 1, T) strides
+    # (64, 64, 1), where lo's are (T, T, 1)); its index is always 0, so its stride is taken as 0, one pair for all.
+    return broadcast, *(stride if n > 1 else 0 for n, stride in zip(broadcast[0].shape[:2], broadcast[0].stride()[:2]))
 
 
 def kernel_options(kernel: str, q: torch.Tensor) -> dict:
