@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from attnbench.variants.base import masked_softmax_attention
+from attnbench.variants.lca import sort_by_cluster
 from attnbench.variants.routing import straight_through
 from tests.test_lca import triton_device
 from tests.test_variants import FP32_RTOL, rel_err
@@ -11,8 +12,6 @@ from tests.test_variants import FP32_RTOL, rel_err
 
 def segment_bands(B, R, T, C, generator):
     """lo, hi (B, R, T) int32 of random clusters in sorted order: each position's segment start and end."""
-    from attnbench.variants.lca import sort_by_cluster
-
     cluster = torch.randint(0, C, (B, R, T), generator=generator)
     cluster[..., : T // 2] = torch.where(cluster[..., : T // 2] < C // 2, 0, cluster[..., : T // 2])  # one long segment
     order, _, counts, starts = sort_by_cluster(cluster, C)
@@ -52,7 +51,9 @@ def test_band_attention_equals_reference(B, H, R, T, C, layout, value_gated, dty
     generator = torch.Generator().manual_seed(T)
     D = 64 if device == "cuda" else 16  # the interpreter is slow
     lo, hi = (t.to(device) for t in segment_bands(B, R, T, C, generator))
-    rows = torch.rand(B, R, T, generator=generator).argsort(dim=-1).to(device)  # sorted query i is q[..., rows[i], :]
+    # Sorted query i is q[..., rows[i], :]: a permutation from lca's sort, whose size-1 dimensions carry strides
+    # of their own (batch 1, one routing row), as the layer hands it over.
+    rows = sort_by_cluster(torch.randint(0, 5, (B, R, T), generator=generator), 5)[0].to(device)
     qkv = torch.randn(B, T, 3, H, D, generator=generator).to(device).requires_grad_(True)
     y, y_value = (torch.rand(B, R, T, 1, generator=generator).to(device).requires_grad_(True) for _ in range(2))  # y_value in v's order
     weight = torch.randn(B, T, H * D, generator=generator).to(device)
