@@ -406,7 +406,8 @@ def test_by_variant_takes_a_variant_with_several_runs_by_their_means():
     summary = pd.DataFrame({"variant": ["ca", "mha", "ca-seed1", "ca-seed2"], "test bpb": [2.5, 2.4, 2.7, 2.9],
                             "train tok/s": [100.0, 50.0, 200.0, 300.0], "attn tok/s @ max T": [1.0, 2.0, None, 3.0], "MFU %": None})
     assert by_variant(summary).to_dict(orient="list") == {
-        "variant": ["ca", "mha"], "test bpb": [pytest.approx(2.7), 2.4], "train tok/s": [200.0, 50.0], "attn tok/s @ max T": [2.0, 2.0]}
+        "variant": ["ca", "mha"], "test bpb": [pytest.approx(2.7), 2.4], "train tok/s": [200.0, 50.0], "attn tok/s @ max T": [2.0, 2.0],
+        "runs": [3, 1]}
 
 
 @pytest.mark.parametrize("bpbs", [(3.205, 3.1), (2.6, 2.8)], ids=["mha-best", "lca-best-by-its-mean"])

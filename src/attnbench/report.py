@@ -133,9 +133,11 @@ def variant_of(summary: pd.DataFrame) -> pd.Series:
 
 def by_variant(summary: pd.DataFrame) -> pd.DataFrame:
     """One row per variant, what the best variant and the fronts compare: a variant with several runs (params entries
-    `<variant>-seed<N>`) by the means of their test bpb and speeds, so that no run is ranked against its own seeds."""
-    runs = summary.set_index(variant_of(summary).rename("kind"))
-    return runs[["test bpb", "train tok/s", "attn tok/s @ max T"]].groupby(level="kind", sort=False).mean().rename_axis("variant").reset_index()
+    `<variant>-seed<N>`) by the means of their test bpb and speeds, so that no run is ranked against its own seeds;
+    `runs`, how many runs each has."""
+    grouped = summary.set_index(variant_of(summary).rename("kind"))[["test bpb", "train tok/s", "attn tok/s @ max T"]].groupby(
+        level="kind", sort=False)
+    return grouped.mean().assign(runs=grouped.size()).rename_axis("variant").reset_index()
 
 
 def routing_summary(summaries: dict[str, dict]) -> pd.DataFrame:
@@ -189,8 +191,7 @@ def figures(summary: pd.DataFrame, curves: pd.DataFrame, profiles: pd.DataFrame,
     # A legend, not labels beside the points: variants of nearly equal speed and bpb would print their names over each other.
     sns.scatterplot(summary, x="train tok/s", y="test bpb", hue="variant", style="variant", s=80, ax=ax)
     means = variant_means.set_index("variant")
-    runs = variant_of(summary).value_counts()
-    several = means.loc[runs.index[runs > 1]]  # variants with seed entries
+    several = means[means["runs"] > 1]  # variants with seed entries
     if len(several):  # the points the best variant and the fronts compare them by
         ax.scatter(several["train tok/s"], several["test bpb"], s=140, facecolors="none", edgecolors="0.2", label="mean of a variant's runs")
     if len(front) > 1:  # along the front, faster means worse bpb: a line from the best bpb to the fastest
@@ -390,7 +391,6 @@ def report(params: Params, variants_dir: Path, data_dir: Path, out_dir: Path, su
     agreement = (f"which these attention time exponents miss by more than {SPEC_EXPONENT_TOLERANCE:g}: {'; '.join(off)}" if off
                  else f"which every fitted attention time exponent here meets within {SPEC_EXPONENT_TOLERANCE:g}")
     variant_means = by_variant(summary)
-    runs = variant_of(summary).value_counts()
     bpb = printed_bpb(variant_means)
     best = variant_means[bpb == bpb.min()]  # all that tie as printed, so the page never calls a variant it ranks equal worse
     costs = {"train": ("train tok/s", f"Training tok/s (T = {params.model.seq_len})"),
@@ -418,7 +418,7 @@ def report(params: Params, variants_dir: Path, data_dir: Path, out_dir: Path, su
         "smoothed, the longer ones Witten-Bell interpolated): "
         + ", ".join(f"{name} **{SUMMARY_FORMATS['test bpb'].format(value)} bpb**" for name, value in baselines.items()) + ". "
         f"Best variant{'s' if len(best) > 1 else ''}: **{', '.join(best['variant'])}** at {bpb.min():.3f} bpb"
-        + (" (the mean of its runs). " if any(runs[v] > 1 for v in best["variant"]) else ". ")
+        + (" (the mean of its runs). " if (best["runs"] > 1).any() else ". ")
         + ngram_verdict(summary, baselines)
         + (f" Test bpb predicts {' to '.join(f'{n:,}' for n in scored)} of the test split's {test_bytes:,} bytes "
            "(evaluate.max_tokens: evenly spaced windows)." if scored[0] < test_bytes - 1 else ""),
@@ -426,7 +426,7 @@ def report(params: Params, variants_dir: Path, data_dir: Path, out_dir: Path, su
         "Quality for its cost, as Pareto fronts (a variant is off a front where another is at least as good in test "
         f"bpb, as printed, and in speed, and better in one; the bpb is the model's at T = {m.seq_len}, the speeds each "
         "at its own T, with the variant's auto options resolved there"
-        + ("; a variant with several runs by their means" if len(runs) < len(summary) else "") + "):",
+        + ("; a variant with several runs by their means" if (variant_means["runs"] > 1).any() else "") + "):",
         "",
         *(front_line(fronts[key], label, list(variant_means["variant"])) for key, (_, label) in costs.items()),
         "",
