@@ -1,11 +1,13 @@
 """SIGTERM as an exception, so that what a timeout, Slurm's time limit or a cancelled job sends ends a stage as
-Ctrl-C does; and which process of a data-parallel stage says that it ended so."""
+Ctrl-C does; both signals held over a call that must not stop halfway; and which process of a data-parallel stage
+says that it ended so."""
 
 from __future__ import annotations
 
 import contextlib
 import os
 import signal
+import threading
 from collections.abc import Iterator
 
 
@@ -26,6 +28,26 @@ def sigterm_raises() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def held() -> Iterator[None]:
+    """SIGINT and SIGTERM held inside and delivered on leaving, to the handlers set before: for a call that must not
+    stop halfway. A call to MLflow's sqlite store stopped inside a statement left its connection holding the
+    database's lock, so the run's final status waited 20 s for it and was lost (the run stayed RUNNING). Only the
+    main thread sets handlers and receives signals; elsewhere nothing is held."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    arrived: list[int] = []
+    previous = {signum: signal.signal(signum, lambda signum, frame: arrived.append(signum)) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)  # None: a handler not set from Python
+        for signum in dict.fromkeys(arrived):
+            signal.raise_signal(signum)
 
 
 # Set in the workers distributed.launch starts: their launcher, not they, reports the stage's end.

@@ -20,6 +20,7 @@ import requests
 from filelock import FileLock
 
 from .config import Params
+from .signals import held
 
 log = logging.getLogger(__name__)
 
@@ -93,13 +94,13 @@ class Tracker:
         self.retry_at = 0.0
 
     def _call(self, what: str, fn: Callable, *args, **kwargs) -> None:
-        """fn(*args, **kwargs) under the store's lock; an unavailable store warns (at the first failure of a run of
+        """fn(*args, **kwargs) as `_store_access` makes it; an unavailable store warns (at the first failure of a run of
         them) instead of raising."""
         if time.monotonic() < self.retry_at:
             self.lost += 1
             return
         try:
-            with _store_lock(self.uri):
+            with _store_access(self.uri):
                 fn(*args, **kwargs)
         except Exception as err:
             if not unavailable(err):
@@ -184,6 +185,16 @@ def _store_lock(uri: str):
     return FileLock(path + ".lock", timeout=600) if path is not None else contextlib.nullcontext()
 
 
+@contextlib.contextmanager
+def _store_access(uri: str) -> Iterator[None]:
+    """Calls to the store: a sqlite store's under its file lock, with SIGINT and SIGTERM held until they return
+    (`signals.held`: a statement stopped halfway left its connection holding the database's lock, so the run's final
+    status waited 20 s for it and was lost). A server's calls stay interruptible: one to a hung server takes about 30 s
+    to fail (RETRY_DEFAULTS), longer than a SIGTERM's grace."""
+    with _store_lock(uri), (held() if sqlite_file(uri) is not None else contextlib.nullcontext()):
+        yield
+
+
 def _experiment_id(client, name: str, uri: str) -> str:
     """The id of experiment `name`, created (artifacts under ./mlartifacts for a local store) if missing."""
     experiment = client.get_experiment_by_name(name)
@@ -228,7 +239,7 @@ def stage_run(params: Params, stage: str, variant: str | None = None) -> Iterato
     check_server(uri)
     name = params.experiment
     code = git_tags()  # before the store's lock: other stages wait on it
-    with _store_lock(uri):
+    with _store_access(uri):
         client = MlflowClient(tracking_uri=uri)
         experiment_id = _experiment_id(client, name, uri)
         tags = {"stage": stage, "config": params.run.name} | code
@@ -278,7 +289,7 @@ def import_runs(params: Params, source_uri: str) -> int:
         raise ValueError(f"{source_uri} has no experiment {params.experiment!r}")
     uri = tracking_uri(params)
     check_server(uri)
-    with _store_lock(uri):
+    with _store_access(uri):
         client = MlflowClient(tracking_uri=uri)
         experiment_id = _experiment_id(client, params.experiment, uri)
         done = {r.data.tags["attnbench.source_run"] for r in client.search_runs([experiment_id], "tags.`attnbench.source_run` != ''", max_results=50_000)}
@@ -289,7 +300,7 @@ def import_runs(params: Params, source_uri: str) -> int:
             continue
         tags = [RunTag(k, v) for k, v in run.data.tags.items() if not k.startswith("mlflow.")] + [RunTag("attnbench.source_run", run.info.run_id)]
         metrics = [Metric(m.key, m.value, m.timestamp, m.step) for key in run.data.metrics for m in source.get_metric_history(run.info.run_id, key)]
-        with _store_lock(uri):
+        with _store_access(uri):
             new = client.create_run(experiment_id, start_time=run.info.start_time, run_name=run.info.run_name)
             client.log_batch(new.info.run_id, tags=tags, params=[Param(k, v) for k, v in run.data.params.items()])
             for start in range(0, len(metrics), 1000):
