@@ -344,7 +344,8 @@ def test_train_terminated_ends_its_mlflow_run_killed_and_keeps_its_checkpoint(pr
 def test_a_stage_that_crashes_in_native_code_prints_where(tmp_path):
     """Fault: a segfault inside a stage (CI once saw `train --variant la` end with exit status 139 and not a line of
     why). Expected: stderr names the fault and the Python frames it happened in (faulthandler)."""
-    crash = "import ctypes, sys; from attnbench import cli; cli.run = lambda args: ctypes.string_at(0); sys.exit(cli.main(['fetch']))"
+    crash = ("import ctypes, runpy, sys; from attnbench import cli; cli.run = lambda args: ctypes.string_at(0); "
+             "sys.argv = ['attnbench', 'fetch']; runpy.run_module('attnbench', run_name='__main__')")  # python -m attnbench fetch
     done = subprocess.run([sys.executable, "-c", crash], cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=120)
     assert done.returncode == -signal.SIGSEGV, done.stderr
     assert "Fatal Python error: Segmentation fault" in done.stderr and "<lambda>" in done.stderr, done.stderr

@@ -8,7 +8,6 @@ Every failure ends in one line on stderr: `attnbench <stage>: error: <what>`.
 from __future__ import annotations
 
 import argparse
-import faulthandler
 import logging
 import os
 import signal
@@ -148,7 +147,6 @@ def run(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    faulthandler.enable()  # a crash in native code (a segfault) prints each thread's Python stack: where the stage died
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s attnbench {args.stage}: %(message)s", datefmt="%H:%M:%S", force=True)
     for noisy in ("mlflow", "alembic", "filelock", "git"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
