@@ -33,8 +33,8 @@ def test_sigterm_raises_inside_and_the_previous_handler_is_restored():
 
 
 def test_held_signals_arrive_on_leaving_once_each_to_the_handlers_set_before():
-    """Inside, SIGTERM and SIGINT only arrive; on leaving, each that arrived is delivered once, in order, to the
-    handler that was set before, which is back."""
+    """Inside, SIGTERM and SIGINT only arrive; on leaving, each that arrived is delivered once, in order of arrival, to
+    the handler that was set before (here one that does not raise), which is back."""
     received = []
 
     def previous(signum, frame):
@@ -61,3 +61,33 @@ def test_a_sigterm_held_over_a_call_raises_terminated_after_it():
             os.kill(os.getpid(), signal.SIGTERM)
             finished.append(True)
     assert finished == [True]
+
+
+
+def test_a_signal_between_two_restores_leaves_no_handler_of_held_behind(monkeypatch):
+    """A signal that arrives once one handler is back raises there, inside the next restore: the other handler is
+    restored all the same (before, held's recording handler stayed and swallowed every later SIGTERM)."""
+    def previous(signum, frame):
+        raise KeyboardInterrupt
+
+    originals = {signum: signal.signal(signum, previous) for signum in (signal.SIGINT, signal.SIGTERM)}
+    real_signal, first_back = signal.signal, []
+
+    def restore_then_arrive(signum, handler):
+        old = real_signal(signum, handler)
+        if handler is previous and not first_back:  # the first handler back: its signal arrives now
+            first_back.append(signum)
+            os.kill(os.getpid(), signum)
+        return old
+
+    try:
+        monkeypatch.setattr(signal, "signal", restore_then_arrive)
+        with pytest.raises(KeyboardInterrupt):
+            with held():
+                pass
+        monkeypatch.undo()
+        assert first_back and all(signal.getsignal(signum) is previous for signum in originals)
+    finally:
+        monkeypatch.undo()
+        for signum, handler in originals.items():
+            signal.signal(signum, handler)

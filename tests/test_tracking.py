@@ -314,6 +314,26 @@ def test_a_sigterm_inside_a_call_to_a_sqlite_store_arrives_after_it(tmp_path, mo
     assert run.info.status == "KILLED" and run.data.metrics == {"loss": 1.0}
 
 
+def test_a_sigterm_held_over_the_runs_creation_ends_that_run_killed(tmp_path, monkeypatch):
+    """A SIGTERM that arrives while stage_run creates its run is held until the run exists, then stops the stage
+    before its body: the new run ends KILLED, not RUNNING (found by review: the hold had made this so)."""
+    from mlflow.tracking import MlflowClient as Client
+
+    monkeypatch.chdir(tmp_path)
+    params = params_at(f"sqlite:///{tmp_path / 'a.db'}")
+    real_create_run = Client.create_run
+
+    def create_run_signalled(self, *args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real_create_run(self, *args, **kwargs)
+
+    monkeypatch.setattr(Client, "create_run", create_run_signalled)
+    with pytest.raises(Terminated), sigterm_raises(), stage_run(params, "train", "mha"):
+        pytest.fail("the stage's body ran")
+    _, [run] = runs(params.tracking.uri)
+    assert run.info.status == "KILLED"
+
+
 def test_bounded_retries_bound_mlflows_client_where_the_user_has_not(monkeypatch):
     """Unset, MLflow's client retries a call 7 times, for over 4 minutes; inside a run 2 retries, a backoff factor of
     1 and 10-s timeouts (about 35 s against a hung server), and nothing left set after it."""

@@ -8,6 +8,7 @@ Every failure ends in one line on stderr: `attnbench <stage>: error: <what>`.
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import logging
 import os
 import signal
@@ -167,3 +168,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"attnbench {args.stage}: error: {message} (ATTNBENCH_DEBUG=1 shows the traceback)", file=sys.stderr)
         return 2 if type(err).__name__ == "ConfigError" else 1
     return 0
+
+
+def entry() -> int:
+    """The process's entry (`python -m attnbench`, the `attnbench` script): main with faulthandler on, so a crash in
+    native code (a segfault) prints each thread's Python stack, where the stage died. Not in main, which tests call
+    in-process, where stderr may be a capture without a file descriptor."""
+    faulthandler.enable()
+    return main()

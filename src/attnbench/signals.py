@@ -32,20 +32,24 @@ def sigterm_raises() -> Iterator[None]:
 
 @contextlib.contextmanager
 def held() -> Iterator[None]:
-    """SIGINT and SIGTERM held inside and delivered on leaving, to the handlers set before: for a call that must not
-    stop halfway. A call to MLflow's sqlite store stopped inside a statement left its connection holding the
-    database's lock, so the run's final status waited 20 s for it and was lost (the run stayed RUNNING). Only the
-    main thread sets handlers and receives signals; elsewhere nothing is held."""
+    """SIGINT and SIGTERM held inside, for a call that must not stop halfway; on leaving, the handlers set before are
+    back and each signal that arrived is delivered to its own, in order of arrival (where one raises, as the stages'
+    do, the rest are dropped: the stage is stopping already). A call to MLflow's sqlite store stopped inside a statement
+    left its connection holding the database's lock, so the run's final status waited 20 s for it and was lost (the
+    run stayed RUNNING). Only the main thread sets handlers and receives signals; elsewhere nothing is held."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     arrived: list[int] = []
-    previous = {signum: signal.signal(signum, lambda signum, frame: arrived.append(signum)) for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
-        yield
+        # Each handler's restore is registered as soon as it is swapped, and an ExitStack runs every restore even if a
+        # signal that arrives between two of them raises: no recording handler outlives the block.
+        with contextlib.ExitStack() as restore:
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                previous = signal.signal(signum, lambda signum, frame: arrived.append(signum))
+                restore.callback(signal.signal, signum, signal.SIG_DFL if previous is None else previous)  # None: set outside Python
+            yield
     finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, signal.SIG_DFL if handler is None else handler)  # None: a handler not set from Python
         for signum in dict.fromkeys(arrived):
             signal.raise_signal(signum)
 

@@ -132,6 +132,11 @@ class Tracker:
     def log_artifact(self, path: str | Path) -> None:
         self._call(f"artifact {Path(path).name}", self.client.log_artifact, self.run_id, str(path))
 
+    def end(self, status: str) -> None:
+        """The run's final status (FINISHED, KILLED or FAILED), worth one more try after a failed call."""
+        self.retry_at = 0.0
+        self._call("the run's status", self.client.set_terminated, self.run_id, status=status)
+
     def set_tags(self, tags: Mapping[str, str]) -> None:
         from mlflow.entities import RunTag
 
@@ -189,7 +194,7 @@ def _store_lock(uri: str):
 def _store_access(uri: str) -> Iterator[None]:
     """Calls to the store: a sqlite store's under its file lock, with SIGINT and SIGTERM held until they return
     (`signals.held`: a statement stopped halfway left its connection holding the database's lock, so the run's final
-    status waited 20 s for it and was lost). A server's calls stay interruptible: one to a hung server takes about 30 s
+    status waited 20 s for it and was lost). A server's calls stay interruptible: one to a hung server takes about 35 s
     to fail (RETRY_DEFAULTS), longer than a SIGTERM's grace."""
     with _store_lock(uri), (held() if sqlite_file(uri) is not None else contextlib.nullcontext()):
         yield
@@ -239,16 +244,22 @@ def stage_run(params: Params, stage: str, variant: str | None = None) -> Iterato
     check_server(uri)
     name = params.experiment
     code = git_tags()  # before the store's lock: other stages wait on it
-    with _store_access(uri):
-        client = MlflowClient(tracking_uri=uri)
-        experiment_id = _experiment_id(client, name, uri)
-        tags = {"stage": stage, "config": params.run.name} | code
-        if variant:
-            tags["variant"] = variant
-        # Under `dvc exp run` the experiment's name and baseline commit (DVC's variables): what `dvc exp apply` takes.
-        tags |= {v.lower(): os.environ[v] for v in ("DVC_EXP_NAME", "DVC_EXP_BASELINE_REV") if v in os.environ}
-        run = client.create_run(experiment_id, run_name=f"{stage}-{variant}" if variant else stage, tags=tags)
-    tracker = Tracker(client, uri, run.info.run_id)
+    tracker = None
+    try:
+        with _store_access(uri):
+            client = MlflowClient(tracking_uri=uri)
+            experiment_id = _experiment_id(client, name, uri)
+            tags = {"stage": stage, "config": params.run.name} | code
+            if variant:
+                tags["variant"] = variant
+            # Under `dvc exp run` the experiment's name and baseline commit (DVC's variables): what `dvc exp apply` takes.
+            tags |= {v.lower(): os.environ[v] for v in ("DVC_EXP_NAME", "DVC_EXP_BASELINE_REV") if v in os.environ}
+            run = client.create_run(experiment_id, run_name=f"{stage}-{variant}" if variant else stage, tags=tags)
+            tracker = Tracker(client, uri, run.info.run_id)
+    except KeyboardInterrupt:  # held over the run's creation, raised as the block ended: the new run ends KILLED
+        if tracker is not None:
+            tracker.end("KILLED")
+        raise
     status = "FAILED"
     try:
         with bounded_retries():
@@ -262,8 +273,7 @@ def stage_run(params: Params, stage: str, variant: str | None = None) -> Iterato
                 if status == "KILLED" and tracker.pause:
                     tracker.lost += 1  # the store is away, and a SIGTERM's grace is shorter than a call to a hung server
                 else:
-                    tracker.retry_at = 0.0  # the status is worth one more try
-                    tracker._call("the run's status", client.set_terminated, run.info.run_id, status=status)
+                    tracker.end(status)
     finally:
         if tracker.lost:
             log.warning("mlflow: %s run %s in experiment %r at %s lacks %d of its calls (params, metrics, artifacts or "
