@@ -7,6 +7,8 @@ import multiprocessing
 import os
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -314,6 +316,26 @@ def test_a_sigterm_inside_a_call_to_a_sqlite_store_arrives_after_it(tmp_path, mo
     assert run.info.status == "KILLED" and run.data.metrics == {"loss": 1.0}
 
 
+def test_a_sigterm_while_waiting_for_the_stores_lock_is_not_held(tmp_path):
+    """Signals are held only once the store's file lock is taken: a SIGTERM while another process holds the lock
+    (its wait may last 600 s) stops the stage there, and the call never runs."""
+    uri = f"sqlite:///{tmp_path / 'a.db'}"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from filelock import FileLock; "
+                               f"lock = FileLock({sqlite_file(uri) + '.lock'!r}); lock.acquire(); print('held', flush=True); time.sleep(3)"],
+                              stdout=subprocess.PIPE, text=True)
+    ran, sigterm = [], threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGTERM))  # while this process waits
+    try:
+        assert holder.stdout.readline() == "held\n"
+        sigterm.start()
+        with pytest.raises(Terminated), sigterm_raises(), tracking._store_access(uri):
+            ran.append(True)
+    finally:
+        sigterm.cancel()  # not sent, should the block end first: outside sigterm_raises it would end pytest
+        holder.kill()
+        holder.wait()
+    assert ran == []
+
+
 def test_a_sigterm_held_over_the_runs_creation_ends_that_run_killed(tmp_path, monkeypatch):
     """A SIGTERM that arrives while stage_run creates its run is held until the run exists, then stops the stage
     before its body: the new run ends KILLED, not RUNNING (found by review: the hold had made this so)."""
@@ -374,8 +396,6 @@ def test_a_run_is_tagged_with_the_commit_of_the_code_it_ran(tmp_path, monkeypatc
 def test_git_tags_name_the_commit_and_whether_the_package_differs_from_it(tmp_path):
     """The package's own tracked files count: neither a changed file beside it in the tree nor an untracked one in
     it. No tags outside a Git tree, nor for a copy of the package in an ignored folder of one (an installed copy)."""
-    import subprocess
-
     def git(*args):
         return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True,
                               capture_output=True, text=True).stdout.strip()
