@@ -30,9 +30,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .fused_mixing import LOG2E, NEG, dot, dot_options, online_softmax_step
-from .fused_supernodes import row_strides, rows_contiguous, slice_offset, store_strided_rows, strided_rows
-from .fused_supernodes import store_token_tile as store_rows
+from .fused_tiles import (LOG2E, NEG, dot, dot_options, online_softmax_step, row_strides, rows_contiguous, slice_offset,
+                          store_strided_rows, strided_rows)
+from .fused_tiles import store_token_tile as store_rows
 
 
 def kernel_layouts(q, k, v, lo, hi, rows) -> tuple[torch.Tensor, ...]:

@@ -23,11 +23,11 @@ products, not TF32.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
+
+from .fused_tiles import LOG2E, NEG, dot, dot_options, dot_tile, online_softmax_step
 
 BLOCK = 64  # query rows per dq program, keys per dk-dv program, and the tile of their loops
 NUM_WARPS = 4
@@ -44,28 +44,6 @@ WHOLE_KEYS = 128
 # 0.05 ms slower in one A/B pair; no other setting was measured there or below 65.
 FORWARD_OPTIONS = {"BLOCK": 128, "BLOCK_N": 32, "num_warps": 8, "num_stages": 3}
 WHOLE_OPTIONS = {"BLOCK": 32, "num_warps": 4, "num_stages": 1}
-INTERPRET = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")  # Triton's CPU interpreter: tests without a GPU
-NEG = tl.constexpr(-1.0e30)  # the running maximum's start: finite, so a tile whose keys are all masked adds 0, not NaN
-LOG2E = tl.constexpr(1.4426950408889634)  # the forwards take scores in base 2: exp2 is one instruction
-
-
-@triton.jit
-def dot(a, b, IEEE: tl.constexpr):
-    if INTERPRET:  # the interpreter's products of 16-bit operands are wrong (numpy has no bf16); the same in fp32
-        return tl.dot(a.to(tl.float32), b.to(tl.float32))
-    if IEEE:
-        return tl.dot(a, b, input_precision="ieee")
-    return tl.dot(a, b)
-
-
-@triton.jit
-def online_softmax_step(scores, v, row_max, row_sum, acc, IEEE: tl.constexpr):
-    """One key tile of a flash forward, scores (rows, keys) in base 2 and -inf where masked: the rows' running
-    maximum, sum of exponentials and output accumulator, carried over the tile."""
-    new_max = tl.maximum(row_max, tl.max(scores, 1))
-    e = tl.exp2(scores - new_max[:, None])
-    shrink = tl.exp2(row_max - new_max)
-    return new_max, row_sum * shrink + tl.sum(e, 1), acc * shrink[:, None] + dot(e.to(v.dtype), v, IEEE)
 
 
 @triton.jit
@@ -217,17 +195,6 @@ def whole_backward_kernel(N, M, WU, KEYS, O, LSE, DO, DU, DN, DM, L, D, scale,
     store_tile(DM, dk * scale, p, 0, L, D, BLOCK_KEYS, BLOCK_D)
     tl.debug_barrier()  # the row tiles' stores to DN, by other threads of this program, before they are read
     store_tile(DN, dv + load_tile(DN, p, 0, L, D, BLOCK_KEYS, BLOCK_D).to(tl.float32), p, 0, L, D, BLOCK_KEYS, BLOCK_D)
-
-
-def dot_tile(size: int) -> int:
-    """Rows or columns of a tile that `dot` multiplies: a power of two, at least 16 (tl.dot's least)."""
-    return max(16, triton.next_power_of_2(size))
-
-
-def dot_options(x: torch.Tensor) -> dict:
-    """The kernels' head-dimension tile for x's last dimension, and IEEE products for fp32 x (not TF32). Shared by
-    this module's, fused_supernodes' and fused_band's kernels."""
-    return dict(BLOCK_D=dot_tile(x.shape[-1]), IEEE=x.dtype == torch.float32)
 
 
 def launch_options(n: torch.Tensor) -> dict:

@@ -33,17 +33,15 @@ so the rows are aligned for vector loads and stores.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
+from .fused_tiles import INTERPRET, LOG2E
 
-LN2, LOG2E = tl.constexpr(0.6931471805599453), tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
 TINY = tl.constexpr(1.1754943508222875e-38)  # fp32's smallest normal, as routing's clamp
-INTERPRET = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")  # Triton's CPU interpreter: tests without a GPU
 # Tokens per loop step and warps. With rows of `padded_width` Triton lays a row over 16 lanes of one warp (8
 # columns each), so every row reduction stays inside a warp at (4, 2) too. Forward + backward on lca's benchmark
 # logits (H200, do_bench, one call, stop 25), at 2K / 8K / 32K: (4, 2) 0.17 / 0.31 / 0.73 ms; (2, 1) 0.19 / 0.31 /

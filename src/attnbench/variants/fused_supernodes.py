@@ -37,7 +37,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .fused_mixing import dot, dot_options, dot_tile
+from .fused_tiles import (dot, dot_options, dot_tile, row_strides, rows_contiguous, store_token_tile, strided_rows,
+                          token_tile)
 
 # Steps and tokens per tile, per kernel, 4 warps (H200, do_bench, each kernel alone at sca's 8K / 32K shapes):
 # - prefix 32 x 32: 131 / 130 us in one pass over the tokens; the other settings of 32 to 128 steps, 16 to 64 tokens,
@@ -82,38 +83,6 @@ def last_block_of(ORDER, routing_row, T, start, token0, count, block_size, BLOCK
 def store_steps(X, value, rows, steps, S, dims, D):
     """value (steps, D) into rows `rows` of X, the steps past S left out."""
     tl.store(X + rows[:, None] * D + dims[None, :], value.to(X.dtype.element_ty), mask=(steps < S)[:, None] & (dims < D)[None, :])
-
-
-@triton.jit
-def token_tile(X, bh, T, index, ok, dims, D):
-    """Rows `index` of (bh)'s (T, D) slice of X, zero where not ok or past D."""
-    return tl.load(X + (bh * T + index)[:, None] * D + dims[None, :], mask=ok[:, None] & (dims < D)[None, :], other=0.0)
-
-
-@triton.jit
-def slice_offset(bh, H, stride_b, stride_h):
-    """Where (bh)'s slice starts in an array of these batch and head strides (0 where broadcast)."""
-    return bh // H * stride_b + bh % H * stride_h
-
-
-@triton.jit
-def strided_rows(X, bh, H, stride_b, stride_h, stride_t, index, ok, dims, D):
-    """Rows `index` of (bh)'s (T, D) slice of X of these strides (head dims contiguous), zero where not ok or past D."""
-    address = slice_offset(bh, H, stride_b, stride_h) + index[:, None] * stride_t + dims[None, :]
-    return tl.load(X + address, mask=ok[:, None] & (dims < D)[None, :], other=0.0)
-
-
-@triton.jit
-def store_strided_rows(X, value, bh, H, stride_b, stride_h, stride_t, index, ok, dims, D):
-    """value into rows `index` of (bh)'s (T, D) slice of X, in X's dtype (`strided_rows`'s store)."""
-    address = slice_offset(bh, H, stride_b, stride_h) + index[:, None] * stride_t + dims[None, :]
-    tl.store(X + address, value.to(X.dtype.element_ty), mask=ok[:, None] & (dims < D)[None, :])
-
-
-@triton.jit
-def store_token_tile(X, value, bh, T, index, ok, dims, D):
-    """value into rows `index` of (bh)'s (T, D) slice of X, in X's dtype, where ok and within D (`token_tile`'s store)."""
-    tl.store(X + (bh * T + index)[:, None] * D + dims[None, :], value.to(X.dtype.element_ty), mask=ok[:, None] & (dims < D)[None, :])
 
 
 @triton.jit
@@ -298,20 +267,6 @@ def launch_options(kernel: str, x: torch.Tensor, C8: int, B: int, H: int) -> tup
     if "BLOCK_S" not in options:  # only the kernels with products over step tiles take IEEE
         del options["IEEE"]
     return (B * H * C8,), options
-
-
-def row_strides(t: torch.Tensor) -> tuple[int, int, int]:
-    """Batch, head and row strides of a (B, H, T, D) array with contiguous head dims, whose offsets within a (batch
-    row, head) slice the kernels take in int32."""
-    assert t.stride(-1) == 1, f"strides {t.stride()}: the kernels read rows with contiguous head dims"
-    extent = 1 + sum((n - 1) * stride for n, stride in zip(t.shape, t.stride()))  # elements that t's rows span
-    assert extent < 2**31, f"an array spanning {extent} elements: the kernels index rows in int32"
-    return t.stride(0), t.stride(1), t.stride(2)
-
-
-def rows_contiguous(t: torch.Tensor) -> torch.Tensor:
-    """t where its head dims are contiguous (what the kernels' strided rows need), else a contiguous copy."""
-    return t if t.stride(-1) == 1 else t.contiguous()
 
 
 # Opaque custom ops, as fused_mixing's (Inductor's code generation for user-defined Triton kernels failed there).
