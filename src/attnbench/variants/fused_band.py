@@ -60,6 +60,15 @@ def key_index(ROWS, offset, cols, col_ok, AT_ROWS: tl.constexpr):
 
 
 @triton.jit
+def key_indices(ROWS, offset, cols, col_ok, K_AT_ROWS: tl.constexpr, V_AT_ROWS: tl.constexpr):
+    """`key_index` of k and of v, the sort's rows loaded once where both are at them (lca's)."""
+    k_at = key_index(ROWS, offset, cols, col_ok, K_AT_ROWS)
+    if K_AT_ROWS == V_AT_ROWS:
+        return k_at, k_at
+    return k_at, key_index(ROWS, offset, cols, col_ok, V_AT_ROWS)
+
+
+@triton.jit
 def in_band(lo, rows, cols):
     """(rows, keys) pairs with lo[row] <= key <= row."""
     return (lo[:, None] <= cols[None, :]) & (cols[None, :] <= rows[:, None])
@@ -95,8 +104,9 @@ def forward_kernel(Q, K, V, LO, ROWS, O, LSE, T, H, D, stride_b, stride_h, q_sb,
     for start in range(key_start, key_end, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
         col_ok = cols < T
-        k = strided_rows(K, bh, H, k_sb, k_sh, k_st, key_index(ROWS, offset, cols, col_ok, K_AT_ROWS), col_ok, dims, D)
-        v = strided_rows(V, bh, H, v_sb, v_sh, v_st, key_index(ROWS, offset, cols, col_ok, V_AT_ROWS), col_ok, dims, D)
+        k_at, v_at = key_indices(ROWS, offset, cols, col_ok, K_AT_ROWS, V_AT_ROWS)
+        k = strided_rows(K, bh, H, k_sb, k_sh, k_st, k_at, col_ok, dims, D)
+        v = strided_rows(V, bh, H, v_sb, v_sh, v_st, v_at, col_ok, dims, D)
         s = tl.where(in_band(lo, rows, cols), dot(q, tl.trans(k), IEEE) * scale2, float("-inf"))
         row_max, row_sum, acc = online_softmax_step(s, v, row_max, row_sum, acc, IEEE)
     store_strided_rows(O, acc / tl.where(row_sum > 0, row_sum, 1.0)[:, None], bh, H, o_sb, o_sh, o_st, at, row_ok, dims, D)
@@ -120,8 +130,9 @@ def dq_kernel(Q, K, V, LO, ROWS, O, LSE, DO, DQ, DELTA, T, H, D, stride_b, strid
     for start in range(key_start, key_end, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
         col_ok = cols < T
-        k = strided_rows(K, bh, H, k_sb, k_sh, k_st, key_index(ROWS, offset, cols, col_ok, K_AT_ROWS), col_ok, dims, D)
-        v = strided_rows(V, bh, H, v_sb, v_sh, v_st, key_index(ROWS, offset, cols, col_ok, V_AT_ROWS), col_ok, dims, D)
+        k_at, v_at = key_indices(ROWS, offset, cols, col_ok, K_AT_ROWS, V_AT_ROWS)
+        k = strided_rows(K, bh, H, k_sb, k_sh, k_st, k_at, col_ok, dims, D)
+        v = strided_rows(V, bh, H, v_sb, v_sh, v_st, v_at, col_ok, dims, D)
         prob = tl.where(in_band(lo, rows, cols), tl.exp2(dot(q, tl.trans(k), IEEE) * scale2 - lse[:, None]), 0.0)
         grad_scores = prob * (dot(do, tl.trans(v), IEEE) - delta[:, None])
         dq += dot(grad_scores.to(k.dtype), k, IEEE)
@@ -138,8 +149,7 @@ def dkdv_kernel(Q, K, V, LO, HI, ROWS, LSE, DO, DELTA, DK, DV, VALUE_DELTA, T, H
     cols, dims = first + tl.arange(0, BLOCK_N), tl.arange(0, BLOCK_D)
     col_ok = cols < T
     offset = slice_offset(bh, H, stride_b, stride_h)
-    k_at = key_index(ROWS, offset, cols, col_ok, K_AT_ROWS)
-    v_at = key_index(ROWS, offset, cols, col_ok, V_AT_ROWS)
+    k_at, v_at = key_indices(ROWS, offset, cols, col_ok, K_AT_ROWS, V_AT_ROWS)
     k = strided_rows(K, bh, H, k_sb, k_sh, k_st, k_at, col_ok, dims, D)
     v = strided_rows(V, bh, H, v_sb, v_sh, v_st, v_at, col_ok, dims, D)
     scale2 = scale * LOG2E
