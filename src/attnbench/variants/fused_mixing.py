@@ -12,7 +12,8 @@ supernodes (T <= 16K) runs its whole backward in one program, which holds all it
 The queries are the supernodes' own states through W_u, u = n W_u^T, with keys m and values n. The kernels form u
 per tile of rows from n, and the backward adds n's gradient through the queries (du W_u) to its gradient as a value,
 so neither u nor du W_u is a (P, L, D) tensor written and read again (in sca's step at 8K on the H200 they had cost
-a GEMM each way and an add, about 0.09 ms). W_u's own gradient, du^T n, is one GEMM over all problems, from du.
+a GEMM each way and an add, about 0.09 ms). W_u's own gradient, du^T n, the whole-problem backward (below) sums
+in each program as it forms du, so du is never stored either; for larger problems it is one GEMM from du.
 
 Layout: n, m (P, L, D) contiguous, P = the problems; W_u (D, D); keys (P, L) int8, 1 where the supernode is a key.
 A problem without keys gives zero rows and passes no gradient (what sca's `mix` defines for a step without
@@ -36,6 +37,11 @@ NUM_WARPS = 4
 # 266 us against 330 for dq_kernel + dkdv_kernel (stop 27). Since it forms the queries from n, 32-row tiles without
 # pipelining took 311 us against 324 for 16-row tiles with 3 stages, the fastest of 12 settings (16 or 32 rows, 4 or 8
 # warps, 1-3 stages: 311-521 us; stop 36, reports/benchmarks/NVIDIA-H200-stop36-probes.log).
+# Since stop 54 a program takes several problems (WHOLE_PER_SM per multiprocessor), sums its part of W_u's gradient
+# and holds the keys in two tiles (64 + 32 at 96). At the 8K shape on the H100 that backward, W_u's gradient included,
+# took 335-341 us with 2 stages, against 368-370 for the one-tile kernel and cuBLAS's GEMM from the stored du. With
+# 1 stage: 355-356 us at 2 programs per multiprocessor, 580 at 1, 443-444 at 3, 362 at 4, 362-375 at 8; 16-row tiles
+# 383-387, 8 warps or 64-row tiles 448-494 (reports/benchmarks/NVIDIA-H100-80GB-HBM3-stop54-probes.md).
 WHOLE_KEYS = 128
 # The forward's rows per program and keys per loop step for problems of 65 to WHOLE_KEYS supernodes, which one
 # program of 128 rows holds and one of 64 would not: at sca's 8K shape (96) on the H200 128 rows over 32-key tiles,
@@ -43,7 +49,8 @@ WHOLE_KEYS = 128
 # NVIDIA-H200-stop37-probes.log). Other sizes keep 64 x 64: with 128 rows sca's step at 32K (problems of 184) was
 # 0.05 ms slower in one A/B pair; no other setting was measured there or below 65.
 FORWARD_OPTIONS = {"BLOCK": 128, "BLOCK_N": 32, "num_warps": 8, "num_stages": 3}
-WHOLE_OPTIONS = {"BLOCK": 32, "num_warps": 4, "num_stages": 1}
+WHOLE_OPTIONS = {"BLOCK": 32, "num_warps": 4, "num_stages": 2}
+WHOLE_PER_SM = 2
 
 
 @triton.jit
@@ -79,8 +86,10 @@ def load_weight(WU, D, BLOCK_D: tl.constexpr):
 
 @triton.jit
 def query_tile(N, w, p, start, L, D, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr):
-    """The queries u = W_u n of rows start .. start + BLOCK, rounded to n's dtype as F.linear's output would be."""
-    return dot(load_tile(N, p, start, L, D, BLOCK, BLOCK_D), tl.trans(w), IEEE).to(N.dtype.element_ty)
+    """The rows start .. start + BLOCK of n and their queries u = W_u n, rounded to n's dtype as F.linear's output
+    would be."""
+    n = load_tile(N, p, start, L, D, BLOCK, BLOCK_D)
+    return n, dot(n, tl.trans(w), IEEE).to(N.dtype.element_ty)
 
 
 @triton.jit
@@ -89,7 +98,7 @@ def forward_kernel(N, M, WU, KEYS, O, LSE, L, D, scale,
     """Rows start_m .. start_m + BLOCK of problem p over its keys in tiles of BLOCK_N."""
     p = tl.program_id(0).to(tl.int64)
     start_m = tl.program_id(1) * BLOCK
-    q = query_tile(N, load_weight(WU, D, BLOCK_D), p, start_m, L, D, BLOCK, BLOCK_D, IEEE)
+    _, q = query_tile(N, load_weight(WU, D, BLOCK_D), p, start_m, L, D, BLOCK, BLOCK_D, IEEE)
     row_max = tl.full([BLOCK], NEG, tl.float32)
     row_sum = tl.zeros([BLOCK], tl.float32)
     acc = tl.zeros([BLOCK, BLOCK_D], tl.float32)
@@ -108,22 +117,23 @@ def forward_kernel(N, M, WU, KEYS, O, LSE, L, D, scale,
 
 @triton.jit
 def row_tile(N, w, O, LSE, DO, p, start_m, L, D, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr):
-    """What the backward needs of rows start_m .. start_m + BLOCK: q = u, do, delta = rowsum(do * o), the log-sum-exp."""
+    """What the backward needs of rows start_m .. start_m + BLOCK: n, q = u, do, delta = rowsum(do * o), the
+    log-sum-exp."""
     rows = start_m + tl.arange(0, BLOCK)
-    q = query_tile(N, w, p, start_m, L, D, BLOCK, BLOCK_D, IEEE)
+    n, q = query_tile(N, w, p, start_m, L, D, BLOCK, BLOCK_D, IEEE)
     do = load_tile(DO, p, start_m, L, D, BLOCK, BLOCK_D)
     delta = tl.sum(do.to(tl.float32) * load_tile(O, p, start_m, L, D, BLOCK, BLOCK_D).to(tl.float32), 1)
     lse = tl.load(LSE + p * L + rows, mask=rows < L, other=0.0)
-    return q, do, delta, lse
+    return n, q, do, delta, lse
 
 
 @triton.jit
-def store_query_gradient(DU, DN, dq, w, p, start_m, L, D, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr):
-    """Stores du (rounded to its dtype, W_u's gradient is formed from it) and n's gradient through the queries,
-    du W_u, into DN, where the keys' pass adds the values' part."""
-    du = dq.to(DU.dtype.element_ty)
-    store_tile(DU, du, p, start_m, L, D, BLOCK, BLOCK_D)
+def store_query_gradient(DN, dq, w, p, start_m, L, D, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr):
+    """Stores n's gradient through the queries, du W_u, into DN, where the keys' pass adds the values' part; returns
+    du rounded to n's dtype, which W_u's gradient is formed from."""
+    du = dq.to(DN.dtype.element_ty)
     store_tile(DN, dot(du, w, IEEE), p, start_m, L, D, BLOCK, BLOCK_D)
+    return du
 
 
 @triton.jit
@@ -139,14 +149,14 @@ def dq_kernel(N, M, WU, KEYS, O, LSE, DO, DU, DN, L, D, scale,
     p = tl.program_id(0).to(tl.int64)
     start_m = tl.program_id(1) * BLOCK
     w = load_weight(WU, D, BLOCK_D)
-    q, do, delta, lse = row_tile(N, w, O, LSE, DO, p, start_m, L, D, BLOCK, BLOCK_D, IEEE)
+    _, q, do, delta, lse = row_tile(N, w, O, LSE, DO, p, start_m, L, D, BLOCK, BLOCK_D, IEEE)
     dq = tl.zeros([BLOCK, BLOCK_D], tl.float32)
     for start_n in range(0, L, BLOCK):
         k = load_tile(M, p, start_n, L, D, BLOCK, BLOCK_D)
         v = load_tile(N, p, start_n, L, D, BLOCK, BLOCK_D)
         _, ds = probs_and_ds(q, k, v, do, delta, lse, key_bits(KEYS, p, start_n, L, BLOCK)[None, :], scale, IEEE)
         dq += dot(ds.to(k.dtype), k, IEEE)
-    store_query_gradient(DU, DN, dq * scale, w, p, start_m, L, D, BLOCK, BLOCK_D, IEEE)
+    store_tile(DU, store_query_gradient(DN, dq * scale, w, p, start_m, L, D, BLOCK, BLOCK_D, IEEE), p, start_m, L, D, BLOCK, BLOCK_D)
 
 
 @triton.jit
@@ -163,7 +173,7 @@ def dkdv_kernel(N, M, WU, KEYS, O, LSE, DO, DN, DM, L, D, scale,
     dv = tl.zeros([BLOCK, BLOCK_D], tl.float32)
     for start_m in range(0, L, BLOCK):
         rows = start_m + tl.arange(0, BLOCK)
-        q, do, delta, lse = row_tile(N, w, O, LSE, DO, p, start_m, L, D, BLOCK, BLOCK_D, IEEE)
+        _, q, do, delta, lse = row_tile(N, w, O, LSE, DO, p, start_m, L, D, BLOCK, BLOCK_D, IEEE)
         s_t = dot(k, tl.trans(q), IEEE) * scale  # (keys, rows)
         prob_t = tl.where(key[:, None] & (rows < L)[None, :], tl.exp(s_t - lse[None, :]), 0.0)
         dv += dot(prob_t.to(do.dtype), do, IEEE)
@@ -174,27 +184,68 @@ def dkdv_kernel(N, M, WU, KEYS, O, LSE, DO, DN, DM, L, D, scale,
 
 
 @triton.jit
-def whole_backward_kernel(N, M, WU, KEYS, O, LSE, DO, DU, DN, DM, L, D, scale,
-                          BLOCK: tl.constexpr, BLOCK_KEYS: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr):
-    """du, dn and dm of one whole problem, L <= BLOCK_KEYS: every key is in this program, so each row tile's du is
-    complete where it is formed, and n, m, o and do are read once (dq_kernel and dkdv_kernel read them twice)."""
-    p = tl.program_id(0).to(tl.int64)
+def key_tile_backward(q, do, delta, lse, rows_ok, k, v, key, dk, dv, scale, IEEE: tl.constexpr):
+    """One tile of keys' part of a row tile's backward: the rows' dq from these keys, and the keys' dk and dv plus
+    the rows' parts. The rows' log-sum-exp covers all keys, so each tile's probabilities stand alone."""
+    prob, ds = probs_and_ds(q, k, v, do, delta, lse, key[None, :] & rows_ok[:, None], scale, IEEE)
+    dv += dot(tl.trans(prob.to(do.dtype)), do, IEEE)
+    dk += dot(tl.trans(ds.to(q.dtype)), q, IEEE)
+    return dot(ds.to(k.dtype), k, IEEE), dk, dv
+
+
+@triton.jit
+def store_key_gradients(DN, DM, dk, dv, p, start, L, D, scale, KEYS: tl.constexpr, BLOCK_D: tl.constexpr):
+    """A tile of keys' dm, and dn = the queries' part the row tiles stored in DN + the values' part."""
+    store_tile(DM, dk * scale, p, start, L, D, KEYS, BLOCK_D)
+    store_tile(DN, dv + load_tile(DN, p, start, L, D, KEYS, BLOCK_D).to(tl.float32), p, start, L, D, KEYS, BLOCK_D)
+
+
+@triton.jit
+def whole_backward_kernel(N, M, WU, KEYS, O, LSE, DO, DN, DM, DW, P, L, D, scale, BLOCK: tl.constexpr,
+                          KEYS_A: tl.constexpr, KEYS_B: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr):
+    """dn and dm of whole problems, L <= KEYS_A + KEYS_B, and this program's part of W_u's gradient: every key of a
+    problem is in its program, so each row tile's du is complete where it is formed, n, m, o and do are read once
+    (dq_kernel and dkdv_kernel read them twice), and du goes into du^T n at once instead of out to memory. The keys
+    sit in two tiles, KEYS_A then KEYS_B (0: none), so that 96 keys cost 64 + 32 columns of each product, not 128.
+    A program takes the problems pid, pid + programs, ...: few programs, so their parts of W_u's gradient, (programs,
+    D, D) fp32, are few bytes to add up."""
     w = load_weight(WU, D, BLOCK_D)
-    k = load_tile(M, p, 0, L, D, BLOCK_KEYS, BLOCK_D)
-    v = load_tile(N, p, 0, L, D, BLOCK_KEYS, BLOCK_D)
-    key = key_bits(KEYS, p, 0, L, BLOCK_KEYS)
-    dk = tl.zeros([BLOCK_KEYS, BLOCK_D], tl.float32)
-    dv = tl.zeros([BLOCK_KEYS, BLOCK_D], tl.float32)
-    for start_m in range(0, L, BLOCK):
-        rows = start_m + tl.arange(0, BLOCK)
-        q, do, delta, lse = row_tile(N, w, O, LSE, DO, p, start_m, L, D, BLOCK, BLOCK_D, IEEE)
-        prob, ds = probs_and_ds(q, k, v, do, delta, lse, key[None, :] & (rows < L)[:, None], scale, IEEE)
-        dv += dot(tl.trans(prob.to(do.dtype)), do, IEEE)
-        store_query_gradient(DU, DN, dot(ds.to(k.dtype), k, IEEE) * scale, w, p, start_m, L, D, BLOCK, BLOCK_D, IEEE)
-        dk += dot(tl.trans(ds.to(q.dtype)), q, IEEE)
-    store_tile(DM, dk * scale, p, 0, L, D, BLOCK_KEYS, BLOCK_D)
-    tl.debug_barrier()  # the row tiles' stores to DN, by other threads of this program, before they are read
-    store_tile(DN, dv + load_tile(DN, p, 0, L, D, BLOCK_KEYS, BLOCK_D).to(tl.float32), p, 0, L, D, BLOCK_KEYS, BLOCK_D)
+    dw = tl.zeros([BLOCK_D, BLOCK_D], tl.float32)
+    for problem in range(tl.program_id(0), P, tl.num_programs(0)):
+        p = tl.cast(problem, tl.int64)
+        k_a = load_tile(M, p, 0, L, D, KEYS_A, BLOCK_D)
+        v_a = load_tile(N, p, 0, L, D, KEYS_A, BLOCK_D)
+        key_a = key_bits(KEYS, p, 0, L, KEYS_A)
+        dk_a = tl.zeros([KEYS_A, BLOCK_D], tl.float32)
+        dv_a = tl.zeros([KEYS_A, BLOCK_D], tl.float32)
+        if KEYS_B > 0:
+            k_b = load_tile(M, p, KEYS_A, L, D, KEYS_B, BLOCK_D)
+            v_b = load_tile(N, p, KEYS_A, L, D, KEYS_B, BLOCK_D)
+            key_b = key_bits(KEYS, p, KEYS_A, L, KEYS_B)
+            dk_b = tl.zeros([KEYS_B, BLOCK_D], tl.float32)
+            dv_b = tl.zeros([KEYS_B, BLOCK_D], tl.float32)
+        for start_m in range(0, L, BLOCK):
+            rows_ok = start_m + tl.arange(0, BLOCK) < L
+            n, q, do, delta, lse = row_tile(N, w, O, LSE, DO, p, start_m, L, D, BLOCK, BLOCK_D, IEEE)
+            dq, dk_a, dv_a = key_tile_backward(q, do, delta, lse, rows_ok, k_a, v_a, key_a, dk_a, dv_a, scale, IEEE)
+            if KEYS_B > 0:
+                dq_b, dk_b, dv_b = key_tile_backward(q, do, delta, lse, rows_ok, k_b, v_b, key_b, dk_b, dv_b, scale, IEEE)
+                dq += dq_b
+            du = store_query_gradient(DN, dq * scale, w, p, start_m, L, D, BLOCK, BLOCK_D, IEEE)
+            dw += dot(tl.trans(du), n, IEEE)
+        tl.debug_barrier()  # the row tiles' stores to DN, by other threads of this program, before they are read
+        store_key_gradients(DN, DM, dk_a, dv_a, p, 0, L, D, scale, KEYS_A, BLOCK_D)
+        if KEYS_B > 0:
+            store_key_gradients(DN, DM, dk_b, dv_b, p, KEYS_A, L, D, scale, KEYS_B, BLOCK_D)
+    dims = tl.arange(0, BLOCK_D)
+    tl.store(DW + tl.program_id(0) * D * D + dims[:, None] * D + dims[None, :], dw, mask=(dims < D)[:, None] & (dims < D)[None, :])
+
+
+def whole_key_tiles(L: int) -> dict:
+    """The whole backward's two tiles of keys for L of them: the largest power of two that L fills (at least 16), then
+    the rest rounded up to one (none if nothing is left)."""
+    first = max(16, 1 << (L.bit_length() - 1)) if L > 0 else 16
+    return dict(KEYS_A=first, KEYS_B=dot_tile(L - first) if L > first else 0)
 
 
 def launch_options(n: torch.Tensor) -> dict:
@@ -221,26 +272,38 @@ def supernode_mixing_fake(n, m, weight, keys, scale):
     return torch.empty(P, L, D, dtype=n.dtype, device=n.device), torch.empty(P, L, dtype=torch.float32, device=n.device)
 
 
+def whole_programs(P: int, device: torch.device) -> int:
+    """Programs of the whole backward: WHOLE_PER_SM per multiprocessor, at most one per problem; under Triton's
+    interpreter 2, so that tests see programs take several problems."""
+    if device.type != "cuda":
+        return min(P, 2)
+    return min(P, WHOLE_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count)
+
+
 @torch.library.custom_op("attnbench::supernode_mixing_backward", mutates_args=())
 def supernode_mixing_backward(n: torch.Tensor, m: torch.Tensor, weight: torch.Tensor, keys: torch.Tensor, z: torch.Tensor,
                               lse: torch.Tensor, grad_z: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The gradients of n (through the queries and the values), of m, and of the queries u, all (P, L, D)."""
+    """The gradients of n (through the queries and the values) and of m, (P, L, D), and of W_u, (D, D), in n's
+    dtype (W_u's summed in fp32)."""
     grad_z = grad_z.contiguous()
     P, L, D = n.shape
-    grad_n, grad_m, grad_u = supernode_mixing_backward_fake(n, m, weight, keys, z, lse, grad_z, scale)
+    grad_n, grad_m, _ = supernode_mixing_backward_fake(n, m, weight, keys, z, lse, grad_z, scale)
     if L <= WHOLE_KEYS:
-        whole_backward_kernel[(P,)](n, m, weight, keys, z, lse, grad_z, grad_u, grad_n, grad_m, L, D, scale,
-                                    BLOCK_KEYS=dot_tile(L), **launch_options(n) | WHOLE_OPTIONS)
-        return grad_n, grad_m, grad_u
+        programs = whole_programs(P, n.device)
+        parts = torch.empty(programs, D, D, dtype=torch.float32, device=n.device)
+        whole_backward_kernel[(programs,)](n, m, weight, keys, z, lse, grad_z, grad_n, grad_m, parts, P, L, D, scale,
+                                           **whole_key_tiles(L), **launch_options(n) | WHOLE_OPTIONS)
+        return grad_n, grad_m, parts.sum(dim=0).to(n.dtype)
+    grad_u = torch.empty_like(n)
     grid = (P, triton.cdiv(L, BLOCK))
     dq_kernel[grid](n, m, weight, keys, z, lse, grad_z, grad_u, grad_n, L, D, scale, **launch_options(n))
     dkdv_kernel[grid](n, m, weight, keys, z, lse, grad_z, grad_n, grad_m, L, D, scale, **launch_options(n))
-    return grad_n, grad_m, grad_u
+    return grad_n, grad_m, grad_u.flatten(0, 1).T @ n.flatten(0, 1)  # (D, D): u = n W_u^T
 
 
 @supernode_mixing_backward.register_fake
 def supernode_mixing_backward_fake(n, m, weight, keys, z, lse, grad_z, scale):
-    return tuple(torch.empty_like(n) for _ in range(3))
+    return torch.empty_like(n), torch.empty_like(n), n.new_empty(n.shape[-1], n.shape[-1])
 
 
 def setup_context(ctx, inputs, output):
@@ -252,8 +315,7 @@ def setup_context(ctx, inputs, output):
 
 def backward(ctx, grad_z, _grad_lse):
     n, m, weight, keys, z, lse = ctx.saved_tensors
-    grad_n, grad_m, grad_u = supernode_mixing_backward(n, m, weight, keys, z, lse, grad_z, ctx.scale)
-    grad_weight = grad_u.flatten(0, 1).T @ n.flatten(0, 1)  # (D, D): u = n W_u^T
+    grad_n, grad_m, grad_weight = supernode_mixing_backward(n, m, weight, keys, z, lse, grad_z, ctx.scale)
     return grad_n, grad_m, grad_weight, None, None
 
 
