@@ -85,11 +85,9 @@ def load_weight(WU, D, BLOCK_D: tl.constexpr):
 
 
 @triton.jit
-def query_tile(N, w, p, start, L, D, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr):
-    """The rows start .. start + BLOCK of n and their queries u = W_u n, rounded to n's dtype as F.linear's output
-    would be."""
-    n = load_tile(N, p, start, L, D, BLOCK, BLOCK_D)
-    return n, dot(n, tl.trans(w), IEEE).to(N.dtype.element_ty)
+def query_tile(n, w, IEEE: tl.constexpr):
+    """The queries u = W_u n of a tile of rows of n, rounded to n's dtype as F.linear's output would be."""
+    return dot(n, tl.trans(w), IEEE).to(n.dtype)
 
 
 @triton.jit
@@ -98,7 +96,7 @@ def forward_kernel(N, M, WU, KEYS, O, LSE, L, D, scale,
     """Rows start_m .. start_m + BLOCK of problem p over its keys in tiles of BLOCK_N."""
     p = tl.program_id(0).to(tl.int64)
     start_m = tl.program_id(1) * BLOCK
-    _, q = query_tile(N, load_weight(WU, D, BLOCK_D), p, start_m, L, D, BLOCK, BLOCK_D, IEEE)
+    q = query_tile(load_tile(N, p, start_m, L, D, BLOCK, BLOCK_D), load_weight(WU, D, BLOCK_D), IEEE)
     row_max = tl.full([BLOCK], NEG, tl.float32)
     row_sum = tl.zeros([BLOCK], tl.float32)
     acc = tl.zeros([BLOCK, BLOCK_D], tl.float32)
@@ -116,15 +114,15 @@ def forward_kernel(N, M, WU, KEYS, O, LSE, L, D, scale,
 
 
 @triton.jit
-def row_tile(N, w, O, LSE, DO, p, start_m, L, D, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr):
-    """What the backward needs of rows start_m .. start_m + BLOCK: n, q = u, do, delta = rowsum(do * o), the
-    log-sum-exp."""
+def row_tile(n, w, O, LSE, DO, p, start_m, L, D, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr):
+    """What the backward needs of rows start_m .. start_m + BLOCK, whose n is given: q = u, do, delta = rowsum(do * o),
+    the log-sum-exp."""
     rows = start_m + tl.arange(0, BLOCK)
-    n, q = query_tile(N, w, p, start_m, L, D, BLOCK, BLOCK_D, IEEE)
+    q = query_tile(n, w, IEEE)
     do = load_tile(DO, p, start_m, L, D, BLOCK, BLOCK_D)
     delta = tl.sum(do.to(tl.float32) * load_tile(O, p, start_m, L, D, BLOCK, BLOCK_D).to(tl.float32), 1)
     lse = tl.load(LSE + p * L + rows, mask=rows < L, other=0.0)
-    return n, q, do, delta, lse
+    return q, do, delta, lse
 
 
 @triton.jit
@@ -149,14 +147,16 @@ def dq_kernel(N, M, WU, KEYS, O, LSE, DO, DU, DN, L, D, scale,
     p = tl.program_id(0).to(tl.int64)
     start_m = tl.program_id(1) * BLOCK
     w = load_weight(WU, D, BLOCK_D)
-    _, q, do, delta, lse = row_tile(N, w, O, LSE, DO, p, start_m, L, D, BLOCK, BLOCK_D, IEEE)
+    n = load_tile(N, p, start_m, L, D, BLOCK, BLOCK_D)
+    q, do, delta, lse = row_tile(n, w, O, LSE, DO, p, start_m, L, D, BLOCK, BLOCK_D, IEEE)
     dq = tl.zeros([BLOCK, BLOCK_D], tl.float32)
     for start_n in range(0, L, BLOCK):
         k = load_tile(M, p, start_n, L, D, BLOCK, BLOCK_D)
         v = load_tile(N, p, start_n, L, D, BLOCK, BLOCK_D)
         _, ds = probs_and_ds(q, k, v, do, delta, lse, key_bits(KEYS, p, start_n, L, BLOCK)[None, :], scale, IEEE)
         dq += dot(ds.to(k.dtype), k, IEEE)
-    store_tile(DU, store_query_gradient(DN, dq * scale, w, p, start_m, L, D, BLOCK, BLOCK_D, IEEE), p, start_m, L, D, BLOCK, BLOCK_D)
+    du = store_query_gradient(DN, dq * scale, w, p, start_m, L, D, BLOCK, BLOCK_D, IEEE)
+    store_tile(DU, du, p, start_m, L, D, BLOCK, BLOCK_D)
 
 
 @triton.jit
@@ -173,7 +173,8 @@ def dkdv_kernel(N, M, WU, KEYS, O, LSE, DO, DN, DM, L, D, scale,
     dv = tl.zeros([BLOCK, BLOCK_D], tl.float32)
     for start_m in range(0, L, BLOCK):
         rows = start_m + tl.arange(0, BLOCK)
-        _, q, do, delta, lse = row_tile(N, w, O, LSE, DO, p, start_m, L, D, BLOCK, BLOCK_D, IEEE)
+        n = load_tile(N, p, start_m, L, D, BLOCK, BLOCK_D)
+        q, do, delta, lse = row_tile(n, w, O, LSE, DO, p, start_m, L, D, BLOCK, BLOCK_D, IEEE)
         s_t = dot(k, tl.trans(q), IEEE) * scale  # (keys, rows)
         prob_t = tl.where(key[:, None] & (rows < L)[None, :], tl.exp(s_t - lse[None, :]), 0.0)
         dv += dot(prob_t.to(do.dtype), do, IEEE)
@@ -226,10 +227,12 @@ def whole_backward_kernel(N, M, WU, KEYS, O, LSE, DO, DN, DM, DW, P, L, D, scale
             dv_b = tl.zeros([KEYS_B, BLOCK_D], tl.float32)
         for start_m in range(0, L, BLOCK):
             rows_ok = start_m + tl.arange(0, BLOCK) < L
-            n, q, do, delta, lse = row_tile(N, w, O, LSE, DO, p, start_m, L, D, BLOCK, BLOCK_D, IEEE)
+            n = load_tile(N, p, start_m, L, D, BLOCK, BLOCK_D)
+            q, do, delta, lse = row_tile(n, w, O, LSE, DO, p, start_m, L, D, BLOCK, BLOCK_D, IEEE)
             dq, dk_a, dv_a = key_tile_backward(q, do, delta, lse, rows_ok, k_a, v_a, key_a, dk_a, dv_a, scale, IEEE)
             if KEYS_B > 0:
-                dq_b, dk_b, dv_b = key_tile_backward(q, do, delta, lse, rows_ok, k_b, v_b, key_b, dk_b, dv_b, scale, IEEE)
+                dq_b, dk_b, dv_b = key_tile_backward(q, do, delta, lse, rows_ok, k_b, v_b, key_b, dk_b, dv_b, scale,
+                                                     IEEE)
                 dq += dq_b
             du = store_query_gradient(DN, dq * scale, w, p, start_m, L, D, BLOCK, BLOCK_D, IEEE)
             dw += dot(tl.trans(du), n, IEEE)
@@ -238,7 +241,8 @@ def whole_backward_kernel(N, M, WU, KEYS, O, LSE, DO, DN, DM, DW, P, L, D, scale
         if KEYS_B > 0:
             store_key_gradients(DN, DM, dk_b, dv_b, p, KEYS_A, L, D, scale, KEYS_B, BLOCK_D)
     dims = tl.arange(0, BLOCK_D)
-    tl.store(DW + tl.program_id(0) * D * D + dims[:, None] * D + dims[None, :], dw, mask=(dims < D)[:, None] & (dims < D)[None, :])
+    mask = (dims < D)[:, None] & (dims < D)[None, :]
+    tl.store(DW + tl.program_id(0) * D * D + dims[:, None] * D + dims[None, :], dw, mask=mask)
 
 
 def whole_key_tiles(L: int) -> dict:
