@@ -217,10 +217,11 @@ def test_mix_is_attention_over_the_non_empty_supernodes(router):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("router", ROUTERS)
-@pytest.mark.parametrize("S, C, D", [(4, 5, 8), (3, 91, 64), (2, 182, 64)])
+@pytest.mark.parametrize("S, C, D", [(4, 5, 8), (3, 70, 16), (3, 91, 64), (2, 182, 64)])
 def test_fused_mixing_equals_sdpa_mixing(S, C, D, router, dtype, monkeypatch):
     """fused_mixing's kernels against the sdpa call in `mix`: z and the gradients of n, m and W_u, at C below one
-    64-wide tile, at sca's C for 8K (two tiles) and for 32K (three), with a step that has no non-empty supernode."""
+    64-wide tile, at C = 70 (the whole backward's second tile of keys 16 wide, 8 of them padding), at sca's C for 8K
+    (64 + 32 keys) and for 32K (three tiles of the split kernels), with a step that has no non-empty supernode."""
     from attnbench.variants import fused_mixing, sca
     from tests.test_lca import triton_device
 

@@ -32,7 +32,7 @@ from .fused_tiles import LOG2E, NEG, dot, dot_options, dot_tile, online_softmax_
 
 BLOCK = 64  # query rows per dq program, keys per dk-dv program, and the tile of their loops
 NUM_WARPS = 4
-# Problems of at most WHOLE_KEYS supernodes (C <= 128: T <= 16K) run their backward as one program each
+# Problems of at most WHOLE_KEYS supernodes (C <= 128: T <= 16K) run their backward whole, each in one program
 # (whole_backward_kernel), with these settings: at sca's 8K shape (4,032 problems of 96) on the H200 it took
 # 266 us against 330 for dq_kernel + dkdv_kernel (stop 27). Since it forms the queries from n, 32-row tiles without
 # pipelining took 311 us against 324 for 16-row tiles with 3 stages, the fastest of 12 settings (16 or 32 rows, 4 or 8
@@ -246,14 +246,24 @@ def whole_backward_kernel(N, M, WU, KEYS, O, LSE, DO, DN, DM, DW, P, L, D, scale
 
 
 def whole_key_tiles(L: int) -> dict:
-    """The whole backward's two tiles of keys for L of them: the largest power of two that L fills (at least 16), then
-    the rest rounded up to one (none if nothing is left)."""
-    first = max(16, 1 << (L.bit_length() - 1)) if L > 0 else 16
+    """The whole backward's two tiles of keys for L >= 1 of them: the largest power of two that L fills, at least 16
+    (tl.dot's least, so one tile for L <= 16), then the rest rounded up to a tile (none if nothing is left)."""
+    first = max(16, 1 << (L.bit_length() - 1))
     return dict(KEYS_A=first, KEYS_B=dot_tile(L - first) if L > first else 0)
 
 
 def launch_options(n: torch.Tensor) -> dict:
+    """The split backward's tiles (dq_kernel, dkdv_kernel) for problems n (P, L, D), and the base of the others'."""
     return dict(BLOCK=BLOCK, num_warps=NUM_WARPS, **dot_options(n))
+
+
+def forward_options(n: torch.Tensor) -> dict:
+    L = n.shape[1]
+    return launch_options(n) | (FORWARD_OPTIONS if BLOCK < L <= WHOLE_KEYS else {"BLOCK_N": BLOCK})
+
+
+def whole_options(n: torch.Tensor) -> dict:
+    return launch_options(n) | WHOLE_OPTIONS | whole_key_tiles(n.shape[1])
 
 
 # Opaque custom ops: Inductor calls them as they are and Triton's own launcher compiles the kernels, as in eager
@@ -265,7 +275,7 @@ def supernode_mixing(n: torch.Tensor, m: torch.Tensor, weight: torch.Tensor, key
     n, m, weight, keys = (t.contiguous() for t in (n, m, weight, keys))
     z, lse = supernode_mixing_fake(n, m, weight, keys, scale)
     P, L, D = n.shape
-    options = launch_options(n) | (FORWARD_OPTIONS if BLOCK < L <= WHOLE_KEYS else {"BLOCK_N": BLOCK})
+    options = forward_options(n)
     forward_kernel[(P, triton.cdiv(L, options["BLOCK"]))](n, m, weight, keys, z, lse, L, D, scale, **options)
     return z, lse
 
@@ -277,8 +287,8 @@ def supernode_mixing_fake(n, m, weight, keys, scale):
 
 
 def whole_programs(P: int, device: torch.device) -> int:
-    """Programs of the whole backward: WHOLE_PER_SM per multiprocessor, at most one per problem; under Triton's
-    interpreter 2, so that tests see programs take several problems."""
+    """Programs of the whole backward: WHOLE_PER_SM per multiprocessor, at most one per problem; for tensors off CUDA
+    (Triton's interpreter) 2, so that tests see programs take several problems."""
     if device.type != "cuda":
         return min(P, 2)
     return min(P, WHOLE_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count)
@@ -296,7 +306,7 @@ def supernode_mixing_backward(n: torch.Tensor, m: torch.Tensor, weight: torch.Te
         programs = whole_programs(P, n.device)
         parts = torch.empty(programs, D, D, dtype=torch.float32, device=n.device)
         whole_backward_kernel[(programs,)](n, m, weight, keys, z, lse, grad_z, grad_n, grad_m, parts, P, L, D, scale,
-                                           **whole_key_tiles(L), **launch_options(n) | WHOLE_OPTIONS)
+                                           **whole_options(n))
         return grad_n, grad_m, parts.sum(dim=0).to(n.dtype)
     grad_u = torch.empty_like(n)
     grid = (P, triton.cdiv(L, BLOCK))
