@@ -32,6 +32,18 @@ def runs(uri: str, experiment: str = "attnbench/t"):
     return client, client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
 
 
+@pytest.mark.parametrize("set_by_user", [None, "false"])
+def test_stages_turn_mlflows_telemetry_off_unless_the_user_set_it(set_by_user):
+    """MLflow's telemetry thread made a network lookup from every stage, and one segfaulted in CI: importing the
+    tracking module (every stage does, before MLflow) turns it off, and leaves a value the user set alone."""
+    env = {key: value for key, value in os.environ.items() if key != "MLFLOW_DISABLE_TELEMETRY"}
+    if set_by_user is not None:
+        env["MLFLOW_DISABLE_TELEMETRY"] = set_by_user
+    check = "import os, attnbench.tracking; print(os.environ['MLFLOW_DISABLE_TELEMETRY'])"
+    out = subprocess.run([sys.executable, "-c", check], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == (set_by_user or "true")
+
+
 def test_a_failing_stage_marks_its_run_failed(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     params = params_at(f"sqlite:///{tmp_path / 'a.db'}")

@@ -25,6 +25,10 @@ from .signals import held
 log = logging.getLogger(__name__)
 
 DEFAULT_URI = "sqlite:///mlflow.db"
+# MLflow's telemetry sends usage records from a thread of each process that imports it: a network lookup from every
+# stage, on machines that are often offline. In CI such a thread segfaulted inside getaddrinfo and took a training
+# stage down with it (faulthandler's frames, stop 54). Off, unless the user sets the variable themselves.
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 
 def tracking_uri(params: Params) -> str:
