@@ -77,6 +77,15 @@ def key_bits(KEYS, p, start, L, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def key_tile(N, M, KEYS, p, start, L, D, KEYS_TILE: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Keys start .. start + KEYS_TILE of problem p: k = m, v = n, which are keys, and their dk, dv accumulators."""
+    k = load_tile(M, p, start, L, D, KEYS_TILE, BLOCK_D)
+    v = load_tile(N, p, start, L, D, KEYS_TILE, BLOCK_D)
+    key = key_bits(KEYS, p, start, L, KEYS_TILE)
+    return k, v, key, tl.zeros([KEYS_TILE, BLOCK_D], tl.float32), tl.zeros([KEYS_TILE, BLOCK_D], tl.float32)
+
+
+@triton.jit
 def load_weight(WU, D, BLOCK_D: tl.constexpr):
     """W_u (D, D), zero past D."""
     dims = tl.arange(0, BLOCK_D)
@@ -166,11 +175,7 @@ def dkdv_kernel(N, M, WU, KEYS, O, LSE, DO, DN, DM, L, D, scale,
     p = tl.program_id(0).to(tl.int64)
     start_n = tl.program_id(1) * BLOCK
     w = load_weight(WU, D, BLOCK_D)
-    k = load_tile(M, p, start_n, L, D, BLOCK, BLOCK_D)
-    v = load_tile(N, p, start_n, L, D, BLOCK, BLOCK_D)
-    key = key_bits(KEYS, p, start_n, L, BLOCK)
-    dk = tl.zeros([BLOCK, BLOCK_D], tl.float32)
-    dv = tl.zeros([BLOCK, BLOCK_D], tl.float32)
+    k, v, key, dk, dv = key_tile(N, M, KEYS, p, start_n, L, D, BLOCK, BLOCK_D)
     for start_m in range(0, L, BLOCK):
         rows = start_m + tl.arange(0, BLOCK)
         n = load_tile(N, p, start_m, L, D, BLOCK, BLOCK_D)
@@ -214,17 +219,9 @@ def whole_backward_kernel(N, M, WU, KEYS, O, LSE, DO, DN, DM, DW, P, L, D, scale
     dw = tl.zeros([BLOCK_D, BLOCK_D], tl.float32)
     for problem in range(tl.program_id(0), P, tl.num_programs(0)):
         p = tl.cast(problem, tl.int64)
-        k_a = load_tile(M, p, 0, L, D, KEYS_A, BLOCK_D)
-        v_a = load_tile(N, p, 0, L, D, KEYS_A, BLOCK_D)
-        key_a = key_bits(KEYS, p, 0, L, KEYS_A)
-        dk_a = tl.zeros([KEYS_A, BLOCK_D], tl.float32)
-        dv_a = tl.zeros([KEYS_A, BLOCK_D], tl.float32)
+        k_a, v_a, key_a, dk_a, dv_a = key_tile(N, M, KEYS, p, 0, L, D, KEYS_A, BLOCK_D)
         if KEYS_B > 0:
-            k_b = load_tile(M, p, KEYS_A, L, D, KEYS_B, BLOCK_D)
-            v_b = load_tile(N, p, KEYS_A, L, D, KEYS_B, BLOCK_D)
-            key_b = key_bits(KEYS, p, KEYS_A, L, KEYS_B)
-            dk_b = tl.zeros([KEYS_B, BLOCK_D], tl.float32)
-            dv_b = tl.zeros([KEYS_B, BLOCK_D], tl.float32)
+            k_b, v_b, key_b, dk_b, dv_b = key_tile(N, M, KEYS, p, KEYS_A, L, D, KEYS_B, BLOCK_D)
         for start_m in range(0, L, BLOCK):
             rows_ok = start_m + tl.arange(0, BLOCK) < L
             n = load_tile(N, p, start_m, L, D, BLOCK, BLOCK_D)
