@@ -169,6 +169,13 @@ def dq_kernel(N, M, WU, KEYS, O, LSE, DO, DU, DN, L, D, scale,
 
 
 @triton.jit
+def store_key_gradients(DN, DM, dk, dv, p, start, L, D, scale, KEYS: tl.constexpr, BLOCK_D: tl.constexpr):
+    """A tile of keys' dm, and dn = the queries' part the row tiles stored in DN + the values' part."""
+    store_tile(DM, dk * scale, p, start, L, D, KEYS, BLOCK_D)
+    store_tile(DN, dv + load_tile(DN, p, start, L, D, KEYS, BLOCK_D).to(tl.float32), p, start, L, D, KEYS, BLOCK_D)
+
+
+@triton.jit
 def dkdv_kernel(N, M, WU, KEYS, O, LSE, DO, DN, DM, L, D, scale,
                 BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr):
     """After dq_kernel: dm, and dn = the queries' part that dq_kernel stored in DN + the values' part."""
@@ -185,8 +192,7 @@ def dkdv_kernel(N, M, WU, KEYS, O, LSE, DO, DN, DM, L, D, scale,
         dv += dot(prob_t.to(do.dtype), do, IEEE)
         ds_t = prob_t * (dot(v, tl.trans(do), IEEE) - delta[None, :])
         dk += dot(ds_t.to(q.dtype), q, IEEE)
-    store_tile(DM, dk * scale, p, start_n, L, D, BLOCK, BLOCK_D)
-    store_tile(DN, dv + load_tile(DN, p, start_n, L, D, BLOCK, BLOCK_D).to(tl.float32), p, start_n, L, D, BLOCK, BLOCK_D)
+    store_key_gradients(DN, DM, dk, dv, p, start_n, L, D, scale, BLOCK, BLOCK_D)
 
 
 @triton.jit
@@ -197,13 +203,6 @@ def key_tile_backward(q, do, delta, lse, rows_ok, k, v, key, dk, dv, scale, IEEE
     dv += dot(tl.trans(prob.to(do.dtype)), do, IEEE)
     dk += dot(tl.trans(ds.to(q.dtype)), q, IEEE)
     return dot(ds.to(k.dtype), k, IEEE), dk, dv
-
-
-@triton.jit
-def store_key_gradients(DN, DM, dk, dv, p, start, L, D, scale, KEYS: tl.constexpr, BLOCK_D: tl.constexpr):
-    """A tile of keys' dm, and dn = the queries' part the row tiles stored in DN + the values' part."""
-    store_tile(DM, dk * scale, p, start, L, D, KEYS, BLOCK_D)
-    store_tile(DN, dv + load_tile(DN, p, start, L, D, KEYS, BLOCK_D).to(tl.float32), p, start, L, D, KEYS, BLOCK_D)
 
 
 @triton.jit
