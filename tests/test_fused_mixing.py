@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from tests.test_lca import triton_device
+from tests.test_variants import rel_err
 
 
 def mixing_reference(n, m, weight, keys, scale):
@@ -19,10 +20,6 @@ def mixing_reference(n, m, weight, keys, scale):
     scores = (n @ weight.T @ m.transpose(-1, -2) * scale).masked_fill(~keys.bool()[:, None, :], float("-inf"))
     has_keys = keys.bool().any(-1)[:, None, None]
     return torch.where(has_keys, torch.softmax(torch.where(has_keys, scores, 0.0), -1), 0.0) @ n
-
-
-def rel_err(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
 @pytest.mark.gpu
