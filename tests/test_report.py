@@ -373,18 +373,22 @@ def test_seed_spread_gives_each_seeded_variants_range_and_which_ranges_lie_apart
 
     assert spread({"mha": 2.385, "la": 2.5, "ca": 2.426}) is None, "one run per variant: no spread to give"
     assert spread({"mha": 2.385, "mha-seed1": 2.391, "ca": 2.426, "ca-seed1": 2.4304, "la": 2.5}) == (
-        "Test bpb over seeds: **mha** 2.385 to 2.391 over 2 seeds, **ca** 2.426 to 2.430 over 2 seeds; apart in every "
-        "seed: mha ahead of ca.")
+        "Test bpb over seeds, best mean first: **mha** 2.385 to 2.391 over 2 seeds, **ca** 2.426 to 2.430 over 2 seeds. "
+        "Ahead in every seed: mha of ca.")
     # Ranges apart in the raw figures but meeting as printed (2.390 both) overlap; a variant whose only entries are
     # seeded ones is grouped too; three seeds are counted as three.
     assert spread({"ca": 2.3901, "ca-seed1": 2.37, "mha-seed1": 2.3904, "mha-seed2": 2.41, "mha-seed3": 2.40}) == (
-        "Test bpb over seeds: **ca** 2.370 to 2.390 over 2 seeds, **mha** 2.390 to 2.410 over 3 seeds; not told apart by "
-        "their seeds: ca and mha.")
-    # A third variant ahead of the others is named pair by pair.
+        "Test bpb over seeds, best mean first: **ca** 2.370 to 2.390 over 2 seeds, **mha** 2.390 to 2.410 over 3 seeds. "
+        "Not told apart by their seeds: ca and mha.")
+    # A third variant, listed last but best by its mean, comes first, with the variants it is ahead of named together.
     assert spread({"ca": 2.3904, "ca-seed1": 2.37, "mha-seed1": 2.3896, "mha-seed2": 2.41, "la-seed3": 2.2, "la-seed4": 2.21}) == (
-        "Test bpb over seeds: **ca** 2.370 to 2.390 over 2 seeds, **mha** 2.390 to 2.410 over 2 seeds, **la** 2.200 to "
-        "2.210 over 2 seeds; apart in every seed: la ahead of ca; la ahead of mha, and not told apart by their seeds: "
-        "ca and mha.")
+        "Test bpb over seeds, best mean first: **la** 2.200 to 2.210 over 2 seeds, **ca** 2.370 to 2.390 over 2 seeds, "
+        "**mha** 2.390 to 2.410 over 2 seeds. Ahead in every seed: la of ca and mha. Not told apart by their seeds: ca "
+        "and mha.")
+    # Each variant names those it is ahead of, in one clause per variant.
+    assert spread({"mha": 2.30, "mha-seed1": 2.31, "ca": 2.40, "ca-seed1": 2.41, "la": 2.50, "la-seed1": 2.52}) == (
+        "Test bpb over seeds, best mean first: **mha** 2.300 to 2.310 over 2 seeds, **ca** 2.400 to 2.410 over 2 seeds, "
+        "**la** 2.500 to 2.520 over 2 seeds. Ahead in every seed: mha of ca and la; ca of la.")
 
 
 def test_where_every_variant_has_seeds_the_page_names_no_single_run_and_its_widest_training_speed_gap():
@@ -394,8 +398,8 @@ def test_where_every_variant_has_seeds_the_page_names_no_single_run_and_its_wide
                             "train tok/s": [100.0, 110.0, 200.0, 200.0, 190.0]})
     profiles = pd.DataFrame(columns=["variant", "scope", "T", "tokens_per_s", "status"])
     assert noise_caveat(summary, profiles) == (
-        "Test bpb over seeds: **mha** 2.400 to 2.410 over 2 seeds, **ca** 2.500 to 2.520 over 3 seeds; apart in every seed: mha "
-        "ahead of ca. The training speeds of one variant's runs, each in a process of its own, differ by up to 1.10x (mha: 100 "
+        "Test bpb over seeds, best mean first: **mha** 2.400 to 2.410 over 2 seeds, **ca** 2.500 to 2.520 over 3 seeds. Ahead "
+        "in every seed: mha of ca. The training speeds of one variant's runs, each in a process of its own, differ by up to 1.10x (mha: 100 "
         "to 110 tok/s), a bar for the training speeds' differences. This page does not measure the spread of the attention "
         "speeds (it needs two profiles with the reference at the largest T).")
 
@@ -438,7 +442,7 @@ def test_a_page_with_seeded_entries_gives_their_spread_and_their_seeds(tmp_path,
     assert table["lca-seed7"][header.index("spec exp")] == "1.5", "lca's spec exponent"
     legend, lines, means = drawn[FIGURES["bpb_vs_throughput"]]
     assert means == [[2250.0, pytest.approx(lca_mean)]], means
-    assert ("Test bpb over seeds: **lca** {:.3f} to {:.3f} over 2 seeds. The training speeds of one variant's runs, each in a "
+    assert ("Test bpb over seeds, best mean first: **lca** {:.3f} to {:.3f} over 2 seeds. The training speeds of one variant's runs, each in a "
             "process of its own, differ by up to 1.25x (lca: 2,000 to 2,500 tok/s), a bar for the training speeds' differences. "
             "The other variant (mha) is one run: this page does not measure its seeds' spread. The attention layers' speeds "
             ).format(min(bpbs), max(bpbs)) in text, text

@@ -267,25 +267,31 @@ def pareto_front(summary: pd.DataFrame, speed: str) -> dict[str, list[str]]:
 
 
 def seed_spread(summary: pd.DataFrame) -> str | None:
-    """The variants trained with several seeds (params entries `<variant>-seed<N>` beside `<variant>`): each one's
-    printed test bpb over its seeds, and whether two such variants' ranges lie apart (one ahead in every seed) or
-    overlap (no evidence for either). None where no variant has two runs."""
+    """The variants trained with several seeds (params entries `<variant>-seed<N>` beside `<variant>`), best mean
+    first: each one's printed test bpb over its seeds, the variants each one is ahead of in every seed (its worst run
+    better than their best), and the pairs whose ranges overlap (no evidence for either). None where no variant has
+    two runs."""
     runs = summary.assign(kind=variant_of(summary), bpb=printed_bpb(summary))
-    ranges = {kind: (group["bpb"].min(), group["bpb"].max(), len(group)) for kind, group in runs.groupby("kind", sort=False) if len(group) > 1}
-    if not ranges:
+    seeded = runs.groupby("kind", sort=False)["bpb"].agg(["min", "max", "mean", "size"])
+    seeded = seeded[seeded["size"] > 1].sort_values("mean", kind="stable")
+    if seeded.empty:
         return None
     fmt = SUMMARY_FORMATS["test bpb"].format
-    spans = [f"**{kind}** {fmt(low)} to {fmt(high)} over {n} seeds" for kind, (low, high, n) in ranges.items()]
+    spans = [f"**{kind}** {fmt(row['min'])} to {fmt(row['max'])} over {int(row['size'])} seeds" for kind, row in seeded.iterrows()]
     ahead, overlap = [], []
-    for i, (a, (low_a, high_a, _)) in enumerate(ranges.items()):
-        for b, (low_b, high_b, _) in list(ranges.items())[i + 1 :]:
-            if high_a < low_b or high_b < low_a:
-                ahead.append(f"{a} ahead of {b}" if high_a < low_b else f"{b} ahead of {a}")
+    for i, a in enumerate(seeded.index):
+        beaten = []
+        for b in seeded.index[i + 1 :]:
+            # b's best below a's worst would put b's mean below a's: best mean first, only a can be ahead.
+            if seeded.loc[a, "max"] < seeded.loc[b, "min"]:
+                beaten.append(b)
             else:
                 overlap.append(f"{a} and {b}")
-    verdicts = ([f"apart in every seed: {'; '.join(ahead)}"] if ahead else []) + (
+        if beaten:
+            ahead.append(f"{a} of {spoken_list(beaten)}")
+    verdicts = ([f"ahead in every seed: {'; '.join(ahead)}"] if ahead else []) + (
         [f"not told apart by their seeds: {'; '.join(overlap)}"] if overlap else [])
-    return f"Test bpb over seeds: {', '.join(spans)}" + (f"; {', and '.join(verdicts)}" if verdicts else "") + "."
+    return f"Test bpb over seeds, best mean first: {', '.join(spans)}" + "".join(f". {v[0].upper()}{v[1:]}" for v in verdicts) + "."
 
 
 def noise_caveat(summary: pd.DataFrame, profiles: pd.DataFrame) -> str:
