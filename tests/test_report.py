@@ -6,6 +6,8 @@ import csv
 import math
 import re
 
+import matplotlib.colors
+import matplotlib.lines
 import pandas as pd
 import pytest
 
@@ -429,10 +431,19 @@ def test_a_page_with_seeded_entries_gives_their_spread_and_their_seeds(tmp_path,
     lca_mean = sum(bpbs) / 2
 
     drawn = {}  # the throughput figure's legend, lines drawn (seaborn adds empty ones for its legend) and last scatter
+    colours = {}  # each figure's legend entries' colours
     real_legend_beside = report_mod.legend_beside
-    monkeypatch.setattr(report_mod, "legend_beside", lambda ax: real_legend_beside(ax) or drawn.setdefault(ax.get_title(), (
-        [t.get_text() for t in ax.get_legend().get_texts()], [xy for line in ax.lines if (xy := line.get_xydata().tolist())],
-        ax.collections[-1].get_offsets().tolist())))
+
+    def record(ax):
+        real_legend_beside(ax)
+        legend = ax.get_legend()
+        colours[ax.get_title()] = {t.get_text(): matplotlib.colors.to_hex(h.get_color()) for t, h in zip(legend.get_texts(), legend.legend_handles)
+                                   if isinstance(h, matplotlib.lines.Line2D)}
+        drawn.setdefault(ax.get_title(), (
+            [t.get_text() for t in legend.get_texts()], [xy for line in ax.lines if (xy := line.get_xydata().tolist())],
+            ax.collections[-1].get_offsets().tolist()))
+
+    monkeypatch.setattr(report_mod, "legend_beside", record)
 
     report(params, tmp_path / "variants", tmp_path / "prepared", tmp_path / "out")
 
@@ -442,6 +453,8 @@ def test_a_page_with_seeded_entries_gives_their_spread_and_their_seeds(tmp_path,
     assert table["lca-seed7"][header.index("spec exp")] == "1.5", "lca's spec exponent"
     legend, lines, means = drawn[FIGURES["bpb_vs_throughput"]]
     assert means == [[2250.0, pytest.approx(lca_mean)]], means
+    curve = colours[FIGURES["learning_curves"]]
+    assert curve["lca"] == curve["lca-seed7"] != curve["mha"], f"lca's two runs in lca's colour: {curve}"
     assert ("Test bpb over seeds, best mean first: **lca** {:.3f} to {:.3f} over 2 seeds. The training speeds of one variant's runs, each in a "
             "process of its own, differ by up to 1.25x (lca: 2,000 to 2,500 tok/s), a bar for the training speeds' differences. "
             "The other variant (mha) is one run: this page does not measure its seeds' spread. The attention layers' speeds "
@@ -643,3 +656,14 @@ def test_the_report_stage_writes_to_reports_run_name_by_default(tmp_path, monkey
     monkeypatch.setattr(report_mod, "main", lambda params, variants_dir, data_dir, out_dir, subset: received.append(out_dir))
     assert cli.main(["report", "--params", str(path)]) == 0
     assert received == [Path("reports") / params.run.name]
+
+
+def test_a_variants_seeded_entries_share_its_colour_and_the_variants_differ():
+    from attnbench.report import entry_palette
+
+    palette = entry_palette(["mha", "ca", "mha-seed1", "ca-seed2", "ca", "la-seed1"])
+    assert list(palette) == ["mha", "ca", "mha-seed1", "ca-seed2", "la-seed1"]
+    assert palette["mha"] == palette["mha-seed1"] and palette["ca"] == palette["ca-seed2"]
+    assert len({palette["mha"], palette["ca"], palette["la-seed1"]}) == 3
+    every = entry_palette(["mha", "la", "ca", "lca", "cka", "fastcka", "sca"])
+    assert len(set(every.values())) == 7
