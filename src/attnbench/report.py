@@ -169,7 +169,8 @@ def _save(fig, path: Path) -> None:
 
 def entry_palette(entries) -> dict[str, tuple[float, float, float]]:
     """A colour per variant, which its seeded entries (`<variant>-seed<N>`) share, so that a figure's runs of one
-    variant read as one family; the figures tell the entries apart by marker or dash."""
+    variant read as one family: the learning curves and the throughput figure tell the entries apart by marker or
+    dash; in the time and memory figures a variant's profiles, the same layer timed in each, are lines of one look."""
     entries = list(dict.fromkeys(entries))
     variants = list(dict.fromkeys(parse_entry(entry)[0] for entry in entries))
     colours = sns.color_palette("deep" if len(variants) <= 10 else "husl", len(variants))  # deep has 10, then repeats
