@@ -661,9 +661,9 @@ def test_the_report_stage_writes_to_reports_run_name_by_default(tmp_path, monkey
 def test_a_variants_seeded_entries_share_its_colour_and_the_variants_differ():
     from attnbench.report import entry_palette
 
-    palette = entry_palette(["mha", "ca", "mha-seed1", "ca-seed2", "ca", "la-seed1"])
+    palette = entry_palette(pd.DataFrame({"variant": ["mha", "ca", "mha-seed1", "ca-seed2", "ca", "la-seed1"]}))
     assert list(palette) == ["mha", "ca", "mha-seed1", "ca-seed2", "la-seed1"]
     assert palette["mha"] == palette["mha-seed1"] and palette["ca"] == palette["ca-seed2"]
     assert len({palette["mha"], palette["ca"], palette["la-seed1"]}) == 3
-    every = entry_palette(["mha", "la", "ca", "lca", "cka", "fastcka", "sca"])
+    every = entry_palette(pd.DataFrame({"variant": ["mha", "la", "ca", "lca", "cka", "fastcka", "sca"]}))
     assert len(set(every.values())) == 7

@@ -167,14 +167,15 @@ def _save(fig, path: Path) -> None:
     plt.close(fig)
 
 
-def entry_palette(entries) -> dict[str, tuple[float, float, float]]:
-    """A colour per variant, which its seeded entries (`<variant>-seed<N>`) share, so that a figure's runs of one
-    variant read as one family: the learning curves and the throughput figure tell the entries apart by marker or
-    dash; in the time and memory figures a variant's profiles, the same layer timed in each, are lines of one look."""
-    entries = list(dict.fromkeys(entries))
-    variants = list(dict.fromkeys(parse_entry(entry)[0] for entry in entries))
-    colours = sns.color_palette("deep" if len(variants) <= 10 else "husl", len(variants))  # deep has 10, then repeats
-    return {entry: colours[variants.index(parse_entry(entry)[0])] for entry in entries}
+def entry_palette(frame: pd.DataFrame) -> dict[str, tuple[float, float, float]]:
+    """A colour for each of `frame`'s entries (its `variant` column), the same for a variant's seeded entries
+    (`<variant>-seed<N>`), so that a figure's runs of one variant read as one family: the learning curves and the
+    throughput figure tell the entries apart by marker or dash; in the time and memory figures a variant's profiles,
+    the same layer timed in each, are lines of one look."""
+    variant = dict(zip(frame["variant"], variant_of(frame)))  # entry -> variant, in the order entries first appear
+    variants = list(dict.fromkeys(variant.values()))
+    colours = dict(zip(variants, sns.color_palette("deep" if len(variants) <= 10 else "husl", len(variants))))  # deep has 10, then repeats
+    return {entry: colours[kind] for entry, kind in variant.items()}
 
 
 def learning_curves_figure(curves: pd.DataFrame, path: Path, title: str) -> None:
@@ -183,7 +184,7 @@ def learning_curves_figure(curves: pd.DataFrame, path: Path, title: str) -> None
     fig, ax = plt.subplots(figsize=(6.5, 4))
     # A dash pattern and marker per variant too: curves of variants with the same function (cka, fastcka) lie on each other.
     sns.lineplot(curves.assign(mtokens=curves["tokens"] / 1e6), x="mtokens", y="val_bpb", hue="variant", style="variant", markers=True,
-                 palette=entry_palette(curves["variant"]), ax=ax)
+                 palette=entry_palette(curves), ax=ax)
     ax.set(xlabel="training tokens (millions)", ylabel="validation bits/byte", title=title)
     legend_beside(ax)
     _save(fig, path)
@@ -200,7 +201,7 @@ def figures(summary: pd.DataFrame, curves: pd.DataFrame, profiles: pd.DataFrame,
 
     fig, ax = plt.subplots(figsize=(6.5, 4))
     # A legend, not labels beside the points: variants of nearly equal speed and bpb would print their names over each other.
-    sns.scatterplot(summary, x="train tok/s", y="test bpb", hue="variant", style="variant", s=80, palette=entry_palette(summary["variant"]), ax=ax)
+    sns.scatterplot(summary, x="train tok/s", y="test bpb", hue="variant", style="variant", s=80, palette=entry_palette(summary), ax=ax)
     means = variant_means.set_index("variant")
     several = means[means["runs"] > 1]  # variants with seed entries
     if len(several):  # the points the best variant and the fronts compare them by
@@ -218,7 +219,7 @@ def figures(summary: pd.DataFrame, curves: pd.DataFrame, profiles: pd.DataFrame,
     )
     for name, column, label in [("time_vs_T", "ms_per_seq", "ms per sequence"), ("memory_vs_T", "mib_per_seq", "MiB per sequence")]:
         fig, ax = plt.subplots(figsize=(6.5, 4))
-        sns.lineplot(ok, x="T", y=column, hue="variant", style="scope", marker="o", palette=entry_palette(ok["variant"]), ax=ax)
+        sns.lineplot(ok, x="T", y=column, hue="variant", style="scope", marker="o", palette=entry_palette(ok), ax=ax)
         ax.set(xlabel="sequence length T", ylabel=label, title=FIGURES[name])
         log_length_axes(ax, ok["T"])
         _save(fig, paths[name])
