@@ -7,7 +7,8 @@ from attnbench.files import read_json
 
 def attention_rows():
     rows = []
-    for label, per_token_ms in [("sdpa", lambda T: T / 2048), ("ca (compiled)", lambda T: (T / 2048) ** 0.5 / 4)]:
+    for label, per_token_ms in [("sdpa", lambda T: T / 2048), ("mha (compiled)", lambda T: T / 1024),
+                                ("ca (compiled)", lambda T: (T / 2048) ** 0.5 / 4)]:
         for T in (2048, 8192, 32768):
             batch = 65536 // T
             ms = per_token_ms(T) * 65536 / 1000
@@ -29,7 +30,7 @@ def test_exponents_are_the_per_sequence_slopes():
     assert abs(slopes["ca (compiled)"] - 1.5) < 1e-9
 
 
-def test_markdown_shows_ratios_to_sdpa_and_the_training_baseline():
+def test_markdown_shows_ratios_to_sdpa_and_to_mha_and_the_training_baseline():
     params = parse_params({"variants": {"mha": {}, "ca": {}}})
     training = [
         {"variant": "plain GPT (mha, flash)", "model": "d512 L8 H8", "batch": 64, "ms": 40.0, "mtok_per_s": 1.6, "mfu": 0.30,
@@ -39,8 +40,12 @@ def test_markdown_shows_ratios_to_sdpa_and_the_training_baseline():
     text = markdown(attention_rows(), training, "H100", params.benchmark, params)
     ca_row = next(line for line in text.splitlines() if line.startswith("| ca (compiled)"))
     cells = [c.strip() for c in ca_row.strip("|").split("|")]
-    # ca per token: 1/4 of sdpa's at 2K, sqrt(4)/4 / 4 = 1/8 at 8K, sqrt(16)/4 / 16 = 1/16 at 32K.
-    assert cells[-4:] == ["1.50", "1.5", "8.00", "16.00"], ca_row  # exponent, the spec's, ratios at 8K and 32K
+    # ca per token: 1/4 of sdpa's at 2K, sqrt(4)/4 / 4 = 1/8 at 8K, sqrt(16)/4 / 16 = 1/16 at 32K; mha (compiled), its
+    # bar in the x mha columns, runs at half sdpa's speed. The exponent, the spec's, x sdpa and x mha at 8K and 32K:
+    assert cells[-6:] == ["1.50", "1.5", "8.00", "16.00", "16.00", "32.00"], ca_row
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.strip("|").split("|")][-2:] for line in text.splitlines()
+            if line.startswith("| sdpa |") or line.startswith("| mha (compiled) |")}
+    assert rows == {"sdpa": ["—", "—"], "mha (compiled)": ["1.00", "1.00"]}, rows  # the references have no mha row
     assert "every fitted row within 0.25 of it" in text
     # A table's delimiter row has a cell for each header cell, or Markdown renders no table.
     header = next(i for i, line in enumerate(text.splitlines()) if line.startswith("| variant | ") and "time exponent" in line)
@@ -57,8 +62,8 @@ def test_markdown_names_the_exponents_off_the_spec():
         rows += [{"kind": "attention", "variant": label.split()[0], "label": label, "T": T, "batch": 65536 // T,
                   "ms": (T / 2048) ** exponent * 2048 / T, "mtok_per_s": 1.0, "status": "ok", "mode": "graphs"} for T in (2048, 8192, 32768)]
     text = markdown(rows, [], "H100", params.benchmark, params)
-    spec = {line.split("|")[1].strip(): line.split("|")[-4].strip() for line in text.splitlines() if line.startswith("| ") and "variant" not in line}
-    assert spec == {"sdpa": "2", "ca (compiled)": "1.5", "ca (graphs)": "1.5", "mha (graphs)": "2"}, spec
+    spec = {line.split("|")[1].strip(): line.split("|")[-6].strip() for line in text.splitlines() if line.startswith("| ") and "variant" not in line}
+    assert spec == {"sdpa": "2", "mha (compiled)": "2", "ca (compiled)": "1.5", "ca (graphs)": "1.5", "mha (graphs)": "2"}, spec
     assert "off it by more than 0.25: ca (graphs) 1.24, spec 1.5)." in text, text
 
 
@@ -240,7 +245,7 @@ def test_the_params_file_says_what_is_measured_and_each_flag_overrides_its_key(t
 
 def test_a_run_is_logged_to_mlflow_with_the_tables_figures_and_files(monkeypatch, tmp_path):
     """The benchmark is one MLflow run like every stage: its settings as params, each attention row's Mtok/s and
-    ratio to sdpa as a curve over T, the fitted exponents, the training rows' MFU, and the files it wrote (not the
+    ratios to sdpa and to mha as curves over T, the fitted exponents, the training rows' MFU, and the files it wrote (not the
     others in its folder, which reports/benchmarks fills with earlier runs' pages)."""
     import torch
     from mlflow.tracking import MlflowClient
@@ -260,7 +265,7 @@ def test_a_run_is_logged_to_mlflow_with_the_tables_figures_and_files(monkeypatch
     monkeypatch.setattr(benchmark, "resolve_device", lambda name: torch.device("cuda"))
     monkeypatch.setattr(benchmark, "device_name", lambda: "fake-gpu")
     monkeypatch.setattr(benchmark, "benchmark", measured)
-    params = parse_params({"benchmark": {"repeats": 3}, "tracking": {"uri": uri}, "variants": {"ca": {"block": 64}}})
+    params = parse_params({"benchmark": {"repeats": 3}, "tracking": {"uri": uri}, "variants": {"mha": {}, "ca": {"block": 64}}})
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "fake-gpu-stop1-attention.csv").write_text("an earlier run's rows, kept beside")
     (tmp_path / "out" / "fake-gpu-kernels.md").write_text("an earlier traced run's kernels: this run has no --trace")
@@ -272,6 +277,8 @@ def test_a_run_is_logged_to_mlflow_with_the_tables_figures_and_files(monkeypatch
     assert run.data.params["benchmark.repeats"] == "3" and run.data.params["variant_options.ca.block"] == "64"
     curve = client.get_metric_history(run.info.run_id, "attention.ca.compiled.x_sdpa")
     assert {m.step: round(m.value, 6) for m in curve} == {2048: 4.0, 8192: 8.0, 32768: 16.0}
+    curve = client.get_metric_history(run.info.run_id, "attention.ca.compiled.x_mha")
+    assert {m.step: round(m.value, 6) for m in curve} == {2048: 8.0, 8192: 16.0, 32768: 32.0}
     assert [m.step for m in client.get_metric_history(run.info.run_id, "attention.sdpa.eager.mtok_per_s")] == [2048, 8192, 32768]
     assert abs(run.data.metrics["attention.ca.compiled.time_exponent"] - 1.5) < 1e-9
     assert run.data.metrics["train.d512_L8_H8.plain_GPT_mha_flash.mfu"] == 0.30

@@ -248,10 +248,23 @@ def exponents(rows: list[dict], lo: int = 2048, hi: int = 32768) -> dict[str, fl
     return out
 
 
+def speedups(attention: list[dict], base: Callable[[dict], str | None]) -> dict[tuple[str, int], float]:
+    """Each measured row's Mtok/s over that of the row labelled base(row) at its T, by (label, T); none where either
+    is missing or base gives None."""
+    ok = {(r["label"], r["T"]): r["mtok_per_s"] for r in attention if r["status"] == "ok"}
+    return {(r["label"], r["T"]): r["mtok_per_s"] / ok[base(r), r["T"]] for r in attention
+            if r["status"] == "ok" and (base(r), r["T"]) in ok}
+
+
 def sdpa_ratios(attention: list[dict]) -> dict[tuple[str, int], float]:
-    """Each measured row's Mtok/s over the sdpa row's at its T, by (label, T); none where either is missing."""
-    sdpa = {r["T"]: r["mtok_per_s"] for r in attention if r["label"] == "sdpa" and r["status"] == "ok"}
-    return {(r["label"], r["T"]): r["mtok_per_s"] / sdpa[r["T"]] for r in attention if r["status"] == "ok" and r["T"] in sdpa}
+    """Each measured row's speed-up over the sdpa row at its T."""
+    return speedups(attention, lambda r: "sdpa")
+
+
+def mha_ratios(attention: list[dict]) -> dict[tuple[str, int], float]:
+    """Each variant row's speed-up over mha's row in the same mode at its T (the issues' acceptance ratios); none for
+    the references, which run once, eager."""
+    return speedups(attention, lambda r: None if r["variant"] in REFERENCES else row_label("mha", r["mode"]))
 
 
 def cell(row: dict | None) -> str:
@@ -271,25 +284,26 @@ def attention_section(attention: list[dict], settings: BenchmarkConfig) -> list[
     lines = [f"## Attention forward+backward, Mtok/s ({settings.tokens:,} tokens per step, H = {settings.heads}, "
              f"D = {settings.head_dim}, bf16, median)", "",
              "| variant | " + " | ".join(length_label(T) for T in seq_lens)
-             + " | time exponent (2K-32K) | spec | x sdpa at 8K | x sdpa at 32K |",
-             "|---|" + "---|" * (len(seq_lens) + 4)]
+             + " | time exponent (2K-32K) | spec | x sdpa at 8K | x sdpa at 32K | x mha at 8K | x mha at 32K |",
+             "|---|" + "---|" * (len(seq_lens) + 6)]
     by = {(r["label"], r["T"]): r for r in attention}
-    ratios = sdpa_ratios(attention)
+    ratios = [sdpa_ratios(attention), mha_ratios(attention)]
 
-    def ratio(label, T):
-        return f"{ratios[label, T]:.2f}" if (label, T) in ratios else "—"
+    def ratio(of, label, T):
+        return f"{of[label, T]:.2f}" if (label, T) in of else "—"
 
     for label in dict.fromkeys(r["label"] for r in attention):
         cells = [cell(by.get((label, T))) for T in seq_lens]
         slope = slopes[label]
-        lines.append(f"| {label} | " + " | ".join(cells) + f" | {'—' if slope is None else f'{slope:.2f}'} | {specs[label]:g} "
-                     f"| {ratio(label, 8192)} | {ratio(label, 32768)} |")
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {'—' if slope is None else f'{slope:.2f}'} | {specs[label]:g} | "
+                     + " | ".join(ratio(of, label, T) for of in ratios for T in (8192, 32768)) + " |")
     off = off_spec(slopes, specs)
     agreement = (f"off it by more than {SPEC_EXPONENT_TOLERANCE:g}: {'; '.join(off)}" if off
                  else f"every fitted row within {SPEC_EXPONENT_TOLERANCE:g} of it")
     return lines + ["", "Time exponent: slope of log(time per sequence) against log T, i.e. the spec's compute-vs-T exponent "
                     f"(`spec`, variants.md's table; {agreement}). "
-                    "`sdpa`: the fused causal kernel in mha's order (cuDNN first), the bar of the ratio columns; "
+                    "`sdpa`: the fused causal kernel in mha's order (cuDNN first), the bar of the x sdpa columns; x mha: "
+                    "over mha's row in the same mode; "
                     f"`sdpa-flash`: the flash kernel alone. Each sample times {CHAIN} steps back to back (as training runs them); "
                     "the CSV keeps each point's fastest and slowest sample (`ms_min`, `ms_max`) beside the median.", ""]
 
@@ -364,17 +378,18 @@ def metric_key(*parts: object) -> str:
 
 def tracked_metrics(attention: list[dict], training: list[dict]) -> dict[int | None, dict[str, float]]:
     """What the MLflow run keeps of the tables, by step (T, or None for no step): each attention row's Mtok/s and
-    ratio to sdpa at every T, as a curve over T as the profile stage logs its own; each row's fitted exponent; each
-    training row's ms per step, Mtok/s and MFU."""
+    ratios to sdpa and to mha at every T, as a curve over T as the profile stage logs its own; each row's fitted
+    exponent; each training row's ms per step, Mtok/s and MFU."""
     by_step: dict[int | None, dict[str, float]] = {None: {}}
-    ratios = sdpa_ratios(attention)
+    ratios = {"x_sdpa": sdpa_ratios(attention), "x_mha": mha_ratios(attention)}
     for r in attention:
         if r["status"] != "ok":
             continue
         row = by_step.setdefault(r["T"], {})
         row[metric_key("attention", r["variant"], r["mode"], "mtok_per_s")] = r["mtok_per_s"]
-        if (r["label"], r["T"]) in ratios:
-            row[metric_key("attention", r["variant"], r["mode"], "x_sdpa")] = ratios[r["label"], r["T"]]
+        for name, of in ratios.items():
+            if (r["label"], r["T"]) in of:
+                row[metric_key("attention", r["variant"], r["mode"], name)] = of[r["label"], r["T"]]
     names = {r["label"]: (r["variant"], r["mode"]) for r in attention}
     for label, slope in exponents(attention).items():
         if slope is not None:
