@@ -107,12 +107,45 @@ def test_a_point_keeps_its_median_and_the_spread_of_its_samples(monkeypatch, tmp
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
     monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda: None)
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda: 2**30)
-    monkeypatch.setattr(benchmark, "time_samples", lambda step, warmup, repeats: [2.5, 2.0, 4.0, 2.0, 3.0])
+    monkeypatch.setattr(benchmark, "time_samples", lambda step, warmup, repeats, warmup_seconds: [2.5, 2.0, 4.0, 2.0, 3.0])
     row = benchmark.run_point("attention", "ca", 8192, 8, lambda: None, warmup=1, repeats=5)
     assert (row["ms"], row["ms_min"], row["ms_max"], row["peak_gib"]) == (2.5, 2.0, 4.0, 1.0)
     assert row["mtok_per_s"] == 8 * 8192 / 2.5 / 1e3
     benchmark.write_csv(tmp_path / "rows.csv", [row], benchmark.ATTENTION_FIELDS)
     assert (tmp_path / "rows.csv").read_text().splitlines()[1] == "attention,ca,,8192,8,2.5,2.0,4.0,26.2144,1.0,ok"
+
+
+def test_a_point_warms_up_for_its_calls_and_then_for_its_device_time(monkeypatch):
+    """After `warmup` calls, untimed chains of CHAIN calls follow until the device has spent `warmup_seconds` in them;
+    then `repeats` timed chains. CUDA's events are stood in for by a clock of 25 ms per call."""
+    import torch
+
+    from attnbench import benchmark
+
+    calls = []
+
+    class Event:
+        def __init__(self, enable_timing):
+            self.at = None
+
+        def record(self):
+            self.at = len(calls)
+
+        def synchronize(self):
+            pass
+
+        def elapsed_time(self, end):
+            return 25.0 * (end.at - self.at)
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    samples = benchmark.time_samples(lambda: calls.append(1), warmup=3, repeats=5, warmup_seconds=1.0)
+    assert samples == [25.0] * 5
+    # 3 calls, then 1 s of warm-up at 25 ms a call in chains of CHAIN (4): 40 calls, 10 chains; then 5 chains timed.
+    assert len(calls) == 3 + 40 + 5 * benchmark.CHAIN
+    calls.clear()
+    benchmark.time_samples(lambda: calls.append(1), warmup=3, repeats=5, warmup_seconds=0.0)
+    assert len(calls) == 3 + 5 * benchmark.CHAIN
 
 
 def test_references_named_as_variants_run_once(monkeypatch, tmp_path):
@@ -172,7 +205,7 @@ def test_training_rows_run_the_baseline_first_and_the_table_groups_them_by_size(
 
     measured = []
 
-    def run_point(kind, label, T, batch, build, *args):
+    def run_point(kind, label, T, batch, build, **settings):
         measured.append(label)
         return {"kind": kind, "variant": label, "T": T, "batch": batch, "ms": 1.0, "mtok_per_s": 1.0, "peak_gib": 0.1, "status": "ok"}
 

@@ -69,26 +69,29 @@ CHAIN = 4  # steps per timed sample
 SUMMARY = "benchmark.json"  # the last run's device, files and metrics, in the output folder
 
 
-def time_samples(step: Callable[[], None], warmup: int, repeats: int) -> list[float]:
-    """Milliseconds per call of `step`, one value per sample, timed with CUDA events after `warmup` calls.
+def chain_ms(step: Callable[[], None]) -> float:
+    """Milliseconds per call of `step` over CHAIN calls back to back, as training issues them (no synchronisation
+    between steps), timed with CUDA events: the host's launch work overlaps the device's, so a short step is not
+    charged for the idle device while the host prepares it."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(CHAIN):
+        step()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / CHAIN
 
-    Each of the `repeats` samples times CHAIN calls back to back, as training issues them (no
-    synchronisation between steps), so the host's launch work overlaps the device's and a short
-    step is not charged for the idle device while the host prepares it.
-    """
+
+def time_samples(step: Callable[[], None], warmup: int, repeats: int, warmup_seconds: float = 0.0) -> list[float]:
+    """Milliseconds per call of `step`, one value per sample (`chain_ms`), after `warmup` calls and then more until
+    the device has spent `warmup_seconds` in them (params.benchmark says why)."""
     for _ in range(warmup):
         step()
     torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(CHAIN):
-            step()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / CHAIN)
-    return times
+    spent_ms = 0.0
+    while spent_ms < 1e3 * warmup_seconds:
+        spent_ms += CHAIN * chain_ms(step)
+    return [chain_ms(step) for _ in range(repeats)]
 
 
 def zero_grads(tensors) -> None:
@@ -171,7 +174,7 @@ def kernel_table(step: Callable[[], None], steps: int = CHAIN, top: int = 12) ->
 
 
 def run_point(kind: str, variant: str, T: int, batch: int, build: Callable[[], Callable[[], None]], warmup: int, repeats: int,
-              trace: bool = False) -> dict:
+              trace: bool = False, warmup_seconds: float = 0.0) -> dict:
     """One timed point (a row), with its kernel table under "kernels" where `trace`."""
     row = {"kind": kind, "variant": variant, "T": T, "batch": batch}
     # Start each point clean: compiled graphs of earlier points hold their models and buffers.
@@ -181,7 +184,7 @@ def run_point(kind: str, variant: str, T: int, batch: int, build: Callable[[], C
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         step = build()
-        samples = time_samples(step, warmup, repeats)
+        samples = time_samples(step, warmup, repeats, warmup_seconds)
         ms = statistics.median(samples)  # the figure; the fastest and slowest sample show how far it could move
         row.update(ms=ms, ms_min=min(samples), ms_max=max(samples), mtok_per_s=batch * T / ms / 1e3,
                    peak_gib=torch.cuda.max_memory_allocated() / 2**30, status="ok")
@@ -202,13 +205,14 @@ def benchmark(params: Params, variants: list[str], part: str, settings: Benchmar
     attention in each of its `modes` (COMPILE_MODES); training at params.model's size and its `train_sizes`
     (plain GPT and mha only). `trace` adds each row's kernel table."""
     attention, training = [], []
+    point_settings = dict(warmup=settings.warmup, repeats=settings.repeats, warmup_seconds=settings.warmup_seconds, trace=trace)
     for variant in variants if part == "attention" else []:
         options = params.variants.get(variant)  # None for the references
         for T in settings.seq_lens:
             batch = max(1, settings.tokens // T)
             for mode in settings.modes if variant not in REFERENCES else ("eager",):
                 build = partial(attention_step, variant, T, batch, settings.heads, settings.head_dim, options, mode)
-                row = run_point("attention", variant, T, batch, build, settings.warmup, settings.repeats, trace)
+                row = run_point("attention", variant, T, batch, build, **point_settings)
                 attention.append(row | {"mode": mode, "label": row_label(variant, mode)})
     T, peak = params.model.seq_len, peak_flops(torch.device("cuda"))
     batch = max(1, settings.tokens // T)
@@ -224,10 +228,10 @@ def benchmark(params: Params, variants: list[str], part: str, settings: Benchmar
                 step, flops["per_token"] = train_step(cfg, batch, compile)
                 return step
 
-            row = run_point("train", label, T, batch, lambda: build(True), settings.warmup, settings.repeats, trace)
+            row = run_point("train", label, T, batch, lambda: build(True), **point_settings)
             row["compiled"] = row["status"] == "ok"
             if not row["compiled"]:  # the clean fallback: eager
-                row = run_point("train", label, T, batch, lambda: build(False), settings.warmup, settings.repeats, trace) | {"compiled": False}
+                row = run_point("train", label, T, batch, lambda: build(False), **point_settings) | {"compiled": False}
             if row["status"] == "ok" and peak:
                 row["mfu"] = flops["per_token"] * row["mtok_per_s"] * 1e6 / peak
             training.append(row | {"model": f"d{d_model} L{n_layers} H{model.n_heads}", "peak_tflops": peak / 1e12 if peak else None})
@@ -304,7 +308,8 @@ def attention_section(attention: list[dict], settings: BenchmarkConfig) -> list[
                     f"(`spec`, variants.md's table; {agreement}). "
                     "`sdpa`: the fused causal kernel in mha's order (cuDNN first), the bar of the x sdpa columns; x mha: "
                     "over mha's row in the same mode; "
-                    f"`sdpa-flash`: the flash kernel alone. Each sample times {CHAIN} steps back to back (as training runs them); "
+                    f"`sdpa-flash`: the flash kernel alone. Each sample times {CHAIN} steps back to back (as training runs them), after "
+                    f"{settings.warmup} steps and {settings.warmup_seconds:g} s of warm-up at that point (the clocks of a steady load); "
                     "the CSV keeps each point's fastest and slowest sample (`ms_min`, `ms_max`) beside the median.", ""]
 
 

@@ -60,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heads", type=int)
     p.add_argument("--head-dim", type=int)
     p.add_argument("--warmup", type=int)
+    p.add_argument("--warmup-seconds", type=float)
     p.add_argument("--repeats", type=int)
     p.add_argument("--variants", nargs="+", help="default: the params file's variants")
     p.add_argument("--parts", nargs="+", help="attention, train")

@@ -164,7 +164,11 @@ class BenchmarkConfig(Strict):
     tokens: int = Field(65536, gt=0, description="tokens per timed step: attention batch = tokens // T, training tokens // model.seq_len")
     heads: int = Field(8, gt=0, description="heads of the attention rows")
     head_dim: int = Field(64, gt=0, description="head size of the attention rows, and of the train_sizes models (d_model // head_dim heads)")
-    warmup: int = Field(3, ge=0)
+    warmup: int = Field(3, ge=0, description="untimed calls of each point's step before its samples")
+    warmup_seconds: float = Field(1.0, ge=0, description="then more untimed calls, until the device has run the step this "
+                                  "long: a short step's samples then see the clocks that training at a steady load sees (on "
+                                  "an H100, mha's kernels draw the 700 W cap within about 0.2 s and the SM clock falls from "
+                                  "1,980 MHz to about 1,750; a step drawing less keeps 1,980)")
     repeats: int = Field(10, gt=0, description="timed samples per point (the median counts)")
     parts: list[Literal["attention", "train"]] = Field(["attention", "train"], min_length=1)
     modes: list[Literal["eager", "compiled", "graphs"]] = Field(
