@@ -84,7 +84,7 @@ def chain_ms(step: Callable[[], None]) -> float:
 
 def time_samples(step: Callable[[], None], warmup: int, repeats: int, warmup_seconds: float = 0.0) -> list[float]:
     """Milliseconds per call of `step`, one value per sample (`chain_ms`), after `warmup` calls and then more until
-    the device has spent `warmup_seconds` in them (params.benchmark says why)."""
+    the device has spent `warmup_seconds` in them (config.BenchmarkConfig.warmup_seconds says why)."""
     for _ in range(warmup):
         step()
     torch.cuda.synchronize()
