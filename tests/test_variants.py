@@ -448,3 +448,25 @@ def test_profile_time_is_the_median_of_the_repeats(monkeypatch):
     monkeypatch.setattr(profile_mod, "time", SimpleNamespace(perf_counter=lambda: next(ticks)))
     measured = profile_mod.measure(lambda: None, torch.device("cpu"), warmup=0, repeats=3)
     assert (measured.seconds, measured.spread) == (2.0, 0.5)
+
+
+def test_profile_warms_each_point_up_for_warmup_seconds(monkeypatch):
+    """After `warmup` calls, untimed calls follow until they have taken `warmup_seconds`, then one for the memory and
+    `repeats` timed ones: at 0.25 s a call and 1 s, 2 + 4 + 1 + 3 calls; with no seconds, 2 + 1 + 3."""
+    from types import SimpleNamespace
+
+    from attnbench import profile as profile_mod
+
+    clock = [0.0]
+    monkeypatch.setattr(profile_mod, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    calls = []
+
+    def step():
+        calls.append(1)
+        clock[0] += 0.25
+
+    measured = profile_mod.measure(step, torch.device("cpu"), warmup=2, repeats=3, warmup_seconds=1.0)
+    assert (len(calls), measured.seconds) == (10, 0.25)
+    calls.clear()
+    profile_mod.measure(step, torch.device("cpu"), warmup=2, repeats=3)
+    assert len(calls) == 6

@@ -151,6 +151,9 @@ class ProfileConfig(Strict):
     seq_lens: SeqLens = Field([64, 128, 256, 512], min_length=2)
     tokens_per_step: int = Field(4096, gt=0, description="batch = tokens_per_step // T sequences")
     warmup: int = Field(1, ge=0)
+    warmup_seconds: float = Field(0.0, ge=0, description="then more untimed steps until the point has run this long: on a "
+                                  "GPU its repeats then see the clocks of a steady load (BenchmarkConfig.warmup_seconds "
+                                  "says why); 0 on the CPU default, where 1 s a point would add minutes")
     repeats: int = Field(3, gt=0)
     whole_model: bool = True
     seed: int = Field(0, description="torch's seed before each point: lca's and sca's saved activations depend on their random clusters")

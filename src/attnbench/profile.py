@@ -14,8 +14,9 @@ holds saved for backward (the part of memory that grows with T), without the
 weights and the input, which were there before the step as in the CUDA base.
 torch is seeded before each point (`profile.seed`), so that lca's and sca's
 clusters, on which their saved bytes depend, are the same on every run.
-A point that runs out of memory is recorded as `oom` and the rest still run. Each point's time is the median of
-`profile.repeats` runs, and its `spread` says how far they disagreed (the report names the points above 10%).
+A point that runs out of memory is recorded as `oom` and the rest still run. Each point runs `profile.warmup` steps,
+then more until it has run `profile.warmup_seconds`; its time is the median of `profile.repeats` runs, and its
+`spread` says how far they disagreed (the report names the points above 10%).
 """
 
 from __future__ import annotations
@@ -123,11 +124,24 @@ def out_of_memory(err: BaseException) -> bool:
     return isinstance(err, (torch.OutOfMemoryError, MemoryError)) or cpu_allocator
 
 
+def timed(step: Callable[[], None], device: torch.device) -> float:
+    """Seconds of one call of `step`, the device's work included."""
+    _sync(device)
+    t0 = time.perf_counter()
+    step()
+    _sync(device)
+    return time.perf_counter() - t0
+
+
 def measure(step: Callable[[], None], device: torch.device, warmup: int, repeats: int,
-            resident: Iterable[torch.Tensor] = ()) -> Measurement:
-    """Median seconds of `step` (a forward+backward), their spread, and its memory, `resident` tensors not counted."""
+            resident: Iterable[torch.Tensor] = (), warmup_seconds: float = 0.0) -> Measurement:
+    """Median seconds of `step` (a forward+backward), their spread, and its memory, `resident` tensors not counted.
+    After `warmup` calls, more follow until they have taken `warmup_seconds`."""
     for _ in range(warmup):
         step()
+    spent = 0.0
+    while spent < warmup_seconds:
+        spent += timed(step, device)
     _sync(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -139,13 +153,7 @@ def measure(step: Callable[[], None], device: torch.device, warmup: int, repeats
         with SavedActivations(resident) as saved:
             step()
         memory, method = saved.bytes, "saved_activations"
-    times = []
-    for _ in range(repeats):
-        _sync(device)
-        t0 = time.perf_counter()
-        step()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
+    times = [timed(step, device) for _ in range(repeats)]
     median = statistics.median(times)
     return Measurement(median, statistics.median(abs(t - median) for t in times) / median, memory, method)
 
@@ -220,7 +228,7 @@ def profile(params: Params, variant: str) -> tuple[list[dict], dict]:
             torch.manual_seed(cfg.seed)  # the same weights, inputs and clusters on every run: reproducible memory
             try:
                 step = build(params, variant, T, batch, device)
-                m = measure(step.run, device, cfg.warmup, cfg.repeats, step.resident)
+                m = measure(step.run, device, cfg.warmup, cfg.repeats, step.resident, cfg.warmup_seconds)
                 row.update(m._asdict(), tokens_per_s=batch * T / m.seconds, status="ok")
             except Exception as err:
                 if not out_of_memory(err):
