@@ -107,12 +107,12 @@ def test_a_point_keeps_its_median_and_the_spread_of_its_samples(monkeypatch, tmp
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
     monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda: None)
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda: 2**30)
-    monkeypatch.setattr(benchmark, "time_samples", lambda step, warmup, repeats, warmup_seconds: [2.5, 2.0, 4.0, 2.0, 3.0])
+    monkeypatch.setattr(benchmark, "time_samples", lambda step, warmup, repeats, warmup_seconds, sample_seconds: [2.5, 2.0, 4.0, 2.0, 3.0])
     row = benchmark.run_point("attention", "ca", 8192, 8, lambda: None, warmup=1, repeats=5)
     assert (row["ms"], row["ms_min"], row["ms_max"], row["peak_gib"]) == (2.5, 2.0, 4.0, 1.0)
     assert row["mtok_per_s"] == 8 * 8192 / 2.5 / 1e3
     benchmark.write_csv(tmp_path / "rows.csv", [row], benchmark.ATTENTION_FIELDS)
-    assert (tmp_path / "rows.csv").read_text().splitlines()[1] == "attention,ca,,8192,8,2.5,2.0,4.0,26.2144,1.0,ok"
+    assert (tmp_path / "rows.csv").read_text().splitlines()[1] == "attention,ca,,8192,8,2.5,2.0,4.0,5,26.2144,1.0,ok"
 
 
 def test_a_point_warms_up_for_its_calls_and_then_for_its_device_time(monkeypatch):
@@ -146,6 +146,19 @@ def test_a_point_warms_up_for_its_calls_and_then_for_its_device_time(monkeypatch
     calls.clear()
     benchmark.time_samples(lambda: calls.append(1), warmup=3, repeats=5, warmup_seconds=0.0)
     assert len(calls) == 3 + 5 * benchmark.CHAIN
+
+
+def test_a_point_samples_until_its_samples_span_sample_seconds(monkeypatch):
+    """`repeats` samples at least, then more until they span `sample_seconds` of device time: at 25 ms a call, a
+    sample of CHAIN (4) calls spans 0.1 s, so 2 s takes 20 samples where 5 were asked for; 0.3 s keeps the 5."""
+    import torch
+
+    from attnbench import benchmark
+
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    monkeypatch.setattr(benchmark, "chain_ms", lambda step: 25.0)
+    assert len(benchmark.time_samples(lambda: None, warmup=0, repeats=5, sample_seconds=2.0)) == 20
+    assert len(benchmark.time_samples(lambda: None, warmup=0, repeats=5, sample_seconds=0.3)) == 5
 
 
 def test_references_named_as_variants_run_once(monkeypatch, tmp_path):

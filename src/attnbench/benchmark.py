@@ -54,10 +54,10 @@ REFERENCES = {"sdpa": sdpa_backends(MultiHeadOptions().kernels), "sdpa-flash": s
 # The training baseline: a plain compiled GPT of the same size, i.e. mha on the flash kernel.
 PLAIN_GPT = ("plain GPT (mha, flash)", "mha", {"kernels": ["flash"]})
 
-ATTENTION_FIELDS = ["kind", "variant", "mode", "T", "batch", "ms", "ms_min", "ms_max", "mtok_per_s", "peak_gib", "status"]
+ATTENTION_FIELDS = ["kind", "variant", "mode", "T", "batch", "ms", "ms_min", "ms_max", "samples", "mtok_per_s", "peak_gib", "status"]
 # Attention modes: torch.compile's options for each (None: eager); `graphs` is its mode reduce-overhead.
 COMPILE_MODES = {"eager": None, "compiled": {}, "graphs": {"triton.cudagraphs": True}}
-TRAIN_FIELDS = ["kind", "variant", "model", "T", "batch", "ms", "ms_min", "ms_max", "mtok_per_s", "mfu", "peak_tflops", "peak_gib",
+TRAIN_FIELDS = ["kind", "variant", "model", "T", "batch", "ms", "ms_min", "ms_max", "samples", "mtok_per_s", "mfu", "peak_tflops", "peak_gib",
                 "compiled", "status"]
 
 
@@ -82,16 +82,21 @@ def chain_ms(step: Callable[[], None]) -> float:
     return start.elapsed_time(end) / CHAIN
 
 
-def time_samples(step: Callable[[], None], warmup: int, repeats: int, warmup_seconds: float = 0.0) -> list[float]:
+def time_samples(step: Callable[[], None], warmup: int, repeats: int, warmup_seconds: float = 0.0,
+                 sample_seconds: float = 0.0) -> list[float]:
     """Milliseconds per call of `step`, one value per sample (`chain_ms`), after `warmup` calls and then more until
-    the device has spent `warmup_seconds` in them (config.BenchmarkConfig.warmup_seconds says why)."""
+    the device has spent `warmup_seconds` in them: `repeats` samples, then more until they span `sample_seconds` of
+    the device's time (config.BenchmarkConfig's fields of these names say why)."""
     for _ in range(warmup):
         step()
     torch.cuda.synchronize()
     spent_ms = 0.0
     while spent_ms < 1e3 * warmup_seconds:
         spent_ms += CHAIN * chain_ms(step)
-    return [chain_ms(step) for _ in range(repeats)]
+    samples = [chain_ms(step) for _ in range(repeats)]
+    while CHAIN * sum(samples) < 1e3 * sample_seconds:
+        samples.append(chain_ms(step))
+    return samples
 
 
 def zero_grads(tensors) -> None:
@@ -174,7 +179,7 @@ def kernel_table(step: Callable[[], None], steps: int = CHAIN, top: int = 12) ->
 
 
 def run_point(kind: str, variant: str, T: int, batch: int, build: Callable[[], Callable[[], None]], warmup: int, repeats: int,
-              trace: bool = False, warmup_seconds: float = 0.0) -> dict:
+              trace: bool = False, warmup_seconds: float = 0.0, sample_seconds: float = 0.0) -> dict:
     """One timed point (a row), with its kernel table under "kernels" where `trace`."""
     row = {"kind": kind, "variant": variant, "T": T, "batch": batch}
     # Start each point clean: compiled graphs of earlier points hold their models and buffers.
@@ -184,9 +189,9 @@ def run_point(kind: str, variant: str, T: int, batch: int, build: Callable[[], C
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         step = build()
-        samples = time_samples(step, warmup, repeats, warmup_seconds)
+        samples = time_samples(step, warmup, repeats, warmup_seconds, sample_seconds)
         ms = statistics.median(samples)  # the figure; the fastest and slowest sample show how far it could move
-        row.update(ms=ms, ms_min=min(samples), ms_max=max(samples), mtok_per_s=batch * T / ms / 1e3,
+        row.update(ms=ms, ms_min=min(samples), ms_max=max(samples), samples=len(samples), mtok_per_s=batch * T / ms / 1e3,
                    peak_gib=torch.cuda.max_memory_allocated() / 2**30, status="ok")
         if trace:
             row["kernels"] = kernel_table(step)
@@ -205,7 +210,8 @@ def benchmark(params: Params, variants: list[str], part: str, settings: Benchmar
     attention in each of its `modes` (COMPILE_MODES); training at params.model's size and its `train_sizes`
     (plain GPT and mha only). `trace` adds each row's kernel table."""
     attention, training = [], []
-    point_settings = dict(warmup=settings.warmup, repeats=settings.repeats, warmup_seconds=settings.warmup_seconds, trace=trace)
+    point_settings = dict(warmup=settings.warmup, repeats=settings.repeats, warmup_seconds=settings.warmup_seconds,
+                          sample_seconds=settings.sample_seconds, trace=trace)
     for variant in variants if part == "attention" else []:
         options = params.variants.get(variant)  # None for the references
         for T in settings.seq_lens:
@@ -310,7 +316,8 @@ def attention_section(attention: list[dict], settings: BenchmarkConfig) -> list[
                     "over mha's row in the same mode; "
                     f"`sdpa-flash`: the flash kernel alone. Each sample times {CHAIN} steps back to back (as training runs them), after "
                     f"{settings.warmup} steps and {settings.warmup_seconds:g} s of warm-up at that point (the clocks of a steady load); "
-                    "the CSV keeps each point's fastest and slowest sample (`ms_min`, `ms_max`) beside the median.", ""]
+                    f"a point takes {settings.repeats} samples or more, until they span {settings.sample_seconds:g} s (a power cap's "
+                    "swings of the clock); the CSV keeps each point's fastest and slowest sample (`ms_min`, `ms_max`) beside the median.", ""]
 
 
 def training_section(training: list[dict], seq_len: int) -> list[str]:

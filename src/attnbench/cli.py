@@ -62,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int)
     p.add_argument("--warmup-seconds", type=float)
     p.add_argument("--repeats", type=int)
+    p.add_argument("--sample-seconds", type=float)
     p.add_argument("--variants", nargs="+", help="default: the params file's variants")
     p.add_argument("--parts", nargs="+", help="attention, train")
     p.add_argument("--modes", nargs="+", help="the variants' attention rows: eager, compiled (torch.compile), graphs (compiled as "

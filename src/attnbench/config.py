@@ -173,6 +173,10 @@ class BenchmarkConfig(Strict):
                                   "an H100, mha's kernels draw the 700 W cap within about 0.2 s and the SM clock falls from "
                                   "1,980 MHz to about 1,750; a step drawing less keeps 1,980)")
     repeats: int = Field(10, gt=0, description="timed samples per point (the median counts)")
+    sample_seconds: float = Field(2.0, ge=0, description="then more samples, until they span this much of the device's "
+                                  "time: under the H100's power cap mha's clock swings with a period of about a second (its "
+                                  "8K samples' means over 0.2 s ranged 4.77-5.24 ms within 2 s), so a median of fewer would "
+                                  "depend on the phase it caught")
     parts: list[Literal["attention", "train"]] = Field(["attention", "train"], min_length=1)
     modes: list[Literal["eager", "compiled", "graphs"]] = Field(
         ["compiled", "graphs"], min_length=1, description="the variants' attention rows: eager, under torch.compile, and compiled "
