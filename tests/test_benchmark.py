@@ -1,17 +1,17 @@
 """The benchmark's tables from fixture rows (the measuring itself needs a GPU)."""
 
-from attnbench.benchmark import exponents, markdown, row_label
+from attnbench.benchmark import exponents, fit_range, markdown, row_label, tracked_metrics
 from attnbench.config import parse_params
 from attnbench.files import read_json
 
 
-def attention_rows():
+def attention_rows(lengths=(2048, 8192, 32768)):
     rows = []
     for label, per_token_ms in [("sdpa", lambda T: T / 2048), ("mha (compiled)", lambda T: T / 1024),
                                 ("ca (compiled)", lambda T: (T / 2048) ** 0.5 / 4)]:
-        for T in (2048, 8192, 32768):
-            batch = 65536 // T
-            ms = per_token_ms(T) * 65536 / 1000
+        for T in lengths:
+            batch = max(1, 65536 // T)
+            ms = per_token_ms(T) * batch * T / 1000
             rows.append({"kind": "attention", "variant": label.split()[0], "label": label, "T": T, "batch": batch,
                          "ms": ms, "mtok_per_s": batch * T / ms / 1e3, "status": "ok", "mode": "compiled" if "compiled" in label else "eager"})
     return rows
@@ -28,6 +28,23 @@ def test_exponents_are_the_per_sequence_slopes():
     slopes = exponents(attention_rows())
     assert abs(slopes["sdpa"] - 2.0) < 1e-9  # time per token ~ T: per sequence ~ T^2
     assert abs(slopes["ca (compiled)"] - 1.5) < 1e-9
+
+
+def test_exponents_fit_2k_to_32k_where_measured_else_every_length_and_say_which():
+    """The issues' range when the run holds two lengths in it (a point past it does not bend the fit); a run past 32K
+    fits its own lengths, and the table's header and the MLflow metric name the range."""
+    mixed = [r for r in attention_rows((2048, 8192, 32768, 131072))
+             if not (r["label"] == "ca (compiled)" and r["T"] == 131072)] + [
+        r | {"ms": 1e6} for r in attention_rows((131072,)) if r["label"] == "ca (compiled)"]  # far off the curve
+    assert fit_range(mixed) == (2048, 32768) and abs(exponents(mixed)["ca (compiled)"] - 1.5) < 1e-9
+    long = attention_rows((32768, 65536, 131072, 262144))
+    assert fit_range(long) == (32768, 262144)
+    assert abs(exponents(long)["ca (compiled)"] - 1.5) < 1e-9 and abs(exponents(long)["sdpa"] - 2.0) < 1e-9
+    params = parse_params({"variants": {"mha": {}, "ca": {}}})
+    assert "| time exponent (32K-256K) |" in markdown(long, [], "H100", params.benchmark, params)
+    assert "| time exponent (2K-32K) |" in markdown(attention_rows(), [], "H100", params.benchmark, params)
+    assert "attention.ca.compiled.time_exponent_32K-256K" in tracked_metrics(long, [])[None]
+    assert "attention.ca.compiled.time_exponent" in tracked_metrics(attention_rows(), [])[None]
 
 
 def test_markdown_shows_ratios_to_sdpa_and_to_mha_and_the_training_baseline():

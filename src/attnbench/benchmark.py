@@ -12,7 +12,8 @@ Two tables, one run (so every ratio compares numbers from the same card and mome
   MFU = (6 N + 6 L T d) * tokens/s / peak, N the non-embedding parameters (gpu-notes.md's count);
   first a plain GPT of the same size (mha on the flash kernel), the floor mha must beat.
 What is measured (lengths, tokens per step, modes, parts, repeats) is params' `benchmark` section, which the
-command's flags override. Fitted time exponents of the attention rows use T in [2K, 32K] when present.
+command's flags override. Fitted time exponents of the attention rows use T in [2K, 32K] where the run measured two
+lengths there, else all its lengths (the table's header and the MLflow metric's name say which).
 Writes <out>/<device>-attention.csv, <device>-train.csv, <device>.md and <device>.png (after each variant, so a run
 cut short keeps what it measured); with `trace`, also <device>-kernels.md: each point's GPU kernels by device time
 (torch.profiler), where to look before optimising. Other devices' files in <out> stay. At the end
@@ -249,8 +250,25 @@ def row_label(variant: str, mode: str) -> str:
     return variant if mode == "eager" else f"{variant} ({mode})"
 
 
-def exponents(rows: list[dict], lo: int = 2048, hi: int = 32768) -> dict[str, float | None]:
-    """Per row label: slope of log(time per sequence) against log T over lo <= T <= hi."""
+ACCEPTANCE_FIT = (2048, 32768)  # the issues' range of T for the fitted exponents
+
+
+def fit_range(rows: list[dict]) -> tuple[int, int]:
+    """The range of T the exponents fit: ACCEPTANCE_FIT where the rows hold two lengths in it, else all the lengths
+    measured (a run past 32K: how the time grows there)."""
+    lengths = sorted({r["T"] for r in rows})
+    inside = [T for T in lengths if ACCEPTANCE_FIT[0] <= T <= ACCEPTANCE_FIT[1]]
+    return ACCEPTANCE_FIT if len(inside) >= 2 or not lengths else (lengths[0], lengths[-1])
+
+
+def fit_label(fitted: tuple[int, int]) -> str:
+    """A fit range as the table's header and the metric's name give it: 2K-32K."""
+    return "-".join(map(length_label, fitted))
+
+
+def exponents(rows: list[dict]) -> dict[str, float | None]:
+    """Per row label: slope of log(time per sequence) against log T over `fit_range`."""
+    lo, hi = fit_range(rows)
     out = {}
     for label in dict.fromkeys(r["label"] for r in rows):
         ok = [r for r in rows if r["label"] == label and r["status"] == "ok" and lo <= r["T"] <= hi]
@@ -291,10 +309,11 @@ def spec_exponents(rows: list[dict]) -> dict[str, float]:
 def attention_section(attention: list[dict], settings: BenchmarkConfig) -> list[str]:
     seq_lens = sorted({r["T"] for r in attention})
     slopes, specs = exponents(attention), spec_exponents(attention)
+    fitted = fit_label(fit_range(attention))
     lines = [f"## Attention forward+backward, Mtok/s ({settings.tokens:,} tokens per step, H = {settings.heads}, "
              f"D = {settings.head_dim}, bf16, median)", "",
              "| variant | " + " | ".join(length_label(T) for T in seq_lens)
-             + " | time exponent (2K-32K) | spec | x sdpa at 8K | x sdpa at 32K | x mha at 8K | x mha at 32K |",
+             + f" | time exponent ({fitted}) | spec | x sdpa at 8K | x sdpa at 32K | x mha at 8K | x mha at 32K |",
              "|---|" + "---|" * (len(seq_lens) + 6)]
     by = {(r["label"], r["T"]): r for r in attention}
     ratios = [sdpa_ratios(attention), mha_ratios(attention)]
@@ -403,9 +422,11 @@ def tracked_metrics(attention: list[dict], training: list[dict]) -> dict[int | N
             if (r["label"], r["T"]) in of:
                 row[metric_key("attention", r["variant"], r["mode"], name)] = of[r["label"], r["T"]]
     names = {r["label"]: (r["variant"], r["mode"]) for r in attention}
+    fitted = fit_range(attention)
+    exponent = "time_exponent" + ("" if fitted == ACCEPTANCE_FIT else f"_{fit_label(fitted)}")
     for label, slope in exponents(attention).items():
         if slope is not None:
-            by_step[None][metric_key("attention", *names[label], "time_exponent")] = slope
+            by_step[None][metric_key("attention", *names[label], exponent)] = slope
     for r in training:
         if r["status"] == "ok":
             for field in ("ms", "mtok_per_s", "mfu"):
