@@ -41,7 +41,14 @@ def test_exponents_fit_2k_to_32k_where_measured_else_every_length_and_say_which(
     assert fit_range(long) == (32768, 262144)
     assert abs(exponents(long)["ca (compiled)"] - 1.5) < 1e-9 and abs(exponents(long)["sdpa"] - 2.0) < 1e-9
     params = parse_params({"variants": {"mha": {}, "ca": {}}})
-    assert "| time exponent (32K-256K) |" in markdown(long, [], "H100", params.benchmark, params)
+    text = markdown(long, [], "H100", params.benchmark, params)
+    assert ("| time exponent (32K-256K) | spec | x sdpa at 8K | x sdpa at 32K | x sdpa at 256K | x mha at 8K | x mha at 32K "
+            "| x mha at 256K |") in text
+    ca_row = next(line for line in text.splitlines() if line.startswith("| ca (compiled)"))
+    # ca's time per token over sdpa's: (T/2K)^0.5 / 4 over T/2K, so x sdpa 4 sqrt(T/2K): 16 at 32K, 4 sqrt(128) at 256K.
+    assert ca_row.endswith(f"| 1.50 | 1.5 | — | 16.00 | {4 * 128**0.5:.2f} | — | 32.00 | {8 * 128**0.5:.2f} |"), ca_row
+    header = next(i for i, line in enumerate(text.splitlines()) if line.startswith("| variant | "))
+    assert [line.count("|") for line in text.splitlines()[header : header + 3]] == [ca_row.count("|")] * 3
     assert "| time exponent (2K-32K) |" in markdown(attention_rows(), [], "H100", params.benchmark, params)
     assert "attention.ca.compiled.time_exponent_32K-256K" in tracked_metrics(long, [])[None]
     assert "attention.ca.compiled.time_exponent" in tracked_metrics(attention_rows(), [])[None]

@@ -310,11 +310,13 @@ def attention_section(attention: list[dict], settings: BenchmarkConfig) -> list[
     seq_lens = sorted({r["T"] for r in attention})
     slopes, specs = exponents(attention), spec_exponents(attention)
     fitted = fit_label(fit_range(attention))
+    # The ratios at the issues' 8K and 32K, and at the longest length where a run goes past them.
+    at = [8192, 32768] + [seq_lens[-1]] * (seq_lens[-1] > 32768)
     lines = [f"## Attention forward+backward, Mtok/s ({settings.tokens:,} tokens per step, H = {settings.heads}, "
              f"D = {settings.head_dim}, bf16, median)", "",
-             "| variant | " + " | ".join(length_label(T) for T in seq_lens)
-             + f" | time exponent ({fitted}) | spec | x sdpa at 8K | x sdpa at 32K | x mha at 8K | x mha at 32K |",
-             "|---|" + "---|" * (len(seq_lens) + 6)]
+             "| variant | " + " | ".join(length_label(T) for T in seq_lens) + f" | time exponent ({fitted}) | spec | "
+             + " | ".join(f"x {bar} at {length_label(T)}" for bar in ("sdpa", "mha") for T in at) + " |",
+             "|---|" + "---|" * (len(seq_lens) + 2 + 2 * len(at))]
     by = {(r["label"], r["T"]): r for r in attention}
     ratios = [sdpa_ratios(attention), mha_ratios(attention)]
 
@@ -325,7 +327,7 @@ def attention_section(attention: list[dict], settings: BenchmarkConfig) -> list[
         cells = [cell(by.get((label, T))) for T in seq_lens]
         slope = slopes[label]
         lines.append(f"| {label} | " + " | ".join(cells) + f" | {'—' if slope is None else f'{slope:.2f}'} | {specs[label]:g} | "
-                     + " | ".join(ratio(of, label, T) for of in ratios for T in (8192, 32768)) + " |")
+                     + " | ".join(ratio(of, label, T) for of in ratios for T in at) + " |")
     off = off_spec(slopes, specs)
     agreement = (f"off it by more than {SPEC_EXPONENT_TOLERANCE:g}: {'; '.join(off)}" if off
                  else f"every fitted row within {SPEC_EXPONENT_TOLERANCE:g} of it")
