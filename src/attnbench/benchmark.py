@@ -311,7 +311,7 @@ def attention_section(attention: list[dict], settings: BenchmarkConfig) -> list[
     slopes, specs = exponents(attention), spec_exponents(attention)
     fitted = fit_label(fit_range(attention))
     # The ratios at the issues' 8K and 32K, and at the longest length where a run goes past them.
-    at = [8192, 32768] + [seq_lens[-1]] * (seq_lens[-1] > 32768)
+    at = [8192, 32768] + ([seq_lens[-1]] if seq_lens[-1] > 32768 else [])
     lines = [f"## Attention forward+backward, Mtok/s ({settings.tokens:,} tokens per step, H = {settings.heads}, "
              f"D = {settings.head_dim}, bf16, median)", "",
              "| variant | " + " | ".join(length_label(T) for T in seq_lens) + f" | time exponent ({fitted}) | spec | "
