@@ -1,5 +1,7 @@
 """The benchmark's tables from fixture rows (the measuring itself needs a GPU)."""
 
+from pathlib import Path
+
 from attnbench.benchmark import exponents, fit_range, markdown, row_label, tracked_metrics
 from attnbench.config import parse_params
 from attnbench.files import read_json
@@ -294,15 +296,17 @@ def test_an_entry_with_its_own_seed_is_not_benchmarked_again():
 
 def test_the_params_file_says_what_is_measured_and_each_flag_overrides_its_key(tmp_path, monkeypatch, capsys):
     """The front ends' benchmark target runs the command without flags, so a preset's benchmark section must reach
-    the measuring; a flag replaces one key, and a bad flag is one line, exit 2, before any work."""
+    the measuring; a flag replaces one key, and a bad flag is one line, exit 2, before any work. Without --out the
+    command writes where the target does, reports/benchmarks/<run.name>, never over the committed device pages."""
     from attnbench import benchmark, cli
     from tests.tiny import write_params
 
-    received = []
-    monkeypatch.setattr(benchmark, "main", lambda params, out, variants, settings, trace: received.append(settings) or "")
-    path, _ = write_params(tmp_path, {"benchmark": {"seq_lens": [2048, 8192], "repeats": 5, "modes": ["graphs"]}})
+    received, outs = [], []
+    monkeypatch.setattr(benchmark, "main", lambda params, out, variants, settings, trace: outs.append(out) or received.append(settings) or "")
+    path, _ = write_params(tmp_path, {"run": {"name": "probe"}, "benchmark": {"seq_lens": [2048, 8192], "repeats": 5, "modes": ["graphs"]}})
     assert cli.main(["benchmark", "--params", str(path), "--out", str(tmp_path / "out")]) == 0
     assert cli.main(["benchmark", "--params", str(path), "--modes", "eager", "compiled", "--train-sizes", "768x12"]) == 0
+    assert outs == [tmp_path / "out", Path("reports/benchmarks/probe")]
     from_file, overridden = received
     assert (from_file.seq_lens, from_file.repeats, from_file.modes, from_file.train_models) == ([2048, 8192], 5, ["graphs"], [])
     assert (overridden.seq_lens, overridden.repeats, overridden.modes, overridden.train_models) == ([2048, 8192], 5, ["eager", "compiled"], [(768, 12)])

@@ -53,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--from", dest="source", required=True, help="tracking URI of the source store, e.g. sqlite:///gpu/mlflow.db")
     p = stage("benchmark", "GPU only: attention kernels and training steps of every variant vs T, against fused sdpa, as the params "
               "file's benchmark section says (the flags below override it)")
-    p.add_argument("--out", type=Path, default=Path("reports/benchmarks"), help="default: reports/benchmarks")
+    p.add_argument("--out", type=Path, help="default: reports/benchmarks/<run.name>, where the pipeline's benchmark target writes "
+                   "(the pages beside it, reports/benchmarks/<device>.md, are the committed record and no run writes them)")
     # Each flag overrides the params file's benchmark section (config.BenchmarkConfig: defaults and meaning).
     p.add_argument("--seq-lens", type=int, nargs="+", help="T of the attention rows")
     p.add_argument("--tokens", type=int, help="tokens per timed step (attention batch = tokens // T)")
@@ -115,7 +116,7 @@ def run(args: argparse.Namespace) -> None:
 
         given = {key: getattr(args, key) for key in BenchmarkConfig.model_fields if getattr(args, key) is not None}  # a flag per key
         settings = params.benchmark_with(given)
-        print(benchmark_main(params, args.out, args.variants, settings, args.trace))
+        print(benchmark_main(params, args.out or Path("reports/benchmarks") / params.run.name, args.variants, settings, args.trace))
     elif args.stage == "report":
         from .report import main as report_main
 
