@@ -2,9 +2,13 @@
 
 from pathlib import Path
 
-from attnbench.benchmark import exponents, fit_range, markdown, row_label, tracked_metrics
+import pytest
+import torch
+
+from attnbench.benchmark import exponents, fit_range, limit_terms, markdown, row_label, tracked_metrics
 from attnbench.config import parse_params
 from attnbench.files import read_json
+from attnbench.variants import build_attention
 
 
 def attention_rows(lengths=(2048, 8192, 32768)):
@@ -80,6 +84,52 @@ def test_markdown_shows_ratios_to_sdpa_and_to_mha_and_the_training_baseline():
     assert "| ca | d512 L8 H8 | oom" in text
 
 
+@pytest.mark.parametrize("T", [1, 37, 300])
+def test_mean_keys_count_the_pairs_of_each_definition(T):
+    """Against pairs counted on dense masks built from variants.md's formulas (b = 16, lookback 2, C = 5 balanced:
+    cluster t mod 5): mha all s <= t; ca blocks i - 2 .. i; cka and fastcka their own block; lca its cluster; sca
+    lca's plus C x C supernode pairs at each of the ceil(T / b) steps; la none."""
+    positions = torch.arange(T)
+    causal = positions[:, None] >= positions[None, :]
+    block, cluster = positions // 16, positions % 5
+
+    def mean(allowed):
+        return (allowed & causal).sum().item() / T
+
+    expected = {"mha": mean(causal), "la": 0.0, "ca": mean(block[None, :] >= block[:, None] - 2),
+                "cka": mean(block[None, :] == block[:, None]), "fastcka": mean(block[None, :] == block[:, None]),
+                "lca": mean(cluster[None, :] == cluster[:, None]),
+                "sca": mean(cluster[None, :] == cluster[:, None]) + -(-T // 16) * 25 / T}
+    options = {"ca": dict(block=16, lookback=2), "cka": dict(block=16), "fastcka": dict(block=16), "lca": dict(clusters=5),
+               "sca": dict(clusters=5, block=16)}
+    got = {v: build_attention(v, 16, 2, T, options.get(v)).mean_keys() for v in expected}
+    assert got == pytest.approx(expected), got
+
+
+def test_rows_are_set_against_their_limit():
+    """The limit's two terms from the device's peaks (mha at 8K: its pairs; ca: the memory floor, whose exponent is
+    1 although its pairs grow), the share reached, the MLflow metric; no section where the peaks are unknown."""
+    params = parse_params({"variants": {"mha": {}, "ca": {}}})
+    floor_ms = 1e3 * 11 * 65536 * 8 * 64 * 2 / 3.35e12
+    assert limit_terms("mha", 8192, 8, 8, 64, None, 989e12, 3.35e12) == pytest.approx(
+        {"floor_ms": floor_ms, "pairs_ms": 1e3 * 14 * 64 * 4096.5 * 65536 * 8 / 989e12})
+    assert limit_terms("sdpa", 8192, 8, 8, 64, None, 989e12, 3.35e12) == limit_terms("mha", 8192, 8, 8, 64, None, 989e12, 3.35e12)
+    assert limit_terms("ca", 8192, 8, 8, 64, None, None, 3.35e12) == {}
+    rows = attention_rows()
+    text = markdown(rows, [], "H100", params.benchmark, params)
+    assert "Against the limit" not in text and not any("of_limit" in k for k in tracked_metrics(rows, [])[8192])
+    for r in rows:
+        r.update(limit_terms(r["variant"], r["T"], r["batch"], 8, 64, None, 989e12, 3.35e12))
+    text = markdown(rows, [], "H100", params.benchmark, params)
+    limit_rows = {line.split("|")[1].strip(): line for line in text.splitlines() if " ms (" in line}
+    ca_8k = next(r for r in rows if r["label"] == "ca (compiled)" and r["T"] == 8192)
+    assert ca_8k["pairs_ms"] < floor_ms
+    ca_row, mha_row = limit_rows["ca (compiled)"], limit_rows["mha (compiled)"]
+    assert f"| {floor_ms:.3f} ms (memory), {100 * floor_ms / ca_8k['ms']:.0f}% |" in ca_row and ca_row.endswith("| 1.00 |"), ca_row
+    assert mha_row.count("ms (pairs)") == 3 and mha_row.endswith("| 2.00 |"), mha_row
+    assert tracked_metrics(rows, [])[8192]["attention.ca.compiled.of_limit"] == pytest.approx(floor_ms / ca_8k["ms"])
+
+
 def test_markdown_names_the_exponents_off_the_spec():
     """variants.md's tolerance is 0.25: ca at 1.24 is off its 1.5, mha at 1.76 within its 2 (sdpa, mha's kernel: 2)."""
     params = parse_params({"variants": {"mha": {}, "ca": {}}})
@@ -138,7 +188,7 @@ def test_a_point_keeps_its_median_and_the_spread_of_its_samples(monkeypatch, tmp
     assert (row["ms"], row["ms_min"], row["ms_max"], row["peak_gib"]) == (2.5, 2.0, 4.0, 1.0)
     assert row["mtok_per_s"] == 8 * 8192 / 2.5 / 1e3
     benchmark.write_csv(tmp_path / "rows.csv", [row], benchmark.ATTENTION_FIELDS)
-    assert (tmp_path / "rows.csv").read_text().splitlines()[1] == "attention,ca,,8192,8,2.5,2.0,4.0,5,26.2144,1.0,ok"
+    assert (tmp_path / "rows.csv").read_text().splitlines()[1] == "attention,ca,,8192,8,2.5,2.0,4.0,5,26.2144,,,1.0,ok"
 
 
 def test_a_point_warms_up_for_its_calls_and_then_for_its_device_time(monkeypatch):
@@ -252,6 +302,7 @@ def test_training_rows_run_the_baseline_first_and_the_table_groups_them_by_size(
     monkeypatch.setattr(benchmark, "resolve_device", lambda name: torch.device("cuda"))
     monkeypatch.setattr(benchmark, "device_name", lambda: "fake-gpu")
     monkeypatch.setattr(benchmark, "peak_flops", lambda device: None)
+    monkeypatch.setattr(benchmark, "peak_bandwidth", lambda device: None)
     monkeypatch.setattr(benchmark, "run_point", run_point)
     params = parse_params({"model": {"d_model": 64, "n_layers": 1}, "variants": {"mha": {}, "la": {}},
                            "benchmark": {"parts": ["train"], "train_sizes": ["128x2"], "head_dim": 32}})

@@ -1,11 +1,13 @@
-"""ca's own cases: the mha limit, other block sizes and lookbacks, the Flex path and its tile lists, options."""
+"""ca's own cases: the mha limit, other block sizes and lookbacks, the band kernels' and the Flex path, Flex's tile
+lists, options."""
 
 import pytest
 import torch
 from torch.nn.attention.flex_attention import BlockMask
 
-from attnbench.variants import build_attention
+from attnbench.variants import build_attention, ca
 from attnbench.variants.flex import TILE, band_block_mask
+from tests.test_lca import triton_device
 from tests.test_variants import FP32_RTOL, make_layer, rel_err, run_layer
 
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
@@ -49,6 +51,29 @@ def test_flex_path_equals_reference(T, block, lookback):
     layer = ca_layer(T, H, D, block=block, lookback=lookback)
     q, k, v = torch.randn(3, B, H, T, D).unbind(0)
     assert rel_err(layer.flex(q, k, v, None), layer.reference(q, k, v, None)) < FP32_RTOL
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T,block,lookback", [(37, 16, 1), (300, 16, 2), (260, 32, 0), (130, 64, 1), (40, 64, 1)], ids=str)
+def test_band_path_equals_reference(T, block, lookback, monkeypatch):
+    """The CUDA path (fused_band's kernels; the CPU under Triton's interpreter) against the reference, fp32: output and
+    the gradients of q, k and v, views of one projection as in the model; T not a multiple of the block, lookback 0
+    to 2, one block over everything (b >= T)."""
+    device = triton_device()
+    from attnbench.variants import fused_band
+
+    monkeypatch.setattr(ca, "fused_band", fused_band)  # imported on CUDA machines only
+    B, H, D = 2, 2, 8
+    layer = ca_layer(T, H, D, block=block, lookback=lookback).to(device)
+    qkv = torch.randn(B, T, 3, H, D, device=device, requires_grad=True)
+    weight = torch.randn(B, H, T, D, device=device)
+
+    def run(path):
+        out = path(*qkv.permute(2, 0, 3, 1, 4), None)
+        return out, *torch.autograd.grad((out * weight).sum(), qkv)
+
+    for name, got, expected in zip(["output", "grad qkv"], run(layer.band), run(layer.reference)):
+        assert rel_err(got, expected) < FP32_RTOL, f"{name}: rel err {rel_err(got, expected):.2e}"
 
 
 def expand_tiles(block_mask, T):

@@ -13,7 +13,9 @@ Two tables, one run (so every ratio compares numbers from the same card and mome
   first a plain GPT of the same size (mha on the flash kernel), the floor mha must beat.
 What is measured (lengths, tokens per step, modes, parts, repeats) is params' `benchmark` section, which the
 command's flags override. Fitted time exponents of the attention rows use T in [2K, 32K] where the run measured two
-lengths there, else all its lengths (the table's header and the MLflow metric's name say which).
+lengths there, else all its lengths (the table's header and the MLflow metric's name say which). Each attention row
+is also set against its limit on the device (`limit_terms`): the least time its definition allows, from the device's
+memory bandwidth and bf16 peak, with the exponent a kernel at that limit would measure.
 Writes <out>/<device>-attention.csv, <device>-train.csv, <device>.md and <device>.png (after each variant, so a run
 cut short keeps what it measured); with `trace`, also <device>-kernels.md: each point's GPU kernels by device time
 (torch.profiler), where to look before optimising. Other devices' files in <out> stay. At the end
@@ -43,7 +45,7 @@ from .files import atomic_path, write_json, write_text
 from .model import ByteLM, ModelConfig
 from .plots import length_label, log_length_axes
 from .profile import SPEC_EXPONENT_TOLERANCE, fit_exponent, off_spec
-from .runtime import autocast, one_line, peak_flops, resolve_device
+from .runtime import autocast, one_line, peak_bandwidth, peak_flops, resolve_device
 from .variants import REGISTRY, build_attention, parse_entry
 from .variants.mha import MultiHeadOptions, sdpa_backends
 
@@ -55,7 +57,7 @@ REFERENCES = {"sdpa": sdpa_backends(MultiHeadOptions().kernels), "sdpa-flash": s
 # The training baseline: a plain compiled GPT of the same size, i.e. mha on the flash kernel.
 PLAIN_GPT = ("plain GPT (mha, flash)", "mha", {"kernels": ["flash"]})
 
-ATTENTION_FIELDS = ["kind", "variant", "mode", "T", "batch", "ms", "ms_min", "ms_max", "samples", "mtok_per_s", "peak_gib", "status"]
+ATTENTION_FIELDS = ["kind", "variant", "mode", "T", "batch", "ms", "ms_min", "ms_max", "samples", "mtok_per_s", "floor_ms", "pairs_ms", "peak_gib", "status"]
 # Attention modes: torch.compile's options for each (None: eager); `graphs` is its mode reduce-overhead.
 COMPILE_MODES = {"eager": None, "compiled": {}, "graphs": {"triton.cudagraphs": True}}
 TRAIN_FIELDS = ["kind", "variant", "model", "T", "batch", "ms", "ms_min", "ms_max", "samples", "mtok_per_s", "mfu", "peak_tflops", "peak_gib",
@@ -205,6 +207,32 @@ def run_point(kind: str, variant: str, T: int, batch: int, build: Callable[[], C
     return row
 
 
+# An attention row's limit: the least time the variant's definition allows on the device, the longer of its memory
+# floor and its softmax pairs' FLOPs at the dense bf16 peak. The floor: the forward reads q, k, v and writes o, the
+# backward reads q, k, v, do and writes dq, dk, dv, eleven (B, H, T, D) bf16 arrays through memory once each (the
+# routing input, saved statistics and the variants' terms other than softmax pairs not counted, so a bound).
+FLOOR_ARRAYS = 11
+# FLOPs per query-key pair and head dim: q k and p v forward (2 x 2 D); the scores again, dv, dp, dq and dk backward (5 x 2 D).
+PAIR_FLOPS = 14
+
+
+def limit_terms(variant: str, T: int, batch: int, heads: int, head_dim: int, options, flops_peak: float | None,
+                bytes_peak: float | None) -> dict[str, float]:
+    """An attention row's `floor_ms` and `pairs_ms`, the two terms of its limit (above), or none where the device's
+    peaks are unknown; the references compute mha's definition."""
+    if flops_peak is None or bytes_peak is None:
+        return {}
+    layer = build_attention("mha" if variant in REFERENCES else variant, heads * head_dim, heads, T, options)
+    token_heads = batch * T * heads
+    return {"floor_ms": 1e3 * FLOOR_ARRAYS * token_heads * head_dim * 2 / bytes_peak,
+            "pairs_ms": 1e3 * PAIR_FLOPS * head_dim * layer.mean_keys() * token_heads / flops_peak}
+
+
+def limit(row: dict) -> float | None:
+    """A measured row's limit in ms, or None where it has none."""
+    return max(row["floor_ms"], row["pairs_ms"]) if row["status"] == "ok" and row.get("floor_ms") is not None else None
+
+
 def benchmark(params: Params, variants: list[str], part: str, settings: BenchmarkConfig, trace: bool = False) -> tuple[list[dict], list[dict]]:
     """The attention rows of `variants` (which may name REFERENCES), or their training rows (where the plain GPT's
     label names the baseline; see the module docstring), as `part` says, measured as `settings` say (params.benchmark):
@@ -213,6 +241,7 @@ def benchmark(params: Params, variants: list[str], part: str, settings: Benchmar
     attention, training = [], []
     point_settings = dict(warmup=settings.warmup, repeats=settings.repeats, warmup_seconds=settings.warmup_seconds,
                           sample_seconds=settings.sample_seconds, trace=trace)
+    peak, bandwidth = peak_flops(torch.device("cuda")), peak_bandwidth(torch.device("cuda"))
     for variant in variants if part == "attention" else []:
         options = params.variants.get(variant)  # None for the references
         for T in settings.seq_lens:
@@ -220,8 +249,9 @@ def benchmark(params: Params, variants: list[str], part: str, settings: Benchmar
             for mode in settings.modes if variant not in REFERENCES else ("eager",):
                 build = partial(attention_step, variant, T, batch, settings.heads, settings.head_dim, options, mode)
                 row = run_point("attention", variant, T, batch, build, **point_settings)
-                attention.append(row | {"mode": mode, "label": row_label(variant, mode)})
-    T, peak = params.model.seq_len, peak_flops(torch.device("cuda"))
+                terms = limit_terms(variant, T, batch, settings.heads, settings.head_dim, options, peak, bandwidth)
+                attention.append(row | {"mode": mode, "label": row_label(variant, mode)} | terms)
+    T = params.model.seq_len
     batch = max(1, settings.tokens // T)
     sizes = [(params.model.d_model, params.model.n_layers), *settings.train_models]
     runs = [PLAIN_GPT if v == PLAIN_GPT[0] else (v, v, params.variant_options(v)) for v in variants] if part == "train" else []
@@ -341,6 +371,39 @@ def attention_section(attention: list[dict], settings: BenchmarkConfig) -> list[
                     "swings of the clock); the CSV keeps each point's fastest and slowest sample (`ms_min`, `ms_max`) beside the median.", ""]
 
 
+def limit_section(attention: list[dict]) -> list[str]:
+    """Each row's limit and the share of it reached, and the exponent a kernel at the limit would measure; nothing
+    where the device's peaks are unknown."""
+    rows = [r | {"ms": limit(r), "measured_ms": r["ms"]} for r in attention if limit(r) is not None]
+    if not rows:
+        return []
+    seq_lens = sorted({r["T"] for r in rows})
+    slopes = exponents(rows)
+    lines = ["## Against the limit: the least time each row's definition allows on this device, and the share of it reached", "",
+             "| variant | " + " | ".join(length_label(T) for T in seq_lens) + f" | limit's time exponent ({fit_label(fit_range(rows))}) |",
+             "|---|" + "---|" * (len(seq_lens) + 1)]
+    by = {(r["label"], r["T"]): r for r in rows}
+
+    def limit_cell(r: dict | None) -> str:
+        if r is None:
+            return "—"
+        bound = "memory" if r["floor_ms"] >= r["pairs_ms"] else "pairs"
+        return f"{r['ms']:.3f} ms ({bound}), {100 * r['ms'] / r['measured_ms']:.0f}%"
+
+    for label in dict.fromkeys(r["label"] for r in rows):
+        slope = slopes[label]
+        lines.append(f"| {label} | " + " | ".join(limit_cell(by.get((label, T))) for T in seq_lens)
+                     + f" | {'—' if slope is None else f'{slope:.2f}'} |")
+    return lines + ["", f"The limit: the longer of the memory floor (the forward reads q, k and v and writes o, the backward reads "
+                    f"q, k, v and do and writes dq, dk and dv: {FLOOR_ARRAYS} (B, H, T, D) bf16 arrays through memory once each, at "
+                    "the device's bandwidth, runtime.PEAK_MEMORY_BANDWIDTH) and the FLOPs of the query-key pairs the row's "
+                    f"definition needs (the variant's `mean_keys()` per query, clusters balanced; {PAIR_FLOPS} D FLOPs a pair "
+                    "forward and backward, at the dense bf16 peak, runtime.PEAK_BF16_FLOPS). Routing, saved statistics and "
+                    "terms other than softmax pairs are not counted: a bound no kernel beats, not a model of one. Its time "
+                    "exponent is the one a kernel at the limit would measure: 1 where the memory floor holds at every length, "
+                    "however the pairs grow.", ""]
+
+
 def training_section(training: list[dict], seq_len: int) -> list[str]:
     lines = [f"## Training step of the whole model (T = {seq_len}, {training[0]['batch'] * seq_len:,} tokens per step, "
              "bf16 autocast, fused AdamW)", "", "| variant | model | ms/step | Mtok/s | MFU | peak GiB | compiled |", "|---|---|---|---|---|---|---|"]
@@ -363,7 +426,7 @@ def markdown(attention: list[dict], training: list[dict], device: str, settings:
     """The report: a section for each part that has rows (a run of one part shows no empty table for the other)."""
     lines = [f"# attnbench benchmark on {device}", "", "`python -m attnbench benchmark --help` tells how to reproduce it.", ""]
     if attention:
-        lines += attention_section(attention, settings)
+        lines += attention_section(attention, settings) + limit_section(attention)
     if training:
         lines += training_section(training, params.model.seq_len)
     return "\n".join(lines)
@@ -410,8 +473,8 @@ def metric_key(*parts: object) -> str:
 
 
 def tracked_metrics(attention: list[dict], training: list[dict]) -> dict[int | None, dict[str, float]]:
-    """What the MLflow run keeps of the tables, by step (T, or None for no step): each attention row's Mtok/s and
-    ratios to sdpa and to mha at every T, as a curve over T as the profile stage logs its own; each row's fitted
+    """What the MLflow run keeps of the tables, by step (T, or None for no step): each attention row's Mtok/s,
+    ratios to sdpa and to mha and share of its limit (`of_limit`) at every T, as a curve over T as the profile stage logs its own; each row's fitted
     exponent; each training row's ms per step, Mtok/s and MFU."""
     by_step: dict[int | None, dict[str, float]] = {None: {}}
     ratios = {"x_sdpa": sdpa_ratios(attention), "x_mha": mha_ratios(attention)}
@@ -420,6 +483,8 @@ def tracked_metrics(attention: list[dict], training: list[dict]) -> dict[int | N
             continue
         row = by_step.setdefault(r["T"], {})
         row[metric_key("attention", r["variant"], r["mode"], "mtok_per_s")] = r["mtok_per_s"]
+        if limit(r) is not None:
+            row[metric_key("attention", r["variant"], r["mode"], "of_limit")] = limit(r) / r["ms"]
         for name, of in ratios.items():
             if (r["label"], r["T"]) in of:
                 row[metric_key("attention", r["variant"], r["mode"], name)] = of[r["label"], r["T"]]

@@ -63,11 +63,24 @@ def autocast(device: torch.device):
 
 # Dense bf16 tensor-core peak by device name (datasheet), for model FLOPs utilisation.
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+# Memory bandwidth peak in bytes/s by device name (datasheet; the first match counts, so the PCIe H100 comes before
+# the SXM one, and an A100 takes its fastest model's: a peak too high only makes the benchmark's limit lower).
+PEAK_MEMORY_BANDWIDTH = {"H100 PCIe": 2.0e12, "H100": 3.35e12, "H200": 4.8e12, "A100": 2.039e12}
+
+
+def device_peak(device: torch.device, peaks: dict[str, float]) -> float | None:
+    """The first of `peaks` whose key is in the device's name, or None (CPUs, devices not listed)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in peaks.items() if k in name), None)
 
 
 def peak_flops(device: torch.device) -> float | None:
     """The device's dense bf16 peak in FLOP/s, or None where unknown (CPUs)."""
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+    return device_peak(device, PEAK_BF16_FLOPS)
+
+
+def peak_bandwidth(device: torch.device) -> float | None:
+    """The device's memory bandwidth peak in bytes/s, or None where unknown (CPUs)."""
+    return device_peak(device, PEAK_MEMORY_BANDWIDTH)

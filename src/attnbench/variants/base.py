@@ -73,6 +73,11 @@ class VariantOptions(NoBooleanNumbers):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def band_keys(lo: torch.Tensor) -> float:
+    """Mean keys per query where query t sees keys lo[t] .. t: (T,) -> mean of t - lo[t] + 1."""
+    return (torch.arange(len(lo)) - lo + 1).double().mean().item()
+
+
 def pow2_block(seq_len: int, minimum: int = 16) -> int:
     """The spec's `auto` block size: smallest power of two >= sqrt(T), at least `minimum`."""
     return max(minimum, 1 << math.ceil(math.log2(max(1.0, math.sqrt(seq_len)))))
@@ -123,6 +128,12 @@ class Attention(nn.Module):
     @property
     def scale(self) -> float:
         return self.head_dim**-0.5
+
+    def mean_keys(self) -> float:
+        """Mean number of keys whose scores a query's softmax needs by the definition, at seq_len: the query-key pairs
+        any implementation computes (for clusters routed by content, balanced ones, the fewest), which the
+        benchmark's limit counts. 0 for a variant without softmax pairs (la): its limit is the memory floor alone."""
+        return 0.0
 
     @property
     def resolved_options(self) -> dict:

@@ -9,14 +9,18 @@ Paths:
 - efficient, CPU: `chunked_segment_attention` on blocks (pad T to a multiple
   of b; query block i against key blocks i - lookback .. i), memory
   T * (lookback + 1) * b, never T x T;
-- efficient, CUDA: FlexAttention with a band block mask (flex.py).
+- efficient, CUDA: fused_band's Triton kernels over each query's band of keys (lca's kernels, in position order);
+  where Triton is absent, FlexAttention with a band block mask (flex.py).
 
 Choices where the spec is open: the CPU path takes the (b, (lookback + 1) b)
 window as lookback + 1 tiles of (b, b) sharing one row max, so lca can reuse it
 on windows whose length depends on the data and a query's result stays
-bitwise independent of how many tiles its row has. The Flex path uses 128 x 128
-tiles whatever b is: for b < 128 a tile also holds keys outside the band,
-which the mask removes (the kernel work per query is then about 2 x 128 keys).
+bitwise independent of how many tiles its row has. On CUDA the band kernels
+beat Flex at every T from 2K to 32K (H100, stop 60: 72-83 against 60-72 M
+tokens/s at 2K-16K, 62 against 60 at 32K; reports/benchmarks/NVIDIA-H100-80GB-HBM3.md):
+a 64-row tile reads exactly its rows' keys, where Flex's 128 x 128 tiles, for
+b < 128, also hold keys outside the band (about 2 x 128 keys per query at 2K
+against 128).
 """
 
 from __future__ import annotations
@@ -25,8 +29,16 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from .base import Attention, NonNegativeAutoInt, PositiveAutoInt, VariantOptions, causal_mask, masked_softmax_attention, pow2_block, register
+from .base import (Attention, NonNegativeAutoInt, PositiveAutoInt, VariantOptions, band_keys, causal_mask, masked_softmax_attention, pow2_block,
+                   register)
 from .flex import flex_band_attention
+
+fused_band = None  # the Triton kernels, for CUDA tensors only
+if torch.cuda.is_available():  # as in lca.py: importing Triton costs every CPU stage process ~1.7 s
+    try:
+        from . import fused_band
+    except ImportError:
+        pass
 
 
 class BlockClusterOptions(VariantOptions):
@@ -89,13 +101,18 @@ class BlockClusterAttention(Attention):
         block_index = torch.arange(T, device=device) // self.block
         return (block_index - self.lookback).clamp_min(0) * self.block
 
+    def mean_keys(self) -> float:
+        return band_keys(self.band_start(self.seq_len, torch.device("cpu")))
+
     def reference(self, q, k, v, x):
         T = q.shape[-2]
         allowed = self.band_start(T, q.device).unsqueeze(-1) <= torch.arange(T, device=q.device)  # (T, T)
         return masked_softmax_attention(q, k, v, allowed & causal_mask(T, q.device), self.scale)
 
     def efficient(self, q, k, v, x):
-        return self.flex(q, k, v, x) if q.is_cuda else self.chunked(q, k, v, x)
+        if not q.is_cuda:
+            return self.chunked(q, k, v, x)
+        return self.band(q, k, v, x) if fused_band is not None else self.flex(q, k, v, x)
 
     def chunked(self, q, k, v, x):
         """The CPU path: query block i against key blocks i - lookback .. i."""
@@ -105,6 +122,15 @@ class BlockClusterAttention(Attention):
         segment = torch.zeros(1, 1, T + pad, dtype=torch.long, device=q.device)
         return chunked_segment_attention(q, k, v, segment, b, self.lookback + 1, self.scale)[:, :, :T]
 
+    def band(self, q, k, v, x):
+        """The CUDA path (the CPU under Triton's interpreter, for tests): fused_band's kernels, query t over keys
+        band_start(t) .. t, every array in position order (the sort's rows are the identity)."""
+        T, b = q.shape[-2], self.block
+        positions = torch.arange(T, device=q.device)
+        ends = ((positions // b + self.lookback + 1) * b).clamp_max(T)  # 1 + the last query whose band holds key t
+        lo, hi, rows = (t.int().view(1, 1, T) for t in (self.band_start(T, q.device), ends, positions))
+        return fused_band.band_attention(q, k, v, lo, hi, rows, self.scale)
+
     def flex(self, q, k, v, x):
-        """The CUDA path; runs eagerly on CPU too (forward only), for tests."""
+        """The CUDA path where Triton is absent; runs eagerly on CPU too (forward only), for tests."""
         return flex_band_attention(q, k, v, self.band_start(q.shape[-2], q.device).view(1, 1, -1), self.scale)

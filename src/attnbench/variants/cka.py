@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from .base import Attention, NonNegativeAutoInt, PositiveAutoInt, VariantOptions, causal_mask, from_blocks, pow2_block, register, to_blocks
+from .base import (Attention, NonNegativeAutoInt, PositiveAutoInt, VariantOptions, band_keys, causal_mask, from_blocks, pow2_block, register,
+                   to_blocks)
 
 
 class ClusterKernelOptions(VariantOptions):
@@ -64,6 +65,10 @@ class ClusterKernelAttention(Attention):
     @property
     def rank(self) -> int:
         return 16 if self.options.rank == "auto" else self.options.rank
+
+    def mean_keys(self) -> float:
+        """The intra term's pairs (own block, s <= t); the inter term's rank-k mixing is not softmax pairs."""
+        return band_keys(torch.arange(self.seq_len) // self.block * self.block)
 
     def features(self, u: torch.Tensor) -> torch.Tensor:
         """psi(u) = elu(P u) + 1 from fp32 operands (bf16 under autocast): (..., D) -> (..., k); no features, (..., 0), at rank 0."""

@@ -227,6 +227,14 @@ class LearnedClusterAttention(Attention):
     def clusters(self) -> int:
         return math.ceil(math.sqrt(self.seq_len)) if self.options.clusters == "auto" else self.options.clusters
 
+    def mean_keys(self) -> float:
+        """Balanced clusters, sizes T // C or one more (the fewest pairs any partition into C gives): a query sees the
+        earlier members of its cluster and itself."""
+        T, C = self.seq_len, self.clusters
+        sizes = torch.full((C,), T // C, dtype=torch.float64)
+        sizes[: T % C] += 1
+        return (sizes * (sizes + 1) / 2).sum().item() / T
+
     @property
     def balance(self) -> float:
         return 0.01 if self.options.balance == "auto" else self.options.balance

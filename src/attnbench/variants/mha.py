@@ -42,6 +42,9 @@ class MultiHeadAttention(Attention):
     Options = MultiHeadOptions
     compute_exponent = 2.0
 
+    def mean_keys(self) -> float:
+        return (self.seq_len + 1) / 2
+
     def reference(self, q, k, v, x):
         return masked_softmax_attention(q, k, v, causal_mask(q.shape[-2], q.device), self.scale)
 

@@ -167,6 +167,11 @@ class SuperClusterAttention(LearnedClusterAttention):
     def block(self) -> int:
         return pow2_block(self.seq_len) if self.options.block == "auto" else self.options.block
 
+    def mean_keys(self) -> float:
+        """lca's pairs, plus the mixing's: C supernodes over C keys at each of the ceil(T / b) steps (the causal form)."""
+        T = self.seq_len
+        return super().mean_keys() + -(-T // self.block) * self.clusters**2 / T
+
     def mix(self, n: torch.Tensor, m: torch.Tensor, total: torch.Tensor, fused: bool = False) -> torch.Tensor:
         """Supernode-to-supernode attention: n, m (B, H, S, C, D), weight sums total (B, R, S, C) (or per head,
         (B, H, S, C), as fused_supernodes gives them) -> z (B, H, S, C, D).
