@@ -473,9 +473,9 @@ def metric_key(*parts: object) -> str:
 
 
 def tracked_metrics(attention: list[dict], training: list[dict]) -> dict[int | None, dict[str, float]]:
-    """What the MLflow run keeps of the tables, by step (T, or None for no step): each attention row's Mtok/s,
-    ratios to sdpa and to mha and share of its limit (`of_limit`) at every T, as a curve over T as the profile stage logs its own; each row's fitted
-    exponent; each training row's ms per step, Mtok/s and MFU."""
+    """What the MLflow run keeps of the tables, by step (T, or None for no step): each attention row's Mtok/s, ratios
+    to sdpa and to mha and share of its limit (`of_limit`) at every T, as a curve over T as the profile stage logs its
+    own; each row's fitted exponent; each training row's ms per step, Mtok/s and MFU."""
     by_step: dict[int | None, dict[str, float]] = {None: {}}
     ratios = {"x_sdpa": sdpa_ratios(attention), "x_mha": mha_ratios(attention)}
     for r in attention:

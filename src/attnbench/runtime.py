@@ -63,9 +63,9 @@ def autocast(device: torch.device):
 
 # Dense bf16 tensor-core peak by device name (datasheet), for model FLOPs utilisation.
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
-# Memory bandwidth peak in bytes/s by device name (datasheet; the first match counts, so the PCIe H100 comes before
-# the SXM one, and an A100 takes its fastest model's: a peak too high only makes the benchmark's limit lower).
-PEAK_MEMORY_BANDWIDTH = {"H100 PCIe": 2.0e12, "H100": 3.35e12, "H200": 4.8e12, "A100": 2.039e12}
+# Memory bandwidth peak in bytes/s by device name (datasheet; the first match counts, so the PCIe and NVL H100s come
+# before the SXM one, and an A100 takes its fastest model's: a peak too high only makes the benchmark's limit lower).
+PEAK_MEMORY_BANDWIDTH = {"H100 PCIe": 2.0e12, "H100 NVL": 3.9e12, "H100": 3.35e12, "H200": 4.8e12, "A100": 2.039e12}
 
 
 def device_peak(device: torch.device, peaks: dict[str, float]) -> float | None:

@@ -1,7 +1,8 @@
 """Softmax attention over a band of keys, query i over keys lo[i] <= j <= i, as Triton kernels (CUDA).
 
 lca's and sca's segments in (cluster, position) sorted order are such bands (lo[i] = the start of i's cluster
-segment, hi[i] = its end), and `flex.flex_band_attention` is the same computation by FlexAttention. Flex lists key
+segment, hi[i] = its end), and so are ca's blocks in position order (rows the identity); `flex.flex_band_attention`
+is the same computation by FlexAttention. Flex lists key
 tiles per 128-row sparse block, aligned to the 128 grid, and computes every listed tile whole: with segments of
 ~sqrt(T) tokens (~90 at 8K, ~180 at 32K) a query tile then reaches back to the start of the first segment it holds,
 rounded down to 128. Here a program owns 64 query rows (forward, dq) or 64 keys (dk, dv) and loops over exactly the
