@@ -4,10 +4,11 @@ ca (lo[i] = start of the block `lookback` blocks before i's) and lca/sca in
 (cluster, position) sorted order (lo[i] = start of i's cluster segment) are
 both of this form (on CUDA ca, lca and sca attend by fused_band's kernels,
 which skip more of their short bands' tiles; this is their path where Triton
-is absent; fastcka's own-block band stays here). lo is non-decreasing along the sequence, so the key tiles a
-128-row query tile needs run from the tile holding lo of its first row up to
-the diagonal tile: the block mask is built from those tile lists in O(T / 128)
-per row (gpu-notes.md), never by evaluating the mask over T x T pairs.
+is absent; fastcka's own-block band stays here). lo is non-decreasing along
+the sequence, so the key tiles a 128-row query tile needs run from the tile
+holding lo of its first row up to the diagonal tile: the block mask is built
+from those tile lists in O(T / 128) per row (gpu-notes.md), never by
+evaluating the mask over T x T pairs.
 
 Tiles that lie wholly inside the band are listed as full, so the kernel skips
 the mask there: only the tiles a band edge cuts (the diagonal and the tiles

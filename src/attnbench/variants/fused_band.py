@@ -1,13 +1,13 @@
 """Softmax attention over a band of keys, query i over keys lo[i] <= j <= i, as Triton kernels (CUDA).
 
-lca's and sca's segments in (cluster, position) sorted order are such bands (lo[i] = the start of i's cluster
-segment, hi[i] = its end), and so are ca's blocks in position order (rows the identity); `flex.flex_band_attention`
-is the same computation by FlexAttention. Flex lists key
-tiles per 128-row sparse block, aligned to the 128 grid, and computes every listed tile whole: with segments of
-~sqrt(T) tokens (~90 at 8K, ~180 at 32K) a query tile then reaches back to the start of the first segment it holds,
-rounded down to 128. Here a program owns 64 query rows (forward, dq) or 64 keys (dk, dv) and loops over exactly the
-keys lo[first row] .. last row (or the queries first key .. hi[last key] - 1), from any row, not a multiple of a tile:
-about 1.6x (32K) and 1.8x (8K) fewer query-key pairs than Flex's tiles on balanced random clusters (counted).
+lca's and sca's segments in (cluster, position) sorted order are such bands (lo[i] = the start of i's cluster segment,
+hi[i] = its end), and so are ca's blocks in position order (rows the identity); `flex.flex_band_attention` is the same
+computation by FlexAttention. Flex lists key tiles per 128-row sparse block, aligned to the 128 grid, and computes
+every listed tile whole: with segments of ~sqrt(T) tokens (~90 at 8K, ~180 at 32K) a query tile then reaches back to
+the start of the first segment it holds, rounded down to 128. Here a program owns 64 query rows (forward, dq) or 64
+keys (dk, dv) and loops over exactly the keys lo[first row] .. last row (or the queries first key ..
+hi[last key] - 1), from any row, not a multiple of a tile: about 1.6x (32K) and 1.8x (8K) fewer query-key pairs than
+Flex's tiles on balanced random clusters (counted).
 
 The query side (q, o, do, dq) stays in the caller's order: sorted row i is row rows[i] of those arrays, which the
 kernels read and write by that index. lca's queries and outputs are in position order, so neither q and do nor o and
