@@ -18,12 +18,13 @@ on windows whose length depends on the data and a query's result stays
 bitwise independent of how many tiles its row has. On CUDA the band kernels
 (lca's and sca's) are as fast as Flex or faster: a 64-row tile reads exactly
 its rows' keys, where Flex's 128 x 128 tiles, for b < 128, also hold keys
-outside the band (2 x 128 keys per query at 2K against 128), and they compile
-in about half Flex's time. H100, stop 60, in one process: 72-83 against 60-72
-M tokens/s at 2K-16K, 62 against 60 at 32K; the full run after gave 72.5,
-71.7 and 60.4 at 2K, 8K and 32K, within the spread of Flex's earlier runs
-(reports/benchmarks/NVIDIA-H100-80GB-HBM3.md). Either is near a quarter of the
-memory floor's speed (the benchmark's limit, flat in T at these lengths).
+outside the band (2 x 128 keys per query at 2K against 128). H100, stop 60
+(reports/benchmarks/NVIDIA-H100-80GB-HBM3.md): in one process 72-83 against
+69-73 M tokens/s at 2K-16K, 62 against 60 at 32K; the full run after gave
+72.5, 71.7 and 60.4 at 2K, 8K and 32K, within the spread of Flex's earlier
+runs; the d768 model's training step at T = 1024 (b = 32) 87.4 ms against
+93.4 on Flex. At 2K-32K either runs near a quarter of the memory floor's speed
+(the benchmark's limit, flat in T at these lengths).
 """
 
 from __future__ import annotations
