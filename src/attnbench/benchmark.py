@@ -325,6 +325,10 @@ def mha_ratios(attention: list[dict]) -> dict[tuple[str, int], float]:
     return speedups(attention, lambda r: None if r["variant"] in REFERENCES else row_label("mha", r["mode"]))
 
 
+def exponent_cell(slope: float | None) -> str:
+    return "—" if slope is None else f"{slope:.2f}"
+
+
 def cell(row: dict | None) -> str:
     if row is None:
         return "not run"
@@ -355,8 +359,7 @@ def attention_section(attention: list[dict], settings: BenchmarkConfig) -> list[
 
     for label in dict.fromkeys(r["label"] for r in attention):
         cells = [cell(by.get((label, T))) for T in seq_lens]
-        slope = slopes[label]
-        lines.append(f"| {label} | " + " | ".join(cells) + f" | {'—' if slope is None else f'{slope:.2f}'} | {specs[label]:g} | "
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {exponent_cell(slopes[label])} | {specs[label]:g} | "
                      + " | ".join(ratio(of, label, T) for of in ratios for T in at) + " |")
     off = off_spec(slopes, specs)
     agreement = (f"off it by more than {SPEC_EXPONENT_TOLERANCE:g}: {'; '.join(off)}" if off
@@ -374,7 +377,7 @@ def attention_section(attention: list[dict], settings: BenchmarkConfig) -> list[
 def limit_section(attention: list[dict]) -> list[str]:
     """Each row's limit and the share of it reached, and the exponent a kernel at the limit would measure; nothing
     where the device's peaks are unknown."""
-    rows = [r | {"ms": limit(r), "measured_ms": r["ms"]} for r in attention if limit(r) is not None]
+    rows = [r | {"ms": at_limit, "measured_ms": r["ms"]} for r in attention if (at_limit := limit(r)) is not None]
     if not rows:
         return []
     seq_lens = sorted({r["T"] for r in rows})
@@ -391,9 +394,7 @@ def limit_section(attention: list[dict]) -> list[str]:
         return f"{r['ms']:.3f} ms ({bound}), {100 * r['ms'] / r['measured_ms']:.0f}%"
 
     for label in dict.fromkeys(r["label"] for r in rows):
-        slope = slopes[label]
-        lines.append(f"| {label} | " + " | ".join(limit_cell(by.get((label, T))) for T in seq_lens)
-                     + f" | {'—' if slope is None else f'{slope:.2f}'} |")
+        lines.append(f"| {label} | " + " | ".join(limit_cell(by.get((label, T))) for T in seq_lens) + f" | {exponent_cell(slopes[label])} |")
     return lines + ["", f"The limit: the longer of the memory floor (the forward reads q, k and v and writes o, the backward reads "
                     f"q, k, v and do and writes dq, dk and dv: {FLOOR_ARRAYS} (B, H, T, D) bf16 arrays through memory once each, at "
                     "the device's bandwidth, runtime.PEAK_MEMORY_BANDWIDTH) and the FLOPs of the query-key pairs the row's "
@@ -483,8 +484,8 @@ def tracked_metrics(attention: list[dict], training: list[dict]) -> dict[int | N
             continue
         row = by_step.setdefault(r["T"], {})
         row[metric_key("attention", r["variant"], r["mode"], "mtok_per_s")] = r["mtok_per_s"]
-        if limit(r) is not None:
-            row[metric_key("attention", r["variant"], r["mode"], "of_limit")] = limit(r) / r["ms"]
+        if (at_limit := limit(r)) is not None:
+            row[metric_key("attention", r["variant"], r["mode"], "of_limit")] = at_limit / r["ms"]
         for name, of in ratios.items():
             if (r["label"], r["T"]) in of:
                 row[metric_key("attention", r["variant"], r["mode"], name)] = of[r["label"], r["T"]]
